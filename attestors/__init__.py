@@ -1,0 +1,1 @@
+"""Attestor plugins: the SDK (``attestors.api``) and the built-in attestors."""

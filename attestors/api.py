@@ -1,0 +1,95 @@
+"""The attestor plugin SDK: all a plugin may depend on.
+
+A plugin is a class registered under the entry-point group ``authority.attestors``. The host builds
+an instance from an operator-supplied config mapping (``configure``), then calls ``attest`` once per
+attestation with the workload's evidence and a ``Challenger`` for extra rounds. The plugin returns
+selector values as ``(key, value)`` pairs; the host prefixes them with the instance name, so a
+plugin can never mint another attestor's selectors. Refusals are ``AttestationRefused`` with a
+stable reason; anything else a plugin raises is reported to the workload as a generic internal
+error.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, Self
+
+ENTRY_POINT_GROUP = "authority.attestors"
+_REASON = re.compile(r"^[A-Z][A-Z0-9_]{2,63}$")
+_KEY = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+
+
+class AttestorError(Exception):
+    """Base of the errors a plugin raises on purpose."""
+
+
+class ConfigError(AttestorError):
+    """The instance configuration is invalid; the message says which key and why."""
+
+
+class AttestationRefused(AttestorError):
+    """The evidence does not prove what it claims. ``reason`` is a stable upper-case code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        if not _REASON.fullmatch(reason):
+            raise ValueError(f"reason {reason!r} must be an UPPER_SNAKE code")
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class Challenger(Protocol):
+    async def challenge(self, payload: bytes) -> bytes:
+        """Send ``payload`` to the workload and return its response (bounded by the host)."""
+        ...
+
+
+class HostServices(Protocol):
+    """What the host lends plugins: time, and the few stateful services that must be shared."""
+
+    def now(self) -> dt.datetime: ...
+
+    async def consume_join_token(self, token_digest: str) -> str:
+        """Mark a join token used; return the SPIFFE ID it is bound to. Raises
+        AttestationRefused (JOIN_TOKEN_UNKNOWN, JOIN_TOKEN_USED, JOIN_TOKEN_EXPIRED)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Attested:
+    """What a plugin proved: selector values, and optionally an identity the credential carried."""
+
+    selectors: tuple[tuple[str, str], ...]
+    bound_spiffe_id: str | None = None
+    can_reattest: bool = True
+
+    def __post_init__(self) -> None:
+        for key, value in self.selectors:
+            if not _KEY.fullmatch(key):
+                raise ValueError(f"selector key {key!r} is not a lower-case identifier")
+            if not value or len(value) > 900:
+                raise ValueError("selector values must be 1..900 characters")
+
+
+class Attestor(Protocol):
+    plugin_name: ClassVar[str]
+
+    @classmethod
+    def configure(cls, config: Mapping[str, Any], host: HostServices) -> Self:
+        """Validate ``config`` and build an instance; raise ConfigError naming the bad key."""
+        ...
+
+    async def attest(self, evidence: bytes, challenger: Challenger) -> Attested: ...
+
+
+def require_keys(config: Mapping[str, Any], allowed: set[str], required: set[str]) -> None:
+    """Refuse unknown and missing configuration keys with a clear message."""
+    unknown = sorted(set(config) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}")
+    missing = sorted(required - set(config))
+    if missing:
+        raise ConfigError(f"missing configuration keys: {', '.join(missing)}")

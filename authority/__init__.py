@@ -1,0 +1,3 @@
+"""A SPIFFE credential authority for autonomous agents: attest, exchange, revoke, account."""
+
+__version__ = "0.1.0"

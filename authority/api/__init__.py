@@ -1,0 +1,1 @@
+"""gRPC adapters: translate the wire to the domain (``authority.service``) and back."""

@@ -1,0 +1,104 @@
+"""The Admin service, served only on the operator Unix socket (file permissions are the gate)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+
+from authority._pb import authority_v1_authority_pb2 as pb
+from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
+from authority.api.convert import (
+    authority_to_pb,
+    bundle_to_pb,
+    entry_to_pb,
+    seconds,
+    selectors_from_pb,
+    ts,
+)
+from authority.api.status import rpc
+from authority.service import Authority
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+ADMIN_SERVICE = "authority.v1.Admin"
+
+
+class AdminService(pb_grpc.AdminServicer):
+    def __init__(self, authority: Authority) -> None:
+        self._authority = authority
+
+    @rpc
+    async def CreateEntry(self, request: pb.CreateEntryRequest, context: Context) -> pb.RegistrationEntry:
+        entry = await self._authority.create_entry(
+            spiffe_id=request.spiffe_id,
+            selectors=selectors_from_pb(list(request.selectors)),
+            x509_ttl=seconds(request.x509_ttl_seconds),
+            jwt_ttl=seconds(request.jwt_ttl_seconds),
+            dns_names=list(request.dns_names),
+            admin=request.admin,
+        )
+        return entry_to_pb(entry)
+
+    @rpc
+    async def ListEntries(self, request: pb.ListEntriesRequest, context: Context) -> pb.ListEntriesResponse:
+        return pb.ListEntriesResponse(entries=[entry_to_pb(e) for e in self._authority.list_entries()])
+
+    @rpc
+    async def GetEntry(self, request: pb.GetEntryRequest, context: Context) -> pb.RegistrationEntry:
+        return entry_to_pb(self._authority.get_entry(request.id))
+
+    @rpc
+    async def DeleteEntry(self, request: pb.DeleteEntryRequest, context: Context) -> pb.DeleteEntryResponse:
+        await self._authority.delete_entry(request.id)
+        return pb.DeleteEntryResponse()
+
+    @rpc
+    async def CreateJoinToken(
+        self, request: pb.CreateJoinTokenRequest, context: Context
+    ) -> pb.CreateJoinTokenResponse:
+        secret, token = await self._authority.create_join_token(
+            request.spiffe_id, seconds(request.ttl_seconds)
+        )
+        return pb.CreateJoinTokenResponse(
+            token=secret, token_id=token.token_id, expires_at=ts(token.expires_at)
+        )
+
+    @rpc
+    async def GetBundle(self, request: pb.GetBundleRequest, context: Context) -> pb.Bundle:
+        return bundle_to_pb(self._authority.ca.bundle())
+
+    @rpc
+    async def RotateCA(self, request: pb.RotateCARequest, context: Context) -> pb.RotateCAResponse:
+        infos = await self._authority.ca.rotate()
+        log.info("operator forced a CA rotation")
+        return pb.RotateCAResponse(authorities=[authority_to_pb(i) for i in infos])
+
+    @rpc
+    async def ListAuthorities(
+        self, request: pb.ListAuthoritiesRequest, context: Context
+    ) -> pb.ListAuthoritiesResponse:
+        return pb.ListAuthoritiesResponse(
+            authorities=[authority_to_pb(i) for i in self._authority.ca.authorities()]
+        )
+
+
+class RefuseAdminHandler(grpc.GenericRpcHandler):
+    """On the workload endpoints, operator calls get a clear PERMISSION_DENIED, not UNIMPLEMENTED."""
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        if not method.startswith(f"/{ADMIN_SERVICE}/"):
+            return None
+
+        async def refuse(request: bytes, context: Context) -> bytes:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "operator calls are served only on the admin Unix socket",
+                trailing_metadata=(("authority-reason", "ADMIN_ON_WORKLOAD_ENDPOINT"),),
+            )
+            return b""
+
+        return grpc.unary_unary_rpc_method_handler(refuse)

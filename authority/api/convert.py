@@ -1,0 +1,71 @@
+"""protobuf <-> domain, in one place."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from cryptography.hazmat.primitives import serialization
+
+from authority._pb import authority_v1_authority_pb2 as pb
+from authority.bundle import TrustBundle
+from authority.models import AuthorityKeyInfo, RegistrationEntry, Selector
+from authority.svid import X509Svid
+
+
+def ts(when: dt.datetime) -> int:
+    return int(when.timestamp())
+
+
+def seconds(value: int) -> dt.timedelta | None:
+    return dt.timedelta(seconds=value) if value else None
+
+
+def bundle_to_pb(bundle: TrustBundle) -> pb.Bundle:
+    return pb.Bundle(
+        trust_domain=bundle.trust_domain.name,
+        x509_authorities=bundle.x509_der(),
+        jwks_json=bundle.jwks_json(),
+        sequence=bundle.sequence,
+        refresh_hint_seconds=int(bundle.refresh_hint.total_seconds()),
+    )
+
+
+def svid_to_pb(svid: X509Svid, entry_id: str | None) -> pb.X509SVID:
+    return pb.X509SVID(
+        spiffe_id=svid.spiffe_id.uri,
+        cert_chain=[c.public_bytes(serialization.Encoding.DER) for c in svid.chain],
+        expires_at=ts(svid.expires_at),
+        entry_id=entry_id or "",
+    )
+
+
+def selector_to_pb(selector: Selector) -> pb.Selector:
+    return pb.Selector(type=selector.type, value=selector.value)
+
+
+def selectors_from_pb(selectors: list[pb.Selector]) -> list[Selector]:
+    return [Selector(s.type, s.value) for s in selectors]
+
+
+def entry_to_pb(entry: RegistrationEntry) -> pb.RegistrationEntry:
+    return pb.RegistrationEntry(
+        id=entry.id,
+        spiffe_id=entry.spiffe_id.uri,
+        selectors=[selector_to_pb(s) for s in sorted(entry.selectors)],
+        x509_ttl_seconds=int(entry.x509_ttl.total_seconds()),
+        jwt_ttl_seconds=int(entry.jwt_ttl.total_seconds()),
+        dns_names=list(entry.dns_names),
+        admin=entry.admin,
+        created_at=ts(entry.created_at),
+    )
+
+
+def authority_to_pb(info: AuthorityKeyInfo) -> pb.Authority:
+    return pb.Authority(
+        kind=str(info.kind),
+        key_id=info.key_id,
+        state=str(info.state),
+        not_before=ts(info.not_before),
+        not_after=ts(info.not_after),
+        x509_certificate=info.certificate,
+    )

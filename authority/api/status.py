@@ -1,0 +1,76 @@
+"""Errors become gRPC statuses here, and only here.
+
+One table maps each family of ``authority.errors`` to a code. The stable reason travels in the
+trailing metadata key ``authority-reason``; internal errors reach the client as a generic message.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+
+from authority import errors
+
+log = logging.getLogger(__name__)
+
+REASON_KEY = "authority-reason"
+
+CODES: tuple[tuple[type[errors.AuthorityError], grpc.StatusCode], ...] = (
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.Internal, grpc.StatusCode.INTERNAL),
+)
+GENERIC_INTERNAL = "internal error; the server log has the details"
+
+
+def code_for(exc: errors.AuthorityError) -> grpc.StatusCode:
+    for cls, code in CODES:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: errors.AuthorityError) -> NoReturn:
+    code = code_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.error("internal error: reason=%s %s", exc.reason, exc.message)
+        message = GENERIC_INTERNAL
+    else:
+        message = exc.message
+    await context.abort(code, message, trailing_metadata=((REASON_KEY, exc.reason),))
+    raise AssertionError("unreachable")  # context.abort always raises
+
+
+_F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
+
+
+def rpc(fn: _F) -> _F:
+    """Wrap a servicer method: domain errors -> their status, anything else -> INTERNAL."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: object, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await fn(self, request, context)
+        except errors.AuthorityError as exc:
+            await abort(context, exc)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("unhandled error in %s", fn.__qualname__)
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                GENERIC_INTERNAL,
+                trailing_metadata=((REASON_KEY, errors.Internal.reason),),
+            )
+
+    return wrapper  # type: ignore[return-value]

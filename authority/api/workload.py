@@ -1,0 +1,126 @@
+"""The Workload service: attestation, renewal, JWT-SVIDs, bundle and server info."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from authority import __version__
+from authority._pb import authority_v1_authority_pb2 as pb
+from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
+from authority.api.convert import bundle_to_pb, seconds, svid_to_pb
+from authority.api.status import rpc
+from authority.errors import InvalidArgument, Unauthenticated
+from authority.service import Authority, Caller
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def peer_certificate_pem(context: Context) -> bytes | None:
+    """The client's leaf certificate as gRPC verified it (mutual-TLS endpoint only)."""
+    certs = context.auth_context().get("x509_pem_cert")
+    return certs[0] if certs else None
+
+
+class _StreamChallenger:
+    """Carries attestor challenges over the Attest stream."""
+
+    def __init__(self, requests: AsyncIterator[pb.AttestRequest], context: Context) -> None:
+        self._requests = requests
+        self._context = context
+
+    async def challenge(self, payload: bytes) -> bytes:
+        await self._context.write(pb.AttestResponse(challenge=payload))
+        try:
+            reply = await anext(self._requests)
+        except StopAsyncIteration:
+            raise InvalidArgument("the stream ended before the challenge was answered") from None
+        if reply.WhichOneof("step") != "challenge_response":
+            raise InvalidArgument("expected a challenge_response")
+        return reply.challenge_response
+
+
+class WorkloadService(pb_grpc.WorkloadServicer):
+    def __init__(self, authority: Authority, mtls_address: str, server_spiffe_id: str) -> None:
+        self._authority = authority
+        self._info = pb.ServerInfo(
+            trust_domain=authority.trust_domain,
+            spiffe_id=server_spiffe_id,
+            mtls_address=mtls_address,
+            version=__version__,
+        )
+
+    async def _caller(self, context: Context) -> Caller:
+        pem = peer_certificate_pem(context)
+        if pem is None:
+            raise Unauthenticated(
+                "this call needs the caller's X.509-SVID over mutual TLS; use the mutual-TLS "
+                f"endpoint ({self._info.mtls_address})",
+                reason="NO_CLIENT_SVID",
+            )
+        return await self._authority.authenticate(pem)
+
+    @rpc
+    async def Attest(self, request_iterator: AsyncIterator[pb.AttestRequest], context: Context) -> None:
+        requests = aiter(request_iterator)
+        try:
+            first = await anext(requests)
+        except StopAsyncIteration:
+            raise InvalidArgument("the Attest stream ended before its first message") from None
+        if first.WhichOneof("step") != "params":
+            raise InvalidArgument("the first Attest message must carry params")
+        params = first.params
+        if not params.attestor:
+            raise InvalidArgument("params.attestor is required")
+        result = await self._authority.attest(
+            attestor=params.attestor,
+            evidence=params.evidence,
+            csr=params.csr,
+            challenger=_StreamChallenger(requests, context),
+            spiffe_id_hint=params.spiffe_id_hint,
+        )
+        await context.write(
+            pb.AttestResponse(
+                result=pb.AttestResult(
+                    svids=[
+                        svid_to_pb(s, e) for s, e in zip(result.svids, result.entry_ids, strict=True)
+                    ],
+                    bundle=bundle_to_pb(self._authority.ca.bundle()),
+                    selectors=sorted(str(s) for s in result.selectors),
+                )
+            )
+        )
+
+    @rpc
+    async def RenewX509SVID(
+        self, request: pb.RenewX509SVIDRequest, context: Context
+    ) -> pb.RenewX509SVIDResponse:
+        caller = await self._caller(context)
+        svid = await self._authority.renew_x509(caller, request.csr)
+        return pb.RenewX509SVIDResponse(svid=svid_to_pb(svid, caller.identity.entry_id))
+
+    @rpc
+    async def FetchJWTSVID(
+        self, request: pb.FetchJWTSVIDRequest, context: Context
+    ) -> pb.FetchJWTSVIDResponse:
+        caller = await self._caller(context)
+        svid = self._authority.fetch_jwt(caller, list(request.audience), seconds(request.ttl_seconds))
+        return pb.FetchJWTSVIDResponse(
+            spiffe_id=svid.spiffe_id.uri, token=svid.token, expires_at=int(svid.expires_at.timestamp())
+        )
+
+    @rpc
+    async def GetBundle(self, request: pb.GetBundleRequest, context: Context) -> pb.Bundle:
+        return bundle_to_pb(self._authority.ca.bundle())
+
+    @rpc
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: Context) -> pb.ServerInfo:
+        return self._info
+
+    async def Ping(self, request: pb.PingRequest, context: Context) -> pb.PingResponse:
+        return pb.PingResponse()

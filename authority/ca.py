@@ -1,0 +1,480 @@
+"""The trust domain's certificate authority: signing keys, their rotation, and issuance.
+
+Two kinds of signing key, each with a life of ``ca_ttl``: X.509 authorities (a self-signed root, or
+an intermediate under an upstream CA) and JWT keys. Each rotates prepared -> active -> old: a key is
+prepared (and published in the bundle) at half its predecessor's life, activated at five sixths,
+and the old one stays in the bundle until it expires or an operator retires it.
+
+Issuance follows params -> template -> sign -> check what was issued against the profile.
+The public metadata of keys is in the Store, private keys in a KeyVault; time comes from a Clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import logging
+import secrets
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from authority.bundle import TrustBundle, jwk_thumbprint, load_pem_certificates
+from authority.clock import Clock
+from authority.config import CaConfig, Limits
+from authority.errors import FailedPrecondition, InvalidArgument, NotFound, ProfileViolation
+from authority.ids import SpiffeId, TrustDomain
+from authority.keyvault import KeyVault
+from authority.models import AuthorityKeyInfo, KeyKind, KeyState
+from authority.store import Store
+from authority.svid import (
+    CLOCK_SKEW_BACKDATE,
+    JwtSvid,
+    WorkloadPublicKey,
+    X509Svid,
+    check_jwt_svid_claims,
+    check_x509_svid,
+)
+
+log = logging.getLogger(__name__)
+
+PREPARE_AT = 1 / 2
+ACTIVATE_AT = 5 / 6
+_CURVES: dict[str, tuple[type[ec.EllipticCurve], str, hashes.HashAlgorithm]] = {
+    "ec-p256": (ec.SECP256R1, "ES256", hashes.SHA256()),
+    "ec-p384": (ec.SECP384R1, "ES384", hashes.SHA384()),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """An operator-supplied CA above this one: its key signs our intermediates."""
+
+    certificate: x509.Certificate
+    key: CertificateIssuerPrivateKeyTypes
+    chain: tuple[x509.Certificate, ...]  # between the upstream certificate and a root
+    roots: tuple[x509.Certificate, ...]
+
+    @classmethod
+    def load(cls, cert_path: Path, key_path: Path, bundle_path: Path | None) -> Upstream:
+        certs = load_pem_certificates(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+            raise InvalidArgument("the upstream key must be EC or RSA")
+        cert, *chain = certs
+        if cert.public_key() != key.public_key():
+            raise InvalidArgument("the upstream key does not match the upstream certificate")
+        roots = tuple(load_pem_certificates(bundle_path.read_bytes())) if bundle_path else ()
+        if not roots:
+            if cert.issuer != cert.subject:
+                raise InvalidArgument("ca.upstream_bundle is required when the upstream is not a root")
+            roots = (cert,)
+        return cls(cert, key, tuple(chain), roots)
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    info: AuthorityKeyInfo
+    private: ec.EllipticCurvePrivateKey
+    certificate: x509.Certificate | None
+    chain: tuple[x509.Certificate, ...]  # upstream chain above the certificate (excluding roots)
+    # Per-key parts of the leaf template, computed once.
+    aki: x509.AuthorityKeyIdentifier | None
+
+    @property
+    def vault_name(self) -> str:
+        return f"{self.info.kind}-{self.info.key_id}"
+
+
+class CertificateAuthority:
+    def __init__(
+        self,
+        *,
+        trust_domain: TrustDomain,
+        config: CaConfig,
+        limits: Limits,
+        clock: Clock,
+        store: Store,
+        vault: KeyVault,
+        upstream: Upstream | None = None,
+    ) -> None:
+        self.trust_domain = trust_domain
+        self._config = config
+        self._limits = limits
+        self._clock = clock
+        self._store = store
+        self._vault = vault
+        self._upstream = upstream
+        curve, self._jwt_alg, self._hash = _CURVES[config.key_type]
+        self._curve = curve
+        self._keys: dict[tuple[KeyKind, str], _Key] = {}
+        self._sequence = 0
+        self._bundle: TrustBundle | None = None
+        self._listeners: list[Callable[[], None]] = []
+        self._lock = asyncio.Lock()
+        self._leaf_subject = x509.Name(
+            [x509.NameAttribute(NameOID.ORGANIZATION_NAME, config.subject_organization)]
+        )
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the keys, creating the first ones on first start, and bring them up to date."""
+        async with self._lock:
+            for info in await self._store.list_authority_keys():
+                self._keys[(info.kind, info.key_id)] = self._load_key(info)
+            self._sequence = await self._store.bundle_sequence()
+            await self._maintain_locked(force=False)
+            self._bundle = self._build_bundle()
+
+    async def maintain(self) -> bool:
+        """Apply the rotation schedule now; True when the bundle changed."""
+        async with self._lock:
+            return await self._maintain_locked(force=False)
+
+    async def rotate(self) -> list[AuthorityKeyInfo]:
+        """Force a rotation of both kinds: the prepared key (made now if none) becomes active."""
+        async with self._lock:
+            await self._maintain_locked(force=True)
+            return self.authorities()
+
+    async def retire(self, kind: KeyKind, key_id: str) -> None:
+        """Drop an old key from the bundle now (a key that leaked or is no longer trusted)."""
+        async with self._lock:
+            key = self._keys.get((kind, key_id))
+            if key is None:
+                raise NotFound(f"no {kind} authority {key_id}")
+            if key.info.state is not KeyState.OLD:
+                raise FailedPrecondition(
+                    f"only an old key can be retired; {key_id} is {key.info.state} (rotate first)"
+                )
+            self._sequence = await self._store.delete_authority_key(kind, key_id)
+            del self._keys[(kind, key_id)]
+            self._vault.delete(key.vault_name)
+            self._changed()
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Called (synchronously) after every change of the bundle or of the active keys."""
+        self._listeners.append(callback)
+
+    def _changed(self) -> None:
+        self._bundle = self._build_bundle()
+        log.info(
+            "trust bundle changed: sequence=%d authorities=%s",
+            self._sequence,
+            ",".join(f"{k.info.kind}:{k.info.key_id[:12]}:{k.info.state}" for k in self._sorted()),
+        )
+        for callback in self._listeners:
+            callback()
+
+    async def _maintain_locked(self, *, force: bool) -> bool:
+        now = self._clock.now()
+        updates: list[AuthorityKeyInfo] = []
+        new: list[_Key] = []
+        drop: list[_Key] = []
+        for kind in KeyKind:
+            active = self._find(kind, KeyState.ACTIVE)
+            prepared = self._find(kind, KeyState.PREPARED)
+            for key in self._keys.values():
+                if key.info.kind is kind and key.info.state is KeyState.OLD:
+                    if key.info.not_after <= now:
+                        drop.append(key)
+            active_usable = active is not None and active.info.not_after > now + self._limits.min_ttl
+            life = active.info.not_after - active.info.not_before if active else dt.timedelta(0)
+            due_prepare = active is None or not active_usable or (
+                now >= active.info.not_before + life * PREPARE_AT
+            )
+            if prepared is None and (force or due_prepare):
+                prepared = self._create_key(kind, now)
+                new.append(prepared)
+            due_activate = active is None or not active_usable or (
+                now >= active.info.not_before + life * ACTIVATE_AT
+            )
+            if prepared is not None and (force or due_activate):
+                if active is not None:
+                    updates.append(replace(active.info, state=KeyState.OLD))
+                activated = replace(prepared.info, state=KeyState.ACTIVE)
+                if prepared in new:
+                    new[new.index(prepared)] = replace(prepared, info=activated)
+                else:
+                    updates.append(activated)
+        if not (updates or new or drop):
+            return False
+        for key in new:
+            self._vault.save(key.vault_name, key.private)
+        self._sequence = await self._store.put_authority_keys(
+            [k.info for k in new] + updates, bump_sequence=True
+        )
+        for key in drop:
+            self._sequence = await self._store.delete_authority_key(key.info.kind, key.info.key_id)
+            self._vault.delete(key.vault_name)
+            del self._keys[(key.info.kind, key.info.key_id)]
+        for key in new:
+            self._keys[(key.info.kind, key.info.key_id)] = key
+        for info in updates:
+            old = self._keys[(info.kind, info.key_id)]
+            self._keys[(info.kind, info.key_id)] = replace(old, info=info)
+        self._changed()
+        return True
+
+    def _find(self, kind: KeyKind, state: KeyState) -> _Key | None:
+        for key in self._keys.values():
+            if key.info.kind is kind and key.info.state is state:
+                return key
+        return None
+
+    def _active(self, kind: KeyKind) -> _Key:
+        key = self._find(kind, KeyState.ACTIVE)
+        if key is None:
+            raise FailedPrecondition(f"no active {kind} authority")
+        return key
+
+    def _sorted(self) -> list[_Key]:
+        return sorted(self._keys.values(), key=lambda k: (k.info.kind, k.info.not_before))
+
+    # --- key creation -----------------------------------------------------------------------
+
+    def _create_key(self, kind: KeyKind, now: dt.datetime) -> _Key:
+        private = ec.generate_private_key(self._curve())
+        kid = jwk_thumbprint(private.public_key())
+        not_before = now - CLOCK_SKEW_BACKDATE
+        not_after = now + self._config.ca_ttl
+        if kind is KeyKind.JWT:
+            info = AuthorityKeyInfo(kind, kid, KeyState.PREPARED, not_before, not_after)
+            return _Key(info, private, None, (), None)
+        cert, chain = self._make_ca_certificate(private, kid, not_before, not_after)
+        info = AuthorityKeyInfo(
+            kind,
+            kid,
+            KeyState.PREPARED,
+            cert.not_valid_before_utc,
+            cert.not_valid_after_utc,
+            certificate=cert.public_bytes(serialization.Encoding.DER),
+            upstream_chain=tuple(c.public_bytes(serialization.Encoding.DER) for c in chain),
+        )
+        return self._key_with_template(info, private, cert, chain)
+
+    def _make_ca_certificate(
+        self,
+        private: ec.EllipticCurvePrivateKey,
+        kid: str,
+        not_before: dt.datetime,
+        not_after: dt.datetime,
+    ) -> tuple[x509.Certificate, tuple[x509.Certificate, ...]]:
+        public = private.public_key()
+        ski = x509.SubjectKeyIdentifier.from_public_key(public)
+        # A subject of its own per key (serialNumber: the key identifier, hex) keeps path
+        # building unambiguous while old and new authorities overlap in the bundle.
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, self._config.subject_organization),
+                x509.NameAttribute(NameOID.COMMON_NAME, f"{self.trust_domain} authority"),
+                x509.NameAttribute(NameOID.SERIAL_NUMBER, ski.digest.hex()),
+            ]
+        )
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .public_key(public)
+            .serial_number(x509.random_serial_number())
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.UniformResourceIdentifier(self.trust_domain.id.uri)]
+                ),
+                critical=False,
+            )
+            .add_extension(ski, critical=False)
+        )
+        if self._upstream is None:
+            builder = (
+                builder.issuer_name(subject)
+                .not_valid_before(not_before)
+                .not_valid_after(not_after)
+                .add_extension(
+                    x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False
+                )
+            )
+            return builder.sign(private, self._hash), ()
+        up = self._upstream.certificate
+        capped = min(not_after, up.not_valid_after_utc)
+        if capped <= not_before + self._limits.min_ttl:
+            raise FailedPrecondition("the upstream CA expires too soon to sign an intermediate")
+        builder = (
+            builder.issuer_name(up.subject)
+            .not_valid_before(max(not_before, up.not_valid_before_utc))
+            .not_valid_after(capped)
+            .add_extension(_aki_for(up), critical=False)
+        )
+        chain = () if up in self._upstream.roots else (up, *self._upstream.chain)
+        return builder.sign(self._upstream.key, self._hash), chain
+
+    def _load_key(self, info: AuthorityKeyInfo) -> _Key:
+        private = self._vault.load(f"{info.kind}-{info.key_id}")
+        if info.kind is KeyKind.JWT:
+            return _Key(info, private, None, (), None)
+        cert = x509.load_der_x509_certificate(info.certificate)
+        if cert.public_key() != private.public_key():
+            raise FailedPrecondition(f"the vault key {info.key_id} does not match its certificate")
+        chain = tuple(x509.load_der_x509_certificate(d) for d in info.upstream_chain)
+        return self._key_with_template(info, private, cert, chain)
+
+    @staticmethod
+    def _key_with_template(
+        info: AuthorityKeyInfo,
+        private: ec.EllipticCurvePrivateKey,
+        cert: x509.Certificate,
+        chain: tuple[x509.Certificate, ...],
+    ) -> _Key:
+        return _Key(info, private, cert, chain, _aki_for(cert))
+
+    # --- views ------------------------------------------------------------------------------
+
+    def authorities(self) -> list[AuthorityKeyInfo]:
+        return [k.info for k in self._sorted()]
+
+    def bundle(self) -> TrustBundle:
+        if self._bundle is None:
+            raise FailedPrecondition("the CA has not started")
+        return self._bundle
+
+    def _build_bundle(self) -> TrustBundle:
+        keys = self._sorted()
+        if self._upstream is not None:
+            x509_authorities: tuple[x509.Certificate, ...] = self._upstream.roots
+        else:
+            x509_authorities = tuple(
+                k.certificate for k in keys if k.info.kind is KeyKind.X509 and k.certificate
+            )
+        return TrustBundle(
+            trust_domain=self.trust_domain,
+            x509_authorities=x509_authorities,
+            jwt_authorities={
+                k.info.key_id: k.private.public_key() for k in keys if k.info.kind is KeyKind.JWT
+            },
+            sequence=self._sequence,
+            refresh_hint=self._config.refresh_hint,
+        )
+
+    def active_x509_authority(self) -> x509.Certificate:
+        cert = self._active(KeyKind.X509).certificate
+        assert cert is not None
+        return cert
+
+    # --- issuance ---------------------------------------------------------------------------
+
+    def issue_x509_svid(
+        self,
+        spiffe_id: SpiffeId,
+        public_key: WorkloadPublicKey,
+        ttl: dt.timedelta,
+        dns_names: Sequence[str] = (),
+        ip_addresses: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address] = (),
+    ) -> X509Svid:
+        if not spiffe_id.member_of(self.trust_domain):
+            raise InvalidArgument(f"{spiffe_id} is not in trust domain {self.trust_domain}")
+        key = self._active(KeyKind.X509)
+        assert key.certificate is not None and key.aki is not None
+        now = self._clock.now()
+        not_after = min(now + min(ttl, self._limits.max_x509_ttl), key.info.not_after)
+        if not_after - now < self._limits.min_ttl:
+            raise FailedPrecondition("the active X.509 authority expires too soon; rotate the CA")
+        names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe_id.uri)]
+        names += [x509.DNSName(n) for n in dns_names]
+        names += [x509.IPAddress(ip) for ip in ip_addresses]
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(self._leaf_subject)
+            .issuer_name(key.certificate.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - CLOCK_SKEW_BACKDATE)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_LEAF_KEY_USAGE, critical=True)
+            .add_extension(_LEAF_EKU, critical=False)
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(key.aki, critical=False)
+            .sign(key.private, self._hash)
+        )
+        # Self-signed: the signing CA is a root in the bundle. Upstream: it is an intermediate.
+        intermediates = (key.certificate, *key.chain) if self._upstream is not None else ()
+        svid = X509Svid(spiffe_id, cert, intermediates)
+        check_x509_svid(svid, key.certificate, public_key, now)
+        return svid
+
+    def issue_jwt_svid(
+        self, spiffe_id: SpiffeId, audience: Sequence[str], ttl: dt.timedelta
+    ) -> JwtSvid:
+        if not spiffe_id.member_of(self.trust_domain):
+            raise InvalidArgument(f"{spiffe_id} is not in trust domain {self.trust_domain}")
+        if not audience:
+            raise InvalidArgument("a JWT-SVID needs at least one audience")
+        key = self._active(KeyKind.JWT)
+        now = self._clock.now()
+        expires = min(now + min(ttl, self._limits.max_jwt_ttl), key.info.not_after)
+        if expires - now < self._limits.min_ttl:
+            raise FailedPrecondition("the active JWT authority expires too soon; rotate the CA")
+        expires = expires.replace(microsecond=0)
+        jti = secrets.token_urlsafe(16)
+        claims = {
+            "sub": spiffe_id.uri,
+            "aud": list(audience),
+            "exp": int(expires.timestamp()),
+            "iat": int(now.timestamp()),
+            "jti": jti,
+        }
+        header = {"kid": key.info.key_id, "typ": "JWT"}
+        token = jwt.encode(claims, key.private, algorithm=self._jwt_alg, headers=header)
+        svid = JwtSvid(spiffe_id, token, tuple(audience), expires, jti, key.info.key_id)
+        issued_header = jwt.get_unverified_header(token)
+        issued_claims = jwt.decode(token, options={"verify_signature": False})
+        if issued_header.get("alg") != self._jwt_alg:
+            raise ProfileViolation("JWT-SVID signed with an unexpected algorithm")
+        check_jwt_svid_claims(issued_header, issued_claims, svid)
+        return svid
+
+
+def _aki_for(cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    try:
+        ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(cert.public_key())  # type: ignore[arg-type]
+
+
+_LEAF_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
+_LEAF_EKU = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])

@@ -1,0 +1,441 @@
+"""The ``authority`` command: serve, operate (over the admin socket) and act as a workload.
+
+Errors print one line to stderr and exit non-zero; secrets are printed only where the command's
+purpose is to hand one over (``token create``, ``workload jwt``) and never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import signal
+import sys
+import tomllib
+from collections.abc import Awaitable, Callable, Coroutine
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from authority._pb import authority_v1_authority_pb2 as pb
+from authority.api.status import REASON_KEY
+from authority.client import AdminClient, WorkloadClient, der_chain_to_pem, make_csr, SvidFiles
+from authority.config import Config, format_duration, parse_duration
+from authority.errors import AuthorityError
+
+DEFAULT_ADMIN_SOCKET = str(Config().admin_socket_path)
+ADMIN_SOCKET_ENV = "AUTHORITY_ADMIN_SOCKET"
+
+_T = TypeVar("_T")
+
+
+class CliError(Exception):
+    """Printed as ``error: ...`` and exit code ``code``."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _run(coro: Coroutine[Any, Any, _T]) -> _T:
+    try:
+        return asyncio.run(coro)
+    except grpc.aio.AioRpcError as exc:
+        reason = dict(exc.trailing_metadata() or ()).get(REASON_KEY)
+        suffix = f" [{reason}]" if reason else ""
+        raise CliError(f"{exc.code().name}: {exc.details()}{suffix}") from None
+
+
+def command(fn: Callable[..., _T]) -> Callable[..., _T]:
+    """Turn expected failures into one line on stderr and a non-zero exit."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> _T:
+        try:
+            return fn(*args, **kwargs)
+        except CliError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.code)
+        except (AuthorityError, OSError, ValueError) as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+class Duration(click.ParamType):
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> dt.timedelta:
+        try:
+            return parse_duration(value)
+        except AuthorityError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DURATION = Duration()
+
+admin_socket_option = click.option(
+    "--admin-socket",
+    envvar=ADMIN_SOCKET_ENV,
+    default=DEFAULT_ADMIN_SOCKET,
+    show_default=True,
+    show_envvar=True,
+    help="The authority's operator Unix socket.",
+)
+format_option = click.option(
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+
+
+def _admin_call(socket_path: str, call: Callable[[AdminClient], Awaitable[_T]]) -> _T:
+    if not Path(socket_path).exists():
+        raise CliError(f"no admin socket at {socket_path} (is the authority running? see --admin-socket)")
+
+    async def go() -> _T:
+        async with AdminClient(socket_path) as client:
+            return await call(client)
+
+    return _run(go())
+
+
+def _as_dict(message: Any) -> dict[str, Any]:
+    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def _entry_text(entry: pb.RegistrationEntry) -> str:
+    lines = [
+        f"Entry ID     : {entry.id}",
+        f"SPIFFE ID    : {entry.spiffe_id}",
+        *(f"Selector     : {s.type}:{s.value}" for s in entry.selectors),
+        f"X509-SVID TTL: {format_duration(dt.timedelta(seconds=entry.x509_ttl_seconds))}",
+        f"JWT-SVID TTL : {format_duration(dt.timedelta(seconds=entry.jwt_ttl_seconds))}",
+        *(f"DNS name     : {n}" for n in entry.dns_names),
+        f"Admin        : {str(entry.admin).lower()}",
+    ]
+    return "\n".join(lines)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="agent-authority")
+def main() -> None:
+    """A SPIFFE credential authority for autonomous agents."""
+
+
+# --- serve ---------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), help="TOML file.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--listen", help="HOST:PORT of the server-TLS workload endpoint.")
+@click.option("--listen-mtls", help="HOST:PORT of the mutual-TLS workload endpoint.")
+@click.option("--admin-socket", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--trust-domain")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@command
+def serve(
+    config_file: Path | None,
+    data_dir: Path | None,
+    listen: str | None,
+    listen_mtls: str | None,
+    admin_socket: Path | None,
+    trust_domain: str | None,
+    log_level: str | None,
+) -> None:
+    """Run the authority (creates its CA in the data directory on first start)."""
+    from authority.server import serve as run_server  # the server's imports are heavier
+
+    doc: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            doc = tomllib.loads(config_file.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise CliError(f"{config_file}: {exc}") from None
+    overrides = {
+        "data_dir": data_dir,
+        "listen": listen,
+        "listen_mtls": listen_mtls,
+        "admin_socket": admin_socket,
+        "trust_domain": trust_domain,
+        "log_level": log_level,
+    }
+    doc.update({k: str(v) for k, v in overrides.items() if v is not None})
+    config = Config.from_mapping(doc)
+    logging.basicConfig(
+        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    async def main_loop() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_server(config, stop)
+
+    asyncio.run(main_loop())
+
+
+# --- entries -------------------------------------------------------------------------------
+
+
+@main.group()
+def entry() -> None:
+    """Registration entries: selectors -> SPIFFE ID."""
+
+
+@entry.command("create")
+@click.option("--spiffe-id", required=True)
+@click.option("--selector", "selectors", multiple=True, required=True, help="TYPE:VALUE, repeatable.")
+@click.option("--x509-ttl", type=DURATION)
+@click.option("--jwt-ttl", type=DURATION)
+@click.option("--dns-name", "dns_names", multiple=True)
+@click.option("--admin", is_flag=True, help="Grant the operator API over mutual TLS.")
+@admin_socket_option
+@format_option
+@command
+def entry_create(
+    spiffe_id: str,
+    selectors: tuple[str, ...],
+    x509_ttl: dt.timedelta | None,
+    jwt_ttl: dt.timedelta | None,
+    dns_names: tuple[str, ...],
+    admin: bool,
+    admin_socket: str,
+    fmt: str,
+) -> None:
+    """Create an entry."""
+    parsed = []
+    for text in selectors:
+        kind, sep, value = text.partition(":")
+        if not sep or not kind or not value:
+            raise CliError(f"selector {text!r} must be TYPE:VALUE")
+        parsed.append(pb.Selector(type=kind, value=value))
+    request = pb.CreateEntryRequest(
+        spiffe_id=spiffe_id,
+        selectors=parsed,
+        x509_ttl_seconds=int(x509_ttl.total_seconds()) if x509_ttl else 0,
+        jwt_ttl_seconds=int(jwt_ttl.total_seconds()) if jwt_ttl else 0,
+        dns_names=list(dns_names),
+        admin=admin,
+    )
+    created = _admin_call(admin_socket, lambda c: c.stub.CreateEntry(request))
+    click.echo(json.dumps(_as_dict(created)) if fmt == "json" else _entry_text(created))
+
+
+@entry.command("list")
+@admin_socket_option
+@format_option
+@command
+def entry_list(admin_socket: str, fmt: str) -> None:
+    """List entries."""
+    response = _admin_call(admin_socket, lambda c: c.stub.ListEntries(pb.ListEntriesRequest()))
+    if fmt == "json":
+        click.echo(json.dumps([_as_dict(e) for e in response.entries]))
+        return
+    click.echo(f"Found {len(response.entries)} entries")
+    for item in response.entries:
+        click.echo("\n" + _entry_text(item))
+
+
+@entry.command("show")
+@click.argument("entry_id")
+@admin_socket_option
+@format_option
+@command
+def entry_show(entry_id: str, admin_socket: str, fmt: str) -> None:
+    """Show one entry."""
+    found = _admin_call(admin_socket, lambda c: c.stub.GetEntry(pb.GetEntryRequest(id=entry_id)))
+    click.echo(json.dumps(_as_dict(found)) if fmt == "json" else _entry_text(found))
+
+
+@entry.command("delete")
+@click.argument("entry_id")
+@admin_socket_option
+@command
+def entry_delete(entry_id: str, admin_socket: str) -> None:
+    """Delete an entry."""
+    _admin_call(admin_socket, lambda c: c.stub.DeleteEntry(pb.DeleteEntryRequest(id=entry_id)))
+    click.echo(f"deleted {entry_id}", err=True)
+
+
+# --- join tokens ---------------------------------------------------------------------------
+
+
+@main.group()
+def token() -> None:
+    """Join tokens."""
+
+
+@token.command("create")
+@click.option("--spiffe-id", required=True, help="The identity the token grants.")
+@click.option("--ttl", type=DURATION, default="10m", show_default=True)
+@admin_socket_option
+@command
+def token_create(spiffe_id: str, ttl: dt.timedelta, admin_socket: str) -> None:
+    """Create a single-use join token; prints the token alone on stdout."""
+    request = pb.CreateJoinTokenRequest(spiffe_id=spiffe_id, ttl_seconds=int(ttl.total_seconds()))
+    created = _admin_call(admin_socket, lambda c: c.stub.CreateJoinToken(request))
+    click.echo(created.token)
+
+
+# --- bundle and CA -------------------------------------------------------------------------
+
+
+def _bundle_output(bundle: pb.Bundle, fmt: str) -> str:
+    if fmt == "jwks":
+        return json.dumps(json.loads(bundle.jwks_json), indent=2)
+    return der_chain_to_pem(list(bundle.x509_authorities)).decode()
+
+
+@main.group()
+def bundle() -> None:
+    """The trust bundle."""
+
+
+@bundle.command("show")
+@click.option("--format", "fmt", type=click.Choice(["pem", "jwks"]), default="pem", show_default=True)
+@click.option("--server", help="Fetch from a workload endpoint instead of the admin socket.")
+@click.option("--trust-bundle", type=click.Path(dir_okay=False, path_type=Path))
+@admin_socket_option
+@command
+def bundle_show(fmt: str, server: str | None, trust_bundle: Path | None, admin_socket: str) -> None:
+    """Print the bundle as PEM or as the SPIFFE JWK Set."""
+    if server:
+        if trust_bundle is None:
+            raise CliError("--server needs --trust-bundle to verify the server")
+        bundle_pem = trust_bundle.read_bytes()
+
+        async def fetch() -> pb.Bundle:
+            async with WorkloadClient(server, bundle_pem) as client:
+                return await client.tls_stub.GetBundle(pb.GetBundleRequest())
+
+        result = _run(fetch())
+    else:
+        result = _admin_call(admin_socket, lambda c: c.stub.GetBundle(pb.GetBundleRequest()))
+    click.echo(_bundle_output(result, fmt), nl=fmt == "jwks")
+
+
+@main.group()
+def ca() -> None:
+    """The trust domain's signing keys."""
+
+
+def _authorities_text(authorities: list[pb.Authority]) -> str:
+    rows = []
+    for a in authorities:
+        until = dt.datetime.fromtimestamp(a.not_after, dt.UTC).isoformat()
+        rows.append(f"{a.kind:5} {a.state:9} {a.key_id}  until {until}")
+    return "\n".join(rows)
+
+
+@ca.command("rotate")
+@admin_socket_option
+@format_option
+@command
+def ca_rotate(admin_socket: str, fmt: str) -> None:
+    """Force a rotation: the prepared keys (made now if none) become active."""
+    response = _admin_call(admin_socket, lambda c: c.stub.RotateCA(pb.RotateCARequest()))
+    if fmt == "json":
+        click.echo(json.dumps([_as_dict(a) for a in response.authorities]))
+    else:
+        click.echo(_authorities_text(list(response.authorities)))
+
+
+@ca.command("list")
+@admin_socket_option
+@format_option
+@command
+def ca_list(admin_socket: str, fmt: str) -> None:
+    """List the signing keys and their states."""
+    response = _admin_call(admin_socket, lambda c: c.stub.ListAuthorities(pb.ListAuthoritiesRequest()))
+    if fmt == "json":
+        click.echo(json.dumps([_as_dict(a) for a in response.authorities]))
+    else:
+        click.echo(_authorities_text(list(response.authorities)))
+
+
+# --- workload side -------------------------------------------------------------------------
+
+
+@main.group()
+def workload() -> None:
+    """Act as a workload: attest, fetch JWT-SVIDs, renew."""
+
+
+server_option = click.option("--server", required=True, help="HOST:PORT of the workload endpoint.")
+
+
+@workload.command("attest")
+@server_option
+@click.option("--trust-bundle", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--join-token", required=True, help="A join token (or '-' to read it from stdin).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@command
+def workload_attest(server: str, trust_bundle: Path, join_token: str, out: Path) -> None:
+    """Attest and write svid.pem, svid.key (0600) and bundle.pem to --out."""
+    if join_token == "-":
+        join_token = sys.stdin.readline().strip()
+    bundle_pem = trust_bundle.read_bytes()
+
+    async def go() -> pb.AttestResult:
+        async with WorkloadClient(server, bundle_pem) as client:
+            return await client.attest_to_folder("join_token", join_token.encode(), out)
+
+    result = _run(go())
+    for svid in result.svids:
+        click.echo(f"attested as {svid.spiffe_id}; SVID written to {out}", err=True)
+
+
+@workload.command("jwt")
+@server_option
+@click.option("--svid-dir", required=True, type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--audience", "audiences", required=True, multiple=True)
+@click.option("--ttl", type=DURATION)
+@click.option("--trust-bundle", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@command
+def workload_jwt(
+    server: str, svid_dir: Path, audiences: tuple[str, ...], ttl: dt.timedelta | None, trust_bundle: Path | None
+) -> None:
+    """Fetch a JWT-SVID for an audience; prints the token alone on stdout."""
+
+    async def go() -> pb.FetchJWTSVIDResponse:
+        async with WorkloadClient.from_svid_dir(server, svid_dir, trust_bundle) as client:
+            return await client.fetch_jwt(list(audiences), int(ttl.total_seconds()) if ttl else 0)
+
+    click.echo(_run(go()).token)
+
+
+@workload.command("renew")
+@server_option
+@click.option("--svid-dir", required=True, type=click.Path(file_okay=False, exists=True, path_type=Path))
+@command
+def workload_renew(server: str, svid_dir: Path) -> None:
+    """Renew the X.509-SVID in --svid-dir with a fresh key, in place."""
+    from authority.client import new_key
+
+    files = SvidFiles(svid_dir)
+
+    async def go() -> tuple[pb.X509SVID, pb.Bundle]:
+        async with WorkloadClient.from_svid_dir(server, svid_dir) as client:
+            key = new_key()
+            stub = await client.mtls_stub()
+            renewed = await stub.RenewX509SVID(pb.RenewX509SVIDRequest(csr=make_csr(key)))
+            bundle_msg = await client.tls_stub.GetBundle(pb.GetBundleRequest())
+            files.write(
+                der_chain_to_pem(list(renewed.svid.cert_chain)),
+                key,
+                der_chain_to_pem(list(bundle_msg.x509_authorities)),
+            )
+            return renewed.svid, bundle_msg
+
+    svid, _ = _run(go())
+    until = dt.datetime.fromtimestamp(svid.expires_at, dt.UTC).isoformat()
+    click.echo(f"renewed {svid.spiffe_id} until {until}", err=True)
+
+

@@ -1,0 +1,230 @@
+"""Client SDK: the operator client (Unix socket) and the workload client (TLS / mutual TLS).
+
+Workload keys are generated here and never leave the process: the authority gets a CSR.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from authority._pb import authority_v1_authority_pb2 as pb
+from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
+from authority.keyvault import write_private_file
+
+Responder = Callable[[bytes], Awaitable[bytes]]
+
+
+def new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def make_csr(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """A CSR that proves possession of ``key`` and asks for nothing else."""
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
+    return csr.public_bytes(serialization.Encoding.DER)
+
+
+def der_chain_to_pem(chain: list[bytes]) -> bytes:
+    return b"".join(
+        x509.load_der_x509_certificate(d).public_bytes(serialization.Encoding.PEM) for d in chain
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SvidFiles:
+    """A workload's credentials on disk: ``svid.pem`` (leaf, then intermediates), ``svid.key``
+    (PKCS#8, mode 0600) and ``bundle.pem``."""
+
+    folder: Path
+
+    @property
+    def cert_path(self) -> Path:
+        return self.folder / "svid.pem"
+
+    @property
+    def key_path(self) -> Path:
+        return self.folder / "svid.key"
+
+    @property
+    def bundle_path(self) -> Path:
+        return self.folder / "bundle.pem"
+
+    def write(self, chain_pem: bytes, key: ec.EllipticCurvePrivateKey, bundle_pem: bytes) -> None:
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        write_private_file(self.key_path, key_pem)
+        _write_public(self.cert_path, chain_pem)
+        _write_public(self.bundle_path, bundle_pem)
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        """(chain PEM, key PEM, bundle PEM)."""
+        return self.cert_path.read_bytes(), self.key_path.read_bytes(), self.bundle_path.read_bytes()
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _split(address: str) -> tuple[str, str]:
+    host, _, port = address.rpartition(":")
+    return host, port
+
+
+class AdminClient:
+    """The operator API over the admin Unix socket."""
+
+    def __init__(self, socket_path: str | Path) -> None:
+        self._channel = grpc.aio.insecure_channel(f"unix:{socket_path}")
+        self.stub = pb_grpc.AdminStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+class WorkloadClient:
+    """A workload's view of the authority: attest over server TLS, then use its SVID over mTLS.
+
+    ``server`` is the server-TLS address; the mutual-TLS address is discovered with GetServerInfo.
+    """
+
+    def __init__(
+        self,
+        server: str,
+        trust_bundle_pem: bytes,
+        *,
+        svid_chain_pem: bytes | None = None,
+        svid_key_pem: bytes | None = None,
+        options: list[tuple[str, int | str]] | None = None,
+    ) -> None:
+        self._server = server
+        self._bundle = trust_bundle_pem
+        self._options = options or []
+        self._tls = grpc.aio.secure_channel(
+            server, grpc.ssl_channel_credentials(root_certificates=trust_bundle_pem), self._options
+        )
+        self.tls_stub = pb_grpc.WorkloadStub(self._tls)
+        self._mtls: grpc.aio.Channel | None = None
+        self._mtls_stub: pb_grpc.WorkloadStub | None = None
+        self._chain = svid_chain_pem
+        self._key = svid_key_pem
+
+    @classmethod
+    def from_svid_dir(cls, server: str, folder: Path, trust_bundle: Path | None = None) -> Self:
+        chain, key, bundle = SvidFiles(folder).read()
+        if trust_bundle is not None:
+            bundle = trust_bundle.read_bytes()
+        return cls(server, bundle, svid_chain_pem=chain, svid_key_pem=key)
+
+    async def close(self) -> None:
+        await self._tls.close()
+        if self._mtls is not None:
+            await self._mtls.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def mtls_stub(self) -> pb_grpc.WorkloadStub:
+        if self._mtls_stub is None:
+            if self._chain is None or self._key is None:
+                raise ValueError("this client has no SVID: attest first or load an SVID folder")
+            info = await self.tls_stub.GetServerInfo(pb.GetServerInfoRequest())
+            host, port = _split(info.mtls_address)
+            address = f"{host or _split(self._server)[0]}:{port}"
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=self._bundle, private_key=self._key, certificate_chain=self._chain
+            )
+            self._mtls = grpc.aio.secure_channel(address, creds, self._options)
+            self._mtls_stub = pb_grpc.WorkloadStub(self._mtls)
+        return self._mtls_stub
+
+    async def attest(
+        self,
+        attestor: str,
+        evidence: bytes,
+        key: ec.EllipticCurvePrivateKey,
+        *,
+        respond: Responder | None = None,
+        spiffe_id_hint: str = "",
+    ) -> pb.AttestResult:
+        """Run the Attest stream; ``respond`` answers the attestor's challenges, if it sends any."""
+        outbox: list[pb.AttestRequest] = [
+            pb.AttestRequest(
+                params=pb.AttestParams(
+                    attestor=attestor,
+                    evidence=evidence,
+                    csr=make_csr(key),
+                    spiffe_id_hint=spiffe_id_hint,
+                )
+            )
+        ]
+        call = self.tls_stub.Attest()
+        await call.write(outbox[0])
+        async for response in _responses(call):
+            if response.WhichOneof("step") == "result":
+                await call.done_writing()
+                return response.result
+            if respond is None:
+                raise ValueError("the attestor sent a challenge and no responder was given")
+            answer = await respond(response.challenge)
+            await call.write(pb.AttestRequest(challenge_response=answer))
+        raise ConnectionError("the Attest stream ended without a result")
+
+    async def attest_to_folder(
+        self, attestor: str, evidence: bytes, folder: Path, *, respond: Responder | None = None
+    ) -> pb.AttestResult:
+        key = new_key()
+        result = await self.attest(attestor, evidence, key, respond=respond)
+        if not result.svids:
+            raise ConnectionError("the authority returned no SVID")
+        chain = der_chain_to_pem(list(result.svids[0].cert_chain))
+        bundle = der_chain_to_pem(list(result.bundle.x509_authorities))
+        SvidFiles(folder).write(chain, key, bundle)
+        return result
+
+    async def fetch_jwt(self, audience: list[str], ttl_seconds: int = 0) -> pb.FetchJWTSVIDResponse:
+        stub = await self.mtls_stub()
+        return await stub.FetchJWTSVID(
+            pb.FetchJWTSVIDRequest(audience=audience, ttl_seconds=ttl_seconds)
+        )
+
+    async def renew(self, key: ec.EllipticCurvePrivateKey) -> pb.X509SVID:
+        stub = await self.mtls_stub()
+        response = await stub.RenewX509SVID(pb.RenewX509SVIDRequest(csr=make_csr(key)))
+        return response.svid
+
+
+async def _responses(
+    call: grpc.aio.StreamStreamCall[pb.AttestRequest, pb.AttestResponse],
+) -> AsyncIterator[pb.AttestResponse]:
+    while True:
+        message = await call.read()
+        if message is grpc.aio.EOF:
+            return
+        yield message  # type: ignore[misc]

@@ -1,0 +1,185 @@
+"""Configuration and hard limits, in frozen dataclasses.
+
+``Config.from_mapping`` validates a parsed TOML document (or any mapping); only the composition root
+(``authority.server``) and the CLI read files or the environment. Every bound the server enforces is
+in ``Limits``, checked before parsing what it bounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from authority.errors import InvalidArgument
+from authority.ids import TrustDomain
+
+_T = TypeVar("_T")
+_DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)?$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: str | int | float | dt.timedelta) -> dt.timedelta:
+    """``90``, ``"90s"``, ``"5m"``, ``"12h"``, ``"7d"`` -> timedelta (bare numbers are seconds)."""
+    if isinstance(value, dt.timedelta):
+        return value
+    if isinstance(value, bool):
+        raise InvalidArgument(f"not a duration: {value!r}")
+    if isinstance(value, int | float):
+        return dt.timedelta(seconds=value)
+    match = _DURATION.fullmatch(value.strip())
+    if not match:
+        raise InvalidArgument(f"not a duration: {value!r} (use e.g. 30s, 5m, 12h, 7d)")
+    return dt.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+
+
+def format_duration(value: dt.timedelta) -> str:
+    seconds = int(value.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_message_bytes: int = 256 * 1024
+    max_csr_bytes: int = 16 * 1024
+    max_evidence_bytes: int = 64 * 1024
+    max_attest_rounds: int = 5
+    attest_timeout: dt.timedelta = dt.timedelta(seconds=30)
+    max_audiences: int = 8
+    max_audience_chars: int = 256
+    max_selectors: int = 32
+    max_dns_names: int = 16
+    default_x509_ttl: dt.timedelta = dt.timedelta(minutes=5)
+    default_jwt_ttl: dt.timedelta = dt.timedelta(minutes=5)
+    max_x509_ttl: dt.timedelta = dt.timedelta(hours=1)
+    max_jwt_ttl: dt.timedelta = dt.timedelta(hours=1)
+    min_ttl: dt.timedelta = dt.timedelta(seconds=30)
+    default_join_token_ttl: dt.timedelta = dt.timedelta(minutes=10)
+    max_join_token_ttl: dt.timedelta = dt.timedelta(days=7)
+    max_concurrent_streams: int = 1000
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if (isinstance(value, int) and value <= 0) or (
+                isinstance(value, dt.timedelta) and value <= dt.timedelta(0)
+            ):
+                raise InvalidArgument(f"limits.{f.name} must be positive")
+        if self.default_x509_ttl > self.max_x509_ttl or self.default_jwt_ttl > self.max_jwt_ttl:
+            raise InvalidArgument("default TTLs must not exceed the maximum TTLs")
+        if self.min_ttl > min(self.default_x509_ttl, self.default_jwt_ttl):
+            raise InvalidArgument("limits.min_ttl must not exceed the default TTLs")
+
+
+@dataclass(frozen=True, slots=True)
+class CaConfig:
+    ca_ttl: dt.timedelta = dt.timedelta(hours=24)
+    key_type: str = "ec-p256"  # or ec-p384; the JWT signing key follows (ES256 / ES384)
+    subject_organization: str = "SPIFFE"
+    refresh_hint: dt.timedelta = dt.timedelta(minutes=5)
+    # An upstream CA: the authority's signing CAs are then intermediates under it.
+    upstream_cert: Path | None = None
+    upstream_key: Path | None = None
+    upstream_bundle: Path | None = None  # roots, when the upstream certificate is not a root
+
+    def __post_init__(self) -> None:
+        if self.key_type not in ("ec-p256", "ec-p384"):
+            raise InvalidArgument("ca.key_type must be ec-p256 or ec-p384")
+        if self.ca_ttl < dt.timedelta(hours=1):
+            raise InvalidArgument("ca.ca_ttl must be at least 1h")
+        if (self.upstream_cert is None) != (self.upstream_key is None):
+            raise InvalidArgument("ca.upstream_cert and ca.upstream_key go together")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    trust_domain: TrustDomain = field(default_factory=lambda: TrustDomain("example.org"))
+    data_dir: Path = Path("authority-data")
+    listen: str = "127.0.0.1:8081"
+    listen_mtls: str = "127.0.0.1:8082"
+    # host:port clients should use for the mutual-TLS endpoint; empty host means "the same host".
+    advertise_mtls: str = ""
+    admin_socket: Path | None = None  # default: <data_dir>/admin.sock
+    admin_socket_mode: int = 0o600
+    server_dns_names: tuple[str, ...] = ("localhost",)
+    log_level: str = "INFO"
+    ca: CaConfig = field(default_factory=CaConfig)
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        if self.admin_socket_mode not in (0o600, 0o660):
+            raise InvalidArgument("admin_socket_mode must be 0600 or 0660")
+        for address in (self.listen, self.listen_mtls):
+            split_host_port(address)
+
+    @property
+    def admin_socket_path(self) -> Path:
+        return self.admin_socket or self.data_dir / "admin.sock"
+
+    @property
+    def advertised_mtls(self) -> str:
+        if self.advertise_mtls:
+            return self.advertise_mtls
+        return f":{split_host_port(self.listen_mtls)[1]}"
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], base: Config | None = None) -> Config:
+        """Overlay a parsed TOML document on ``base`` (defaults when None); unknown keys fail."""
+        base = base or cls()
+        top = dict(data)
+        ca = _overlay(base.ca, top.pop("ca", {}), "ca")
+        limits = _overlay(base.limits, top.pop("limits", {}), "limits")
+        return _overlay(base, top, "", ca=ca, limits=limits)
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise InvalidArgument(f"address {address!r} must be HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _convert(name: str, current: object, value: object) -> object:
+    if isinstance(current, dt.timedelta):
+        return parse_duration(value)  # type: ignore[arg-type]
+    if isinstance(current, TrustDomain):
+        return TrustDomain.parse(str(value))
+    if isinstance(current, Path) or name.startswith("upstream_") or name in {"admin_socket"}:
+        return None if value in (None, "") else Path(str(value))
+    if isinstance(current, tuple):
+        if not isinstance(value, list | tuple):
+            raise InvalidArgument(f"{name} must be a list")
+        return tuple(str(v) for v in value)
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"{name} must be true or false")
+        return value
+    if isinstance(current, int):
+        if isinstance(value, str) and name.endswith("_mode"):
+            return int(value, 8)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InvalidArgument(f"{name} must be an integer")
+        return value
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{name} must be a string")
+    return value
+
+
+def _overlay(base: _T, data: object, prefix: str, **fixed: object) -> _T:
+    if not isinstance(data, Mapping):
+        raise InvalidArgument(f"[{prefix}] must be a table")
+    names = {f.name for f in dataclasses.fields(base)}  # type: ignore[arg-type]
+    changes: dict[str, object] = dict(fixed)
+    for key, value in data.items():
+        if key not in names or key in fixed:
+            where = f"{prefix}.{key}" if prefix else key
+            raise InvalidArgument(f"unknown configuration key {where!r}")
+        changes[key] = _convert(key, getattr(base, key), value)
+    return dataclasses.replace(base, **changes)  # type: ignore[type-var]

@@ -1,0 +1,166 @@
+"""The authority's nouns: registration entries, join tokens, attested identities, signing keys.
+
+Each model checks its invariants in its constructor, so an instance is valid by existing.
+Verbs (issuing, attesting, storing) live elsewhere.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from authority.errors import InvalidArgument
+from authority.ids import SpiffeId
+
+# <type>:<value>; the type names an attestor instance, the value is "<key>:<value>" by convention.
+_SELECTOR_TYPE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+_DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+MAX_SELECTOR_VALUE = 1024
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Selector:
+    type: str
+    value: str
+
+    def __post_init__(self) -> None:
+        if not _SELECTOR_TYPE.fullmatch(self.type):
+            raise InvalidArgument(f"selector type {self.type!r} is not a valid attestor name")
+        if not self.value or len(self.value) > MAX_SELECTOR_VALUE:
+            raise InvalidArgument(f"selector value must be 1..{MAX_SELECTOR_VALUE} characters")
+        if any(ch in self.value for ch in "*?\n\r\x00"):
+            raise InvalidArgument("selector values are exact: wildcards and control characters are refused")
+
+    @classmethod
+    def parse(cls, text: str) -> Selector:
+        kind, sep, value = text.partition(":")
+        if not sep:
+            raise InvalidArgument(f"selector {text!r} must be TYPE:VALUE")
+        return cls(kind, value)
+
+    def __str__(self) -> str:
+        return f"{self.type}:{self.value}"
+
+
+def check_dns_name(name: str) -> str:
+    """Return the DNS name lower-cased, or raise: no wildcards, IPs or trailing dots."""
+    lowered = name.lower()
+    if len(lowered) > 253 or not lowered:
+        raise InvalidArgument(f"DNS name {name!r} must be 1..253 characters")
+    labels = lowered.split(".")
+    if not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        raise InvalidArgument(f"DNS name {name!r} is not a valid host name (no wildcards)")
+    if all(label.isdigit() for label in labels):
+        raise InvalidArgument(f"DNS name {name!r} looks like an IP address")
+    return lowered
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationEntry:
+    """Selectors -> SPIFFE ID. Matches a workload that presents every one of its selectors."""
+
+    id: str
+    spiffe_id: SpiffeId
+    selectors: frozenset[Selector]
+    x509_ttl: dt.timedelta
+    jwt_ttl: dt.timedelta
+    dns_names: tuple[str, ...] = ()
+    admin: bool = False
+    created_at: dt.datetime = field(default_factory=lambda: dt.datetime.fromtimestamp(0, dt.UTC))
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            raise InvalidArgument("entry id is empty")
+        if not self.selectors:
+            raise InvalidArgument("an entry needs at least one selector")
+        if not self.spiffe_id.path:
+            raise InvalidArgument("an entry's SPIFFE ID must have a path")
+        if self.x509_ttl <= dt.timedelta(0) or self.jwt_ttl <= dt.timedelta(0):
+            raise InvalidArgument("TTLs must be positive")
+        for name in self.dns_names:
+            if check_dns_name(name) != name:
+                raise InvalidArgument(f"DNS name {name!r} must be lower case")
+
+    def matches(self, presented: frozenset[Selector]) -> bool:
+        return self.selectors <= presented
+
+
+def token_digest(secret: str) -> str:
+    """The identifier of a secret (a join token): safe to store and log."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class JoinToken:
+    """A single-use, expiring join token. Only its digest is ever stored."""
+
+    token_id: str  # sha256 hex of the secret
+    spiffe_id: SpiffeId
+    expires_at: dt.datetime
+    created_at: dt.datetime
+    used_at: dt.datetime | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.token_id) != 64:
+            raise InvalidArgument("token id must be a sha256 hex digest")
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """One SPIFFE identity granted by one attestation: what renewals are checked against."""
+
+    id: str
+    spiffe_id: SpiffeId
+    entry_id: str | None  # None when the credential itself carried the identity (join token)
+    attestor: str
+    selectors: frozenset[Selector]
+    attested_at: dt.datetime
+    x509_ttl: dt.timedelta
+    jwt_ttl: dt.timedelta
+    dns_names: tuple[str, ...] = ()
+    admin: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedX509:
+    """The record of one issued X.509-SVID (no key material; the serial identifies it)."""
+
+    serial: str  # hex
+    identity_id: str
+    spiffe_id: SpiffeId
+    not_after: dt.datetime
+
+
+class KeyKind(StrEnum):
+    X509 = "x509"
+    JWT = "jwt"
+
+
+class KeyState(StrEnum):
+    PREPARED = "prepared"
+    ACTIVE = "active"
+    OLD = "old"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorityKeyInfo:
+    """Public metadata of one signing key of the trust domain (its private half is in a vault)."""
+
+    kind: KeyKind
+    key_id: str
+    state: KeyState
+    not_before: dt.datetime
+    not_after: dt.datetime
+    # x509 only: the CA certificate (DER), then the upstream chain above it (DER), if any.
+    certificate: bytes = b""
+    upstream_chain: tuple[bytes, ...] = ()
+    tainted: bool = False
+
+    def __post_init__(self) -> None:
+        if self.not_after <= self.not_before:
+            raise InvalidArgument("a key's not_after must follow its not_before")
+        if (self.kind is KeyKind.X509) != bool(self.certificate):
+            raise InvalidArgument("x509 keys, and only they, carry a certificate")

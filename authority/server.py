@@ -1,0 +1,303 @@
+"""The composition root: builds every part from a Config and serves it.
+
+Two gRPC servers: the workload server on TCP (a server-TLS listener for attestation and a
+mutual-TLS listener for SVID-authenticated calls; grpc Python only asks for a client certificate
+when it requires one) and the admin server on a Unix socket whose file mode is the gate.
+The workload listeners present the authority's own X.509-SVID, reloaded on rotation through
+``dynamic_ssl_server_credentials``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import ipaddress
+import logging
+import os
+import socket
+import threading
+from pathlib import Path
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
+from authority.api.admin import AdminService, RefuseAdminHandler
+from authority.api.workload import WorkloadService
+from authority.attestation import AttestorHost
+from authority.ca import CertificateAuthority, Upstream
+from authority.clock import Clock, SystemClock
+from authority.config import Config, split_host_port
+from authority.errors import FailedPrecondition
+from authority.ids import SpiffeId
+from authority.keyvault import FileKeyVault
+from authority.service import Authority
+from authority.store.sqlite import SqliteStore
+from authority.svid import X509Svid
+
+log = logging.getLogger(__name__)
+
+SERVER_SVID_TTL = dt.timedelta(hours=1)
+MAINTENANCE_INTERVAL = 10.0
+PRUNE_INTERVAL = 3600.0
+
+
+def server_spiffe_id(config: Config) -> SpiffeId:
+    return SpiffeId.from_segments(config.trust_domain, "authority")
+
+
+class _TlsIdentity:
+    """The authority's own SVID, handed to gRPC's TLS listeners on every new handshake."""
+
+    def __init__(self, ca: CertificateAuthority, config: Config) -> None:
+        self._ca = ca
+        self._config = config
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._seen: dict[str, int] = {}
+        self._svid: X509Svid | None = None
+        self._configs: tuple[grpc.ServerCertificateConfiguration, ...] = ()
+
+    def _addresses(self) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        found: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+        for address in (self._config.listen, self._config.listen_mtls):
+            host, _ = split_host_port(address)
+            try:
+                ip = ipaddress.ip_address(host or "0.0.0.0")  # noqa: S104 - parsing, not binding
+            except ValueError:
+                continue
+            ip = ipaddress.ip_address("127.0.0.1") if ip.is_unspecified else ip
+            if ip not in found:
+                found.append(ip)
+        return found
+
+    def refresh(self) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        svid = self._ca.issue_x509_svid(
+            server_spiffe_id(self._config),
+            key.public_key(),
+            SERVER_SVID_TTL,
+            dns_names=self._config.server_dns_names,
+            ip_addresses=self._addresses(),
+        )
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in svid.chain)
+        roots = self._ca.bundle().pem()
+        with self._lock:
+            self._svid = svid
+            self._generation += 1
+            self._configs = (grpc.ssl_server_certificate_configuration([(key_pem, chain_pem)], roots),)
+        log.info("server SVID issued: serial=%s expires=%s", svid.serial_hex, svid.expires_at)
+
+    def due(self, now: dt.datetime) -> bool:
+        svid = self._svid
+        if svid is None:
+            return True
+        cert = svid.certificate
+        half = cert.not_valid_before_utc + (cert.not_valid_after_utc - cert.not_valid_before_utc) / 2
+        return now >= half
+
+    def current(self) -> grpc.ServerCertificateConfiguration:
+        with self._lock:
+            return self._configs[0]
+
+    def fetcher(self, listener: str) -> object:
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            with self._lock:
+                if self._seen.get(listener) == self._generation:
+                    return None
+                self._seen[listener] = self._generation
+                return self._configs[0]
+
+        return fetch
+
+    def credentials(self, listener: str, *, require_client_auth: bool) -> grpc.ServerCredentials:
+        with self._lock:
+            self._seen[listener] = self._generation
+            initial = self._configs[0]
+        return grpc.dynamic_ssl_server_credentials(
+            initial, self.fetcher(listener), require_client_authentication=require_client_auth
+        )
+
+
+def _prepare_unix_socket(path: Path) -> None:
+    """Remove a stale socket file; refuse if another server is answering on it."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise FailedPrecondition(f"another server is listening on {path}")
+
+
+class AuthorityServer:
+    """Everything, wired. ``start`` binds and serves; ``stop`` drains and closes."""
+
+    def __init__(self, config: Config, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.port = 0
+        self.mtls_port = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._servers: list[grpc.aio.Server] = []
+        self._store: SqliteStore | None = None
+        self.authority: Authority | None = None
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.config.admin_socket_path
+
+    async def start(self) -> None:
+        config = self.config
+        data_dir = config.data_dir
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(data_dir, 0o700)
+        self._store = store = await SqliteStore.open(data_dir / "authority.db")
+        upstream = None
+        if config.ca.upstream_cert is not None and config.ca.upstream_key is not None:
+            upstream = Upstream.load(
+                config.ca.upstream_cert, config.ca.upstream_key, config.ca.upstream_bundle
+            )
+        ca = CertificateAuthority(
+            trust_domain=config.trust_domain,
+            config=config.ca,
+            limits=config.limits,
+            clock=self.clock,
+            store=store,
+            vault=FileKeyVault(data_dir / "keys"),
+            upstream=upstream,
+        )
+        await ca.start()
+        attestors = AttestorHost(store=store, clock=self.clock, limits=config.limits)
+        attestors.register("join_token", "join_token", {})
+        self.authority = authority = Authority(
+            ca=ca,
+            store=store,
+            attestors=attestors,
+            clock=self.clock,
+            limits=config.limits,
+            reserved_dns_names=config.server_dns_names,
+            reserved_ids=(server_spiffe_id(config),),
+        )
+        await authority.start()
+        self._tls = tls = _TlsIdentity(ca, config)
+        tls.refresh()
+        ca.add_listener(tls.refresh)
+
+        options = [
+            ("grpc.max_receive_message_length", config.limits.max_message_bytes),
+            ("grpc.max_send_message_length", 4 * 1024 * 1024),
+            ("grpc.max_concurrent_streams", config.limits.max_concurrent_streams),
+            ("grpc.so_reuseport", 0),
+        ]
+        workload = grpc.aio.server(options=options)
+        self.port = workload.add_secure_port(
+            config.listen, tls.credentials("tls", require_client_auth=False)
+        )
+        self.mtls_port = workload.add_secure_port(
+            config.listen_mtls, tls.credentials("mtls", require_client_auth=True)
+        )
+        mtls_address = config.advertise_mtls or f":{self.mtls_port}"
+        pb_grpc.add_WorkloadServicer_to_server(
+            WorkloadService(authority, mtls_address, server_spiffe_id(config).uri), workload
+        )
+        workload.add_generic_rpc_handlers((RefuseAdminHandler(),))
+        await self._add_health_and_reflection(workload, "authority.v1.Workload")
+
+        admin = grpc.aio.server(options=options)
+        socket_path = config.admin_socket_path
+        _prepare_unix_socket(socket_path)
+        old_umask = os.umask(0o177 if config.admin_socket_mode == 0o600 else 0o117)
+        try:
+            admin.add_insecure_port(f"unix:{socket_path}")
+        finally:
+            os.umask(old_umask)
+        pb_grpc.add_AdminServicer_to_server(AdminService(authority), admin)
+        await self._add_health_and_reflection(admin, "authority.v1.Admin")
+
+        await workload.start()
+        await admin.start()
+        os.chmod(socket_path, config.admin_socket_mode)
+        self._servers = [workload, admin]
+        self._tasks = [
+            asyncio.create_task(self._maintenance(), name="ca-maintenance"),
+            asyncio.create_task(self._prune(), name="store-prune"),
+        ]
+        log.info(
+            "authority serving: trust_domain=%s tls=%s mtls=%s admin=%s",
+            config.trust_domain,
+            self.port,
+            self.mtls_port,
+            socket_path,
+        )
+
+    @staticmethod
+    async def _add_health_and_reflection(server: grpc.aio.Server, service: str) -> None:
+        servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        for name in ("", service):
+            await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        names = (
+            service,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, server)
+
+    async def _maintenance(self) -> None:
+        assert self.authority is not None
+        while True:
+            await asyncio.sleep(MAINTENANCE_INTERVAL)
+            try:
+                changed = await self.authority.ca.maintain()
+                if not changed and self._tls.due(self.clock.now()):
+                    self._tls.refresh()
+            except Exception:
+                log.exception("CA maintenance failed; will retry")
+
+    async def _prune(self) -> None:
+        assert self._store is not None
+        while True:
+            await asyncio.sleep(PRUNE_INTERVAL)
+            try:
+                await self._store.prune(self.clock.now())
+            except Exception:
+                log.exception("store prune failed; will retry")
+
+    async def stop(self, grace: float = 5.0) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await asyncio.gather(*(s.stop(grace) for s in self._servers))
+        self._servers = []
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
+        self.config.admin_socket_path.unlink(missing_ok=True)
+        log.info("authority stopped")
+
+
+async def serve(config: Config, stop: asyncio.Event) -> None:
+    server = AuthorityServer(config)
+    await server.start()
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+
+
+__all__ = ["AuthorityServer", "serve"]

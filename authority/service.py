@@ -1,0 +1,340 @@
+"""The authority's use cases, free of any transport: entries, join tokens, attestation,
+renewal and JWT-SVIDs. The gRPC adapters translate to and from these calls."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import secrets
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cryptography import x509
+
+from attestors.api import Challenger
+from authority.attestation import AttestorHost
+from authority.ca import CertificateAuthority
+from authority.clock import Clock
+from authority.config import Limits
+from authority.errors import (
+    AttestationFailed,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
+from authority.ids import SpiffeId
+from authority.models import (
+    Identity,
+    IssuedX509,
+    JoinToken,
+    RegistrationEntry,
+    Selector,
+    check_dns_name,
+    token_digest,
+)
+from authority.store import Store
+from authority.svid import JwtSvid, X509Svid, parse_csr
+
+log = logging.getLogger(__name__)
+
+_PEER_CACHE_SIZE = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class AttestResult:
+    svids: tuple[X509Svid, ...]
+    selectors: frozenset[Selector]
+    entry_ids: tuple[str | None, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """A workload authenticated by its X.509-SVID over mutual TLS."""
+
+    spiffe_id: SpiffeId
+    identity: Identity
+    certificate: x509.Certificate
+
+
+class Authority:
+    def __init__(
+        self,
+        *,
+        ca: CertificateAuthority,
+        store: Store,
+        attestors: AttestorHost,
+        clock: Clock,
+        limits: Limits,
+        reserved_dns_names: Sequence[str] = (),
+        reserved_ids: Sequence[SpiffeId] = (),
+    ) -> None:
+        self.ca = ca
+        self._store = store
+        self.attestors = attestors
+        self._clock = clock
+        self._limits = limits
+        self._reserved_dns = frozenset(reserved_dns_names)
+        self._reserved_ids = frozenset(reserved_ids)
+        self._entries: dict[str, RegistrationEntry] = {}
+        # peer certificate DER -> (issued record, identity): spares a store read per call
+        self._peers: OrderedDict[bytes, tuple[x509.Certificate, IssuedX509, Identity]] = (
+            OrderedDict()
+        )
+
+    async def start(self) -> None:
+        self._entries = {e.id: e for e in await self._store.list_entries()}
+
+    @property
+    def trust_domain(self) -> str:
+        return self.ca.trust_domain.name
+
+    # --- registration entries ---------------------------------------------------------------
+
+    async def create_entry(
+        self,
+        *,
+        spiffe_id: str,
+        selectors: Sequence[str | Selector],
+        x509_ttl: dt.timedelta | None = None,
+        jwt_ttl: dt.timedelta | None = None,
+        dns_names: Sequence[str] = (),
+        admin: bool = False,
+    ) -> RegistrationEntry:
+        sid = SpiffeId.parse(spiffe_id)
+        if not sid.member_of(self.ca.trust_domain):
+            raise InvalidArgument(f"{sid} is not in trust domain {self.ca.trust_domain}")
+        if sid in self._reserved_ids:
+            raise InvalidArgument(f"{sid} is the authority's own identity")
+        if not selectors:
+            raise InvalidArgument("an entry needs at least one selector")
+        if len(selectors) > self._limits.max_selectors:
+            raise InvalidArgument(f"an entry takes at most {self._limits.max_selectors} selectors")
+        if len(dns_names) > self._limits.max_dns_names:
+            raise InvalidArgument(f"an entry takes at most {self._limits.max_dns_names} DNS names")
+        parsed = frozenset(s if isinstance(s, Selector) else Selector.parse(s) for s in selectors)
+        names = tuple(dict.fromkeys(check_dns_name(n) for n in dns_names))
+        taken = self._reserved_dns.intersection(names)
+        if taken:
+            raise InvalidArgument(f"DNS names reserved for the authority itself: {sorted(taken)}")
+        entry = RegistrationEntry(
+            id=str(uuid.uuid4()),
+            spiffe_id=sid,
+            selectors=parsed,
+            x509_ttl=self._ttl(x509_ttl, self._limits.default_x509_ttl, self._limits.max_x509_ttl),
+            jwt_ttl=self._ttl(jwt_ttl, self._limits.default_jwt_ttl, self._limits.max_jwt_ttl),
+            dns_names=names,
+            admin=admin,
+            created_at=self._clock.now().replace(microsecond=0),
+        )
+        await self._store.create_entry(entry)
+        self._entries[entry.id] = entry
+        log.info("entry created: id=%s spiffe_id=%s", entry.id, entry.spiffe_id)
+        return entry
+
+    def _ttl(
+        self, value: dt.timedelta | None, default: dt.timedelta, cap: dt.timedelta
+    ) -> dt.timedelta:
+        if value is None or value == dt.timedelta(0):
+            return default
+        if value < self._limits.min_ttl or value > cap:
+            raise InvalidArgument(f"TTL must be between {self._limits.min_ttl} and {cap}")
+        return value
+
+    def list_entries(self) -> list[RegistrationEntry]:
+        return sorted(self._entries.values(), key=lambda e: (e.spiffe_id, e.id))
+
+    def get_entry(self, entry_id: str) -> RegistrationEntry:
+        entry = self._entries.get(entry_id)
+        if entry is None:
+            raise NotFound(f"no entry {entry_id!r}")
+        return entry
+
+    async def delete_entry(self, entry_id: str) -> None:
+        if not await self._store.delete_entry(entry_id):
+            raise NotFound(f"no entry {entry_id!r}")
+        self._entries.pop(entry_id, None)
+        self._peers.clear()
+        log.info("entry deleted: id=%s", entry_id)
+
+    # --- join tokens ------------------------------------------------------------------------
+
+    async def create_join_token(
+        self, spiffe_id: str, ttl: dt.timedelta | None = None
+    ) -> tuple[str, JoinToken]:
+        sid = SpiffeId.parse(spiffe_id)
+        if not sid.member_of(self.ca.trust_domain) or not sid.path or sid in self._reserved_ids:
+            raise InvalidArgument(f"{sid} must be a workload ID in {self.ca.trust_domain}")
+        ttl = ttl or self._limits.default_join_token_ttl
+        if not self._limits.min_ttl <= ttl <= self._limits.max_join_token_ttl:
+            raise InvalidArgument(
+                f"join token TTL must be between {self._limits.min_ttl} and "
+                f"{self._limits.max_join_token_ttl}"
+            )
+        secret = secrets.token_urlsafe(32)
+        now = self._clock.now().replace(microsecond=0)
+        token = JoinToken(token_digest(secret), sid, now + ttl, now)
+        await self._store.create_join_token(token)
+        log.info("join token created: id=%s spiffe_id=%s", token.token_id[:16], sid)
+        return secret, token
+
+    # --- attestation and issuance ------------------------------------------------------------
+
+    async def attest(
+        self,
+        *,
+        attestor: str,
+        evidence: bytes,
+        csr: bytes,
+        challenger: Challenger,
+        spiffe_id_hint: str = "",
+    ) -> AttestResult:
+        public_key = parse_csr(csr, self._limits.max_csr_bytes)  # checked before any proof is spent
+        hint = SpiffeId.parse(spiffe_id_hint) if spiffe_id_hint else None
+        outcome = await self.attestors.attest(attestor, evidence, challenger)
+        identities = self._identities_for(outcome.selectors, outcome.bound_spiffe_id, hint)
+        if not identities:
+            log.info("attestation matched no entry: attestor=%s", attestor)
+            raise AttestationFailed(
+                "the attested workload matches no registration entry", reason="NO_MATCHING_ENTRY"
+            )
+        now = self._clock.now()
+        svids: list[X509Svid] = []
+        for template in identities:
+            identity = Identity(
+                id=str(uuid.uuid4()),
+                spiffe_id=template.spiffe_id,
+                entry_id=template.entry_id,
+                attestor=attestor,
+                selectors=outcome.selectors,
+                attested_at=now,
+                x509_ttl=template.x509_ttl,
+                jwt_ttl=template.jwt_ttl,
+                dns_names=template.dns_names,
+                admin=template.admin,
+            )
+            svid = self.ca.issue_x509_svid(
+                identity.spiffe_id, public_key, identity.x509_ttl, identity.dns_names
+            )
+            await self._store.record_issuance(identity, [_issued(svid, identity)])
+            svids.append(svid)
+            log.info(
+                "attested: attestor=%s spiffe_id=%s serial=%s entry=%s",
+                attestor,
+                identity.spiffe_id,
+                svid.serial_hex,
+                identity.entry_id,
+            )
+        return AttestResult(tuple(svids), outcome.selectors, tuple(t.entry_id for t in identities))
+
+    def _identities_for(
+        self,
+        selectors: frozenset[Selector],
+        bound: SpiffeId | None,
+        hint: SpiffeId | None,
+    ) -> list[Identity]:
+        matches = [e for e in self._entries.values() if e.matches(selectors)]
+        if bound is not None:
+            # A credential bound to an identity grants that identity and no other; an entry for
+            # it (matching the same selectors) only adds TTLs, DNS names and flags.
+            matches = [e for e in matches if e.spiffe_id == bound]
+        if hint is not None:
+            matches = [e for e in matches if e.spiffe_id == hint]
+        matches.sort(key=lambda e: (e.spiffe_id, e.id))
+        now = self._clock.now()
+        templates = [
+            Identity(
+                "", e.spiffe_id, e.id, "", selectors, now, e.x509_ttl, e.jwt_ttl, e.dns_names, e.admin
+            )
+            for e in matches
+        ]
+        if not templates and bound is not None and (hint is None or hint == bound):
+            templates.append(
+                Identity(
+                    "",
+                    bound,
+                    None,
+                    "",
+                    selectors,
+                    now,
+                    self._limits.default_x509_ttl,
+                    self._limits.default_jwt_ttl,
+                )
+            )
+        return templates
+
+    # --- callers authenticated by mutual TLS ------------------------------------------------
+
+    async def authenticate(self, peer_pem: bytes | None) -> Caller:
+        """Who is calling, from the client certificate gRPC verified against the bundle.
+
+        gRPC has checked the chain; here the SPIFFE rules: one URI SAN in this trust domain, an
+        SVID this authority issued and still stands behind (entry not deleted)."""
+        if not peer_pem:
+            raise Unauthenticated(
+                "this call needs the caller's X.509-SVID over mutual TLS", reason="NO_CLIENT_SVID"
+            )
+        cached = self._peers.get(peer_pem)
+        if cached is None:
+            cached = await self._lookup_peer(peer_pem)
+            self._peers[peer_pem] = cached
+            if len(self._peers) > _PEER_CACHE_SIZE:
+                self._peers.popitem(last=False)
+        cert, issued, identity = cached
+        now = self._clock.now()
+        if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
+            raise Unauthenticated("the client SVID is expired or not yet valid", reason="SVID_EXPIRED")
+        if identity.entry_id is not None and identity.entry_id not in self._entries:
+            raise PermissionDenied(
+                "the registration entry behind this SVID was deleted", reason="ENTRY_DELETED"
+            )
+        return Caller(issued.spiffe_id, identity, cert)
+
+    async def _lookup_peer(self, peer_pem: bytes) -> tuple[x509.Certificate, IssuedX509, Identity]:
+        try:
+            cert = x509.load_pem_x509_certificate(peer_pem)
+        except ValueError:
+            raise Unauthenticated("the client certificate does not parse") from None
+        found = await self._store.find_issued_x509(format(cert.serial_number, "x"))
+        if found is None:
+            raise Unauthenticated("the client certificate is not an SVID issued here")
+        issued, identity = found
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+        except x509.ExtensionNotFound:
+            uris = []
+        if uris != [issued.spiffe_id.uri]:
+            raise Unauthenticated("the client certificate's SPIFFE ID does not match its record")
+        return cert, issued, identity
+
+    async def renew_x509(self, caller: Caller, csr: bytes) -> X509Svid:
+        public_key = parse_csr(csr, self._limits.max_csr_bytes)
+        identity = caller.identity
+        svid = self.ca.issue_x509_svid(
+            identity.spiffe_id, public_key, identity.x509_ttl, identity.dns_names
+        )
+        await self._store.record_issuance(None, [_issued(svid, identity)])
+        return svid
+
+    def fetch_jwt(
+        self, caller: Caller, audience: Sequence[str], ttl: dt.timedelta | None
+    ) -> JwtSvid:
+        if not audience or not all(audience):
+            raise InvalidArgument("a JWT-SVID needs at least one non-empty audience", reason="NO_AUDIENCE")
+        if len(audience) > self._limits.max_audiences:
+            raise InvalidArgument(f"at most {self._limits.max_audiences} audiences")
+        if any(len(a) > self._limits.max_audience_chars for a in audience):
+            raise InvalidArgument(f"audiences are at most {self._limits.max_audience_chars} characters")
+        cap = caller.identity.jwt_ttl
+        wanted = cap if ttl is None or ttl <= dt.timedelta(0) else min(ttl, cap)
+        if wanted < self._limits.min_ttl:
+            raise InvalidArgument(f"JWT-SVID TTL must be at least {self._limits.min_ttl}")
+        return self.ca.issue_jwt_svid(caller.spiffe_id, list(dict.fromkeys(audience)), wanted)
+
+
+def _issued(svid: X509Svid, identity: Identity) -> IssuedX509:
+    return IssuedX509(svid.serial_hex, identity.id, identity.spiffe_id, svid.expires_at)
+

@@ -1,0 +1,69 @@
+"""Persistence, behind one Protocol so that a second backend (PostgreSQL) can be added.
+
+Every method is a coroutine; a backend may batch concurrent writes into one durable commit.
+A method that returns has made its write durable.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Protocol
+
+from authority.models import (
+    AuthorityKeyInfo,
+    Identity,
+    IssuedX509,
+    JoinToken,
+    KeyKind,
+    RegistrationEntry,
+)
+
+
+class Store(Protocol):
+    async def close(self) -> None: ...
+
+    # --- signing keys (public metadata) and the bundle's sequence number ---
+    async def list_authority_keys(self) -> list[AuthorityKeyInfo]: ...
+
+    async def put_authority_keys(self, keys: list[AuthorityKeyInfo], *, bump_sequence: bool) -> int:
+        """Insert or replace these keys in one transaction; return the bundle sequence after it
+        (incremented by one when ``bump_sequence``)."""
+        ...
+
+    async def delete_authority_key(self, kind: KeyKind, key_id: str) -> int:
+        """Remove a key; increments and returns the bundle sequence."""
+        ...
+
+    async def bundle_sequence(self) -> int: ...
+
+    # --- registration entries ---
+    async def create_entry(self, entry: RegistrationEntry) -> None:
+        """Raises AlreadyExists if an entry with the same id, or the same SPIFFE ID and the same
+        selectors, exists."""
+        ...
+
+    async def get_entry(self, entry_id: str) -> RegistrationEntry | None: ...
+
+    async def list_entries(self) -> list[RegistrationEntry]: ...
+
+    async def delete_entry(self, entry_id: str) -> bool: ...
+
+    # --- join tokens (stored by digest only) ---
+    async def create_join_token(self, token: JoinToken) -> None: ...
+
+    async def consume_join_token(self, token_id: str, now: dt.datetime) -> JoinToken:
+        """Atomically mark the token used and return it as it was before. Raises
+        Unauthenticated (reason JOIN_TOKEN_UNKNOWN, JOIN_TOKEN_USED or JOIN_TOKEN_EXPIRED)."""
+        ...
+
+    # --- attested identities and the X.509-SVIDs issued to them ---
+    async def record_issuance(self, identity: Identity | None, issued: list[IssuedX509]) -> None:
+        """Store a new identity (when given) and the SVIDs issued for it, in one transaction."""
+        ...
+
+    async def find_issued_x509(self, serial: str) -> tuple[IssuedX509, Identity] | None: ...
+
+    async def prune(self, now: dt.datetime) -> int:
+        """Drop what has expired (issued SVIDs, used or expired join tokens past a grace period).
+        Returns how many rows went."""
+        ...
