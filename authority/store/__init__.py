@@ -1,7 +1,10 @@
 """Persistence, behind one Protocol so that a second backend (PostgreSQL) can be added.
 
 Every method is a coroutine; a backend may batch concurrent writes into one durable commit.
-A method that returns has made its write durable.
+A method that returns has made its write durable. Times must be timezone-aware.
+
+Errors every method may raise: ``Unavailable`` (STORE_CLOSED, STORE_ERROR); opening a database
+whose schema is newer than the code: ``FailedPrecondition`` (STORE_SCHEMA_TOO_NEW).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ class Store(Protocol):
         ...
 
     async def delete_authority_key(self, kind: KeyKind, key_id: str) -> int:
-        """Remove a key; increments and returns the bundle sequence."""
+        """Remove a key; increments and returns the bundle sequence. NotFound (KEY_NOT_FOUND)
+        for an unknown key, without touching the sequence."""
         ...
 
     async def bundle_sequence(self) -> int: ...
@@ -49,7 +53,9 @@ class Store(Protocol):
     async def delete_entry(self, entry_id: str) -> bool: ...
 
     # --- join tokens (stored by digest only) ---
-    async def create_join_token(self, token: JoinToken) -> None: ...
+    async def create_join_token(self, token: JoinToken) -> None:
+        """AlreadyExists (JOIN_TOKEN_EXISTS) for a digest already stored."""
+        ...
 
     async def consume_join_token(self, token_id: str, now: dt.datetime) -> JoinToken:
         """Atomically mark the token used and return it as it was before. Raises
@@ -58,12 +64,16 @@ class Store(Protocol):
 
     # --- attested identities and the X.509-SVIDs issued to them ---
     async def record_issuance(self, identity: Identity | None, issued: list[IssuedX509]) -> None:
-        """Store a new identity (when given) and the SVIDs issued for it, in one transaction."""
+        """Store a new identity (when given) and the SVIDs issued for it, in one transaction.
+        AlreadyExists (IDENTITY_EXISTS, SERIAL_EXISTS); FailedPrecondition (IDENTITY_UNKNOWN)
+        when no identity is given and an SVID names one not stored; InvalidArgument when an
+        SVID names another identity than the one given."""
         ...
 
     async def find_issued_x509(self, serial: str) -> tuple[IssuedX509, Identity] | None: ...
 
     async def prune(self, now: dt.datetime) -> int:
-        """Drop what has expired (issued SVIDs, used or expired join tokens past a grace period).
-        Returns how many rows went."""
+        """Drop what has expired: issued SVIDs past their notAfter, identities with no live SVID
+        older than a day, join tokens expired over a day ago (a used token stays used until
+        then, so a replay is told JOIN_TOKEN_USED). Returns how many rows went."""
         ...

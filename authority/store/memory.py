@@ -1,0 +1,225 @@
+"""An in-memory ``Store`` with the same semantics as the SQLite one, for tests of other modules.
+
+Each method runs without awaiting, so it is atomic on its event loop. Datetimes must be
+timezone-aware and come back in UTC, as from the SQLite store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Final
+
+from authority.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+)
+from authority.ids import SpiffeId
+from authority.models import (
+    AuthorityKeyInfo,
+    Identity,
+    IssuedX509,
+    JoinToken,
+    KeyKind,
+    RegistrationEntry,
+    Selector,
+)
+
+PRUNE_GRACE: Final = dt.timedelta(days=1)
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidArgument("datetimes given to the store must be timezone-aware")
+    return value.astimezone(dt.UTC)
+
+
+def _short(token_id: str) -> str:
+    return token_id[:8]
+
+
+class MemoryStore:
+    """``Store`` held in dictionaries; nothing survives the object."""
+
+    def __init__(self) -> None:
+        self._closed = False
+        self._sequence = 0
+        self._keys: dict[tuple[KeyKind, str], AuthorityKeyInfo] = {}
+        self._entries: dict[str, RegistrationEntry] = {}
+        self._entry_keys: dict[tuple[SpiffeId, frozenset[Selector]], str] = {}
+        self._tokens: dict[str, JoinToken] = {}
+        self._identities: dict[str, Identity] = {}
+        self._issued: dict[str, IssuedX509] = {}
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Unavailable("the store is closed", reason="STORE_CLOSED")
+
+    async def close(self) -> None:
+        self._closed = True
+
+    # --- signing keys and the bundle sequence ---
+
+    async def list_authority_keys(self) -> list[AuthorityKeyInfo]:
+        self._check_open()
+        return sorted(self._keys.values(), key=lambda k: (k.kind.value, k.not_before, k.key_id))
+
+    async def put_authority_keys(self, keys: list[AuthorityKeyInfo], *, bump_sequence: bool) -> int:
+        self._check_open()
+        stored = [
+            dataclasses.replace(key, not_before=_utc(key.not_before), not_after=_utc(key.not_after))
+            for key in keys
+        ]
+        for key in stored:
+            self._keys[key.kind, key.key_id] = key
+        if bump_sequence:
+            self._sequence += 1
+        return self._sequence
+
+    async def delete_authority_key(self, kind: KeyKind, key_id: str) -> int:
+        self._check_open()
+        if self._keys.pop((kind, key_id), None) is None:
+            raise NotFound(f"no {kind.value} key {key_id!r}", reason="KEY_NOT_FOUND")
+        self._sequence += 1
+        return self._sequence
+
+    async def bundle_sequence(self) -> int:
+        self._check_open()
+        return self._sequence
+
+    # --- registration entries ---
+
+    async def create_entry(self, entry: RegistrationEntry) -> None:
+        self._check_open()
+        entry = dataclasses.replace(entry, created_at=_utc(entry.created_at))
+        if entry.id in self._entries:
+            raise AlreadyExists(f"entry {entry.id!r} already exists", reason="ENTRY_EXISTS")
+        canonical = (entry.spiffe_id, entry.selectors)
+        same = self._entry_keys.get(canonical)
+        if same is not None:
+            raise AlreadyExists(
+                f"entry {same!r} already maps these selectors to {entry.spiffe_id}",
+                reason="ENTRY_EXISTS",
+            )
+        self._entries[entry.id] = entry
+        self._entry_keys[canonical] = entry.id
+
+    async def get_entry(self, entry_id: str) -> RegistrationEntry | None:
+        self._check_open()
+        return self._entries.get(entry_id)
+
+    async def list_entries(self) -> list[RegistrationEntry]:
+        self._check_open()
+        return sorted(self._entries.values(), key=lambda e: (e.created_at, e.id))
+
+    async def delete_entry(self, entry_id: str) -> bool:
+        self._check_open()
+        entry = self._entries.pop(entry_id, None)
+        if entry is None:
+            return False
+        del self._entry_keys[entry.spiffe_id, entry.selectors]
+        return True
+
+    # --- join tokens ---
+
+    async def create_join_token(self, token: JoinToken) -> None:
+        self._check_open()
+        token = dataclasses.replace(
+            token,
+            expires_at=_utc(token.expires_at),
+            created_at=_utc(token.created_at),
+            used_at=None if token.used_at is None else _utc(token.used_at),
+        )
+        if token.token_id in self._tokens:
+            raise AlreadyExists(
+                f"join token {_short(token.token_id)}… already exists", reason="JOIN_TOKEN_EXISTS"
+            )
+        self._tokens[token.token_id] = token
+
+    async def consume_join_token(self, token_id: str, now: dt.datetime) -> JoinToken:
+        self._check_open()
+        now = _utc(now)
+        token = self._tokens.get(token_id)
+        if token is None:
+            raise Unauthenticated(
+                f"join token {_short(token_id)}… is unknown", reason="JOIN_TOKEN_UNKNOWN"
+            )
+        if token.used_at is not None:
+            raise Unauthenticated(
+                f"join token {_short(token_id)}… was already used", reason="JOIN_TOKEN_USED"
+            )
+        if token.expires_at <= now:
+            raise Unauthenticated(
+                f"join token {_short(token_id)}… has expired", reason="JOIN_TOKEN_EXPIRED"
+            )
+        self._tokens[token_id] = dataclasses.replace(token, used_at=now)
+        return token
+
+    # --- identities and issued X.509-SVIDs ---
+
+    async def record_issuance(self, identity: Identity | None, issued: list[IssuedX509]) -> None:
+        self._check_open()
+        # Check everything first: the write is all or nothing.
+        if identity is not None:
+            identity = dataclasses.replace(identity, attested_at=_utc(identity.attested_at))
+            for svid in issued:
+                if svid.identity_id != identity.id:
+                    raise InvalidArgument(
+                        f"SVID {svid.serial} names identity {svid.identity_id!r}, "
+                        f"not {identity.id!r}"
+                    )
+            if identity.id in self._identities:
+                raise AlreadyExists(
+                    f"identity {identity.id!r} already exists", reason="IDENTITY_EXISTS"
+                )
+        svids = [dataclasses.replace(svid, not_after=_utc(svid.not_after)) for svid in issued]
+        known = set(self._identities) | ({identity.id} if identity is not None else set())
+        serials: set[str] = set()
+        for svid in svids:
+            if svid.identity_id not in known:
+                raise FailedPrecondition(
+                    f"identity {svid.identity_id!r} is unknown", reason="IDENTITY_UNKNOWN"
+                )
+            if svid.serial in self._issued or svid.serial in serials:
+                raise AlreadyExists(
+                    f"an X.509-SVID with serial {svid.serial} was already recorded",
+                    reason="SERIAL_EXISTS",
+                )
+            serials.add(svid.serial)
+        if identity is not None:
+            self._identities[identity.id] = identity
+        for svid in svids:
+            self._issued[svid.serial] = svid
+
+    async def find_issued_x509(self, serial: str) -> tuple[IssuedX509, Identity] | None:
+        self._check_open()
+        svid = self._issued.get(serial)
+        if svid is None:
+            return None
+        return svid, self._identities[svid.identity_id]
+
+    async def prune(self, now: dt.datetime) -> int:
+        self._check_open()
+        now = _utc(now)
+        grace = now - PRUNE_GRACE
+        gone = [serial for serial, svid in self._issued.items() if svid.not_after < now]
+        for serial in gone:
+            del self._issued[serial]
+        count = len(gone)
+        live = {svid.identity_id for svid in self._issued.values()}
+        stale = [
+            key
+            for key, identity in self._identities.items()
+            if identity.attested_at < grace and key not in live
+        ]
+        for key in stale:
+            del self._identities[key]
+        count += len(stale)
+        expired = [key for key, token in self._tokens.items() if token.expires_at < grace]
+        for key in expired:
+            del self._tokens[key]
+        return count + len(expired)

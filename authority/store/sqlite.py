@@ -1,0 +1,844 @@
+"""The embedded store: one SQLite file in WAL mode, written by one thread with group commit.
+
+Every public method hands a closure to the store's thread and awaits its future. The thread takes
+the first waiting job and whatever else is already queued (up to ``MAX_BATCH``), runs them in one
+``BEGIN IMMEDIATE`` transaction with a savepoint per job, commits (fsync'd: ``synchronous=FULL``),
+and only then settles the futures. A job that raises is rolled back to its savepoint alone.
+
+Storage mapping: instants are integer microseconds since the Unix epoch (UTC), durations integer
+microseconds, SPIFFE IDs their URI, selectors a sorted JSON list of ``type:value`` strings, DER
+chains a JSON list of base64 strings. The schema version is ``PRAGMA user_version``; a later
+schema change appends a function to ``MIGRATIONS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import os
+import pathlib
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final, TypeAlias, TypeVar
+
+from sqlite_utils import Database
+
+from authority.errors import (
+    AlreadyExists,
+    AuthorityError,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+)
+from authority.ids import SpiffeId
+from authority.models import (
+    AuthorityKeyInfo,
+    Identity,
+    IssuedX509,
+    JoinToken,
+    KeyKind,
+    KeyState,
+    RegistrationEntry,
+    Selector,
+)
+
+T = TypeVar("T")
+
+MAX_BATCH: Final = 256
+BUSY_TIMEOUT_MS: Final = 5000
+PRUNE_GRACE: Final = dt.timedelta(days=1)
+FILE_MODE: Final = 0o600
+
+_EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_MICROSECOND: Final = dt.timedelta(microseconds=1)
+_SEQUENCE_KEY: Final = "bundle_sequence"
+
+
+# --- value encodings -------------------------------------------------------------------------
+
+
+def _instant(value: dt.datetime) -> int:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidArgument("datetimes given to the store must be timezone-aware")
+    return (value - _EPOCH) // _MICROSECOND
+
+
+def _from_instant(value: int) -> dt.datetime:
+    return _EPOCH + value * _MICROSECOND
+
+
+def _duration(value: dt.timedelta) -> int:
+    return value // _MICROSECOND
+
+
+def _from_duration(value: int) -> dt.timedelta:
+    return value * _MICROSECOND
+
+
+def _selectors(selectors: Iterable[Selector]) -> str:
+    return json.dumps(sorted(str(s) for s in selectors), separators=(",", ":"))
+
+
+def _from_selectors(text: str) -> frozenset[Selector]:
+    return frozenset(Selector.parse(s) for s in json.loads(text))
+
+
+def _names(names: Iterable[str]) -> str:
+    return json.dumps(list(names), separators=(",", ":"))
+
+
+def _from_names(text: str) -> tuple[str, ...]:
+    return tuple(json.loads(text))
+
+
+def _chain(chain: Iterable[bytes]) -> str:
+    return json.dumps([base64.b64encode(der).decode("ascii") for der in chain])
+
+
+def _from_chain(text: str) -> tuple[bytes, ...]:
+    return tuple(base64.b64decode(item) for item in json.loads(text))
+
+
+def _short(token_id: str) -> str:
+    """A prefix of a token digest, enough to tell tokens apart in a message."""
+    return token_id[:8]
+
+
+# --- schema ----------------------------------------------------------------------------------
+
+
+def _migration_1(db: Database) -> None:
+    """Keys, the bundle sequence, entries, join tokens, identities and issued X.509-SVIDs."""
+    db.create_table(
+        "meta", {"key": str, "value": int}, pk="key", not_null={"key", "value"}, strict=True
+    )
+    db.execute("INSERT INTO meta (key, value) VALUES (?, 0)", [_SEQUENCE_KEY])
+    db.create_table(
+        "authority_keys",
+        {
+            "kind": str,
+            "key_id": str,
+            "state": str,
+            "not_before_us": int,
+            "not_after_us": int,
+            "certificate": bytes,
+            "upstream_chain": str,
+            "tainted": int,
+        },
+        pk=("kind", "key_id"),
+        not_null={
+            "kind",
+            "key_id",
+            "state",
+            "not_before_us",
+            "not_after_us",
+            "certificate",
+            "upstream_chain",
+            "tainted",
+        },
+        strict=True,
+    )
+    db.create_table(
+        "entries",
+        {
+            "id": str,
+            "spiffe_id": str,
+            "selectors": str,
+            "x509_ttl_us": int,
+            "jwt_ttl_us": int,
+            "dns_names": str,
+            "admin": int,
+            "created_at_us": int,
+        },
+        pk="id",
+        not_null={
+            "id",
+            "spiffe_id",
+            "selectors",
+            "x509_ttl_us",
+            "jwt_ttl_us",
+            "dns_names",
+            "admin",
+            "created_at_us",
+        },
+        strict=True,
+    )
+    # The canonical key: one entry per SPIFFE ID and selector set (selectors are sorted JSON).
+    db.table("entries").create_index(
+        ["spiffe_id", "selectors"], index_name="entries_by_id_and_selectors", unique=True
+    )
+    db.create_table(
+        "join_tokens",
+        {
+            "token_id": str,
+            "spiffe_id": str,
+            "expires_at_us": int,
+            "created_at_us": int,
+            "used_at_us": int,
+        },
+        pk="token_id",
+        not_null={"token_id", "spiffe_id", "expires_at_us", "created_at_us"},
+        strict=True,
+    )
+    db.table("join_tokens").create_index(["expires_at_us"], index_name="join_tokens_by_expiry")
+    db.create_table(
+        "identities",
+        {
+            "id": str,
+            "spiffe_id": str,
+            "entry_id": str,
+            "attestor": str,
+            "selectors": str,
+            "attested_at_us": int,
+            "x509_ttl_us": int,
+            "jwt_ttl_us": int,
+            "dns_names": str,
+            "admin": int,
+        },
+        pk="id",
+        not_null={
+            "id",
+            "spiffe_id",
+            "attestor",
+            "selectors",
+            "attested_at_us",
+            "x509_ttl_us",
+            "jwt_ttl_us",
+            "dns_names",
+            "admin",
+        },
+        strict=True,
+    )
+    db.table("identities").create_index(["attested_at_us"], index_name="identities_by_attested_at")
+    db.create_table(
+        "issued_x509",
+        {"serial": str, "identity_id": str, "spiffe_id": str, "not_after_us": int},
+        pk="serial",
+        not_null={"serial", "identity_id", "spiffe_id", "not_after_us"},
+        foreign_keys=[("identity_id", "identities", "id")],
+        strict=True,
+    )
+    db.table("issued_x509").create_index(["identity_id"], index_name="issued_x509_by_identity")
+    db.table("issued_x509").create_index(["not_after_us"], index_name="issued_x509_by_not_after")
+
+
+# MIGRATIONS[n] takes the schema from version n to n + 1. Append only; never edit a shipped one.
+MIGRATIONS: Final[tuple[Callable[[Database], None], ...]] = (_migration_1,)
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+
+
+def _user_version(db: Database) -> int:
+    row = db.execute("PRAGMA user_version").fetchone()
+    return int(row[0])
+
+
+def _refuse_newer(version: int, path: pathlib.Path) -> None:
+    if version > SCHEMA_VERSION:
+        raise FailedPrecondition(
+            f"database {path} has schema version {version}, newer than this build knows "
+            f"({SCHEMA_VERSION}); run a newer release of the authority",
+            reason="STORE_SCHEMA_TOO_NEW",
+        )
+
+
+def _migrate(db: Database, path: pathlib.Path) -> None:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        version = _user_version(db)
+        _refuse_newer(version, path)
+        for step in MIGRATIONS[version:]:
+            step(db)
+        if version != SCHEMA_VERSION:
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
+        db.execute("COMMIT")
+    except BaseException:
+        if db.conn.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def _connect(path: pathlib.Path) -> Database:
+    """Create the file 0600 if needed, open it, set the pragmas, migrate."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
+    conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+    try:
+        db = Database(conn, execute_plugins=False)
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS:d}")
+        db.execute("PRAGMA foreign_keys = ON")
+        _refuse_newer(_user_version(db), path)
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise FailedPrecondition(
+                f"database {path} cannot use WAL journaling (got {mode!r})",
+                reason="STORE_NO_WAL",
+            )
+        db.execute("PRAGMA synchronous = FULL")
+        _migrate(db, path)
+        for suffix in ("-wal", "-shm"):
+            side = path.with_name(path.name + suffix)
+            if side.exists():
+                os.chmod(side, FILE_MODE)
+    except BaseException:
+        conn.close()
+        raise
+    return db
+
+
+# --- the writer thread -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(slots=True)
+class _Job:
+    fn: Callable[[Database], object]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+
+
+_STOP: Final = object()
+
+# (future, exception or None, result)
+_Outcome: TypeAlias = tuple[asyncio.Future[Any], BaseException | None, object]
+
+
+def _settle(outcomes: list[_Outcome]) -> None:
+    """Runs on the event loop: deliver each job's result or exception."""
+    for future, error, value in outcomes:
+        if future.done():  # the caller was cancelled
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
+
+def _storage_error(exc: sqlite3.Error) -> Unavailable:
+    error = Unavailable(f"the store failed ({type(exc).__name__})", reason="STORE_ERROR")
+    error.__cause__ = exc
+    return error
+
+
+def _batch_error(exc: Exception) -> AuthorityError:
+    if isinstance(exc, sqlite3.Error):
+        return _storage_error(exc)
+    error = Internal("the store failed")
+    error.__cause__ = exc
+    return error
+
+
+class _Writer:
+    """Owns the connection; runs batches of jobs in one transaction each."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
+        # Both futures are marked running at once so that a cancelled waiter cannot cancel them.
+        self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self.ready.set_running_or_notify_cancel()
+        self.done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self.done.set_running_or_notify_cancel()
+        self.commits = 0
+        self._path = path
+        self.thread = threading.Thread(target=self._main, name=f"store:{path.name}", daemon=True)
+
+    def _main(self) -> None:
+        try:
+            db = _connect(self._path)
+        except BaseException as exc:
+            self.ready.set_exception(exc)
+            self.done.set_result(None)
+            return
+        self.ready.set_result(None)
+        try:
+            self._serve(db)
+        finally:
+            self._fail_leftovers()
+            db.close()
+            self.done.set_result(None)
+
+    def _serve(self, db: Database) -> None:
+        stop = False
+        while not stop:
+            batch: list[_Job] = []
+            item = self.queue.get()
+            while True:
+                if item is _STOP:
+                    stop = True
+                    break
+                assert isinstance(item, _Job)
+                batch.append(item)
+                if len(batch) >= MAX_BATCH:
+                    break
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._run_batch(db, batch)
+
+    def _fail_leftovers(self) -> None:
+        leftovers: list[_Job] = []
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Job):
+                leftovers.append(item)
+        closed = Unavailable("the store is closed", reason="STORE_CLOSED")
+        self._deliver([(job, closed, None) for job in leftovers])
+
+    def _run_batch(self, db: Database, batch: list[_Job]) -> None:
+        results: list[tuple[_Job, BaseException | None, object]] = []
+        in_flight: list[int] = []  # indexes in results of jobs whose writes are not yet committed
+        try:
+            for job in batch:
+                if job.future.cancelled():
+                    continue
+                if not db.conn.in_transaction:
+                    db.execute("BEGIN IMMEDIATE")
+                db.execute("SAVEPOINT job")
+                try:
+                    value = job.fn(db)
+                except Exception as exc:
+                    error: BaseException = (
+                        _storage_error(exc) if isinstance(exc, sqlite3.Error) else exc
+                    )
+                    results.append((job, error, None))
+                    if db.conn.in_transaction:
+                        db.execute("ROLLBACK TO job")
+                        db.execute("RELEASE job")
+                    else:
+                        # SQLite rolled the whole transaction back (a full disk, say): the jobs
+                        # before this one are lost too.
+                        self._lose(results, in_flight)
+                else:
+                    db.execute("RELEASE job")
+                    in_flight.append(len(results))
+                    results.append((job, None, value))
+            if db.conn.in_transaction:
+                db.execute("COMMIT")
+                self.commits += 1
+        except Exception as exc:  # the transaction itself failed: none of it is committed
+            with contextlib.suppress(sqlite3.Error):
+                if db.conn.in_transaction:
+                    db.execute("ROLLBACK")
+            self._lose(results, in_flight, exc)
+            done = {id(job) for job, _, _ in results}
+            results.extend((job, _batch_error(exc), None) for job in batch if id(job) not in done)
+        self._deliver(results)
+
+    @staticmethod
+    def _lose(
+        results: list[tuple[_Job, BaseException | None, object]],
+        in_flight: list[int],
+        cause: Exception | None = None,
+    ) -> None:
+        for index in in_flight:
+            job = results[index][0]
+            error = Unavailable("the write was rolled back", reason="STORE_ERROR")
+            error.__cause__ = cause
+            results[index] = (job, error, None)
+        in_flight.clear()
+
+    @staticmethod
+    def _deliver(results: Iterable[tuple[_Job, BaseException | None, object]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+        for job, error, value in results:
+            by_loop.setdefault(job.loop, []).append((job.future, error, value))
+        for loop, outcomes in by_loop.items():
+            # RuntimeError: that loop is closed, so nobody is waiting any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle, outcomes)
+
+
+# --- row mapping -----------------------------------------------------------------------------
+
+
+def _entry_from_row(row: Mapping[str, Any]) -> RegistrationEntry:
+    return RegistrationEntry(
+        id=row["id"],
+        spiffe_id=SpiffeId.parse(row["spiffe_id"]),
+        selectors=_from_selectors(row["selectors"]),
+        x509_ttl=_from_duration(row["x509_ttl_us"]),
+        jwt_ttl=_from_duration(row["jwt_ttl_us"]),
+        dns_names=_from_names(row["dns_names"]),
+        admin=bool(row["admin"]),
+        created_at=_from_instant(row["created_at_us"]),
+    )
+
+
+def _key_from_row(row: Mapping[str, Any]) -> AuthorityKeyInfo:
+    return AuthorityKeyInfo(
+        kind=KeyKind(row["kind"]),
+        key_id=row["key_id"],
+        state=KeyState(row["state"]),
+        not_before=_from_instant(row["not_before_us"]),
+        not_after=_from_instant(row["not_after_us"]),
+        certificate=bytes(row["certificate"]),
+        upstream_chain=_from_chain(row["upstream_chain"]),
+        tainted=bool(row["tainted"]),
+    )
+
+
+def _token_from_row(row: Mapping[str, Any]) -> JoinToken:
+    used = row["used_at_us"]
+    return JoinToken(
+        token_id=row["token_id"],
+        spiffe_id=SpiffeId.parse(row["spiffe_id"]),
+        expires_at=_from_instant(row["expires_at_us"]),
+        created_at=_from_instant(row["created_at_us"]),
+        used_at=None if used is None else _from_instant(used),
+    )
+
+
+def _identity_from_row(row: Mapping[str, Any], prefix: str = "") -> Identity:
+    return Identity(
+        id=row[prefix + "id"],
+        spiffe_id=SpiffeId.parse(row[prefix + "spiffe_id"]),
+        entry_id=row[prefix + "entry_id"],
+        attestor=row[prefix + "attestor"],
+        selectors=_from_selectors(row[prefix + "selectors"]),
+        attested_at=_from_instant(row[prefix + "attested_at_us"]),
+        x509_ttl=_from_duration(row[prefix + "x509_ttl_us"]),
+        jwt_ttl=_from_duration(row[prefix + "jwt_ttl_us"]),
+        dns_names=_from_names(row[prefix + "dns_names"]),
+        admin=bool(row[prefix + "admin"]),
+    )
+
+
+def _one(db: Database, sql: str, params: Iterable[object]) -> dict[str, Any] | None:
+    rows = list(db.query(sql, list(params)))
+    return rows[0] if rows else None
+
+
+def _sequence(db: Database) -> int:
+    row = _one(db, "SELECT value FROM meta WHERE key = ?", [_SEQUENCE_KEY])
+    assert row is not None
+    return int(row["value"])
+
+
+def _bump_sequence(db: Database) -> int:
+    db.execute("UPDATE meta SET value = value + 1 WHERE key = ?", [_SEQUENCE_KEY])
+    return _sequence(db)
+
+
+# --- the store -------------------------------------------------------------------------------
+
+
+class SqliteStore:
+    """``Store`` on one SQLite file. Open with ``await SqliteStore.open(path)``."""
+
+    def __init__(self, writer: _Writer) -> None:
+        self._writer = writer
+        self._closing = False
+
+    @classmethod
+    async def open(cls, path: pathlib.Path) -> SqliteStore:
+        """Open (creating, mode 0600, and migrating as needed) the database at ``path``."""
+        writer = _Writer(path)
+        writer.thread.start()
+        try:
+            await asyncio.wrap_future(writer.ready)
+        except BaseException:
+            writer.queue.put(_STOP)  # in case it opened and we were cancelled
+            await asyncio.wrap_future(writer.done)
+            writer.thread.join()
+            raise
+        return cls(writer)
+
+    @property
+    def commit_count(self) -> int:
+        """How many transactions the store has committed since it was opened."""
+        return self._writer.commits
+
+    async def close(self) -> None:
+        """Finish the queued work, stop the thread and close the connection. Idempotent."""
+        if not self._closing:
+            self._closing = True
+            self._writer.queue.put(_STOP)
+        await asyncio.wrap_future(self._writer.done)
+        self._writer.thread.join()
+
+    async def _run(self, fn: Callable[[Database], T]) -> T:
+        if self._closing:
+            raise Unavailable("the store is closed", reason="STORE_CLOSED")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._writer.queue.put(_Job(fn, loop, future))
+        return await future
+
+    # --- signing keys and the bundle sequence ---
+
+    async def list_authority_keys(self) -> list[AuthorityKeyInfo]:
+        def job(db: Database) -> list[AuthorityKeyInfo]:
+            rows = db.query("SELECT * FROM authority_keys ORDER BY kind, not_before_us, key_id")
+            return [_key_from_row(row) for row in rows]
+
+        return await self._run(job)
+
+    async def put_authority_keys(self, keys: list[AuthorityKeyInfo], *, bump_sequence: bool) -> int:
+        params = [
+            [
+                key.kind.value,
+                key.key_id,
+                key.state.value,
+                _instant(key.not_before),
+                _instant(key.not_after),
+                key.certificate,
+                _chain(key.upstream_chain),
+                int(key.tainted),
+            ]
+            for key in keys
+        ]
+
+        def job(db: Database) -> int:
+            for row in params:
+                db.execute(
+                    "INSERT OR REPLACE INTO authority_keys (kind, key_id, state, not_before_us,"
+                    " not_after_us, certificate, upstream_chain, tainted)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+            return _bump_sequence(db) if bump_sequence else _sequence(db)
+
+        return await self._run(job)
+
+    async def delete_authority_key(self, kind: KeyKind, key_id: str) -> int:
+        def job(db: Database) -> int:
+            cursor = db.execute(
+                "DELETE FROM authority_keys WHERE kind = ? AND key_id = ?", [kind.value, key_id]
+            )
+            if cursor.rowcount == 0:
+                raise NotFound(f"no {kind.value} key {key_id!r}", reason="KEY_NOT_FOUND")
+            return _bump_sequence(db)
+
+        return await self._run(job)
+
+    async def bundle_sequence(self) -> int:
+        return await self._run(_sequence)
+
+    # --- registration entries ---
+
+    async def create_entry(self, entry: RegistrationEntry) -> None:
+        row = [
+            entry.id,
+            entry.spiffe_id.uri,
+            _selectors(entry.selectors),
+            _duration(entry.x509_ttl),
+            _duration(entry.jwt_ttl),
+            _names(entry.dns_names),
+            int(entry.admin),
+            _instant(entry.created_at),
+        ]
+
+        def job(db: Database) -> None:
+            if _one(db, "SELECT 1 FROM entries WHERE id = ?", [entry.id]) is not None:
+                raise AlreadyExists(f"entry {entry.id!r} already exists", reason="ENTRY_EXISTS")
+            same = _one(
+                db, "SELECT id FROM entries WHERE spiffe_id = ? AND selectors = ?", row[1:3]
+            )
+            if same is not None:
+                raise AlreadyExists(
+                    f"entry {same['id']!r} already maps these selectors to {entry.spiffe_id}",
+                    reason="ENTRY_EXISTS",
+                )
+            db.execute(
+                "INSERT INTO entries (id, spiffe_id, selectors, x509_ttl_us, jwt_ttl_us,"
+                " dns_names, admin, created_at_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
+
+        await self._run(job)
+
+    async def get_entry(self, entry_id: str) -> RegistrationEntry | None:
+        def job(db: Database) -> RegistrationEntry | None:
+            row = _one(db, "SELECT * FROM entries WHERE id = ?", [entry_id])
+            return None if row is None else _entry_from_row(row)
+
+        return await self._run(job)
+
+    async def list_entries(self) -> list[RegistrationEntry]:
+        def job(db: Database) -> list[RegistrationEntry]:
+            rows = db.query("SELECT * FROM entries ORDER BY created_at_us, id")
+            return [_entry_from_row(row) for row in rows]
+
+        return await self._run(job)
+
+    async def delete_entry(self, entry_id: str) -> bool:
+        def job(db: Database) -> bool:
+            return db.execute("DELETE FROM entries WHERE id = ?", [entry_id]).rowcount > 0
+
+        return await self._run(job)
+
+    # --- join tokens ---
+
+    async def create_join_token(self, token: JoinToken) -> None:
+        row = [
+            token.token_id,
+            token.spiffe_id.uri,
+            _instant(token.expires_at),
+            _instant(token.created_at),
+            None if token.used_at is None else _instant(token.used_at),
+        ]
+
+        def job(db: Database) -> None:
+            if (
+                _one(db, "SELECT 1 FROM join_tokens WHERE token_id = ?", [token.token_id])
+                is not None
+            ):
+                raise AlreadyExists(
+                    f"join token {_short(token.token_id)}… already exists",
+                    reason="JOIN_TOKEN_EXISTS",
+                )
+            db.execute(
+                "INSERT INTO join_tokens (token_id, spiffe_id, expires_at_us, created_at_us,"
+                " used_at_us) VALUES (?, ?, ?, ?, ?)",
+                row,
+            )
+
+        await self._run(job)
+
+    async def consume_join_token(self, token_id: str, now: dt.datetime) -> JoinToken:
+        now_us = _instant(now)
+
+        def job(db: Database) -> JoinToken:
+            row = _one(db, "SELECT * FROM join_tokens WHERE token_id = ?", [token_id])
+            if row is None:
+                raise Unauthenticated(
+                    f"join token {_short(token_id)}… is unknown", reason="JOIN_TOKEN_UNKNOWN"
+                )
+            if row["used_at_us"] is not None:
+                raise Unauthenticated(
+                    f"join token {_short(token_id)}… was already used", reason="JOIN_TOKEN_USED"
+                )
+            if row["expires_at_us"] <= now_us:
+                raise Unauthenticated(
+                    f"join token {_short(token_id)}… has expired", reason="JOIN_TOKEN_EXPIRED"
+                )
+            db.execute(
+                "UPDATE join_tokens SET used_at_us = ? WHERE token_id = ?", [now_us, token_id]
+            )
+            return _token_from_row(row)
+
+        return await self._run(job)
+
+    # --- identities and issued X.509-SVIDs ---
+
+    async def record_issuance(self, identity: Identity | None, issued: list[IssuedX509]) -> None:
+        _check_issuance(identity, issued)
+        identity_row = None
+        if identity is not None:
+            identity_row = [
+                identity.id,
+                identity.spiffe_id.uri,
+                identity.entry_id,
+                identity.attestor,
+                _selectors(identity.selectors),
+                _instant(identity.attested_at),
+                _duration(identity.x509_ttl),
+                _duration(identity.jwt_ttl),
+                _names(identity.dns_names),
+                int(identity.admin),
+            ]
+        svid_rows = [
+            [svid.serial, svid.identity_id, svid.spiffe_id.uri, _instant(svid.not_after)]
+            for svid in issued
+        ]
+
+        def job(db: Database) -> None:
+            if identity_row is not None:
+                if _one(db, "SELECT 1 FROM identities WHERE id = ?", identity_row[:1]) is not None:
+                    raise AlreadyExists(
+                        f"identity {identity_row[0]!r} already exists", reason="IDENTITY_EXISTS"
+                    )
+                db.execute(
+                    "INSERT INTO identities (id, spiffe_id, entry_id, attestor, selectors,"
+                    " attested_at_us, x509_ttl_us, jwt_ttl_us, dns_names, admin)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    identity_row,
+                )
+            for row in svid_rows:
+                if _one(db, "SELECT 1 FROM identities WHERE id = ?", row[1:2]) is None:
+                    raise FailedPrecondition(
+                        f"identity {row[1]!r} is unknown", reason="IDENTITY_UNKNOWN"
+                    )
+                if _one(db, "SELECT 1 FROM issued_x509 WHERE serial = ?", row[:1]) is not None:
+                    raise AlreadyExists(
+                        f"an X.509-SVID with serial {row[0]} was already recorded",
+                        reason="SERIAL_EXISTS",
+                    )
+                db.execute(
+                    "INSERT INTO issued_x509 (serial, identity_id, spiffe_id, not_after_us)"
+                    " VALUES (?, ?, ?, ?)",
+                    row,
+                )
+
+        await self._run(job)
+
+    async def find_issued_x509(self, serial: str) -> tuple[IssuedX509, Identity] | None:
+        def job(db: Database) -> tuple[IssuedX509, Identity] | None:
+            row = _one(
+                db,
+                "SELECT x.serial AS x_serial, x.identity_id AS x_identity_id,"
+                " x.spiffe_id AS x_spiffe_id, x.not_after_us AS x_not_after_us,"
+                " i.id AS i_id, i.spiffe_id AS i_spiffe_id, i.entry_id AS i_entry_id,"
+                " i.attestor AS i_attestor, i.selectors AS i_selectors,"
+                " i.attested_at_us AS i_attested_at_us, i.x509_ttl_us AS i_x509_ttl_us,"
+                " i.jwt_ttl_us AS i_jwt_ttl_us, i.dns_names AS i_dns_names, i.admin AS i_admin"
+                " FROM issued_x509 AS x JOIN identities AS i ON i.id = x.identity_id"
+                " WHERE x.serial = ?",
+                [serial],
+            )
+            if row is None:
+                return None
+            svid = IssuedX509(
+                serial=row["x_serial"],
+                identity_id=row["x_identity_id"],
+                spiffe_id=SpiffeId.parse(row["x_spiffe_id"]),
+                not_after=_from_instant(row["x_not_after_us"]),
+            )
+            return svid, _identity_from_row(row, "i_")
+
+        return await self._run(job)
+
+    async def prune(self, now: dt.datetime) -> int:
+        now_us = _instant(now)
+        grace_us = now_us - _duration(PRUNE_GRACE)
+
+        def job(db: Database) -> int:
+            removed = db.execute("DELETE FROM issued_x509 WHERE not_after_us < ?", [now_us])
+            count = removed.rowcount
+            removed = db.execute(
+                "DELETE FROM identities WHERE attested_at_us < ? AND NOT EXISTS"
+                " (SELECT 1 FROM issued_x509 WHERE identity_id = identities.id)",
+                [grace_us],
+            )
+            count += removed.rowcount
+            removed = db.execute("DELETE FROM join_tokens WHERE expires_at_us < ?", [grace_us])
+            return int(count + removed.rowcount)
+
+        return await self._run(job)
+
+
+def _check_issuance(identity: Identity | None, issued: list[IssuedX509]) -> None:
+    if identity is None:
+        return
+    for svid in issued:
+        if svid.identity_id != identity.id:
+            raise InvalidArgument(
+                f"SVID {svid.serial} names identity {svid.identity_id!r}, not {identity.id!r}"
+            )
