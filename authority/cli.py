@@ -24,7 +24,7 @@ from google.protobuf.json_format import MessageToDict
 
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority.api.status import REASON_KEY
-from authority.client import AdminClient, WorkloadClient, der_chain_to_pem, make_csr, SvidFiles
+from authority.client import AdminClient, SvidFiles, WorkloadClient, der_chain_to_pem, make_csr
 from authority.config import Config, format_duration, parse_duration
 from authority.errors import AuthorityError
 
@@ -46,7 +46,8 @@ def _run(coro: Coroutine[Any, Any, _T]) -> _T:
     try:
         return asyncio.run(coro)
     except grpc.aio.AioRpcError as exc:
-        reason = dict(exc.trailing_metadata() or ()).get(REASON_KEY)
+        metadata: dict[str, object] = dict(exc.trailing_metadata() or ())  # type: ignore[arg-type]
+        reason = metadata.get(REASON_KEY)
         suffix = f" [{reason}]" if reason else ""
         raise CliError(f"{exc.code().name}: {exc.details()}{suffix}") from None
 
@@ -68,10 +69,12 @@ def command(fn: Callable[..., _T]) -> Callable[..., _T]:
     return wrapper
 
 
-class Duration(click.ParamType):
+class Duration(click.ParamType):  # type: ignore[type-arg]
     name = "duration"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> dt.timedelta:
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> dt.timedelta:
         try:
             return parse_duration(value)
         except AuthorityError as exc:
@@ -95,7 +98,9 @@ format_option = click.option(
 
 def _admin_call(socket_path: str, call: Callable[[AdminClient], Awaitable[_T]]) -> _T:
     if not Path(socket_path).exists():
-        raise CliError(f"no admin socket at {socket_path} (is the authority running? see --admin-socket)")
+        raise CliError(
+            f"no admin socket at {socket_path} (is the authority running? see --admin-socket)"
+        )
 
     async def go() -> _T:
         async with AdminClient(socket_path) as client:
@@ -105,7 +110,9 @@ def _admin_call(socket_path: str, call: Callable[[AdminClient], Awaitable[_T]]) 
 
 
 def _as_dict(message: Any) -> dict[str, Any]:
-    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
 
 
 def _entry_text(entry: pb.RegistrationEntry) -> str:
@@ -131,7 +138,9 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), help="TOML file.")
+@click.option(
+    "--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), help="TOML file."
+)
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--listen", help="HOST:PORT of the server-TLS workload endpoint.")
 @click.option("--listen-mtls", help="HOST:PORT of the mutual-TLS workload endpoint.")
@@ -191,7 +200,9 @@ def entry() -> None:
 
 @entry.command("create")
 @click.option("--spiffe-id", required=True)
-@click.option("--selector", "selectors", multiple=True, required=True, help="TYPE:VALUE, repeatable.")
+@click.option(
+    "--selector", "selectors", multiple=True, required=True, help="TYPE:VALUE, repeatable."
+)
 @click.option("--x509-ttl", type=DURATION)
 @click.option("--jwt-ttl", type=DURATION)
 @click.option("--dns-name", "dns_names", multiple=True)
@@ -299,7 +310,9 @@ def bundle() -> None:
 
 
 @bundle.command("show")
-@click.option("--format", "fmt", type=click.Choice(["pem", "jwks"]), default="pem", show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["pem", "jwks"]), default="pem", show_default=True
+)
 @click.option("--server", help="Fetch from a workload endpoint instead of the admin socket.")
 @click.option("--trust-bundle", type=click.Path(dir_okay=False, path_type=Path))
 @admin_socket_option
@@ -353,7 +366,9 @@ def ca_rotate(admin_socket: str, fmt: str) -> None:
 @command
 def ca_list(admin_socket: str, fmt: str) -> None:
     """List the signing keys and their states."""
-    response = _admin_call(admin_socket, lambda c: c.stub.ListAuthorities(pb.ListAuthoritiesRequest()))
+    response = _admin_call(
+        admin_socket, lambda c: c.stub.ListAuthorities(pb.ListAuthoritiesRequest())
+    )
     if fmt == "json":
         click.echo(json.dumps([_as_dict(a) for a in response.authorities]))
     else:
@@ -373,13 +388,15 @@ server_option = click.option("--server", required=True, help="HOST:PORT of the w
 
 @workload.command("attest")
 @server_option
-@click.option("--trust-bundle", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--trust-bundle", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path)
+)
 @click.option("--join-token", required=True, help="A join token (or '-' to read it from stdin).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @command
 def workload_attest(server: str, trust_bundle: Path, join_token: str, out: Path) -> None:
     """Attest and write svid.pem, svid.key (0600) and bundle.pem to --out."""
-    if join_token == "-":
+    if join_token == "-":  # noqa: S105 - the stdin marker, not a secret
         join_token = sys.stdin.readline().strip()
     bundle_pem = trust_bundle.read_bytes()
 
@@ -394,13 +411,19 @@ def workload_attest(server: str, trust_bundle: Path, join_token: str, out: Path)
 
 @workload.command("jwt")
 @server_option
-@click.option("--svid-dir", required=True, type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--svid-dir", required=True, type=click.Path(file_okay=False, exists=True, path_type=Path)
+)
 @click.option("--audience", "audiences", required=True, multiple=True)
 @click.option("--ttl", type=DURATION)
 @click.option("--trust-bundle", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @command
 def workload_jwt(
-    server: str, svid_dir: Path, audiences: tuple[str, ...], ttl: dt.timedelta | None, trust_bundle: Path | None
+    server: str,
+    svid_dir: Path,
+    audiences: tuple[str, ...],
+    ttl: dt.timedelta | None,
+    trust_bundle: Path | None,
 ) -> None:
     """Fetch a JWT-SVID for an audience; prints the token alone on stdout."""
 
@@ -413,7 +436,9 @@ def workload_jwt(
 
 @workload.command("renew")
 @server_option
-@click.option("--svid-dir", required=True, type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--svid-dir", required=True, type=click.Path(file_okay=False, exists=True, path_type=Path)
+)
 @command
 def workload_renew(server: str, svid_dir: Path) -> None:
     """Renew the X.509-SVID in --svid-dir with a fresh key, in place."""
@@ -437,5 +462,3 @@ def workload_renew(server: str, svid_dir: Path) -> None:
     svid, _ = _run(go())
     until = dt.datetime.fromtimestamp(svid.expires_at, dt.UTC).isoformat()
     click.echo(f"renewed {svid.spiffe_id} until {until}", err=True)
-
-

@@ -5,6 +5,7 @@ Workload keys are generated here and never leave the process: the authority gets
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -30,7 +31,11 @@ def new_key() -> ec.EllipticCurvePrivateKey:
 
 def make_csr(key: ec.EllipticCurvePrivateKey) -> bytes:
     """A CSR that proves possession of ``key`` and asks for nothing else."""
-    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(key, hashes.SHA256())
+    )
     return csr.public_bytes(serialization.Encoding.DER)
 
 
@@ -62,7 +67,9 @@ class SvidFiles:
     def write(self, chain_pem: bytes, key: ec.EllipticCurvePrivateKey, bundle_pem: bytes) -> None:
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         key_pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
         )
         write_private_file(self.key_path, key_pem)
         _write_public(self.cert_path, chain_pem)
@@ -70,7 +77,11 @@ class SvidFiles:
 
     def read(self) -> tuple[bytes, bytes, bytes]:
         """(chain PEM, key PEM, bundle PEM)."""
-        return self.cert_path.read_bytes(), self.key_path.read_bytes(), self.bundle_path.read_bytes()
+        return (
+            self.cert_path.read_bytes(),
+            self.key_path.read_bytes(),
+            self.bundle_path.read_bytes(),
+        )
 
 
 def _write_public(path: Path, data: bytes) -> None:
@@ -89,10 +100,10 @@ class AdminClient:
 
     def __init__(self, socket_path: str | Path) -> None:
         self._channel = grpc.aio.insecure_channel(f"unix:{socket_path}")
-        self.stub = pb_grpc.AdminStub(self._channel)
+        self.stub: pb_grpc.AdminAsyncStub = pb_grpc.AdminStub(self._channel)
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)
 
     async def __aenter__(self) -> Self:
         return self
@@ -124,9 +135,9 @@ class WorkloadClient:
         self._tls = grpc.aio.secure_channel(
             server, grpc.ssl_channel_credentials(root_certificates=trust_bundle_pem), self._options
         )
-        self.tls_stub = pb_grpc.WorkloadStub(self._tls)
+        self.tls_stub: pb_grpc.WorkloadAsyncStub = pb_grpc.WorkloadStub(self._tls)
         self._mtls: grpc.aio.Channel | None = None
-        self._mtls_stub: pb_grpc.WorkloadStub | None = None
+        self._mtls_stub: pb_grpc.WorkloadAsyncStub | None = None
         self._chain = svid_chain_pem
         self._key = svid_key_pem
 
@@ -138,9 +149,9 @@ class WorkloadClient:
         return cls(server, bundle, svid_chain_pem=chain, svid_key_pem=key)
 
     async def close(self) -> None:
-        await self._tls.close()
+        await self._tls.close(None)
         if self._mtls is not None:
-            await self._mtls.close()
+            await self._mtls.close(None)
 
     async def __aenter__(self) -> Self:
         return self
@@ -150,7 +161,7 @@ class WorkloadClient:
     ) -> None:
         await self.close()
 
-    async def mtls_stub(self) -> pb_grpc.WorkloadStub:
+    async def mtls_stub(self) -> pb_grpc.WorkloadAsyncStub:
         if self._mtls_stub is None:
             if self._chain is None or self._key is None:
                 raise ValueError("this client has no SVID: attest first or load an SVID folder")
@@ -174,7 +185,8 @@ class WorkloadClient:
         spiffe_id_hint: str = "",
     ) -> pb.AttestResult:
         """Run the Attest stream; ``respond`` answers the attestor's challenges, if it sends any."""
-        outbox: list[pb.AttestRequest] = [
+        outbox: asyncio.Queue[pb.AttestRequest | None] = asyncio.Queue()
+        outbox.put_nowait(
             pb.AttestRequest(
                 params=pb.AttestParams(
                     attestor=attestor,
@@ -183,17 +195,24 @@ class WorkloadClient:
                     spiffe_id_hint=spiffe_id_hint,
                 )
             )
-        ]
-        call = self.tls_stub.Attest()
-        await call.write(outbox[0])
-        async for response in _responses(call):
-            if response.WhichOneof("step") == "result":
-                await call.done_writing()
-                return response.result
-            if respond is None:
-                raise ValueError("the attestor sent a challenge and no responder was given")
-            answer = await respond(response.challenge)
-            await call.write(pb.AttestRequest(challenge_response=answer))
+        )
+
+        async def requests() -> AsyncIterator[pb.AttestRequest]:
+            while (item := await outbox.get()) is not None:
+                yield item
+
+        call = self.tls_stub.Attest(requests())
+        try:
+            async for response in call:
+                if response.WhichOneof("step") == "result":
+                    return response.result
+                if respond is None:
+                    raise ValueError("the attestor sent a challenge and no responder was given")
+                answer = await respond(response.challenge)
+                outbox.put_nowait(pb.AttestRequest(challenge_response=answer))
+        finally:
+            outbox.put_nowait(None)
+            call.cancel()
         raise ConnectionError("the Attest stream ended without a result")
 
     async def attest_to_folder(
@@ -218,13 +237,3 @@ class WorkloadClient:
         stub = await self.mtls_stub()
         response = await stub.RenewX509SVID(pb.RenewX509SVIDRequest(csr=make_csr(key)))
         return response.svid
-
-
-async def _responses(
-    call: grpc.aio.StreamStreamCall[pb.AttestRequest, pb.AttestResponse],
-) -> AsyncIterator[pb.AttestResponse]:
-    while True:
-        message = await call.read()
-        if message is grpc.aio.EOF:
-            return
-        yield message  # type: ignore[misc]

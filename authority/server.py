@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -85,14 +86,18 @@ class _TlsIdentity:
             ip_addresses=self._addresses(),
         )
         key_pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
         )
         chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in svid.chain)
         roots = self._ca.bundle().pem()
         with self._lock:
             self._svid = svid
             self._generation += 1
-            self._configs = (grpc.ssl_server_certificate_configuration([(key_pem, chain_pem)], roots),)
+            self._configs = (
+                grpc.ssl_server_certificate_configuration([(key_pem, chain_pem)], roots),
+            )
         log.info("server SVID issued: serial=%s expires=%s", svid.serial_hex, svid.expires_at)
 
     def due(self, now: dt.datetime) -> bool:
@@ -100,14 +105,16 @@ class _TlsIdentity:
         if svid is None:
             return True
         cert = svid.certificate
-        half = cert.not_valid_before_utc + (cert.not_valid_after_utc - cert.not_valid_before_utc) / 2
+        half = (
+            cert.not_valid_before_utc + (cert.not_valid_after_utc - cert.not_valid_before_utc) / 2
+        )
         return now >= half
 
     def current(self) -> grpc.ServerCertificateConfiguration:
         with self._lock:
             return self._configs[0]
 
-    def fetcher(self, listener: str) -> object:
+    def fetcher(self, listener: str) -> Callable[[], grpc.ServerCertificateConfiguration | None]:
         def fetch() -> grpc.ServerCertificateConfiguration | None:
             with self._lock:
                 if self._seen.get(listener) == self._generation:
@@ -122,7 +129,9 @@ class _TlsIdentity:
             self._seen[listener] = self._generation
             initial = self._configs[0]
         return grpc.dynamic_ssl_server_credentials(
-            initial, self.fetcher(listener), require_client_authentication=require_client_auth
+            initial,
+            self.fetcher(listener),  # type: ignore[arg-type]  # None means "no change"
+            require_client_authentication=require_client_auth,
         )
 
 
@@ -245,7 +254,7 @@ class AuthorityServer:
 
     @staticmethod
     async def _add_health_and_reflection(server: grpc.aio.Server, service: str) -> None:
-        servicer = health.aio.HealthServicer()
+        servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
         for name in ("", service):
             await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -246,7 +246,16 @@ class Authority:
         now = self._clock.now()
         templates = [
             Identity(
-                "", e.spiffe_id, e.id, "", selectors, now, e.x509_ttl, e.jwt_ttl, e.dns_names, e.admin
+                "",
+                e.spiffe_id,
+                e.id,
+                "",
+                selectors,
+                now,
+                e.x509_ttl,
+                e.jwt_ttl,
+                e.dns_names,
+                e.admin,
             )
             for e in matches
         ]
@@ -285,7 +294,9 @@ class Authority:
         cert, issued, identity = cached
         now = self._clock.now()
         if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
-            raise Unauthenticated("the client SVID is expired or not yet valid", reason="SVID_EXPIRED")
+            raise Unauthenticated(
+                "the client SVID is expired or not yet valid", reason="SVID_EXPIRED"
+            )
         if identity.entry_id is not None and identity.entry_id not in self._entries:
             raise PermissionDenied(
                 "the registration entry behind this SVID was deleted", reason="ENTRY_DELETED"
@@ -323,11 +334,15 @@ class Authority:
         self, caller: Caller, audience: Sequence[str], ttl: dt.timedelta | None
     ) -> JwtSvid:
         if not audience or not all(audience):
-            raise InvalidArgument("a JWT-SVID needs at least one non-empty audience", reason="NO_AUDIENCE")
+            raise InvalidArgument(
+                "a JWT-SVID needs at least one non-empty audience", reason="NO_AUDIENCE"
+            )
         if len(audience) > self._limits.max_audiences:
             raise InvalidArgument(f"at most {self._limits.max_audiences} audiences")
         if any(len(a) > self._limits.max_audience_chars for a in audience):
-            raise InvalidArgument(f"audiences are at most {self._limits.max_audience_chars} characters")
+            raise InvalidArgument(
+                f"audiences are at most {self._limits.max_audience_chars} characters"
+            )
         cap = caller.identity.jwt_ttl
         wanted = cap if ttl is None or ttl <= dt.timedelta(0) else min(ttl, cap)
         if wanted < self._limits.min_ttl:
@@ -337,4 +352,3 @@ class Authority:
 
 def _issued(svid: X509Svid, identity: Identity) -> IssuedX509:
     return IssuedX509(svid.serial_hex, identity.id, identity.spiffe_id, svid.expires_at)
-

@@ -58,7 +58,9 @@ def generate(out: Path) -> None:
             text = path.read_text()
             text = re.sub(
                 r"^from (\w+(?:\.\w+)*) import (\w+_pb2(?:_grpc)?) as (\w+)$",
-                lambda m: f"from . import {m.group(1).replace('.', '_')}_{m.group(2)} as {m.group(3)}",
+                lambda m: (
+                    f"from . import {m.group(1).replace('.', '_')}_{m.group(2)} as {m.group(3)}"
+                ),
                 text,
                 flags=re.MULTILINE,
             )

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Running, ServeProcess, running_authority, serve_process, short_socket_dir, test_config
+from tests.helpers import (
+    Running,
+    ServeProcess,
+    running_authority,
+    serve_process,
+    short_socket_dir,
+    test_config,
+)
 
 
 @pytest.fixture

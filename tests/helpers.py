@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
@@ -96,7 +95,9 @@ def test_config(data_dir: Path, socket_dir: Path, **limits: object) -> Config:
 async def running_authority(config: Config) -> AsyncIterator[Running]:
     server = AuthorityServer(config)
     await server.start()
-    running = Running(server, config.data_dir, config.admin_socket_path, server.port, server.mtls_port)
+    running = Running(
+        server, config.data_dir, config.admin_socket_path, server.port, server.mtls_port
+    )
     try:
         yield running
     finally:
@@ -133,7 +134,9 @@ class ServeProcess:
     def env(self) -> dict[str, str]:
         return {**os.environ, "AUTHORITY_ADMIN_SOCKET": str(self.admin_socket)}
 
-    def cli(self, *args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, check: bool = True, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [*authority_command(), *args],
             env=self.env(),
@@ -217,13 +220,3 @@ def serve_process(data_dir: Path, *extra: str) -> Iterator[ServeProcess]:
     finally:
         served.stop()
         shutil.rmtree(socket_dir, ignore_errors=True)
-
-
-async def wait_for(predicate: object, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(predicate) and predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not met in time")
-

@@ -31,7 +31,9 @@ class AdminService(pb_grpc.AdminServicer):
         self._authority = authority
 
     @rpc
-    async def CreateEntry(self, request: pb.CreateEntryRequest, context: Context) -> pb.RegistrationEntry:
+    async def CreateEntry(
+        self, request: pb.CreateEntryRequest, context: Context
+    ) -> pb.RegistrationEntry:
         entry = await self._authority.create_entry(
             spiffe_id=request.spiffe_id,
             selectors=selectors_from_pb(list(request.selectors)),
@@ -43,15 +45,21 @@ class AdminService(pb_grpc.AdminServicer):
         return entry_to_pb(entry)
 
     @rpc
-    async def ListEntries(self, request: pb.ListEntriesRequest, context: Context) -> pb.ListEntriesResponse:
-        return pb.ListEntriesResponse(entries=[entry_to_pb(e) for e in self._authority.list_entries()])
+    async def ListEntries(
+        self, request: pb.ListEntriesRequest, context: Context
+    ) -> pb.ListEntriesResponse:
+        return pb.ListEntriesResponse(
+            entries=[entry_to_pb(e) for e in self._authority.list_entries()]
+        )
 
     @rpc
     async def GetEntry(self, request: pb.GetEntryRequest, context: Context) -> pb.RegistrationEntry:
         return entry_to_pb(self._authority.get_entry(request.id))
 
     @rpc
-    async def DeleteEntry(self, request: pb.DeleteEntryRequest, context: Context) -> pb.DeleteEntryResponse:
+    async def DeleteEntry(
+        self, request: pb.DeleteEntryRequest, context: Context
+    ) -> pb.DeleteEntryResponse:
         await self._authority.delete_entry(request.id)
         return pb.DeleteEntryResponse()
 
@@ -85,11 +93,13 @@ class AdminService(pb_grpc.AdminServicer):
         )
 
 
-class RefuseAdminHandler(grpc.GenericRpcHandler):
-    """On the workload endpoints, operator calls get a clear PERMISSION_DENIED, not UNIMPLEMENTED."""
+class RefuseAdminHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    """On the workload endpoints, operator calls get PERMISSION_DENIED, not UNIMPLEMENTED."""
 
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[bytes, bytes] | None:
+        method: str = handler_call_details.method
         if not method.startswith(f"/{ADMIN_SERVICE}/"):
             return None
 

@@ -40,7 +40,9 @@ def code_for(exc: errors.AuthorityError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: errors.AuthorityError) -> NoReturn:
+async def abort(
+    context: grpc.aio.ServicerContext[Any, Any], exc: errors.AuthorityError
+) -> NoReturn:
     code = code_for(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.error("internal error: reason=%s %s", exc.reason, exc.message)
@@ -58,7 +60,9 @@ def rpc(fn: _F) -> _F:
     """Wrap a servicer method: domain errors -> their status, anything else -> INTERNAL."""
 
     @functools.wraps(fn)
-    async def wrapper(self: object, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def wrapper(
+        self: object, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
         try:
             return await fn(self, request, context)
         except errors.AuthorityError as exc:

@@ -23,7 +23,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 def peer_certificate_pem(context: Context) -> bytes | None:
     """The client's leaf certificate as gRPC verified it (mutual-TLS endpoint only)."""
-    certs = context.auth_context().get("x509_pem_cert")
+    certs = list(context.auth_context().get("x509_pem_cert", ()))
     return certs[0] if certs else None
 
 
@@ -66,7 +66,9 @@ class WorkloadService(pb_grpc.WorkloadServicer):
         return await self._authority.authenticate(pem)
 
     @rpc
-    async def Attest(self, request_iterator: AsyncIterator[pb.AttestRequest], context: Context) -> None:
+    async def Attest(  # type: ignore[override]  # writes through the context
+        self, request_iterator: AsyncIterator[pb.AttestRequest], context: Context
+    ) -> None:
         requests = aiter(request_iterator)
         try:
             first = await anext(requests)
@@ -88,7 +90,8 @@ class WorkloadService(pb_grpc.WorkloadServicer):
             pb.AttestResponse(
                 result=pb.AttestResult(
                     svids=[
-                        svid_to_pb(s, e) for s, e in zip(result.svids, result.entry_ids, strict=True)
+                        svid_to_pb(s, e)
+                        for s, e in zip(result.svids, result.entry_ids, strict=True)
                     ],
                     bundle=bundle_to_pb(self._authority.ca.bundle()),
                     selectors=sorted(str(s) for s in result.selectors),
@@ -109,9 +112,13 @@ class WorkloadService(pb_grpc.WorkloadServicer):
         self, request: pb.FetchJWTSVIDRequest, context: Context
     ) -> pb.FetchJWTSVIDResponse:
         caller = await self._caller(context)
-        svid = self._authority.fetch_jwt(caller, list(request.audience), seconds(request.ttl_seconds))
+        svid = self._authority.fetch_jwt(
+            caller, list(request.audience), seconds(request.ttl_seconds)
+        )
         return pb.FetchJWTSVIDResponse(
-            spiffe_id=svid.spiffe_id.uri, token=svid.token, expires_at=int(svid.expires_at.timestamp())
+            spiffe_id=svid.spiffe_id.uri,
+            token=svid.token,
+            expires_at=int(svid.expires_at.timestamp()),
         )
 
     @rpc
@@ -119,7 +126,9 @@ class WorkloadService(pb_grpc.WorkloadServicer):
         return bundle_to_pb(self._authority.ca.bundle())
 
     @rpc
-    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: Context) -> pb.ServerInfo:
+    async def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: Context
+    ) -> pb.ServerInfo:
         return self._info
 
     async def Ping(self, request: pb.PingRequest, context: Context) -> pb.PingResponse:

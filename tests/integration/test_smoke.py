@@ -18,11 +18,25 @@ async def test_attest_then_jwt_in_process(authority: Running, tmp_path: Path) ->
 def test_cli_attest_then_jwt(served: ServeProcess, tmp_path: Path) -> None:
     bundle = tmp_path / "bundle.pem"
     bundle.write_text(served.cli("bundle", "show").stdout)
-    token = served.cli("token", "create", "--spiffe-id", "spiffe://example.org/agent/cli").stdout.strip()
+    token = served.cli(
+        "token", "create", "--spiffe-id", "spiffe://example.org/agent/cli"
+    ).stdout.strip()
     out = tmp_path / "svid"
-    served.cli("workload", "attest", "--server", served.address, "--trust-bundle", str(bundle),
-               "--join-token", token, "--out", str(out))
+    served.cli(
+        "workload",
+        "attest",
+        "--server",
+        served.address,
+        "--trust-bundle",
+        str(bundle),
+        "--join-token",
+        token,
+        "--out",
+        str(out),
+    )
     assert (out / "svid.key").stat().st_mode & 0o777 == 0o600
-    jwt = served.cli("workload", "jwt", "--server", served.address, "--svid-dir", str(out),
-                     "--audience", "svc").stdout
-    assert jwt.strip().count(".") == 2 and "\n" not in jwt.strip()
+    jwt = served.cli(
+        "workload", "jwt", "--server", served.address, "--svid-dir", str(out), "--audience", "svc"
+    ).stdout
+    assert jwt.strip().count(".") == 2
+    assert "\n" not in jwt.strip()
