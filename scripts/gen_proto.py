@@ -41,6 +41,7 @@ def generate(out: Path) -> None:
             f"--grpc_python_out={staging}",
             f"--mypy_out={staging}",
             f"--mypy_grpc_out={staging}",
+            f"--grpclib_python_out={staging}",
             *(str(p.relative_to(PROTO_ROOT)) for p in protos),
         ]
         if protoc.main(args) != 0:
@@ -64,12 +65,11 @@ def generate(out: Path) -> None:
                 text,
                 flags=re.MULTILINE,
             )
-            text = re.sub(
-                r"^import (\w+(?:\.\w+)+)\.(\w+_pb2)$",
-                lambda m: f"from . import {m.group(1).replace('.', '_')}_{m.group(2)}",
-                text,
-                flags=re.MULTILINE,
-            )
+            # grpclib's code imports ``a.b.c_pb2`` and names it in full: flatten both.
+            for module in re.findall(r"^import ((?:\w+\.)+\w+_pb2)$", text, flags=re.MULTILINE):
+                local = module.replace(".", "_")
+                text = text.replace(f"import {module}\n", f"from . import {local}\n")
+                text = text.replace(f"{module}.", f"{local}.")
             (out / flat).write_text(HEADER + text)
         (out / "__init__.py").write_text(HEADER + '"""Generated protobuf and gRPC code."""\n')
     finally:
