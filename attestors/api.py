@@ -20,6 +20,8 @@ from typing import Any, ClassVar, Protocol, Self
 ENTRY_POINT_GROUP = "authority.attestors"
 _REASON = re.compile(r"^[A-Z][A-Z0-9_]{2,63}$")
 _KEY = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+# The longest selector value a plugin may return: a whole SPIFFE ID (2048 bytes) fits.
+MAX_SELECTOR_VALUE_CHARS = 2048
 
 
 class AttestorError(Exception):
@@ -70,8 +72,10 @@ class Attested:
         for key, value in self.selectors:
             if not _KEY.fullmatch(key):
                 raise ValueError(f"selector key {key!r} is not a lower-case identifier")
-            if not value or len(value) > 900:
-                raise ValueError("selector values must be 1..900 characters")
+            if not value or len(value) > MAX_SELECTOR_VALUE_CHARS:
+                raise ValueError(
+                    f"selector values must be 1..{MAX_SELECTOR_VALUE_CHARS} characters"
+                )
 
 
 class Attestor(Protocol):

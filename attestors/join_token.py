@@ -10,7 +10,7 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any, ClassVar, Self
 
-from attestors.api import Attested, AttestationRefused, Challenger, HostServices, require_keys
+from attestors.api import AttestationRefused, Attested, Challenger, HostServices, require_keys
 
 MAX_TOKEN_CHARS = 256
 
@@ -32,7 +32,9 @@ class JoinTokenAttestor:
         try:
             token = evidence.decode("ascii")
         except UnicodeDecodeError:
-            raise AttestationRefused("JOIN_TOKEN_MALFORMED", "the join token is not ASCII") from None
+            raise AttestationRefused(
+                "JOIN_TOKEN_MALFORMED", "the join token is not ASCII"
+            ) from None
         digest = hashlib.sha256(token.encode()).hexdigest()
         spiffe_id = await self._host.consume_join_token(digest)
         return Attested(

@@ -12,8 +12,9 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from jwt.algorithms import ECAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from jwt.exceptions import InvalidKeyError
 
 from authority.errors import InvalidArgument
 from authority.ids import TrustDomain
@@ -57,9 +58,12 @@ class TrustBundle:
         keys: list[dict[str, Any]] = []
         for cert in self.x509_authorities:
             pub = cert.public_key()
-            if not isinstance(pub, ec.EllipticCurvePublicKey):
-                continue  # an upstream RSA root is still in the PEM bundle
-            jwk = public_jwk(pub)
+            if isinstance(pub, ec.EllipticCurvePublicKey):
+                jwk = public_jwk(pub)
+            elif isinstance(pub, rsa.RSAPublicKey):  # an upstream RSA root
+                jwk = RSAAlgorithm.to_jwk(pub, as_dict=True)
+            else:
+                continue  # no JWK form here; the root is still in the PEM bundle
             jwk["use"] = "x509-svid"
             jwk["x5c"] = [base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()]
             keys.append(jwk)
@@ -87,11 +91,14 @@ def parse_jwks(data: bytes) -> dict[str, ec.EllipticCurvePublicKey]:
             if jwk.get("use") != "jwt-svid":
                 continue
             key = ECAlgorithm.from_jwk(jwk)
+            kid = jwk["kid"]
             if not isinstance(key, ec.EllipticCurvePublicKey):
                 raise InvalidArgument("JWT authority is not a public EC key")
-            out[jwk["kid"]] = key
+            if not isinstance(kid, str) or not kid or kid in out:
+                raise InvalidArgument("each JWT authority needs a kid of its own")
+            out[kid] = key
         return out
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, InvalidKeyError) as exc:
         raise InvalidArgument(f"not a SPIFFE JWK Set: {exc}") from None
 
 

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 PREPARE_AT = 1 / 2
 ACTIVATE_AT = 5 / 6
-_CURVES: dict[str, tuple[type[ec.EllipticCurve], str, hashes.HashAlgorithm]] = {
+_CURVES: dict[str, tuple[type[ec.EllipticCurve], str, hashes.SHA256 | hashes.SHA384]] = {
     "ec-p256": (ec.SECP256R1, "ES256", hashes.SHA256()),
     "ec-p384": (ec.SECP384R1, "ES384", hashes.SHA384()),
 }
@@ -75,7 +75,9 @@ class Upstream:
         roots = tuple(load_pem_certificates(bundle_path.read_bytes())) if bundle_path else ()
         if not roots:
             if cert.issuer != cert.subject:
-                raise InvalidArgument("ca.upstream_bundle is required when the upstream is not a root")
+                raise InvalidArgument(
+                    "ca.upstream_bundle is required when the upstream is not a root"
+                )
             roots = (cert,)
         return cls(cert, key, tuple(chain), roots)
 
@@ -183,24 +185,35 @@ class CertificateAuthority:
         for kind in KeyKind:
             active = self._find(kind, KeyState.ACTIVE)
             prepared = self._find(kind, KeyState.PREPARED)
-            for key in self._keys.values():
-                if key.info.kind is kind and key.info.state is KeyState.OLD:
-                    if key.info.not_after <= now:
-                        drop.append(key)
-            active_usable = active is not None and active.info.not_after > now + self._limits.min_ttl
+            drop += [
+                key
+                for key in self._keys.values()
+                if key.info.kind is kind
+                and key.info.state is KeyState.OLD
+                and key.info.not_after <= now
+            ]
+            active_usable = (
+                active is not None and active.info.not_after > now + self._limits.min_ttl
+            )
             life = active.info.not_after - active.info.not_before if active else dt.timedelta(0)
-            due_prepare = active is None or not active_usable or (
-                now >= active.info.not_before + life * PREPARE_AT
+            due_prepare = (
+                active is None
+                or not active_usable
+                or now >= active.info.not_before + life * PREPARE_AT
             )
             if prepared is None and (force or due_prepare):
                 prepared = self._create_key(kind, now)
                 new.append(prepared)
-            due_activate = active is None or not active_usable or (
-                now >= active.info.not_before + life * ACTIVATE_AT
+            due_activate = (
+                active is None
+                or not active_usable
+                or now >= active.info.not_before + life * ACTIVATE_AT
             )
             if prepared is not None and (force or due_activate):
                 if active is not None:
                     updates.append(replace(active.info, state=KeyState.OLD))
+                    if active.info.not_after <= now:
+                        drop.append(active)  # expired: never published again, not even as old
                 activated = replace(prepared.info, state=KeyState.ACTIVE)
                 if prepared in new:
                     new[new.index(prepared)] = replace(prepared, info=activated)
@@ -210,18 +223,19 @@ class CertificateAuthority:
             return False
         for key in new:
             self._vault.save(key.vault_name, key.private)
-        self._sequence = await self._store.put_authority_keys(
-            [k.info for k in new] + updates, bump_sequence=True
-        )
-        for key in drop:
-            self._sequence = await self._store.delete_authority_key(key.info.kind, key.info.key_id)
-            self._vault.delete(key.vault_name)
-            del self._keys[(key.info.kind, key.info.key_id)]
+        if new or updates:
+            self._sequence = await self._store.put_authority_keys(
+                [k.info for k in new] + updates, bump_sequence=True
+            )
         for key in new:
             self._keys[(key.info.kind, key.info.key_id)] = key
         for info in updates:
             old = self._keys[(info.kind, info.key_id)]
             self._keys[(info.kind, info.key_id)] = replace(old, info=info)
+        for key in drop:
+            self._sequence = await self._store.delete_authority_key(key.info.kind, key.info.key_id)
+            self._vault.delete(key.vault_name)
+            del self._keys[(key.info.kind, key.info.key_id)]
         self._changed()
         return True
 
@@ -385,6 +399,13 @@ class CertificateAuthority:
 
     # --- issuance ---------------------------------------------------------------------------
 
+    def _check_ttl(self, ttl: dt.timedelta) -> None:
+        if ttl < self._limits.min_ttl:
+            raise InvalidArgument(
+                f"an SVID lives at least {self._limits.min_ttl}; {ttl} was asked for",
+                reason="TTL_TOO_SHORT",
+            )
+
     def issue_x509_svid(
         self,
         spiffe_id: SpiffeId,
@@ -395,12 +416,14 @@ class CertificateAuthority:
     ) -> X509Svid:
         if not spiffe_id.member_of(self.trust_domain):
             raise InvalidArgument(f"{spiffe_id} is not in trust domain {self.trust_domain}")
+        self._check_ttl(ttl)
         key = self._active(KeyKind.X509)
-        assert key.certificate is not None and key.aki is not None
+        assert key.certificate is not None
+        assert key.aki is not None
         now = self._clock.now()
-        not_after = min(now + min(ttl, self._limits.max_x509_ttl), key.info.not_after)
-        if not_after - now < self._limits.min_ttl:
+        if key.info.not_after - now < self._limits.min_ttl:
             raise FailedPrecondition("the active X.509 authority expires too soon; rotate the CA")
+        not_after = min(now + min(ttl, self._limits.max_x509_ttl), key.info.not_after)
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe_id.uri)]
         names += [x509.DNSName(n) for n in dns_names]
         names += [x509.IPAddress(ip) for ip in ip_addresses]
@@ -433,11 +456,12 @@ class CertificateAuthority:
             raise InvalidArgument(f"{spiffe_id} is not in trust domain {self.trust_domain}")
         if not audience:
             raise InvalidArgument("a JWT-SVID needs at least one audience")
+        self._check_ttl(ttl)
         key = self._active(KeyKind.JWT)
         now = self._clock.now()
-        expires = min(now + min(ttl, self._limits.max_jwt_ttl), key.info.not_after)
-        if expires - now < self._limits.min_ttl:
+        if key.info.not_after - now < self._limits.min_ttl:
             raise FailedPrecondition("the active JWT authority expires too soon; rotate the CA")
+        expires = min(now + min(ttl, self._limits.max_jwt_ttl), key.info.not_after)
         expires = expires.replace(microsecond=0)
         jti = secrets.token_urlsafe(16)
         claims = {
@@ -477,4 +501,6 @@ _LEAF_KEY_USAGE = x509.KeyUsage(
     encipher_only=False,
     decipher_only=False,
 )
-_LEAF_EKU = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+_LEAF_EKU = x509.ExtendedKeyUsage(
+    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+)

@@ -20,24 +20,30 @@ from authority.ids import TrustDomain
 
 _T = TypeVar("_T")
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)?$")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, None: 1000}
 
 
 def parse_duration(value: str | int | float | dt.timedelta) -> dt.timedelta:
     """``90``, ``"90s"``, ``"5m"``, ``"12h"``, ``"7d"`` -> timedelta (bare numbers are seconds)."""
     if isinstance(value, dt.timedelta):
         return value
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise InvalidArgument(f"not a duration: {value!r}")
-    if isinstance(value, int | float):
-        return dt.timedelta(seconds=value)
-    match = _DURATION.fullmatch(value.strip())
-    if not match:
-        raise InvalidArgument(f"not a duration: {value!r} (use e.g. 30s, 5m, 12h, 7d)")
-    return dt.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+    try:
+        if not isinstance(value, str):
+            return dt.timedelta(seconds=value)
+        match = _DURATION.fullmatch(value.strip())
+        if not match:
+            raise InvalidArgument(f"not a duration: {value!r} (use e.g. 30s, 5m, 12h, 7d)")
+        return dt.timedelta(milliseconds=int(match.group(1)) * _UNIT_MS[match.group(2)])
+    except (OverflowError, ValueError):  # too large, or a non-finite float
+        raise InvalidArgument(f"not a duration: {value!r} (out of range)") from None
 
 
 def format_duration(value: dt.timedelta) -> str:
+    """The inverse of ``parse_duration``: the largest exact unit (ms below whole seconds)."""
+    if value % dt.timedelta(seconds=1):
+        return f"{round(value / dt.timedelta(milliseconds=1))}ms"
     seconds = int(value.total_seconds())
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds and seconds % size == 0:
@@ -94,6 +100,8 @@ class CaConfig:
             raise InvalidArgument("ca.key_type must be ec-p256 or ec-p384")
         if self.ca_ttl < dt.timedelta(hours=1):
             raise InvalidArgument("ca.ca_ttl must be at least 1h")
+        if self.refresh_hint <= dt.timedelta(0):
+            raise InvalidArgument("ca.refresh_hint must be positive")
         if (self.upstream_cert is None) != (self.upstream_key is None):
             raise InvalidArgument("ca.upstream_cert and ca.upstream_key go together")
 
@@ -146,13 +154,24 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+_OPTIONAL_PATHS = frozenset({"admin_socket", "upstream_cert", "upstream_key", "upstream_bundle"})
+
+
 def _convert(name: str, current: object, value: object) -> object:
     if isinstance(current, dt.timedelta):
-        return parse_duration(value)  # type: ignore[arg-type]
+        if not isinstance(value, str | int | float):
+            raise InvalidArgument(f"{name} must be a duration such as 30s, 5m, 12h")
+        return parse_duration(value)
     if isinstance(current, TrustDomain):
         return TrustDomain.parse(str(value))
-    if isinstance(current, Path) or name.startswith("upstream_") or name in {"admin_socket"}:
-        return None if value in (None, "") else Path(str(value))
+    if isinstance(current, Path) or name in _OPTIONAL_PATHS:
+        if not isinstance(value, str):
+            raise InvalidArgument(f"{name} must be a path (a string)")
+        if not value:
+            if name in _OPTIONAL_PATHS:
+                return None
+            raise InvalidArgument(f"{name} must not be empty")
+        return Path(value)
     if isinstance(current, tuple):
         if not isinstance(value, list | tuple):
             raise InvalidArgument(f"{name} must be a list")
@@ -163,7 +182,10 @@ def _convert(name: str, current: object, value: object) -> object:
         return value
     if isinstance(current, int):
         if isinstance(value, str) and name.endswith("_mode"):
-            return int(value, 8)
+            try:
+                return int(value, 8)
+            except ValueError:
+                raise InvalidArgument(f"{name} must be an octal mode such as 0600") from None
         if not isinstance(value, int) or isinstance(value, bool):
             raise InvalidArgument(f"{name} must be an integer")
         return value

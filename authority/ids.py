@@ -21,6 +21,8 @@ _PATH_CHARS = frozenset(string.ascii_letters + string.digits + ".-_")
 
 
 def _check_trust_domain(name: str) -> None:
+    if not isinstance(name, str):
+        raise InvalidSpiffeId("trust domain must be a string")
     if not name:
         raise InvalidSpiffeId("trust domain is empty")
     if len(name.encode()) > MAX_TRUST_DOMAIN_BYTES:
@@ -38,6 +40,8 @@ def _check_trust_domain(name: str) -> None:
 
 
 def _check_path(path: str) -> None:
+    if not isinstance(path, str):
+        raise InvalidSpiffeId("path must be a string")
     if not path:
         return
     if not path.startswith("/"):
@@ -88,6 +92,8 @@ class SpiffeId:
     path: str
 
     def __post_init__(self) -> None:
+        if not isinstance(self.trust_domain, TrustDomain):
+            raise InvalidSpiffeId("trust_domain must be a TrustDomain")
         _check_path(self.path)
         if len(self.uri.encode()) > MAX_ID_BYTES:
             raise InvalidSpiffeId(f"SPIFFE ID is longer than {MAX_ID_BYTES} bytes")
@@ -112,6 +118,10 @@ class SpiffeId:
 
     @classmethod
     def from_segments(cls, trust_domain: TrustDomain, *segments: str) -> SpiffeId:
+        """Each argument is one segment: a ``/`` inside one is refused, not split."""
+        for segment in segments:
+            if not isinstance(segment, str) or "/" in segment:
+                raise InvalidSpiffeId(f"path segment {segment!r} must be a string without '/'")
         return cls(trust_domain, "".join("/" + s for s in segments))
 
     @property

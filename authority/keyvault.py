@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Protocol
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -38,7 +39,9 @@ def write_private_file(path: Path, data: bytes) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.fchmod(fd, 0o600)
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:  # os.write may write less than asked
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -76,7 +79,10 @@ class FileKeyVault:
             data = path.read_bytes()
         except FileNotFoundError:
             raise NotFound(f"signing key {name} is missing from the vault") from None
-        key = serialization.load_pem_private_key(data, password=None)
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise Internal(f"signing key {name} in the vault does not parse") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise Internal(f"signing key {name} is not an EC key")
         return key
@@ -86,6 +92,8 @@ class FileKeyVault:
 
 
 class MemoryKeyVault:
+    """``KeyVault`` in a dictionary, with the file vault's name rules (for tests)."""
+
     def __init__(self) -> None:
         self._keys: dict[str, ec.EllipticCurvePrivateKey] = {}
 
@@ -94,10 +102,12 @@ class MemoryKeyVault:
         self._keys[name] = key
 
     def load(self, name: str) -> ec.EllipticCurvePrivateKey:
+        _check_name(name)
         try:
             return self._keys[name]
         except KeyError:
             raise NotFound(f"signing key {name} is missing from the vault") from None
 
     def delete(self, name: str) -> None:
+        _check_name(name)
         self._keys.pop(name, None)

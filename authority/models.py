@@ -13,12 +13,15 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from authority.errors import InvalidArgument
-from authority.ids import SpiffeId
+from authority.ids import MAX_ID_BYTES, SpiffeId
 
 # <type>:<value>; the type names an attestor instance, the value is "<key>:<value>" by convention.
 _SELECTOR_TYPE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 _DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-MAX_SELECTOR_VALUE = 1024
+# A selector value is "<key>:<value>" (see attestors.api): a key of up to 64 characters, and a
+# value long enough for a whole SPIFFE ID, as in ``join_token:spiffe_id:<ID>``.
+MAX_SELECTOR_VALUE = 64 + 1 + MAX_ID_BYTES
+_HEX = frozenset("0123456789abcdef")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -31,8 +34,10 @@ class Selector:
             raise InvalidArgument(f"selector type {self.type!r} is not a valid attestor name")
         if not self.value or len(self.value) > MAX_SELECTOR_VALUE:
             raise InvalidArgument(f"selector value must be 1..{MAX_SELECTOR_VALUE} characters")
-        if any(ch in self.value for ch in "*?\n\r\x00"):
-            raise InvalidArgument("selector values are exact: wildcards and control characters are refused")
+        if any(ch in "*?\x7f" or ch < " " for ch in self.value):
+            raise InvalidArgument(
+                "selector values are exact: wildcards and control characters are refused"
+            )
 
     @classmethod
     def parse(cls, text: str) -> Selector:
@@ -104,7 +109,7 @@ class JoinToken:
     used_at: dt.datetime | None = None
 
     def __post_init__(self) -> None:
-        if len(self.token_id) != 64:
+        if len(self.token_id) != 64 or not set(self.token_id) <= _HEX:
             raise InvalidArgument("token id must be a sha256 hex digest")
 
 

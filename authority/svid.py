@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -82,8 +83,15 @@ def parse_csr(der: bytes, max_bytes: int) -> WorkloadPublicKey:
         csr = x509.load_der_x509_csr(der)
     except ValueError:
         raise InvalidCsr("the CSR is not a DER-encoded PKCS#10 request") from None
-    if not csr.is_signature_valid:
-        raise InvalidCsr("the CSR's signature does not verify with its own key", reason="CSR_SIGNATURE")
+    try:
+        signature_valid = csr.is_signature_valid
+        public_key = csr.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        raise InvalidCsr("the CSR's key or signature algorithm is not supported") from None
+    if not signature_valid:
+        raise InvalidCsr(
+            "the CSR's signature does not verify with its own key", reason="CSR_SIGNATURE"
+        )
     try:
         extensions = csr.extensions
     except (ValueError, x509.DuplicateExtension) as exc:
@@ -101,7 +109,7 @@ def parse_csr(der: bytes, max_bytes: int) -> WorkloadPublicKey:
             raise InvalidCsr("the CSR asks for certificate-signing key usage", reason="CSR_ASKS_CA")
         if isinstance(value, x509.NameConstraints):
             raise InvalidCsr("the CSR asks for name constraints", reason="CSR_ASKS_CA")
-    return check_public_key(csr.public_key())
+    return check_public_key(public_key)
 
 
 # --- X.509-SVID profile (SPIFFE X509-SVID standard, leaf certificates) -----------------------
@@ -165,7 +173,7 @@ def _check_validity(cert: x509.Certificate, issuer: x509.Certificate, now: dt.da
 def _check_issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> None:
     try:
         cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, Exception) as exc:
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as exc:
         raise ProfileViolation(f"leaf does not verify against its issuer: {exc}") from None
 
 
