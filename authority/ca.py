@@ -134,18 +134,24 @@ class CertificateAuthority:
             for info in await self._store.list_authority_keys():
                 self._keys[(info.kind, info.key_id)] = self._load_key(info)
             self._sequence = await self._store.bundle_sequence()
-            await self._maintain_locked(force=False)
+            await self._maintain_locked(mode="schedule")
             self._bundle = self._build_bundle()
 
     async def maintain(self) -> bool:
         """Apply the rotation schedule now; True when the bundle changed."""
         async with self._lock:
-            return await self._maintain_locked(force=False)
+            return await self._maintain_locked(mode="schedule")
 
-    async def rotate(self) -> list[AuthorityKeyInfo]:
-        """Force a rotation of both kinds: the prepared key (made now if none) becomes active."""
+    async def rotate(self, *, immediate: bool = False) -> list[AuthorityKeyInfo]:
+        """Move each kind one step ahead of its schedule: prepare (and publish) a new key where
+        none is prepared, else activate the prepared one. Two calls rotate, with a window
+        between them for relying parties to fetch the new bundle.
+
+        ``immediate`` prepares and activates at once, for a key that must stop signing now;
+        holders of the previous bundle then cannot verify what is issued until they refresh.
+        """
         async with self._lock:
-            await self._maintain_locked(force=True)
+            await self._maintain_locked(mode="immediate" if immediate else "step")
             return self.authorities()
 
     async def retire(self, kind: KeyKind, key_id: str) -> None:
@@ -177,7 +183,7 @@ class CertificateAuthority:
         for callback in self._listeners:
             callback()
 
-    async def _maintain_locked(self, *, force: bool) -> bool:
+    async def _maintain_locked(self, *, mode: Literal["schedule", "step", "immediate"]) -> bool:
         now = self._clock.now()
         updates: list[AuthorityKeyInfo] = []
         new: list[_Key] = []
@@ -201,15 +207,18 @@ class CertificateAuthority:
                 or not active_usable
                 or now >= active.info.not_before + life * PREPARE_AT
             )
-            if prepared is None and (force or due_prepare):
+            just_prepared = False
+            if prepared is None and (mode != "schedule" or due_prepare):
                 prepared = self._create_key(kind, now)
                 new.append(prepared)
+                just_prepared = True
             due_activate = (
                 active is None
                 or not active_usable
                 or now >= active.info.not_before + life * ACTIVATE_AT
             )
-            if prepared is not None and (force or due_activate):
+            forced = mode == "immediate" or (mode == "step" and not just_prepared)
+            if prepared is not None and (forced or due_activate):
                 if active is not None:
                     updates.append(replace(active.info, state=KeyState.OLD))
                     if active.info.not_after <= now:

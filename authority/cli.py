@@ -348,12 +348,21 @@ def _authorities_text(authorities: list[pb.Authority]) -> str:
 
 
 @ca.command("rotate")
+@click.option(
+    "--immediate",
+    is_flag=True,
+    help="Prepare and activate at once (a compromised key); old bundles stop verifying.",
+)
 @admin_socket_option
 @format_option
 @command
-def ca_rotate(admin_socket: str, fmt: str) -> None:
-    """Force a rotation: the prepared keys (made now if none) become active."""
-    response = _admin_call(admin_socket, lambda c: c.stub.RotateCA(pb.RotateCARequest()))
+def ca_rotate(immediate: bool, admin_socket: str, fmt: str) -> None:
+    """Rotate one step: prepare and publish new keys, or activate the prepared ones.
+
+    Run it once, let relying parties fetch the bundle (its refresh hint), then run it again.
+    """
+    request = pb.RotateCARequest(immediate=immediate)
+    response = _admin_call(admin_socket, lambda c: c.stub.RotateCA(request))
     if fmt == "json":
         click.echo(json.dumps([_as_dict(a) for a in response.authorities]))
     else:

@@ -155,6 +155,26 @@ class AdminBase(abc.ABC):
     async def ListAuthorities(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.ListAuthoritiesRequest, authority_v1_authority_pb2.ListAuthoritiesResponse]') -> None:
         pass
 
+    @abc.abstractmethod
+    async def RegisterAttestor(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.RegisterAttestorRequest, authority_v1_authority_pb2.AttestorInstance]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def UpdateAttestor(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.UpdateAttestorRequest, authority_v1_authority_pb2.AttestorInstance]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def ListAttestors(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.ListAttestorsRequest, authority_v1_authority_pb2.ListAttestorsResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def GetAttestor(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.GetAttestorRequest, authority_v1_authority_pb2.AttestorInstance]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def UnregisterAttestor(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.UnregisterAttestorRequest, authority_v1_authority_pb2.UnregisterAttestorResponse]') -> None:
+        pass
+
     def __mapping__(self) -> typing.Dict[str, grpclib.const.Handler]:
         return {
             '/authority.v1.Admin/CreateEntry': grpclib.const.Handler(
@@ -204,6 +224,36 @@ class AdminBase(abc.ABC):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 authority_v1_authority_pb2.ListAuthoritiesRequest,
                 authority_v1_authority_pb2.ListAuthoritiesResponse,
+            ),
+            '/authority.v1.Admin/RegisterAttestor': grpclib.const.Handler(
+                self.RegisterAttestor,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                authority_v1_authority_pb2.RegisterAttestorRequest,
+                authority_v1_authority_pb2.AttestorInstance,
+            ),
+            '/authority.v1.Admin/UpdateAttestor': grpclib.const.Handler(
+                self.UpdateAttestor,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                authority_v1_authority_pb2.UpdateAttestorRequest,
+                authority_v1_authority_pb2.AttestorInstance,
+            ),
+            '/authority.v1.Admin/ListAttestors': grpclib.const.Handler(
+                self.ListAttestors,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                authority_v1_authority_pb2.ListAttestorsRequest,
+                authority_v1_authority_pb2.ListAttestorsResponse,
+            ),
+            '/authority.v1.Admin/GetAttestor': grpclib.const.Handler(
+                self.GetAttestor,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                authority_v1_authority_pb2.GetAttestorRequest,
+                authority_v1_authority_pb2.AttestorInstance,
+            ),
+            '/authority.v1.Admin/UnregisterAttestor': grpclib.const.Handler(
+                self.UnregisterAttestor,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                authority_v1_authority_pb2.UnregisterAttestorRequest,
+                authority_v1_authority_pb2.UnregisterAttestorResponse,
             ),
         }
 
@@ -258,4 +308,34 @@ class AdminStub:
             '/authority.v1.Admin/ListAuthorities',
             authority_v1_authority_pb2.ListAuthoritiesRequest,
             authority_v1_authority_pb2.ListAuthoritiesResponse,
+        )
+        self.RegisterAttestor = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/authority.v1.Admin/RegisterAttestor',
+            authority_v1_authority_pb2.RegisterAttestorRequest,
+            authority_v1_authority_pb2.AttestorInstance,
+        )
+        self.UpdateAttestor = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/authority.v1.Admin/UpdateAttestor',
+            authority_v1_authority_pb2.UpdateAttestorRequest,
+            authority_v1_authority_pb2.AttestorInstance,
+        )
+        self.ListAttestors = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/authority.v1.Admin/ListAttestors',
+            authority_v1_authority_pb2.ListAttestorsRequest,
+            authority_v1_authority_pb2.ListAttestorsResponse,
+        )
+        self.GetAttestor = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/authority.v1.Admin/GetAttestor',
+            authority_v1_authority_pb2.GetAttestorRequest,
+            authority_v1_authority_pb2.AttestorInstance,
+        )
+        self.UnregisterAttestor = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/authority.v1.Admin/UnregisterAttestor',
+            authority_v1_authority_pb2.UnregisterAttestorRequest,
+            authority_v1_authority_pb2.UnregisterAttestorResponse,
         )

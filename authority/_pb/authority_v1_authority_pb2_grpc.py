@@ -385,6 +385,31 @@ class AdminStub:
                 request_serializer=authority_dot_v1_dot_authority__pb2.ListAuthoritiesRequest.SerializeToString,
                 response_deserializer=authority_dot_v1_dot_authority__pb2.ListAuthoritiesResponse.FromString,
                 _registered_method=True)
+        self.RegisterAttestor = channel.unary_unary(
+                '/authority.v1.Admin/RegisterAttestor',
+                request_serializer=authority_dot_v1_dot_authority__pb2.RegisterAttestorRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.AttestorInstance.FromString,
+                _registered_method=True)
+        self.UpdateAttestor = channel.unary_unary(
+                '/authority.v1.Admin/UpdateAttestor',
+                request_serializer=authority_dot_v1_dot_authority__pb2.UpdateAttestorRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.AttestorInstance.FromString,
+                _registered_method=True)
+        self.ListAttestors = channel.unary_unary(
+                '/authority.v1.Admin/ListAttestors',
+                request_serializer=authority_dot_v1_dot_authority__pb2.ListAttestorsRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.ListAttestorsResponse.FromString,
+                _registered_method=True)
+        self.GetAttestor = channel.unary_unary(
+                '/authority.v1.Admin/GetAttestor',
+                request_serializer=authority_dot_v1_dot_authority__pb2.GetAttestorRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.AttestorInstance.FromString,
+                _registered_method=True)
+        self.UnregisterAttestor = channel.unary_unary(
+                '/authority.v1.Admin/UnregisterAttestor',
+                request_serializer=authority_dot_v1_dot_authority__pb2.UnregisterAttestorRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.UnregisterAttestorResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -442,6 +467,38 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterAttestor(self, request, context):
+        """Attestor instances: a plugin (discovered through the `authority.attestors` entry points)
+        with a validated configuration, under a name that prefixes every selector it produces.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateAttestor(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAttestors(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAttestor(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterAttestor(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -484,6 +541,31 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListAuthorities,
                     request_deserializer=authority_dot_v1_dot_authority__pb2.ListAuthoritiesRequest.FromString,
                     response_serializer=authority_dot_v1_dot_authority__pb2.ListAuthoritiesResponse.SerializeToString,
+            ),
+            'RegisterAttestor': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterAttestor,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.RegisterAttestorRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.AttestorInstance.SerializeToString,
+            ),
+            'UpdateAttestor': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateAttestor,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.UpdateAttestorRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.AttestorInstance.SerializeToString,
+            ),
+            'ListAttestors': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAttestors,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.ListAttestorsRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.ListAttestorsResponse.SerializeToString,
+            ),
+            'GetAttestor': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAttestor,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.GetAttestorRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.AttestorInstance.SerializeToString,
+            ),
+            'UnregisterAttestor': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterAttestor,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.UnregisterAttestorRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.UnregisterAttestorResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -706,6 +788,141 @@ class Admin:
             '/authority.v1.Admin/ListAuthorities',
             authority_dot_v1_dot_authority__pb2.ListAuthoritiesRequest.SerializeToString,
             authority_dot_v1_dot_authority__pb2.ListAuthoritiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterAttestor(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authority.v1.Admin/RegisterAttestor',
+            authority_dot_v1_dot_authority__pb2.RegisterAttestorRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.AttestorInstance.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateAttestor(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authority.v1.Admin/UpdateAttestor',
+            authority_dot_v1_dot_authority__pb2.UpdateAttestorRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.AttestorInstance.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAttestors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authority.v1.Admin/ListAttestors',
+            authority_dot_v1_dot_authority__pb2.ListAttestorsRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.ListAttestorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAttestor(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authority.v1.Admin/GetAttestor',
+            authority_dot_v1_dot_authority__pb2.GetAttestorRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.AttestorInstance.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnregisterAttestor(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authority.v1.Admin/UnregisterAttestor',
+            authority_dot_v1_dot_authority__pb2.UnregisterAttestorRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.UnregisterAttestorResponse.FromString,
             options,
             channel_credentials,
             insecure,

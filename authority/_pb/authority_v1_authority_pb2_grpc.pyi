@@ -153,6 +153,14 @@ class AdminStub:
     GetBundle: _grpc.UnaryUnaryMultiCallable[_authority_pb2.GetBundleRequest, _authority_pb2.Bundle]
     RotateCA: _grpc.UnaryUnaryMultiCallable[_authority_pb2.RotateCARequest, _authority_pb2.RotateCAResponse]
     ListAuthorities: _grpc.UnaryUnaryMultiCallable[_authority_pb2.ListAuthoritiesRequest, _authority_pb2.ListAuthoritiesResponse]
+    RegisterAttestor: _grpc.UnaryUnaryMultiCallable[_authority_pb2.RegisterAttestorRequest, _authority_pb2.AttestorInstance]
+    """Attestor instances: a plugin (discovered through the `authority.attestors` entry points)
+    with a validated configuration, under a name that prefixes every selector it produces.
+    """
+    UpdateAttestor: _grpc.UnaryUnaryMultiCallable[_authority_pb2.UpdateAttestorRequest, _authority_pb2.AttestorInstance]
+    ListAttestors: _grpc.UnaryUnaryMultiCallable[_authority_pb2.ListAttestorsRequest, _authority_pb2.ListAttestorsResponse]
+    GetAttestor: _grpc.UnaryUnaryMultiCallable[_authority_pb2.GetAttestorRequest, _authority_pb2.AttestorInstance]
+    UnregisterAttestor: _grpc.UnaryUnaryMultiCallable[_authority_pb2.UnregisterAttestorRequest, _authority_pb2.UnregisterAttestorResponse]
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -170,6 +178,14 @@ class AdminAsyncStub(AdminStub):
     GetBundle: _aio.UnaryUnaryMultiCallable[_authority_pb2.GetBundleRequest, _authority_pb2.Bundle]  # type: ignore[assignment]
     RotateCA: _aio.UnaryUnaryMultiCallable[_authority_pb2.RotateCARequest, _authority_pb2.RotateCAResponse]  # type: ignore[assignment]
     ListAuthorities: _aio.UnaryUnaryMultiCallable[_authority_pb2.ListAuthoritiesRequest, _authority_pb2.ListAuthoritiesResponse]  # type: ignore[assignment]
+    RegisterAttestor: _aio.UnaryUnaryMultiCallable[_authority_pb2.RegisterAttestorRequest, _authority_pb2.AttestorInstance]  # type: ignore[assignment]
+    """Attestor instances: a plugin (discovered through the `authority.attestors` entry points)
+    with a validated configuration, under a name that prefixes every selector it produces.
+    """
+    UpdateAttestor: _aio.UnaryUnaryMultiCallable[_authority_pb2.UpdateAttestorRequest, _authority_pb2.AttestorInstance]  # type: ignore[assignment]
+    ListAttestors: _aio.UnaryUnaryMultiCallable[_authority_pb2.ListAttestorsRequest, _authority_pb2.ListAttestorsResponse]  # type: ignore[assignment]
+    GetAttestor: _aio.UnaryUnaryMultiCallable[_authority_pb2.GetAttestorRequest, _authority_pb2.AttestorInstance]  # type: ignore[assignment]
+    UnregisterAttestor: _aio.UnaryUnaryMultiCallable[_authority_pb2.UnregisterAttestorRequest, _authority_pb2.UnregisterAttestorResponse]  # type: ignore[assignment]
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------------------------------------
@@ -232,5 +248,43 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _authority_pb2.ListAuthoritiesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_authority_pb2.ListAuthoritiesResponse, _abc.Awaitable[_authority_pb2.ListAuthoritiesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RegisterAttestor(
+        self,
+        request: _authority_pb2.RegisterAttestorRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authority_pb2.AttestorInstance, _abc.Awaitable[_authority_pb2.AttestorInstance]]:
+        """Attestor instances: a plugin (discovered through the `authority.attestors` entry points)
+        with a validated configuration, under a name that prefixes every selector it produces.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateAttestor(
+        self,
+        request: _authority_pb2.UpdateAttestorRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authority_pb2.AttestorInstance, _abc.Awaitable[_authority_pb2.AttestorInstance]]: ...
+
+    @_abc_1.abstractmethod
+    def ListAttestors(
+        self,
+        request: _authority_pb2.ListAttestorsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authority_pb2.ListAttestorsResponse, _abc.Awaitable[_authority_pb2.ListAttestorsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetAttestor(
+        self,
+        request: _authority_pb2.GetAttestorRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authority_pb2.AttestorInstance, _abc.Awaitable[_authority_pb2.AttestorInstance]]: ...
+
+    @_abc_1.abstractmethod
+    def UnregisterAttestor(
+        self,
+        request: _authority_pb2.UnregisterAttestorRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authority_pb2.UnregisterAttestorResponse, _abc.Awaitable[_authority_pb2.UnregisterAttestorResponse]]: ...
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -80,8 +80,8 @@ class AdminService(pb_grpc.AdminServicer):
 
     @rpc
     async def RotateCA(self, request: pb.RotateCARequest, context: Context) -> pb.RotateCAResponse:
-        infos = await self._authority.ca.rotate()
-        log.info("operator forced a CA rotation")
+        infos = await self._authority.ca.rotate(immediate=request.immediate)
+        log.info("operator rotated the CA: immediate=%s", request.immediate)
         return pb.RotateCAResponse(authorities=[authority_to_pb(i) for i in infos])
 
     @rpc

@@ -119,8 +119,18 @@ async def test_jwt_svid_entries_have_a_kid(authority: Running) -> None:
         assert _spki(pyjwk[entry["kid"]].key) == _spki(parsed.jwt_authorities[entry["kid"]])
 
 
+async def _rotate_fully(authority: Running) -> None:
+    """Prepare, then activate: the two operator steps of a rotation."""
+    await authority.admin().stub.RotateCA(pb.RotateCARequest())
+    await authority.admin().stub.RotateCA(pb.RotateCARequest())
+
+
 async def test_rotation_grows_the_bundle_and_bumps_the_sequence(authority: Running) -> None:
     before = await get_bundle(authority)
+    prepared = await authority.admin().stub.RotateCA(pb.RotateCARequest())
+    assert {("x509", "prepared"), ("jwt", "prepared")} <= {
+        (a.kind, a.state) for a in prepared.authorities
+    }
     rotated = await authority.admin().stub.RotateCA(pb.RotateCARequest())
     after = await get_bundle(authority)
     doc_before, doc_after = jwks_document(before), jwks_document(after)
@@ -149,7 +159,7 @@ async def test_svids_before_and_after_rotation_verify_with_the_new_bundle(
     old_folder, new_folder = tmp_path / "before", tmp_path / "after"
     await authority.attested(FIRST, old_folder)
     old_bundle = old_folder / "bundle.pem"
-    await authority.admin().stub.RotateCA(pb.RotateCARequest())
+    await _rotate_fully(authority)
     rotated = await get_bundle(authority)
     new_bundle = write_pem(tmp_path / "rotated.pem", from_der(list(rotated.x509_authorities)))
     await authority.attested(SECOND, new_folder)
@@ -177,7 +187,7 @@ async def test_jwt_svid_from_before_rotation_validates_with_the_new_bundle(
     holder = await authority.attested(FIRST, tmp_path / "before")
     token = (await holder.fetch_jwt(["svc-a"])).token
     old_kid = jwt.get_unverified_header(token)["kid"]
-    await authority.admin().stub.RotateCA(pb.RotateCARequest())
+    await _rotate_fully(authority)
     rotated = await get_bundle(authority)
     fresh = await authority.attested(SECOND, tmp_path / "after")
     new_token = (await fresh.fetch_jwt(["svc-a"])).token

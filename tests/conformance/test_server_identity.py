@@ -225,25 +225,36 @@ async def test_spiffetls_refuses_the_server_for_another_id(
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ssl.SSLCertVerificationError,
-    reason=(
-        "BUG: a forced RotateCA with no prepared key creates and activates the new authority in "
-        "one step (authority/ca.py _maintain_locked, force=True), and the server re-issues its own "
-        "TLS SVID from it at once (server.py ca.add_listener(tls.refresh)); a workload holding the "
-        "bundle it was given before the rotation can no longer open a connection, not even to "
-        "fetch the new bundle"
-    ),
-)
 async def test_server_svid_verifies_with_the_bundle_a_workload_held_before_rotation(
     authority: Running, tmp_path: Path
 ) -> None:
     folder = tmp_path / "svid"
     await authority.attested(WORKLOAD, folder)
     held = (folder / "bundle.pem").read_bytes()
+    # Step one publishes the new key; the server keeps its certificate from the old one.
     await authority.admin().stub.RotateCA(pb.RotateCARequest())
-
     _, frame = await asyncio.to_thread(_server_certificate, authority.port, held, "127.0.0.1")
-
     assert frame == H2_SETTINGS
+
+    # A workload that refreshed its bundle between the steps still verifies the server after
+    # step two, whose certificate comes from the new key.
+    refreshed = await authority.bundle_pem()
+    await authority.admin().stub.RotateCA(pb.RotateCARequest())
+    _, frame = await asyncio.to_thread(
+        _server_certificate, authority.port, refreshed, "127.0.0.1"
+    )
+    assert frame == H2_SETTINGS
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await asyncio.to_thread(_server_certificate, authority.port, held, "127.0.0.1")
+
+
+async def test_immediate_rotation_cuts_off_holders_of_the_old_bundle(
+    authority: Running, tmp_path: Path
+) -> None:
+    """The documented price of --immediate: the old bundle no longer verifies the server."""
+    folder = tmp_path / "svid"
+    await authority.attested(WORKLOAD, folder)
+    held = (folder / "bundle.pem").read_bytes()
+    await authority.admin().stub.RotateCA(pb.RotateCARequest(immediate=True))
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await asyncio.to_thread(_server_certificate, authority.port, held, "127.0.0.1")

@@ -5,6 +5,8 @@ Everything runs against the real in-memory Store and KeyVault with a FakeClock.
 
 from __future__ import annotations
 
+from cryptography.hazmat.primitives.serialization import Encoding
+
 import datetime as dt
 import ipaddress
 from dataclasses import dataclass, field
@@ -372,12 +374,29 @@ async def test_an_expired_ca_is_replaced_at_start(world: World) -> None:
 # --- forced rotation and retirement ----------------------------------------------------------
 
 
-async def test_forced_rotation_makes_and_activates_a_new_key(world: World) -> None:
+async def test_step_rotation_publishes_before_it_activates(world: World) -> None:
+    ca = await world.ca()
+    first = only(ca, KeyKind.X509, KeyState.ACTIVE)
+    await ca.rotate()
+    prepared = only(ca, KeyKind.X509, KeyState.PREPARED)
+    assert only(ca, KeyKind.X509, KeyState.ACTIVE).key_id == first.key_id
+    assert prepared.certificate in [der(c) for c in ca.bundle().x509_authorities]
+    assert only(ca, KeyKind.JWT, KeyState.PREPARED).key_id in ca.bundle().jwt_authorities
+    # What is issued between the two steps still comes from the old key.
+    issue(ca).certificate.verify_directly_issued_by(ca.active_x509_authority())
+    assert ca.active_x509_authority().public_bytes(Encoding.DER) == first.certificate
+    await ca.rotate()
+    assert only(ca, KeyKind.X509, KeyState.ACTIVE).key_id == prepared.key_id
+    assert only(ca, KeyKind.X509, KeyState.OLD).key_id == first.key_id
+    assert ca.bundle().sequence == 3
+
+
+async def test_immediate_rotation_makes_and_activates_a_new_key(world: World) -> None:
     ca = await world.ca()
     first = only(ca, KeyKind.X509, KeyState.ACTIVE)
     first_jwt = only(ca, KeyKind.JWT, KeyState.ACTIVE)
     svid = issue(ca)
-    infos = await ca.rotate()
+    infos = await ca.rotate(immediate=True)
     assert infos == ca.authorities()
     active = only(ca, KeyKind.X509, KeyState.ACTIVE)
     assert active.key_id != first.key_id
@@ -403,7 +422,7 @@ async def test_retire_drops_an_old_key(world: World) -> None:
     ca = await world.ca()
     svid = issue(ca)
     token = ca.issue_jwt_svid(APP, ["db"], 5 * MINUTE).token
-    await ca.rotate()
+    await ca.rotate(immediate=True)
     old = only(ca, KeyKind.X509, KeyState.OLD)
     old_jwt = only(ca, KeyKind.JWT, KeyState.OLD)
     sequence = ca.bundle().sequence
@@ -454,7 +473,7 @@ async def test_listeners_hear_every_change(world: World) -> None:
     heard: list[int] = []
     ca.add_listener(lambda: heard.append(ca.bundle().sequence))
     assert not await ca.maintain()
-    await ca.rotate()
+    await ca.rotate(immediate=True)
     old = only(ca, KeyKind.X509, KeyState.OLD)
     await ca.retire(KeyKind.X509, old.key_id)
     assert heard == [2, 3]
