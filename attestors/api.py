@@ -2,7 +2,8 @@
 
 A plugin is a class registered under the entry-point group ``authority.attestors``. The host builds
 an instance from an operator-supplied config mapping (``configure``), then calls ``attest`` once per
-attestation with the workload's evidence and a ``Challenger`` for extra rounds. The plugin returns
+attestation with the workload's evidence and an ``AttestContext``: extra challenge rounds, and
+the kernel's word on the caller when it came over the local socket. The plugin returns
 selector values as ``(key, value)`` pairs; the host prefixes them with the instance name, so a
 plugin can never mint another attestor's selectors. Refusals are ``AttestationRefused`` with a
 stable reason; anything else a plugin raises is reported to the workload as a generic internal
@@ -43,20 +44,48 @@ class AttestationRefused(AttestorError):
         self.message = message
 
 
-class Challenger(Protocol):
+@dataclass(frozen=True, slots=True)
+class PeerCredentials:
+    """Who is at the other end of the local Unix socket, as the kernel says (``SO_PEERCRED``).
+
+    ``pidfd`` pins the process (``SO_PEERPIDFD``, or ``pidfd_open`` right after accept) and is
+    owned by the host; ``connected_at`` is CLOCK_BOOTTIME seconds when the connection was seen.
+    """
+
+    pid: int
+    uid: int
+    gid: int
+    pidfd: int | None
+    connected_at: float
+
+
+class AttestContext(Protocol):
+    """One attestation's channel to the workload, lent by the host."""
+
     async def challenge(self, payload: bytes) -> bytes:
         """Send ``payload`` to the workload and return its response (bounded by the host)."""
         ...
 
+    @property
+    def peer(self) -> PeerCredentials | None:
+        """The caller's kernel credentials on the local socket; None on network endpoints."""
+        ...
+
 
 class HostServices(Protocol):
-    """What the host lends plugins: time, and the few stateful services that must be shared."""
+    """What the host lends one plugin instance: time, and the state that must be shared."""
 
     def now(self) -> dt.datetime: ...
 
     async def consume_join_token(self, token_digest: str) -> str:
         """Mark a join token used; return the SPIFFE ID it is bound to. Raises
         AttestationRefused (JOIN_TOKEN_UNKNOWN, JOIN_TOKEN_USED, JOIN_TOKEN_EXPIRED)."""
+        ...
+
+    async def claim_once(self, key: str, expires_at: dt.datetime) -> bool:
+        """True the first time ``key`` is claimed before ``expires_at``, False for a replay.
+
+        Durable across restarts; keys are private to the instance (the host namespaces them)."""
         ...
 
 
@@ -86,7 +115,7 @@ class Attestor(Protocol):
         """Validate ``config`` and build an instance; raise ConfigError naming the bad key."""
         ...
 
-    async def attest(self, evidence: bytes, challenger: Challenger) -> Attested: ...
+    async def attest(self, evidence: bytes, ctx: AttestContext) -> Attested: ...
 
 
 def require_keys(config: Mapping[str, Any], allowed: set[str], required: set[str]) -> None:

@@ -10,7 +10,7 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any, ClassVar, Self
 
-from attestors.api import AttestationRefused, Attested, Challenger, HostServices, require_keys
+from attestors.api import AttestationRefused, AttestContext, Attested, HostServices, require_keys
 
 MAX_TOKEN_CHARS = 256
 
@@ -26,7 +26,7 @@ class JoinTokenAttestor:
         require_keys(config, allowed=set(), required=set())
         return cls(host)
 
-    async def attest(self, evidence: bytes, challenger: Challenger) -> Attested:
+    async def attest(self, evidence: bytes, ctx: AttestContext) -> Attested:
         if not evidence or len(evidence) > MAX_TOKEN_CHARS:
             raise AttestationRefused("JOIN_TOKEN_MALFORMED", "the join token is empty or too long")
         try:

@@ -1,10 +1,19 @@
-"""The attestor host: owns plugin discovery, the challenge loop, its bounds, selector namespacing,
-and the wrapping of plugin failures. Plugins see only ``attestors.api``."""
+"""The attestor host: plugin discovery, the instances operators register, the challenge loop and
+its bounds, selector namespacing, and the wrapping of plugin failures.
+
+Plugins see only ``attestors.api``. Selectors a plugin returns are prefixed with its instance
+name, so no plugin can mint another's. A plugin may report an identity bound to the credential
+(``bound_spiffe_id``) only if the host itself bound it during that attestation (a join token the
+host consumed): a plugin cannot name an identity of its own accord.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import datetime as dt
+import importlib
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,10 +23,11 @@ from typing import Any
 from attestors.api import (
     ENTRY_POINT_GROUP,
     AttestationRefused,
+    AttestContext,
     Attested,
     Attestor,
-    Challenger,
     ConfigError,
+    PeerCredentials,
 )
 from authority.clock import Clock
 from authority.config import Limits
@@ -31,14 +41,20 @@ from authority.errors import (
     Unauthenticated,
 )
 from authority.ids import SpiffeId
-from authority.models import Selector
+from authority.models import AttestorInstance, Selector, canonical_config
 from authority.store import Store
 
 log = logging.getLogger(__name__)
 
+# SPIFFE IDs bound by host services during the attestation running in this task.
+_bound_by_host: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar(
+    "bound_by_host", default=None
+)
+
 
 def discover_plugins() -> dict[str, type[Attestor]]:
     """Every attestor plugin installed, built-ins included, by entry-point name."""
+    importlib.invalidate_caches()
     found: dict[str, type[Attestor]] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
@@ -48,10 +64,13 @@ def discover_plugins() -> dict[str, type[Attestor]]:
     return found
 
 
-class _HostServices:
-    def __init__(self, store: Store, clock: Clock) -> None:
+class _InstanceServices:
+    """HostServices for one instance: its claims are namespaced by the instance name."""
+
+    def __init__(self, store: Store, clock: Clock, name: str) -> None:
         self._store = store
         self._clock = clock
+        self._name = name
 
     def now(self) -> dt.datetime:
         return self._clock.now()
@@ -61,7 +80,17 @@ class _HostServices:
             token = await self._store.consume_join_token(token_digest, self._clock.now())
         except Unauthenticated as exc:
             raise AttestationRefused(exc.reason, exc.message) from None
+        bound = _bound_by_host.get()
+        if bound is not None:
+            bound.add(token.spiffe_id.uri)
         return token.spiffe_id.uri
+
+    async def claim_once(self, key: str, expires_at: dt.datetime) -> bool:
+        if expires_at.tzinfo is None:
+            raise ValueError("expires_at must be timezone-aware")
+        return await self._store.claim_once(
+            f"attestor:{self._name}", key, expires_at, self._clock.now()
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,22 +101,49 @@ class AttestationOutcome:
     can_reattest: bool
 
 
-class _BoundedChallenger:
-    def __init__(self, inner: Challenger, limits: Limits) -> None:
+class _BoundedContext:
+    """The context a plugin sees: rounds and response sizes bounded by the host."""
+
+    def __init__(self, inner: AttestContext, limits: Limits) -> None:
         self._inner = inner
         self._limits = limits
         self.rounds = 0
+
+    @property
+    def peer(self) -> PeerCredentials | None:
+        return self._inner.peer
 
     async def challenge(self, payload: bytes) -> bytes:
         self.rounds += 1
         if self.rounds > self._limits.max_attest_rounds:
             raise ResourceExhausted(
-                f"attestation exceeded {self._limits.max_attest_rounds} challenge rounds"
+                f"attestation exceeded {self._limits.max_attest_rounds} challenge rounds",
+                reason="TOO_MANY_ROUNDS",
             )
         response = await self._inner.challenge(payload)
         if len(response) > self._limits.max_evidence_bytes:
-            raise ResourceExhausted("challenge response exceeds the evidence size limit")
+            raise ResourceExhausted(
+                "challenge response exceeds the evidence size limit", reason="EVIDENCE_TOO_LARGE"
+            )
         return response
+
+
+@dataclass(frozen=True, slots=True)
+class _Running:
+    record: AttestorInstance
+    plugin: Attestor
+
+
+def parse_config(config_json: str) -> dict[str, Any]:
+    if not config_json.strip():
+        return {}
+    try:
+        value = json.loads(config_json)
+    except ValueError as exc:
+        raise InvalidArgument(f"the configuration is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument("the configuration must be a JSON object")
+    return value
 
 
 class AttestorHost:
@@ -99,45 +155,113 @@ class AttestorHost:
         limits: Limits,
         plugins: Mapping[str, type[Attestor]] | None = None,
     ) -> None:
+        self._store = store
+        self._clock = clock
         self._limits = limits
-        self._services = _HostServices(store, clock)
+        self._fixed_plugins = plugins is not None
         self._plugins = dict(plugins) if plugins is not None else discover_plugins()
-        self._instances: dict[str, Attestor] = {}
+        self._running: dict[str, _Running] = {}
 
-    @property
+    async def load(self) -> None:
+        """Build every stored instance. One that no longer builds (plugin gone, config now
+        invalid) is logged and left out, so it refuses attestations rather than the server
+        refusing to start."""
+        for record in await self._store.list_attestors():
+            try:
+                self._running[record.name] = _Running(record, self._build(record))
+            except AuthorityError as exc:
+                log.error("attestor %s is unavailable: %s", record.name, exc)
+
     def plugins(self) -> list[str]:
         return sorted(self._plugins)
 
-    def instances(self) -> list[str]:
-        return sorted(self._instances)
+    def instances(self) -> list[AttestorInstance]:
+        return [self._running[name].record for name in sorted(self._running)]
 
-    def register(self, name: str, plugin: str, config: Mapping[str, Any]) -> None:
-        """Build and install an instance; the config is validated by the plugin first."""
-        Selector(name, "x:y")  # the instance name is a selector type: same rules
+    def get(self, name: str) -> AttestorInstance:
+        running = self._running.get(name)
+        if running is None:
+            raise NotFound(f"no attestor named {name!r}", reason="ATTESTOR_NOT_FOUND")
+        return running.record
+
+    def is_registered(self, name: str) -> bool:
+        return name in self._running
+
+    def _plugin_class(self, plugin: str) -> type[Attestor]:
         cls = self._plugins.get(plugin)
+        if cls is None and not self._fixed_plugins:
+            # A plugin installed since the server started is found without a restart.
+            self._plugins = discover_plugins()
+            cls = self._plugins.get(plugin)
         if cls is None:
-            raise NotFound(f"no attestor plugin {plugin!r} is installed")
-        try:
-            instance = cls.configure(config, self._services)
-        except ConfigError as exc:
-            raise InvalidArgument(f"attestor {name}: {exc}", reason="ATTESTOR_CONFIG") from None
-        self._instances[name] = instance
+            raise NotFound(
+                f"no attestor plugin {plugin!r} is installed (have: {', '.join(self.plugins())})",
+                reason="PLUGIN_NOT_FOUND",
+            )
+        return cls
 
-    async def attest(
-        self, name: str, evidence: bytes, challenger: Challenger
-    ) -> AttestationOutcome:
+    def _build(self, record: AttestorInstance) -> Attestor:
+        cls = self._plugin_class(record.plugin)
+        services = _InstanceServices(self._store, self._clock, record.name)
+        try:
+            return cls.configure(record.config, services)
+        except ConfigError as exc:
+            raise InvalidArgument(
+                f"attestor {record.name}: {exc}", reason="ATTESTOR_CONFIG"
+            ) from None
+        except Exception:
+            log.exception("attestor plugin %s raised while configuring", record.plugin)
+            raise InvalidArgument(
+                f"attestor {record.name}: the plugin rejected its configuration",
+                reason="ATTESTOR_CONFIG",
+            ) from None
+
+    async def register(self, name: str, plugin: str, config: Mapping[str, Any]) -> AttestorInstance:
+        """Validate (the plugin builds an instance from the config), persist, then serve."""
+        now = self._clock.now()
+        record = AttestorInstance(name, plugin, canonical_config(dict(config)), now, now)
+        built = self._build(record)
+        await self._store.create_attestor(record)
+        self._running[name] = _Running(record, built)
+        log.info("attestor registered: name=%s plugin=%s", name, plugin)
+        return record
+
+    async def update(self, name: str, config: Mapping[str, Any]) -> AttestorInstance:
+        current = self.get(name)
+        record = AttestorInstance(
+            name,
+            current.plugin,
+            canonical_config(dict(config)),
+            current.created_at,
+            self._clock.now(),
+        )
+        built = self._build(record)
+        await self._store.update_attestor(record)
+        self._running[name] = _Running(record, built)
+        log.info("attestor updated: name=%s plugin=%s", name, current.plugin)
+        return record
+
+    async def unregister(self, name: str) -> None:
+        self.get(name)
+        await self._store.delete_attestor(name)
+        self._running.pop(name, None)
+        log.info("attestor unregistered: name=%s", name)
+
+    async def attest(self, name: str, evidence: bytes, ctx: AttestContext) -> AttestationOutcome:
         if len(evidence) > self._limits.max_evidence_bytes:
             raise ResourceExhausted(
                 f"evidence exceeds {self._limits.max_evidence_bytes} bytes",
                 reason="EVIDENCE_TOO_LARGE",
             )
-        instance = self._instances.get(name)
-        if instance is None:
+        running = self._running.get(name)
+        if running is None:
             raise InvalidArgument(f"no attestor named {name!r}", reason="UNKNOWN_ATTESTOR")
-        bounded = _BoundedChallenger(challenger, self._limits)
+        bounded = _BoundedContext(ctx, self._limits)
+        bound: set[str] = set()
+        token = _bound_by_host.set(bound)
         try:
             async with asyncio.timeout(self._limits.attest_timeout.total_seconds()):
-                attested = await instance.attest(evidence, bounded)
+                attested = await running.plugin.attest(evidence, bounded)
         except AttestationRefused as exc:
             raise AttestationFailed(f"{name}: {exc.message}", reason=exc.reason) from None
         except AuthorityError:
@@ -150,10 +274,12 @@ class AttestorHost:
         except Exception:
             log.exception("attestor %s raised", name)
             raise Internal("attestation failed inside the attestor") from None
-        return self._namespace(name, attested)
+        finally:
+            _bound_by_host.reset(token)
+        return self._namespace(name, attested, bound)
 
     @staticmethod
-    def _namespace(name: str, attested: object) -> AttestationOutcome:
+    def _namespace(name: str, attested: object, bound_by_host: set[str]) -> AttestationOutcome:
         if not isinstance(attested, Attested):
             log.error("attestor %s returned %s, not Attested", name, type(attested).__name__)
             raise Internal("attestation failed inside the attestor")
@@ -163,4 +289,7 @@ class AttestorHost:
         except AuthorityError:
             log.error("attestor %s returned invalid selectors or identity", name)
             raise Internal("attestation failed inside the attestor") from None
+        if bound is not None and bound.uri not in bound_by_host:
+            log.error("attestor %s named an identity the host did not bind: refused", name)
+            raise Internal("attestation failed inside the attestor")
         return AttestationOutcome(name, selectors, bound, attested.can_reattest)

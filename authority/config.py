@@ -116,6 +116,10 @@ class Config:
     advertise_mtls: str = ""
     admin_socket: Path | None = None  # default: <data_dir>/admin.sock
     admin_socket_mode: int = 0o600
+    # The local endpoint: Attest on a Unix socket whose peers the kernel identifies (the unix
+    # attestor). Any local process may attest there; attestation is the gate.
+    local_socket: Path | None = None  # default: <data_dir>/attest.sock
+    local_socket_mode: int = 0o666
     server_dns_names: tuple[str, ...] = ("localhost",)
     log_level: str = "INFO"
     ca: CaConfig = field(default_factory=CaConfig)
@@ -124,12 +128,18 @@ class Config:
     def __post_init__(self) -> None:
         if self.admin_socket_mode not in (0o600, 0o660):
             raise InvalidArgument("admin_socket_mode must be 0600 or 0660")
+        if self.local_socket_mode not in (0o600, 0o660, 0o666):
+            raise InvalidArgument("local_socket_mode must be 0600, 0660 or 0666")
         for address in (self.listen, self.listen_mtls):
             split_host_port(address)
 
     @property
     def admin_socket_path(self) -> Path:
         return self.admin_socket or self.data_dir / "admin.sock"
+
+    @property
+    def local_socket_path(self) -> Path:
+        return self.local_socket or self.data_dir / "attest.sock"
 
     @property
     def advertised_mtls(self) -> str:
@@ -154,7 +164,9 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-_OPTIONAL_PATHS = frozenset({"admin_socket", "upstream_cert", "upstream_key", "upstream_bundle"})
+_OPTIONAL_PATHS = frozenset(
+    {"admin_socket", "local_socket", "upstream_cert", "upstream_key", "upstream_bundle"}
+)
 
 
 def _convert(name: str, current: object, value: object) -> object:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from authority.errors import InvalidArgument
 from authority.ids import MAX_ID_BYTES, SpiffeId
@@ -169,3 +171,41 @@ class AuthorityKeyInfo:
             raise InvalidArgument("a key's not_after must follow its not_before")
         if (self.kind is KeyKind.X509) != bool(self.certificate):
             raise InvalidArgument("x509 keys, and only they, carry a certificate")
+
+
+@dataclass(frozen=True, slots=True)
+class AttestorInstance:
+    """An operator-registered attestor: a plugin, its configuration, and the name that prefixes
+    every selector it produces. The configuration is kept as canonical JSON."""
+
+    name: str
+    plugin: str
+    config_json: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+    def __post_init__(self) -> None:
+        if not _SELECTOR_TYPE.fullmatch(self.name):
+            raise InvalidArgument(
+                f"attestor name {self.name!r} must be lower-case letters, digits, '_', '.', '-'"
+            )
+        if not _SELECTOR_TYPE.fullmatch(self.plugin):
+            raise InvalidArgument(f"plugin name {self.plugin!r} is not valid")
+        if canonical_config(self.config) != self.config_json:
+            raise InvalidArgument("config_json must be canonical JSON (use canonical_config)")
+
+    @property
+    def config(self) -> dict[str, Any]:
+        value = json.loads(self.config_json)
+        assert isinstance(value, dict)
+        return value
+
+
+def canonical_config(config: object) -> str:
+    """A JSON object, canonically encoded; anything else is refused."""
+    if not isinstance(config, dict):
+        raise InvalidArgument("an attestor configuration must be a JSON object")
+    try:
+        return json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"the configuration is not JSON-compatible: {exc}") from None

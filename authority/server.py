@@ -21,13 +21,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import grpclib.server
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from authority import __version__
+from authority._pb import authority_v1_authority_pb2 as pb
 from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
 from authority.api.admin import AdminService, RefuseAdminHandler
+from authority.api.local import LocalWorkloadService
 from authority.api.workload import WorkloadService
 from authority.attestation import AttestorHost
 from authority.ca import CertificateAuthority, Upstream
@@ -162,6 +166,7 @@ class AuthorityServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._servers: list[grpc.aio.Server] = []
         self._store: SqliteStore | None = None
+        self._local: grpclib.server.Server | None = None
         self.authority: Authority | None = None
 
     @property
@@ -190,7 +195,7 @@ class AuthorityServer:
         )
         await ca.start()
         attestors = AttestorHost(store=store, clock=self.clock, limits=config.limits)
-        attestors.register("join_token", "join_token", {})
+        await attestors.load()
         self.authority = authority = Authority(
             ca=ca,
             store=store,
@@ -240,16 +245,33 @@ class AuthorityServer:
         await admin.start()
         os.chmod(socket_path, config.admin_socket_mode)
         self._servers = [workload, admin]
+
+        local_path = config.local_socket_path
+        _prepare_unix_socket(local_path)
+        info = pb.ServerInfo(
+            trust_domain=config.trust_domain.name,
+            spiffe_id=server_spiffe_id(config).uri,
+            mtls_address=mtls_address,
+            version=__version__,
+        )
+        self._local = grpclib.server.Server([LocalWorkloadService(authority, info)])
+        old_umask = os.umask(0o177)
+        try:
+            await self._local.start(path=str(local_path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(local_path, config.local_socket_mode)
         self._tasks = [
             asyncio.create_task(self._maintenance(), name="ca-maintenance"),
             asyncio.create_task(self._prune(), name="store-prune"),
         ]
         log.info(
-            "authority serving: trust_domain=%s tls=%s mtls=%s admin=%s",
+            "authority serving: trust_domain=%s tls=%s mtls=%s admin=%s local=%s",
             config.trust_domain,
             self.port,
             self.mtls_port,
             socket_path,
+            local_path,
         )
 
     @staticmethod
@@ -291,6 +313,11 @@ class AuthorityServer:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._local is not None:
+            self._local.close()
+            await self._local.wait_closed()
+            self._local = None
+            self.config.local_socket_path.unlink(missing_ok=True)
         await asyncio.gather(*(s.stop(grace) for s in self._servers))
         self._servers = []
         if self._store is not None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
-from attestors.api import Challenger
+from attestors.api import AttestContext
 from authority.attestation import AttestorHost
 from authority.ca import CertificateAuthority
 from authority.clock import Clock
@@ -188,7 +188,7 @@ class Authority:
         attestor: str,
         evidence: bytes,
         csr: bytes,
-        challenger: Challenger,
+        challenger: AttestContext,
         spiffe_id_hint: str = "",
     ) -> AttestResult:
         public_key = parse_csr(csr, self._limits.max_csr_bytes)  # checked before any proof is spent
@@ -300,6 +300,10 @@ class Authority:
         if identity.entry_id is not None and identity.entry_id not in self._entries:
             raise PermissionDenied(
                 "the registration entry behind this SVID was deleted", reason="ENTRY_DELETED"
+            )
+        if not self.attestors.is_registered(identity.attestor):
+            raise PermissionDenied(
+                "the attestor behind this SVID was unregistered", reason="ATTESTOR_UNREGISTERED"
             )
         return Caller(issued.spiffe_id, identity, cert)
 

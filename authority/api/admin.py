@@ -10,6 +10,7 @@ import grpc
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
 from authority.api.convert import (
+    attestor_to_pb,
     authority_to_pb,
     bundle_to_pb,
     entry_to_pb,
@@ -18,6 +19,7 @@ from authority.api.convert import (
     ts,
 )
 from authority.api.status import rpc
+from authority.attestation import parse_config
 from authority.service import Authority
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,46 @@ class AdminService(pb_grpc.AdminServicer):
         infos = await self._authority.ca.rotate(immediate=request.immediate)
         log.info("operator rotated the CA: immediate=%s", request.immediate)
         return pb.RotateCAResponse(authorities=[authority_to_pb(i) for i in infos])
+
+    @rpc
+    async def RegisterAttestor(
+        self, request: pb.RegisterAttestorRequest, context: Context
+    ) -> pb.AttestorInstance:
+        record = await self._authority.attestors.register(
+            request.name, request.plugin, parse_config(request.config_json)
+        )
+        return attestor_to_pb(record)
+
+    @rpc
+    async def UpdateAttestor(
+        self, request: pb.UpdateAttestorRequest, context: Context
+    ) -> pb.AttestorInstance:
+        record = await self._authority.attestors.update(
+            request.name, parse_config(request.config_json)
+        )
+        return attestor_to_pb(record)
+
+    @rpc
+    async def ListAttestors(
+        self, request: pb.ListAttestorsRequest, context: Context
+    ) -> pb.ListAttestorsResponse:
+        host = self._authority.attestors
+        return pb.ListAttestorsResponse(
+            attestors=[attestor_to_pb(r) for r in host.instances()], plugins=host.plugins()
+        )
+
+    @rpc
+    async def GetAttestor(
+        self, request: pb.GetAttestorRequest, context: Context
+    ) -> pb.AttestorInstance:
+        return attestor_to_pb(self._authority.attestors.get(request.name))
+
+    @rpc
+    async def UnregisterAttestor(
+        self, request: pb.UnregisterAttestorRequest, context: Context
+    ) -> pb.UnregisterAttestorResponse:
+        await self._authority.attestors.unregister(request.name)
+        return pb.UnregisterAttestorResponse()
 
     @rpc
     async def ListAuthorities(

@@ -8,7 +8,7 @@ from cryptography.hazmat.primitives import serialization
 
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority.bundle import TrustBundle
-from authority.models import AuthorityKeyInfo, RegistrationEntry, Selector
+from authority.models import AttestorInstance, AuthorityKeyInfo, RegistrationEntry, Selector
 from authority.svid import X509Svid
 
 
@@ -68,4 +68,14 @@ def authority_to_pb(info: AuthorityKeyInfo) -> pb.Authority:
         not_before=ts(info.not_before),
         not_after=ts(info.not_after),
         x509_certificate=info.certificate,
+    )
+
+
+def attestor_to_pb(record: AttestorInstance) -> pb.AttestorInstance:
+    return pb.AttestorInstance(
+        name=record.name,
+        plugin=record.plugin,
+        config_json=record.config_json,
+        created_at=ts(record.created_at),
+        updated_at=ts(record.updated_at),
     )

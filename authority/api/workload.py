@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 
+from attestors.api import PeerCredentials
 from authority import __version__
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
@@ -28,7 +29,9 @@ def peer_certificate_pem(context: Context) -> bytes | None:
 
 
 class _StreamChallenger:
-    """Carries attestor challenges over the Attest stream."""
+    """Carries attestor challenges over the Attest stream (a network peer: no kernel creds)."""
+
+    peer: PeerCredentials | None = None
 
     def __init__(self, requests: AsyncIterator[pb.AttestRequest], context: Context) -> None:
         self._requests = requests

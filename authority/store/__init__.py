@@ -13,6 +13,7 @@ import datetime as dt
 from typing import Protocol
 
 from authority.models import (
+    AttestorInstance,
     AuthorityKeyInfo,
     Identity,
     IssuedX509,
@@ -72,8 +73,29 @@ class Store(Protocol):
 
     async def find_issued_x509(self, serial: str) -> tuple[IssuedX509, Identity] | None: ...
 
+    # --- attestor instances ---
+    async def create_attestor(self, instance: AttestorInstance) -> None:
+        """AlreadyExists (ATTESTOR_EXISTS) when the name is taken."""
+        ...
+
+    async def update_attestor(self, instance: AttestorInstance) -> None:
+        """NotFound (ATTESTOR_NOT_FOUND) when no instance has the name."""
+        ...
+
+    async def list_attestors(self) -> list[AttestorInstance]: ...
+
+    async def delete_attestor(self, name: str) -> bool: ...
+
+    # --- single-use keys (nonces, token ids) ---
+    async def claim_once(
+        self, namespace: str, key: str, expires_at: dt.datetime, now: dt.datetime
+    ) -> bool:
+        """Record ``key``; True if it was not already claimed (or its claim expired)."""
+        ...
+
     async def prune(self, now: dt.datetime) -> int:
         """Drop what has expired: issued SVIDs past their notAfter, identities with no live SVID
         older than a day, join tokens expired over a day ago (a used token stays used until
-        then, so a replay is told JOIN_TOKEN_USED). Returns how many rows went."""
+        then, so a replay is told JOIN_TOKEN_USED), expired claims. Returns how many rows
+        went."""
         ...

@@ -20,6 +20,7 @@ from authority.errors import (
 )
 from authority.ids import SpiffeId
 from authority.models import (
+    AttestorInstance,
     AuthorityKeyInfo,
     Identity,
     IssuedX509,
@@ -54,6 +55,11 @@ class MemoryStore:
         self._tokens: dict[str, JoinToken] = {}
         self._identities: dict[str, Identity] = {}
         self._issued: dict[str, IssuedX509] = {}
+        now = dt.datetime.now(dt.UTC)
+        self._attestors: dict[str, AttestorInstance] = {
+            "join_token": AttestorInstance("join_token", "join_token", "{}", now, now)
+        }
+        self._claims: dict[tuple[str, str], dt.datetime] = {}
 
     def _check_open(self) -> None:
         if self._closed:
@@ -202,6 +208,46 @@ class MemoryStore:
             return None
         return svid, self._identities[svid.identity_id]
 
+    # --- attestor instances ---
+
+    async def create_attestor(self, instance: AttestorInstance) -> None:
+        self._check_open()
+        if instance.name in self._attestors:
+            raise AlreadyExists(
+                f"an attestor named {instance.name!r} exists", reason="ATTESTOR_EXISTS"
+            )
+        self._attestors[instance.name] = _attestor_utc(instance)
+
+    async def update_attestor(self, instance: AttestorInstance) -> None:
+        self._check_open()
+        current = self._attestors.get(instance.name)
+        if current is None:
+            raise NotFound(f"no attestor named {instance.name!r}", reason="ATTESTOR_NOT_FOUND")
+        self._attestors[instance.name] = dataclasses.replace(
+            _attestor_utc(instance), created_at=current.created_at
+        )
+
+    async def list_attestors(self) -> list[AttestorInstance]:
+        self._check_open()
+        return [self._attestors[name] for name in sorted(self._attestors)]
+
+    async def delete_attestor(self, name: str) -> bool:
+        self._check_open()
+        return self._attestors.pop(name, None) is not None
+
+    # --- single-use claims ---
+
+    async def claim_once(
+        self, namespace: str, key: str, expires_at: dt.datetime, now: dt.datetime
+    ) -> bool:
+        self._check_open()
+        expires_at, now = _utc(expires_at), _utc(now)
+        current = self._claims.get((namespace, key))
+        if current is not None and current > now:
+            return False
+        self._claims[(namespace, key)] = expires_at
+        return True
+
     async def prune(self, now: dt.datetime) -> int:
         self._check_open()
         now = _utc(now)
@@ -222,4 +268,14 @@ class MemoryStore:
         expired = [key for key, token in self._tokens.items() if token.expires_at < grace]
         for key in expired:
             del self._tokens[key]
-        return count + len(expired)
+        count += len(expired)
+        claims = [key for key, until in self._claims.items() if until <= now]
+        for claim in claims:
+            del self._claims[claim]
+        return count + len(claims)
+
+
+def _attestor_utc(instance: AttestorInstance) -> AttestorInstance:
+    return dataclasses.replace(
+        instance, created_at=_utc(instance.created_at), updated_at=_utc(instance.updated_at)
+    )

@@ -42,6 +42,7 @@ from authority.errors import (
 )
 from authority.ids import SpiffeId
 from authority.models import (
+    AttestorInstance,
     AuthorityKeyInfo,
     Identity,
     IssuedX509,
@@ -232,8 +233,39 @@ def _migration_1(db: Database) -> None:
     db.table("issued_x509").create_index(["not_after_us"], index_name="issued_x509_by_not_after")
 
 
+def _migration_2(db: Database) -> None:
+    """Attestor instances (the built-in join_token seeded) and single-use claims."""
+    db.create_table(
+        "attestors",
+        {
+            "name": str,
+            "plugin": str,
+            "config_json": str,
+            "created_at_us": int,
+            "updated_at_us": int,
+        },
+        pk="name",
+        not_null={"name", "plugin", "config_json", "created_at_us", "updated_at_us"},
+        strict=True,
+    )
+    now_us = _instant(dt.datetime.now(dt.UTC))
+    db.execute(
+        "INSERT INTO attestors (name, plugin, config_json, created_at_us, updated_at_us)"
+        " VALUES ('join_token', 'join_token', '{}', ?, ?)",
+        [now_us, now_us],
+    )
+    db.create_table(
+        "claims",
+        {"namespace": str, "key": str, "expires_at_us": int},
+        pk=("namespace", "key"),
+        not_null={"namespace", "key", "expires_at_us"},
+        strict=True,
+    )
+    db.table("claims").create_index(["expires_at_us"], index_name="claims_by_expiry")
+
+
 # MIGRATIONS[n] takes the schema from version n to n + 1. Append only; never edit a shipped one.
-MIGRATIONS: Final[tuple[Callable[[Database], None], ...]] = (_migration_1,)
+MIGRATIONS: Final[tuple[Callable[[Database], None], ...]] = (_migration_1, _migration_2)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
@@ -815,6 +847,82 @@ class SqliteStore:
 
         return await self._run(job)
 
+    # --- attestor instances ---
+
+    async def create_attestor(self, instance: AttestorInstance) -> None:
+        row = _attestor_row(instance)
+
+        def job(db: Database) -> None:
+            if _one(db, "SELECT 1 FROM attestors WHERE name = ?", [instance.name]) is not None:
+                raise AlreadyExists(
+                    f"an attestor named {instance.name!r} exists", reason="ATTESTOR_EXISTS"
+                )
+            db.execute(
+                "INSERT INTO attestors (name, plugin, config_json, created_at_us, updated_at_us)"
+                " VALUES (?, ?, ?, ?, ?)",
+                row,
+            )
+
+        await self._run(job)
+
+    async def update_attestor(self, instance: AttestorInstance) -> None:
+        row = _attestor_row(instance)
+
+        def job(db: Database) -> None:
+            changed = db.execute(
+                "UPDATE attestors SET plugin = ?, config_json = ?, updated_at_us = ?"
+                " WHERE name = ?",
+                [row[1], row[2], row[4], row[0]],
+            ).rowcount
+            if not changed:
+                raise NotFound(f"no attestor named {instance.name!r}", reason="ATTESTOR_NOT_FOUND")
+
+        await self._run(job)
+
+    async def list_attestors(self) -> list[AttestorInstance]:
+        def job(db: Database) -> list[AttestorInstance]:
+            return [
+                AttestorInstance(
+                    row["name"],
+                    row["plugin"],
+                    row["config_json"],
+                    _from_instant(row["created_at_us"]),
+                    _from_instant(row["updated_at_us"]),
+                )
+                for row in db.query("SELECT * FROM attestors ORDER BY name")
+            ]
+
+        return await self._run(job)
+
+    async def delete_attestor(self, name: str) -> bool:
+        def job(db: Database) -> bool:
+            return db.execute("DELETE FROM attestors WHERE name = ?", [name]).rowcount > 0
+
+        return await self._run(job)
+
+    # --- single-use claims ---
+
+    async def claim_once(
+        self, namespace: str, key: str, expires_at: dt.datetime, now: dt.datetime
+    ) -> bool:
+        expires_us, now_us = _instant(expires_at), _instant(now)
+
+        def job(db: Database) -> bool:
+            row = _one(
+                db,
+                "SELECT expires_at_us FROM claims WHERE namespace = ? AND key = ?",
+                [namespace, key],
+            )
+            if row is not None and row["expires_at_us"] > now_us:
+                return False
+            db.execute(
+                "INSERT OR REPLACE INTO claims (namespace, key, expires_at_us) VALUES (?, ?, ?)",
+                [namespace, key, expires_us],
+            )
+            return True
+
+        return await self._run(job)
+
     async def prune(self, now: dt.datetime) -> int:
         now_us = _instant(now)
         grace_us = now_us - _duration(PRUNE_GRACE)
@@ -829,9 +937,21 @@ class SqliteStore:
             )
             count += removed.rowcount
             removed = db.execute("DELETE FROM join_tokens WHERE expires_at_us < ?", [grace_us])
+            count += removed.rowcount
+            removed = db.execute("DELETE FROM claims WHERE expires_at_us <= ?", [now_us])
             return int(count + removed.rowcount)
 
         return await self._run(job)
+
+
+def _attestor_row(instance: AttestorInstance) -> list[object]:
+    return [
+        instance.name,
+        instance.plugin,
+        instance.config_json,
+        _instant(instance.created_at),
+        _instant(instance.updated_at),
+    ]
 
 
 def _check_issuance(identity: Identity | None, issued: list[IssuedX509]) -> None:

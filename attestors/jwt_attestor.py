@@ -1,0 +1,258 @@
+"""``jwt``: a signed platform token, such as a Kubernetes projected service-account token, a CI
+provider's OIDC token, or any OIDC ID token.
+
+The token is checked against the configured keys (a JWK Set, inline or from a file), issuer,
+audience, expiry and an algorithm allow-list of asymmetric algorithms only (``none`` and HMAC can
+never be configured, so a public key can never be used as an HMAC secret). Every token must carry
+``jti``; a ``jti`` is accepted once until the token expires (a replay cache kept by the host,
+durable across restarts). Selectors come from configured claims; presets exist for Kubernetes and
+GitHub Actions.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import jwt
+
+from attestors.api import (
+    AttestationRefused,
+    AttestContext,
+    Attested,
+    ConfigError,
+    HostServices,
+    require_keys,
+)
+
+ALLOWED_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+DEFAULT_ALGORITHMS = ("RS256", "ES256")
+MAX_TOKEN_BYTES = 16 * 1024
+
+# selector key -> claim path (segments joined with "/")
+PRESETS: dict[str, dict[str, str]] = {
+    "kubernetes": {
+        "namespace": "kubernetes.io/namespace",
+        "service_account": "kubernetes.io/serviceaccount/name",
+        "service_account_uid": "kubernetes.io/serviceaccount/uid",
+        "pod": "kubernetes.io/pod/name",
+        "pod_uid": "kubernetes.io/pod/uid",
+        "node": "kubernetes.io/node/name",
+    },
+    "github": {
+        "repository": "repository",
+        "repository_owner": "repository_owner",
+        "ref": "ref",
+        "workflow": "workflow",
+        "job_workflow_ref": "job_workflow_ref",
+        "environment": "environment",
+        "actor": "actor",
+        "event_name": "event_name",
+    },
+    "oidc": {},
+}
+
+
+def _claim(claims: Mapping[str, Any], path: str) -> Any:
+    value: Any = claims
+    for segment in path.split("/"):
+        if not isinstance(value, Mapping) or segment not in value:
+            return None
+        value = value[segment]
+    return value
+
+
+def _instant(claims: Mapping[str, Any], name: str) -> dt.datetime:
+    value = claims.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise AttestationRefused("JWT_INVALID", f"claim {name} must be a number")
+    try:
+        return dt.datetime.fromtimestamp(int(value), dt.UTC)
+    except (OverflowError, OSError, ValueError):
+        raise AttestationRefused("JWT_INVALID", f"claim {name} is out of range") from None
+
+
+def _load_jwks(config: Mapping[str, Any]) -> jwt.PyJWKSet:
+    if ("jwks" in config) == ("jwks_path" in config):
+        raise ConfigError("give exactly one of jwks (a JWK Set) or jwks_path")
+    try:
+        if "jwks" in config:
+            raw = config["jwks"]
+            doc = json.loads(raw) if isinstance(raw, str) else raw
+        else:
+            doc = json.loads(Path(str(config["jwks_path"])).read_text())
+        keys = jwt.PyJWKSet.from_dict(doc)
+    except (OSError, ValueError, TypeError, jwt.PyJWTError) as exc:
+        raise ConfigError(f"jwks: not a usable JWK Set: {exc}") from None
+    for key in keys.keys:
+        if not key.key_id:
+            raise ConfigError("jwks: every key needs a kid")
+        if key.key_type == "oct":
+            raise ConfigError("jwks: symmetric (oct) keys are not allowed")
+    return keys
+
+
+class JwtAttestor:
+    plugin_name: ClassVar[str] = "jwt"
+
+    def __init__(
+        self,
+        *,
+        host: HostServices,
+        keys: jwt.PyJWKSet,
+        issuer: str,
+        audience: list[str],
+        algorithms: list[str],
+        claims: dict[str, str],
+        leeway: dt.timedelta,
+        max_lifetime: dt.timedelta,
+    ) -> None:
+        self._host = host
+        self._keys = {k.key_id: k for k in keys.keys}
+        self._issuer = issuer
+        self._audience = audience
+        self._algorithms = algorithms
+        self._claims = claims
+        self._leeway = leeway
+        self._max_lifetime = max_lifetime
+
+    @classmethod
+    def configure(cls, config: Mapping[str, Any], host: HostServices) -> Self:
+        require_keys(
+            config,
+            allowed={
+                "jwks",
+                "jwks_path",
+                "issuer",
+                "audience",
+                "algorithms",
+                "kind",
+                "selector_claims",
+                "leeway_seconds",
+                "max_lifetime_seconds",
+            },
+            required={"issuer", "audience"},
+        )
+        keys = _load_jwks(config)
+        issuer = config["issuer"]
+        if not isinstance(issuer, str) or not issuer:
+            raise ConfigError("issuer must be a non-empty string")
+        audience = config["audience"]
+        audiences = [audience] if isinstance(audience, str) else audience
+        if (
+            not isinstance(audiences, list)
+            or not audiences
+            or not all(isinstance(a, str) and a for a in audiences)
+        ):
+            raise ConfigError("audience must be a string or a list of strings")
+        algorithms = config.get("algorithms", list(DEFAULT_ALGORITHMS))
+        if isinstance(algorithms, str):
+            algorithms = [algorithms]
+        bad = sorted(set(algorithms) - ALLOWED_ALGORITHMS)
+        if bad or not algorithms:
+            allowed = ", ".join(sorted(ALLOWED_ALGORITHMS))
+            raise ConfigError(f"algorithms: {bad or 'empty'} not allowed; choose from {allowed}")
+        kind = config.get("kind", "oidc")
+        if kind not in PRESETS:
+            raise ConfigError(f"kind must be one of {sorted(PRESETS)}")
+        claims = dict(PRESETS[kind])
+        extra = config.get("selector_claims", {})
+        if not isinstance(extra, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in extra.items()
+        ):
+            raise ConfigError("selector_claims must map selector keys to claim paths")
+        claims.update(extra)
+        try:
+            leeway = dt.timedelta(seconds=int(config.get("leeway_seconds", 30)))
+            max_lifetime = dt.timedelta(seconds=int(config.get("max_lifetime_seconds", 86400)))
+        except (TypeError, ValueError):
+            raise ConfigError("leeway_seconds and max_lifetime_seconds must be integers") from None
+        if not dt.timedelta(0) <= leeway <= dt.timedelta(minutes=5):
+            raise ConfigError("leeway_seconds must be between 0 and 300")
+        return cls(
+            host=host,
+            keys=keys,
+            issuer=issuer,
+            audience=list(audiences),
+            algorithms=list(algorithms),
+            claims=claims,
+            leeway=leeway,
+            max_lifetime=max_lifetime,
+        )
+
+    def _verify(self, token: str) -> dict[str, Any]:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise AttestationRefused(
+                "JWT_MALFORMED", "the token is not a JWS compact JWT"
+            ) from None
+        alg = header.get("alg")
+        if alg not in self._algorithms:
+            raise AttestationRefused("JWT_ALGORITHM", f"algorithm {alg!r} is not allowed")
+        key = self._keys.get(header.get("kid", ""))
+        if key is None:
+            raise AttestationRefused("JWT_UNKNOWN_KID", "the token's kid is not a configured key")
+        try:
+            return jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=self._leeway,
+                # Time claims are checked against the host's clock in attest(), not the wall clock.
+                options={
+                    "require": ["exp", "iat", "iss", "aud", "sub", "jti"],
+                    "verify_exp": False,
+                    "verify_iat": False,
+                    "verify_nbf": False,
+                },
+            )
+        except jwt.InvalidAudienceError:
+            raise AttestationRefused("JWT_AUDIENCE", "the token is not for this audience") from None
+        except jwt.InvalidIssuerError:
+            raise AttestationRefused("JWT_ISSUER", "the token's issuer is not trusted") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise AttestationRefused("JWT_MISSING_CLAIM", str(exc)) from None
+        except jwt.InvalidSignatureError:
+            raise AttestationRefused(
+                "JWT_SIGNATURE", "the token's signature does not verify"
+            ) from None
+        except jwt.PyJWTError as exc:
+            raise AttestationRefused("JWT_INVALID", f"the token is invalid: {exc}") from None
+
+    async def attest(self, evidence: bytes, ctx: AttestContext) -> Attested:
+        if len(evidence) > MAX_TOKEN_BYTES:
+            raise AttestationRefused("JWT_MALFORMED", "the token is too large")
+        try:
+            token = evidence.decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise AttestationRefused("JWT_MALFORMED", "the token is not ASCII") from None
+        claims = self._verify(token)
+        now = self._host.now()
+        exp = _instant(claims, "exp")
+        iat = _instant(claims, "iat")
+        if exp + self._leeway <= now:
+            raise AttestationRefused("JWT_EXPIRED", "the token has expired")
+        nbf = _instant(claims, "nbf") if "nbf" in claims else iat
+        if iat - self._leeway > now or nbf - self._leeway > now:
+            raise AttestationRefused("JWT_NOT_YET_VALID", "the token is not valid yet")
+        if exp - iat > self._max_lifetime:
+            raise AttestationRefused("JWT_LIFETIME", "the token lives longer than allowed")
+        jti = claims["jti"]
+        if not isinstance(jti, str) or not jti or len(jti) > 256:
+            raise AttestationRefused("JWT_MISSING_CLAIM", "jti must be a non-empty string")
+        if not await self._host.claim_once(f"jti:{jti}", exp + self._leeway):
+            raise AttestationRefused("JWT_REPLAYED", "this token was already used to attest")
+        selectors: list[tuple[str, str]] = [("sub", str(claims["sub"]))]
+        for key, path in sorted(self._claims.items()):
+            value = _claim(claims, path)
+            values = value if isinstance(value, list) else [value]
+            selectors += [(key, str(v)) for v in values if v is not None and str(v)]
+        return Attested(selectors=tuple(selectors), can_reattest=True)
