@@ -7,6 +7,7 @@ purpose is to hand one over (``token create``, ``workload jwt``) and never logge
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import json
 import logging
@@ -20,11 +21,19 @@ from typing import Any, TypeVar
 
 import click
 import grpc
-from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority.api.status import REASON_KEY
-from authority.client import AdminClient, SvidFiles, WorkloadClient, der_chain_to_pem, make_csr
+from authority.client import (
+    AdminClient,
+    Responder,
+    SvidFiles,
+    WorkloadClient,
+    der_chain_to_pem,
+    make_csr,
+    x509pop_responder,
+)
 from authority.config import Config, format_duration, parse_duration
 from authority.errors import AuthorityError
 
@@ -109,10 +118,30 @@ def _admin_call(socket_path: str, call: Callable[[AdminClient], Awaitable[_T]]) 
     return _run(go())
 
 
-def _as_dict(message: Any) -> dict[str, Any]:
-    return MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
+def _as_dict(message: Message) -> dict[str, Any]:
+    """A message as plain JSON values: integers stay numbers, bytes become base64."""
+    out: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        if field.message_type is not None:
+            if _is_repeated(field):
+                out[field.name] = [_as_dict(v) for v in value]
+            else:
+                out[field.name] = _as_dict(value)
+        elif field.type == field.TYPE_BYTES:
+            encode = base64.b64encode
+            out[field.name] = (
+                [encode(v).decode() for v in value]
+                if _is_repeated(field)
+                else encode(value).decode()
+            )
+        else:
+            out[field.name] = list(value) if _is_repeated(field) else value
+    return out
+
+
+def _is_repeated(field: Any) -> bool:
+    return bool(field.is_repeated)
 
 
 def _entry_text(entry: pb.RegistrationEntry) -> str:
@@ -384,6 +413,135 @@ def ca_list(admin_socket: str, fmt: str) -> None:
         click.echo(_authorities_text(list(response.authorities)))
 
 
+# --- attestors ----------------------------------------------------------------------------
+
+
+@main.group()
+def attestor() -> None:
+    """Attestor instances: a plugin, its configuration, and the name its selectors carry."""
+
+
+def _config_from(config_file: Path | None, settings: tuple[str, ...]) -> str:
+    """--config FILE (JSON or TOML) and/or --set key=value (value parsed as JSON if it parses)."""
+    config: dict[str, Any] = {}
+    if config_file is not None:
+        text = config_file.read_text()
+        try:
+            loaded = json.loads(text) if config_file.suffix == ".json" else tomllib.loads(text)
+        except (ValueError, tomllib.TOMLDecodeError) as exc:
+            raise CliError(f"{config_file}: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise CliError(f"{config_file}: the configuration must be an object")
+        config.update(loaded)
+    for item in settings:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"--set {item!r} must be KEY=VALUE")
+        try:
+            config[key] = json.loads(raw)
+        except ValueError:
+            config[key] = raw
+    return json.dumps(config)
+
+
+def _attestor_text(record: pb.AttestorInstance) -> str:
+    created = dt.datetime.fromtimestamp(record.created_at, dt.UTC).isoformat()
+    return (
+        f"{record.name:20} plugin={record.plugin:12} created={created} config={record.config_json}"
+    )
+
+
+config_options = [
+    click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False, exists=True, path_type=Path),
+        help="A JSON or TOML file with the configuration.",
+    ),
+    click.option("--set", "settings", multiple=True, help="KEY=VALUE (JSON values allowed)."),
+]
+
+
+@attestor.command("register")
+@click.argument("name")
+@click.option("--plugin", required=True, help="The plugin's entry-point name (see attestor list).")
+@config_options[0]
+@config_options[1]
+@admin_socket_option
+@format_option
+@command
+def attestor_register(
+    name: str,
+    plugin: str,
+    config_file: Path | None,
+    settings: tuple[str, ...],
+    admin_socket: str,
+    fmt: str,
+) -> None:
+    """Register an attestor instance (validated by the plugin before it is stored)."""
+    request = pb.RegisterAttestorRequest(
+        name=name, plugin=plugin, config_json=_config_from(config_file, settings)
+    )
+    record = _admin_call(admin_socket, lambda c: c.stub.RegisterAttestor(request))
+    click.echo(json.dumps(_as_dict(record)) if fmt == "json" else _attestor_text(record))
+
+
+@attestor.command("update")
+@click.argument("name")
+@config_options[0]
+@config_options[1]
+@admin_socket_option
+@format_option
+@command
+def attestor_update(
+    name: str, config_file: Path | None, settings: tuple[str, ...], admin_socket: str, fmt: str
+) -> None:
+    """Replace an instance's configuration (validated first; the old one stays on error)."""
+    request = pb.UpdateAttestorRequest(name=name, config_json=_config_from(config_file, settings))
+    record = _admin_call(admin_socket, lambda c: c.stub.UpdateAttestor(request))
+    click.echo(json.dumps(_as_dict(record)) if fmt == "json" else _attestor_text(record))
+
+
+@attestor.command("list")
+@admin_socket_option
+@format_option
+@command
+def attestor_list(admin_socket: str, fmt: str) -> None:
+    """List attestor instances and the installed plugins."""
+    response = _admin_call(admin_socket, lambda c: c.stub.ListAttestors(pb.ListAttestorsRequest()))
+    if fmt == "json":
+        click.echo(json.dumps(_as_dict(response)))
+        return
+    for record in response.attestors:
+        click.echo(_attestor_text(record))
+    click.echo(f"plugins installed: {', '.join(response.plugins)}")
+
+
+@attestor.command("show")
+@click.argument("name")
+@admin_socket_option
+@format_option
+@command
+def attestor_show(name: str, admin_socket: str, fmt: str) -> None:
+    """Show one attestor instance."""
+    record = _admin_call(
+        admin_socket, lambda c: c.stub.GetAttestor(pb.GetAttestorRequest(name=name))
+    )
+    click.echo(json.dumps(_as_dict(record)) if fmt == "json" else _attestor_text(record))
+
+
+@attestor.command("unregister")
+@click.argument("name")
+@admin_socket_option
+@command
+def attestor_unregister(name: str, admin_socket: str) -> None:
+    """Unregister an instance: it attests no more, and SVIDs it granted are no longer renewed."""
+    _admin_call(
+        admin_socket, lambda c: c.stub.UnregisterAttestor(pb.UnregisterAttestorRequest(name=name))
+    )
+    click.echo(f"unregistered {name}", err=True)
+
+
 # --- workload side -------------------------------------------------------------------------
 
 
@@ -396,26 +554,98 @@ server_option = click.option("--server", required=True, help="HOST:PORT of the w
 
 
 @workload.command("attest")
-@server_option
+@click.option("--server", help="HOST:PORT of the workload endpoint (not with --unix).")
 @click.option(
-    "--trust-bundle", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path)
+    "--trust-bundle",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="PEM roots that verify the authority (not with --unix).",
 )
-@click.option("--join-token", required=True, help="A join token (or '-' to read it from stdin).")
+@click.option("--join-token", help="A join token (or '-' to read it from stdin).")
+@click.option("--x509pop-cert", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--x509pop-key", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--jwt-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="A file holding a platform JWT (Kubernetes service-account token, CI OIDC token).",
+)
+@click.option("--unix", "use_unix", is_flag=True, help="Attest over the local socket (kernel).")
+@click.option(
+    "--socket",
+    "local_socket",
+    default=str(Config().local_socket_path),
+    show_default=True,
+    help="The authority's local socket, with --unix.",
+)
+@click.option("--attestor", help="The attestor instance name, when not the plugin's own.")
+@click.option("--spiffe-id", "hint", default="", help="Pick one of several matching entries.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @command
-def workload_attest(server: str, trust_bundle: Path, join_token: str, out: Path) -> None:
-    """Attest and write svid.pem, svid.key (0600) and bundle.pem to --out."""
-    if join_token == "-":  # noqa: S105 - the stdin marker, not a secret
-        join_token = sys.stdin.readline().strip()
-    bundle_pem = trust_bundle.read_bytes()
+def workload_attest(
+    server: str | None,
+    trust_bundle: Path | None,
+    join_token: str | None,
+    x509pop_cert: Path | None,
+    x509pop_key: Path | None,
+    jwt_file: Path | None,
+    use_unix: bool,
+    local_socket: str,
+    attestor: str | None,
+    hint: str,
+    out: Path,
+) -> None:
+    """Attest and write svid.pem, svid.key (0600) and bundle.pem to --out.
+
+    Give exactly one proof: --join-token, --x509pop-cert with --x509pop-key, --jwt-file, or
+    --unix.
+    """
+    chosen = [
+        name
+        for name, given in (
+            ("join_token", join_token is not None),
+            ("x509pop", x509pop_cert is not None or x509pop_key is not None),
+            ("jwt", jwt_file is not None),
+            ("unix", use_unix),
+        )
+        if given
+    ]
+    if len(chosen) != 1:
+        raise CliError(
+            "give exactly one of --join-token, --x509pop-cert/--x509pop-key, --jwt-file or --unix"
+        )
+    plugin = chosen[0]
+    respond: Responder | None = None
+    evidence = b""
+    if plugin == "join_token":
+        assert join_token is not None
+        if join_token == "-":  # noqa: S105 - the stdin marker, not a secret
+            join_token = sys.stdin.readline().strip()
+        evidence = join_token.encode()
+    elif plugin == "x509pop":
+        if x509pop_cert is None or x509pop_key is None:
+            raise CliError("--x509pop-cert and --x509pop-key go together")
+        evidence = x509pop_cert.read_bytes()
+        respond = x509pop_responder(x509pop_key.read_bytes())
+    elif plugin == "jwt":
+        assert jwt_file is not None
+        evidence = jwt_file.read_bytes().strip()
+    if plugin == "unix":
+        target, bundle_pem = f"unix:{local_socket}", None
+    else:
+        if server is None or trust_bundle is None:
+            raise CliError("--server and --trust-bundle are required (except with --unix)")
+        target, bundle_pem = server, trust_bundle.read_bytes()
 
     async def go() -> pb.AttestResult:
-        async with WorkloadClient(server, bundle_pem) as client:
-            return await client.attest_to_folder("join_token", join_token.encode(), out)
+        async with WorkloadClient(target, bundle_pem) as client:
+            return await client.attest_to_folder(
+                attestor or plugin, evidence, out, respond=respond, spiffe_id_hint=hint
+            )
 
     result = _run(go())
-    for svid in result.svids:
+    for svid in result.svids[:1]:
         click.echo(f"attested as {svid.spiffe_id}; SVID written to {out}", err=True)
+    for svid in result.svids[1:]:
+        click.echo(f"also matched {svid.spiffe_id} (pick it with --spiffe-id)", err=True)
 
 
 @workload.command("jwt")

@@ -16,7 +16,7 @@ from typing import Self
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
@@ -37,6 +37,20 @@ def make_csr(key: ec.EllipticCurvePrivateKey) -> bytes:
         .sign(key, hashes.SHA256())
     )
     return csr.public_bytes(serialization.Encoding.DER)
+
+
+def x509pop_responder(key_pem: bytes) -> Responder:
+    """Answers the x509pop challenge: a signature over the nonce with the certificate's key."""
+    from attestors.x509pop import sign_challenge
+
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise ValueError("the x509pop key must be EC or RSA")
+
+    async def respond(nonce: bytes) -> bytes:
+        return sign_challenge(key, nonce)
+
+    return respond
 
 
 def der_chain_to_pem(chain: list[bytes]) -> bytes:
@@ -115,15 +129,18 @@ class AdminClient:
 
 
 class WorkloadClient:
-    """A workload's view of the authority: attest over server TLS, then use its SVID over mTLS.
+    """A workload's view of the authority: attest over server TLS (or the local Unix socket),
+    then use its SVID over mutual TLS.
 
-    ``server`` is the server-TLS address; the mutual-TLS address is discovered with GetServerInfo.
+    ``server`` is the server-TLS address, or ``unix:PATH`` for the authority's local socket
+    (where the kernel identifies the caller, and no TLS is needed); the mutual-TLS address is
+    discovered with GetServerInfo.
     """
 
     def __init__(
         self,
         server: str,
-        trust_bundle_pem: bytes,
+        trust_bundle_pem: bytes | None,
         *,
         svid_chain_pem: bytes | None = None,
         svid_key_pem: bytes | None = None,
@@ -132,9 +149,13 @@ class WorkloadClient:
         self._server = server
         self._bundle = trust_bundle_pem
         self._options = options or []
-        self._tls = grpc.aio.secure_channel(
-            server, grpc.ssl_channel_credentials(root_certificates=trust_bundle_pem), self._options
-        )
+        if server.startswith("unix:"):
+            self._tls = grpc.aio.insecure_channel(server, self._options)
+        else:
+            if not trust_bundle_pem:
+                raise ValueError("a trust bundle is needed to verify the authority over TLS")
+            creds = grpc.ssl_channel_credentials(root_certificates=trust_bundle_pem)
+            self._tls = grpc.aio.secure_channel(server, creds, self._options)
         self.tls_stub: pb_grpc.WorkloadAsyncStub = pb_grpc.WorkloadStub(self._tls)
         self._mtls: grpc.aio.Channel | None = None
         self._mtls_stub: pb_grpc.WorkloadAsyncStub | None = None
@@ -216,10 +237,18 @@ class WorkloadClient:
         raise ConnectionError("the Attest stream ended without a result")
 
     async def attest_to_folder(
-        self, attestor: str, evidence: bytes, folder: Path, *, respond: Responder | None = None
+        self,
+        attestor: str,
+        evidence: bytes,
+        folder: Path,
+        *,
+        respond: Responder | None = None,
+        spiffe_id_hint: str = "",
     ) -> pb.AttestResult:
         key = new_key()
-        result = await self.attest(attestor, evidence, key, respond=respond)
+        result = await self.attest(
+            attestor, evidence, key, respond=respond, spiffe_id_hint=spiffe_id_hint
+        )
         if not result.svids:
             raise ConnectionError("the authority returned no SVID")
         chain = der_chain_to_pem(list(result.svids[0].cert_chain))
