@@ -29,6 +29,7 @@ from attestors.api import (
     ConfigError,
     PeerCredentials,
 )
+from authority.audit import AuditEvent
 from authority.clock import Clock
 from authority.config import Limits
 from authority.errors import (
@@ -76,8 +77,15 @@ class _InstanceServices:
         return self._clock.now()
 
     async def consume_join_token(self, token_digest: str) -> str:
+        now = self._clock.now()
+        event = AuditEvent(
+            "join_token.consumed",
+            now,
+            actor=self._name,
+            details={"token_id": token_digest},
+        )
         try:
-            token = await self._store.consume_join_token(token_digest, self._clock.now())
+            token = await self._store.consume_join_token(token_digest, now, audit=[event])
         except Unauthenticated as exc:
             raise AttestationRefused(exc.reason, exc.message) from None
         bound = _bound_by_host.get()
@@ -221,7 +229,9 @@ class AttestorHost:
         now = self._clock.now()
         record = AttestorInstance(name, plugin, canonical_config(dict(config)), now, now)
         built = self._build(record)
-        await self._store.create_attestor(record)
+        await self._store.create_attestor(
+            record, audit=[self._event("attestor.registered", record)]
+        )
         self._running[name] = _Running(record, built)
         log.info("attestor registered: name=%s plugin=%s", name, plugin)
         return record
@@ -236,16 +246,27 @@ class AttestorHost:
             self._clock.now(),
         )
         built = self._build(record)
-        await self._store.update_attestor(record)
+        await self._store.update_attestor(record, audit=[self._event("attestor.updated", record)])
         self._running[name] = _Running(record, built)
         log.info("attestor updated: name=%s plugin=%s", name, current.plugin)
         return record
 
     async def unregister(self, name: str) -> None:
-        self.get(name)
-        await self._store.delete_attestor(name)
+        record = self.get(name)
+        await self._store.delete_attestor(
+            name, audit=[self._event("attestor.unregistered", record)]
+        )
         self._running.pop(name, None)
         log.info("attestor unregistered: name=%s", name)
+
+    def _event(self, kind: str, record: AttestorInstance) -> AuditEvent:
+        return AuditEvent(
+            kind,
+            self._clock.now(),
+            actor="operator",
+            subject=record.name,
+            details={"plugin": record.plugin, "config": record.config},
+        )
 
     async def attest(self, name: str, evidence: bytes, ctx: AttestContext) -> AttestationOutcome:
         if len(evidence) > self._limits.max_evidence_bytes:

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from authority.audit import AuditEvent, Checkpoint, sign_checkpoint
 from authority.bundle import TrustBundle, jwk_thumbprint, load_pem_certificates
 from authority.clock import Clock
 from authority.config import CaConfig, Limits
@@ -165,7 +166,8 @@ class CertificateAuthority:
                 raise FailedPrecondition(
                     f"only an old key can be retired; {key_id} is {key.info.state} (rotate first)"
                 )
-            self._sequence = await self._store.delete_authority_key(kind, key_id)
+            event = self._key_event("ca.key_retired", key.info)
+            self._sequence = await self._store.delete_authority_key(kind, key_id, audit=[event])
             del self._keys[(kind, key_id)]
             self._vault.delete(key.vault_name)
             self._changed()
@@ -234,8 +236,11 @@ class CertificateAuthority:
         for key in new:
             self._vault.save(key.vault_name, key.private)
         if new or updates:
+            changed = [k.info for k in new] + updates
             self._sequence = await self._store.put_authority_keys(
-                [k.info for k in new] + updates, bump_sequence=True
+                changed,
+                bump_sequence=True,
+                audit=[self._key_event(f"ca.key_{info.state}", info, mode) for info in changed],
             )
         for key in new:
             self._keys[(key.info.kind, key.info.key_id)] = key
@@ -243,11 +248,30 @@ class CertificateAuthority:
             old = self._keys[(info.kind, info.key_id)]
             self._keys[(info.kind, info.key_id)] = replace(old, info=info)
         for key in drop:
-            self._sequence = await self._store.delete_authority_key(key.info.kind, key.info.key_id)
+            self._sequence = await self._store.delete_authority_key(
+                key.info.kind, key.info.key_id, audit=[self._key_event("ca.key_dropped", key.info)]
+            )
             self._vault.delete(key.vault_name)
             del self._keys[(key.info.kind, key.info.key_id)]
         self._changed()
         return True
+
+    def _key_event(self, kind: str, info: AuthorityKeyInfo, mode: str = "") -> AuditEvent:
+        """ca.key_prepared / key_active / key_old (a state reached), key_dropped, key_retired."""
+        details: dict[str, object] = {
+            "kind": str(info.kind),
+            "key_id": info.key_id,
+            "not_after": info.not_after.isoformat(),
+        }
+        if mode:
+            details["trigger"] = {
+                "schedule": "schedule",
+                "step": "operator",
+                "immediate": "operator-immediate",
+            }[mode]
+        return AuditEvent(
+            kind, self._clock.now(), actor="authority", subject=info.key_id, details=details
+        )
 
     def _find(self, kind: KeyKind, state: KeyState) -> _Key | None:
         for key in self._keys.values():
@@ -400,6 +424,19 @@ class CertificateAuthority:
             },
             sequence=self._sequence,
             refresh_hint=self._config.refresh_hint,
+        )
+
+    def sign_checkpoint(self, seq: int, head_hash: str) -> Checkpoint:
+        """Sign the audit chain's head with the active JWT key (verifiable with the bundle)."""
+        key = self._active(KeyKind.JWT)
+        return sign_checkpoint(
+            seq,
+            head_hash,
+            key.private,
+            key.info.key_id,
+            self._jwt_alg,
+            self._clock.now(),
+            self.trust_domain.id.uri,
         )
 
     def active_x509_authority(self) -> x509.Certificate:

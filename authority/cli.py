@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -23,6 +24,7 @@ import click
 import grpc
 from google.protobuf.message import Message
 
+from authority import audit_cli
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority.api.status import REASON_KEY
 from authority.client import (
@@ -540,6 +542,133 @@ def attestor_unregister(name: str, admin_socket: str) -> None:
         admin_socket, lambda c: c.stub.UnregisterAttestor(pb.UnregisterAttestorRequest(name=name))
     )
     click.echo(f"unregistered {name}", err=True)
+
+
+# --- audit -------------------------------------------------------------------------------
+
+
+@main.group()
+def audit() -> None:
+    """The tamper-evident audit chain."""
+
+
+@audit.command("verify")
+@click.option(
+    "--file",
+    "export_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Verify an export offline instead of the live chain.",
+)
+@click.option(
+    "--jwks",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="With --file: the bundle's JWK Set to check checkpoints (default: the export's).",
+)
+@admin_socket_option
+@command
+def audit_verify(export_file: Path | None, jwks: Path | None, admin_socket: str) -> None:
+    """Recompute the chain; name the first broken record and exit 1 on any tampering."""
+    if export_file is not None:
+        result = audit_cli.verify_file(export_file, jwks.read_bytes() if jwks else None)
+    else:
+        result = _admin_call(admin_socket, audit_cli.verify_live)
+    code = audit_cli.report(result)
+    if code:
+        sys.exit(code)
+
+
+@audit.command("trace")
+@click.argument("task_id")
+@format_option
+@admin_socket_option
+@command
+def audit_trace(task_id: str, fmt: str, admin_socket: str) -> None:
+    """A task's actions in order, with the tasks delegated from it."""
+    records = _admin_call(admin_socket, lambda c: audit_cli.trace(c, task_id))
+    if not records:
+        raise CliError(f"no audit records for task {task_id}")
+    for record in records:
+        click.echo(json.dumps(record.as_json()) if fmt == "json" else audit_cli.record_line(record))
+
+
+@audit.command("export")
+@click.option("--since", help="An ISO time, or a duration ago (e.g. 1h).")
+@click.option("--format", "fmt", type=click.Choice(["jsonl"]), default="jsonl", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Default: stdout.")
+@admin_socket_option
+@command
+def audit_export(since: str | None, fmt: str, out: Path | None, admin_socket: str) -> None:
+    """Export records, checkpoints and the JWK Set that checks them, as JSON lines."""
+    since_us = audit_cli.parse_since(since) if since else 0
+
+    async def go(client: AdminClient) -> int:
+        if out is None:
+            return await audit_cli.export_to(client, sys.stdout, since_time_us=since_us)
+        with out.open("w") as fh:
+            return await audit_cli.export_to(client, fh, since_time_us=since_us)
+
+    count = _admin_call(admin_socket, go)
+    click.echo(f"exported {count} records", err=True)
+
+
+@audit.command("tail")
+@click.option("--from-start", is_flag=True, help="Print the whole chain first.")
+@format_option
+@admin_socket_option
+@command
+def audit_tail(from_start: bool, fmt: str, admin_socket: str) -> None:
+    """Follow the chain: print records as they are committed (Ctrl-C to stop)."""
+
+    async def go(client: AdminClient) -> None:
+        info = await client.stub.GetAuditInfo(pb.GetAuditInfoRequest())
+        after = 0 if from_start else info.head_seq
+        async for record in audit_cli.stream_records(client, after_seq=after, follow=True):
+            line = json.dumps(record.as_json()) if fmt == "json" else audit_cli.record_line(record)
+            click.echo(line)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        _admin_call(admin_socket, go)
+
+
+@audit.command("checkpoint")
+@admin_socket_option
+@command
+def audit_checkpoint(admin_socket: str) -> None:
+    """Sign the chain's head now."""
+    checkpoint = _admin_call(
+        admin_socket, lambda c: c.stub.CheckpointAudit(pb.CheckpointAuditRequest())
+    )
+    click.echo(f"checkpoint at {checkpoint.seq}: {checkpoint.hash}")
+
+
+@audit.command("archive")
+@click.option(
+    "--through", "through_seq", type=int, required=True, help="The last record to archive."
+)
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@admin_socket_option
+@command
+def audit_archive(through_seq: int, out: Path, admin_socket: str) -> None:
+    """Export records up to --through (checkpointed), then prune them from the store.
+
+    What remains still verifies: it chains to a hash that the signed checkpoint vouches for.
+    """
+    if out.exists():
+        raise CliError(f"{out} exists; archives are never overwritten")
+
+    async def go(client: AdminClient) -> int:
+        await client.stub.CheckpointAudit(pb.CheckpointAuditRequest(seq=through_seq))
+        with out.open("w") as fh:
+            count = await audit_cli.export_to(client, fh, through_seq=through_seq)
+        audit_cli.fsync_file(out)
+        result = audit_cli.verify_file(out, None)
+        if not result.ok:
+            raise CliError(f"the archive does not verify ({result.problem}); nothing pruned")
+        await client.stub.PruneAudit(pb.PruneAuditRequest(through_seq=through_seq))
+        return count
+
+    count = _admin_call(admin_socket, go)
+    click.echo(f"archived {count} records to {out} and pruned them", err=True)
 
 
 # --- workload side -------------------------------------------------------------------------

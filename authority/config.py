@@ -121,6 +121,8 @@ class Config:
     local_socket: Path | None = None  # default: <data_dir>/attest.sock
     local_socket_mode: int = 0o666
     server_dns_names: tuple[str, ...] = ("localhost",)
+    # How often the audit chain's head is signed (when it moved).
+    audit_checkpoint_interval: dt.timedelta = dt.timedelta(seconds=60)
     log_level: str = "INFO"
     ca: CaConfig = field(default_factory=CaConfig)
     limits: Limits = field(default_factory=Limits)

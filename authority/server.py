@@ -167,6 +167,7 @@ class AuthorityServer:
         self._servers: list[grpc.aio.Server] = []
         self._store: SqliteStore | None = None
         self._local: grpclib.server.Server | None = None
+        self._checkpointed = 0
         self.authority: Authority | None = None
 
     @property
@@ -264,6 +265,7 @@ class AuthorityServer:
         self._tasks = [
             asyncio.create_task(self._maintenance(), name="ca-maintenance"),
             asyncio.create_task(self._prune(), name="store-prune"),
+            asyncio.create_task(self._checkpoints(), name="audit-checkpoints"),
         ]
         log.info(
             "authority serving: trust_domain=%s tls=%s mtls=%s admin=%s local=%s",
@@ -298,6 +300,25 @@ class AuthorityServer:
             except Exception:
                 log.exception("CA maintenance failed; will retry")
 
+    async def _checkpoint_once(self) -> None:
+        assert self.authority is not None
+        assert self._store is not None
+        head, _ = await self._store.audit_head()
+        if head > self._checkpointed:
+            checkpoint = await self.authority.checkpoint()
+            if checkpoint is not None:
+                self._checkpointed = checkpoint.seq
+                log.info("audit checkpoint: seq=%d hash=%s", checkpoint.seq, checkpoint.hash[:16])
+
+    async def _checkpoints(self) -> None:
+        interval = self.config.audit_checkpoint_interval.total_seconds()
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._checkpoint_once()
+            except Exception:
+                log.exception("audit checkpoint failed; will retry")
+
     async def _prune(self) -> None:
         assert self._store is not None
         while True:
@@ -313,6 +334,11 @@ class AuthorityServer:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._store is not None and self.authority is not None:
+            try:
+                await self._checkpoint_once()
+            except Exception:
+                log.exception("final audit checkpoint failed")
         if self._local is not None:
             self._local.close()
             await self._local.wait_closed()

@@ -8,18 +8,21 @@ import logging
 import secrets
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
 
 from attestors.api import AttestContext
 from authority.attestation import AttestorHost
+from authority.audit import AuditEvent, AuditRecord, Checkpoint, digest
 from authority.ca import CertificateAuthority
 from authority.clock import Clock
 from authority.config import Limits
 from authority.errors import (
     AttestationFailed,
+    AuthorityError,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -41,6 +44,8 @@ from authority.svid import JwtSvid, X509Svid, parse_csr
 log = logging.getLogger(__name__)
 
 _PEER_CACHE_SIZE = 10_000
+OPERATOR = "operator"  # the actor of admin-socket calls (the socket's file mode is the gate)
+AUTHORITY = "authority"
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +134,24 @@ class Authority:
             admin=admin,
             created_at=self._clock.now().replace(microsecond=0),
         )
-        await self._store.create_entry(entry)
+        await self._store.create_entry(
+            entry,
+            audit=[
+                self._event(
+                    "entry.created",
+                    actor=OPERATOR,
+                    subject=entry.id,
+                    details={
+                        "spiffe_id": entry.spiffe_id.uri,
+                        "selectors": sorted(str(s) for s in entry.selectors),
+                        "x509_ttl_s": int(entry.x509_ttl.total_seconds()),
+                        "jwt_ttl_s": int(entry.jwt_ttl.total_seconds()),
+                        "dns_names": list(entry.dns_names),
+                        "admin": entry.admin,
+                    },
+                )
+            ],
+        )
         self._entries[entry.id] = entry
         log.info("entry created: id=%s spiffe_id=%s", entry.id, entry.spiffe_id)
         return entry
@@ -153,7 +175,8 @@ class Authority:
         return entry
 
     async def delete_entry(self, entry_id: str) -> None:
-        if not await self._store.delete_entry(entry_id):
+        event = self._event("entry.deleted", actor=OPERATOR, subject=entry_id)
+        if not await self._store.delete_entry(entry_id, audit=[event]):
             raise NotFound(f"no entry {entry_id!r}")
         self._entries.pop(entry_id, None)
         self._peers.clear()
@@ -176,7 +199,20 @@ class Authority:
         secret = secrets.token_urlsafe(32)
         now = self._clock.now().replace(microsecond=0)
         token = JoinToken(token_digest(secret), sid, now + ttl, now)
-        await self._store.create_join_token(token)
+        await self._store.create_join_token(
+            token,
+            audit=[
+                self._event(
+                    "join_token.created",
+                    actor=OPERATOR,
+                    subject=sid.uri,
+                    details={
+                        "token_id": token.token_id,
+                        "expires_at": token.expires_at.isoformat(),
+                    },
+                )
+            ],
+        )
         log.info("join token created: id=%s spiffe_id=%s", token.token_id[:16], sid)
         return secret, token
 
@@ -191,15 +227,27 @@ class Authority:
         challenger: AttestContext,
         spiffe_id_hint: str = "",
     ) -> AttestResult:
-        public_key = parse_csr(csr, self._limits.max_csr_bytes)  # checked before any proof is spent
-        hint = SpiffeId.parse(spiffe_id_hint) if spiffe_id_hint else None
-        outcome = await self.attestors.attest(attestor, evidence, challenger)
-        identities = self._identities_for(outcome.selectors, outcome.bound_spiffe_id, hint)
-        if not identities:
-            log.info("attestation matched no entry: attestor=%s", attestor)
-            raise AttestationFailed(
-                "the attested workload matches no registration entry", reason="NO_MATCHING_ENTRY"
+        try:
+            # The CSR is checked before any proof (a join token) is spent.
+            public_key = parse_csr(csr, self._limits.max_csr_bytes)
+            hint = SpiffeId.parse(spiffe_id_hint) if spiffe_id_hint else None
+            outcome = await self.attestors.attest(attestor, evidence, challenger)
+            identities = self._identities_for(outcome.selectors, outcome.bound_spiffe_id, hint)
+            if not identities:
+                log.info("attestation matched no entry: attestor=%s", attestor)
+                raise AttestationFailed(
+                    "the attested workload matches no registration entry",
+                    reason="NO_MATCHING_ENTRY",
+                )
+        except AuthorityError as exc:
+            peer = challenger.peer
+            details: dict[str, object] = {"reason": exc.reason, "message": exc.message[:300]}
+            if peer is not None:
+                details.update(pid=peer.pid, uid=peer.uid, gid=peer.gid)
+            await self._store.append_audit(
+                [self._event("attest.refused", actor=attestor, details=details)]
             )
+            raise
         now = self._clock.now()
         svids: list[X509Svid] = []
         for template in identities:
@@ -218,7 +266,23 @@ class Authority:
             svid = self.ca.issue_x509_svid(
                 identity.spiffe_id, public_key, identity.x509_ttl, identity.dns_names
             )
-            await self._store.record_issuance(identity, [_issued(svid, identity)])
+            await self._store.record_issuance(
+                identity,
+                [_issued(svid, identity)],
+                audit=[
+                    self._event(
+                        "attest.succeeded",
+                        actor=attestor,
+                        subject=identity.spiffe_id.uri,
+                        details={
+                            "identity_id": identity.id,
+                            "entry_id": identity.entry_id,
+                            "selectors": sorted(str(s) for s in outcome.selectors),
+                        },
+                    ),
+                    self._x509_event("x509.issued", svid, identity),
+                ],
+            )
             svids.append(svid)
             log.info(
                 "attested: attestor=%s spiffe_id=%s serial=%s entry=%s",
@@ -331,10 +395,14 @@ class Authority:
         svid = self.ca.issue_x509_svid(
             identity.spiffe_id, public_key, identity.x509_ttl, identity.dns_names
         )
-        await self._store.record_issuance(None, [_issued(svid, identity)])
+        await self._store.record_issuance(
+            None,
+            [_issued(svid, identity)],
+            audit=[self._x509_event("x509.renewed", svid, identity, caller=caller)],
+        )
         return svid
 
-    def fetch_jwt(
+    async def fetch_jwt(
         self, caller: Caller, audience: Sequence[str], ttl: dt.timedelta | None
     ) -> JwtSvid:
         if not audience or not all(audience):
@@ -351,7 +419,114 @@ class Authority:
         wanted = cap if ttl is None or ttl <= dt.timedelta(0) else min(ttl, cap)
         if wanted < self._limits.min_ttl:
             raise InvalidArgument(f"JWT-SVID TTL must be at least {self._limits.min_ttl}")
-        return self.ca.issue_jwt_svid(caller.spiffe_id, list(dict.fromkeys(audience)), wanted)
+        svid = self.ca.issue_jwt_svid(caller.spiffe_id, list(dict.fromkeys(audience)), wanted)
+        await self._store.append_audit(
+            [
+                self._event(
+                    "jwt.issued",
+                    actor=caller.spiffe_id.uri,
+                    subject=svid.spiffe_id.uri,
+                    details={
+                        "jti": svid.jti,
+                        "token_sha256": digest(svid.token),
+                        "audience": list(svid.audience),
+                        "expires_at": svid.expires_at.isoformat(),
+                        "kid": svid.key_id,
+                        "identity_id": caller.identity.id,
+                    },
+                )
+            ]
+        )
+        return svid
+
+    # --- audit ---------------------------------------------------------------------------
+
+    async def checkpoint(self, seq: int | None = None) -> Checkpoint | None:
+        """Sign the chain at ``seq`` (default: the head); None when the chain is empty."""
+        head_seq, head_hash = await self._store.audit_head()
+        if seq is None or seq == head_seq:
+            seq, record_hash = head_seq, head_hash
+        else:
+            records = await self._store.audit_records(after_seq=seq - 1, limit=1)
+            if not records or records[0].seq != seq:
+                raise NotFound(f"no audit record {seq}", reason="AUDIT_RECORD_NOT_FOUND")
+            record_hash = records[0].hash
+        anchor_seq, _ = await self._store.audit_anchor()
+        if seq < anchor_seq:
+            return None
+        checkpoint = self.ca.sign_checkpoint(seq, record_hash)
+        await self._store.put_checkpoint(checkpoint)
+        return checkpoint
+
+    async def audit_records(
+        self, *, after_seq: int = 0, task_ids: Sequence[str] = (), limit: int = 1000
+    ) -> list[AuditRecord]:
+        return await self._store.audit_records(after_seq=after_seq, task_ids=task_ids, limit=limit)
+
+    async def audit_info(self) -> tuple[tuple[int, str], tuple[int, str], list[Checkpoint]]:
+        """(anchor, head, checkpoints)."""
+        return (
+            await self._store.audit_anchor(),
+            await self._store.audit_head(),
+            await self._store.list_checkpoints(),
+        )
+
+    async def prune_audit(self, through_seq: int) -> int:
+        """Drop records an operator archived; a signed checkpoint must sit at ``through_seq``,
+        so what remains still verifies from an authenticated anchor."""
+        checkpoints = {c.seq for c in await self._store.list_checkpoints()}
+        if through_seq not in checkpoints:
+            raise FailedPrecondition(
+                f"checkpoint the chain at {through_seq} (and archive it) before pruning",
+                reason="NO_CHECKPOINT",
+            )
+        removed = await self._store.prune_audit(through_seq)
+        await self._store.append_audit(
+            [
+                self._event(
+                    "audit.pruned",
+                    actor=OPERATOR,
+                    details={"through_seq": through_seq, "removed": removed},
+                )
+            ]
+        )
+        return removed
+
+    def _event(
+        self,
+        kind: str,
+        *,
+        actor: str,
+        subject: str = "",
+        task_id: str = "",
+        decision_id: str = "",
+        details: Mapping[str, object] | None = None,
+    ) -> AuditEvent:
+        return AuditEvent(
+            kind=kind,
+            time=self._clock.now(),
+            actor=actor,
+            subject=subject,
+            task_id=task_id,
+            decision_id=decision_id,
+            details=dict(details or {}),
+        )
+
+    def _x509_event(
+        self, kind: str, svid: X509Svid, identity: Identity, caller: Caller | None = None
+    ) -> AuditEvent:
+        return self._event(
+            kind,
+            actor=caller.spiffe_id.uri if caller else AUTHORITY,
+            subject=svid.spiffe_id.uri,
+            details={
+                "serial": svid.serial_hex,
+                "identity_id": identity.id,
+                "entry_id": identity.entry_id,
+                "not_after": svid.expires_at.isoformat(),
+                "dns_names": list(identity.dns_names),
+            },
+        )
 
 
 def _issued(svid: X509Svid, identity: Identity) -> IssuedX509:

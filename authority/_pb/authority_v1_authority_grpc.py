@@ -175,6 +175,22 @@ class AdminBase(abc.ABC):
     async def UnregisterAttestor(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.UnregisterAttestorRequest, authority_v1_authority_pb2.UnregisterAttestorResponse]') -> None:
         pass
 
+    @abc.abstractmethod
+    async def ExportAudit(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.ExportAuditRequest, authority_v1_authority_pb2.AuditRecord]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def GetAuditInfo(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.GetAuditInfoRequest, authority_v1_authority_pb2.AuditInfo]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def CheckpointAudit(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.CheckpointAuditRequest, authority_v1_authority_pb2.AuditCheckpoint]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def PruneAudit(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.PruneAuditRequest, authority_v1_authority_pb2.PruneAuditResponse]') -> None:
+        pass
+
     def __mapping__(self) -> typing.Dict[str, grpclib.const.Handler]:
         return {
             '/authority.v1.Admin/CreateEntry': grpclib.const.Handler(
@@ -254,6 +270,30 @@ class AdminBase(abc.ABC):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 authority_v1_authority_pb2.UnregisterAttestorRequest,
                 authority_v1_authority_pb2.UnregisterAttestorResponse,
+            ),
+            '/authority.v1.Admin/ExportAudit': grpclib.const.Handler(
+                self.ExportAudit,
+                grpclib.const.Cardinality.UNARY_STREAM,
+                authority_v1_authority_pb2.ExportAuditRequest,
+                authority_v1_authority_pb2.AuditRecord,
+            ),
+            '/authority.v1.Admin/GetAuditInfo': grpclib.const.Handler(
+                self.GetAuditInfo,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                authority_v1_authority_pb2.GetAuditInfoRequest,
+                authority_v1_authority_pb2.AuditInfo,
+            ),
+            '/authority.v1.Admin/CheckpointAudit': grpclib.const.Handler(
+                self.CheckpointAudit,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                authority_v1_authority_pb2.CheckpointAuditRequest,
+                authority_v1_authority_pb2.AuditCheckpoint,
+            ),
+            '/authority.v1.Admin/PruneAudit': grpclib.const.Handler(
+                self.PruneAudit,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                authority_v1_authority_pb2.PruneAuditRequest,
+                authority_v1_authority_pb2.PruneAuditResponse,
             ),
         }
 
@@ -338,4 +378,28 @@ class AdminStub:
             '/authority.v1.Admin/UnregisterAttestor',
             authority_v1_authority_pb2.UnregisterAttestorRequest,
             authority_v1_authority_pb2.UnregisterAttestorResponse,
+        )
+        self.ExportAudit = grpclib.client.UnaryStreamMethod(
+            channel,
+            '/authority.v1.Admin/ExportAudit',
+            authority_v1_authority_pb2.ExportAuditRequest,
+            authority_v1_authority_pb2.AuditRecord,
+        )
+        self.GetAuditInfo = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/authority.v1.Admin/GetAuditInfo',
+            authority_v1_authority_pb2.GetAuditInfoRequest,
+            authority_v1_authority_pb2.AuditInfo,
+        )
+        self.CheckpointAudit = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/authority.v1.Admin/CheckpointAudit',
+            authority_v1_authority_pb2.CheckpointAuditRequest,
+            authority_v1_authority_pb2.AuditCheckpoint,
+        )
+        self.PruneAudit = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/authority.v1.Admin/PruneAudit',
+            authority_v1_authority_pb2.PruneAuditRequest,
+            authority_v1_authority_pb2.PruneAuditResponse,
         )

@@ -914,3 +914,220 @@ class UnregisterAttestorResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UnregisterAttestorResponse: _TypeAlias = UnregisterAttestorResponse  # noqa: Y015
+
+@_typing.final
+class AuditRecord(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    TIME_US_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    DECISION_ID_FIELD_NUMBER: _builtins.int
+    DETAILS_JSON_FIELD_NUMBER: _builtins.int
+    PREV_HASH_FIELD_NUMBER: _builtins.int
+    HASH_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    time_us: _builtins.int
+    kind: _builtins.str
+    actor: _builtins.str
+    subject: _builtins.str
+    task_id: _builtins.str
+    decision_id: _builtins.str
+    details_json: _builtins.str
+    prev_hash: _builtins.str
+    hash: _builtins.str
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        time_us: _builtins.int = ...,
+        kind: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        decision_id: _builtins.str = ...,
+        details_json: _builtins.str = ...,
+        prev_hash: _builtins.str = ...,
+        hash: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "decision_id", b"decision_id", "details_json", b"details_json", "hash", b"hash", "kind", b"kind", "prev_hash", b"prev_hash", "seq", b"seq", "subject", b"subject", "task_id", b"task_id", "time_us", b"time_us"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditRecord: _TypeAlias = AuditRecord  # noqa: Y015
+
+@_typing.final
+class ExportAuditRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    TASK_IDS_FIELD_NUMBER: _builtins.int
+    FOLLOW_FIELD_NUMBER: _builtins.int
+    SINCE_TIME_US_FIELD_NUMBER: _builtins.int
+    after_seq: _builtins.int
+    follow: _builtins.bool
+    """keep the stream open and send new records as they commit"""
+    since_time_us: _builtins.int
+    """only records at or after this time"""
+    @_builtins.property
+    def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """only these tasks' records"""
+
+    def __init__(
+        self,
+        *,
+        after_seq: _builtins.int = ...,
+        task_ids: _abc.Iterable[_builtins.str] | None = ...,
+        follow: _builtins.bool = ...,
+        since_time_us: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "follow", b"follow", "since_time_us", b"since_time_us", "task_ids", b"task_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportAuditRequest: _TypeAlias = ExportAuditRequest  # noqa: Y015
+
+@_typing.final
+class AuditCheckpoint(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    HASH_FIELD_NUMBER: _builtins.int
+    JWS_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    hash: _builtins.str
+    jws: _builtins.str
+    """signed by a JWT authority key of the bundle"""
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        hash: _builtins.str = ...,
+        jws: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hash", b"hash", "jws", b"jws", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditCheckpoint: _TypeAlias = AuditCheckpoint  # noqa: Y015
+
+@_typing.final
+class GetAuditInfoRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAuditInfoRequest: _TypeAlias = GetAuditInfoRequest  # noqa: Y015
+
+@_typing.final
+class AuditInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ANCHOR_SEQ_FIELD_NUMBER: _builtins.int
+    ANCHOR_PREV_HASH_FIELD_NUMBER: _builtins.int
+    HEAD_SEQ_FIELD_NUMBER: _builtins.int
+    HEAD_HASH_FIELD_NUMBER: _builtins.int
+    CHECKPOINTS_FIELD_NUMBER: _builtins.int
+    JWKS_JSON_FIELD_NUMBER: _builtins.int
+    anchor_seq: _builtins.int
+    """the first record kept (1 until records are archived)"""
+    anchor_prev_hash: _builtins.str
+    """the hash that record chains to"""
+    head_seq: _builtins.int
+    head_hash: _builtins.str
+    jwks_json: _builtins.bytes
+    """the bundle's JWK Set, to check checkpoints"""
+    @_builtins.property
+    def checkpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditCheckpoint]: ...
+    def __init__(
+        self,
+        *,
+        anchor_seq: _builtins.int = ...,
+        anchor_prev_hash: _builtins.str = ...,
+        head_seq: _builtins.int = ...,
+        head_hash: _builtins.str = ...,
+        checkpoints: _abc.Iterable[Global___AuditCheckpoint] | None = ...,
+        jwks_json: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anchor_prev_hash", b"anchor_prev_hash", "anchor_seq", b"anchor_seq", "checkpoints", b"checkpoints", "head_hash", b"head_hash", "head_seq", b"head_seq", "jwks_json", b"jwks_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditInfo: _TypeAlias = AuditInfo  # noqa: Y015
+
+@_typing.final
+class CheckpointAuditRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    """0: the head"""
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckpointAuditRequest: _TypeAlias = CheckpointAuditRequest  # noqa: Y015
+
+@_typing.final
+class PruneAuditRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THROUGH_SEQ_FIELD_NUMBER: _builtins.int
+    through_seq: _builtins.int
+    """a signed checkpoint must exist at exactly this seq"""
+    def __init__(
+        self,
+        *,
+        through_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["through_seq", b"through_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PruneAuditRequest: _TypeAlias = PruneAuditRequest  # noqa: Y015
+
+@_typing.final
+class PruneAuditResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REMOVED_FIELD_NUMBER: _builtins.int
+    removed: _builtins.int
+    def __init__(
+        self,
+        *,
+        removed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["removed", b"removed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PruneAuditResponse: _TypeAlias = PruneAuditResponse  # noqa: Y015

@@ -410,6 +410,26 @@ class AdminStub:
                 request_serializer=authority_dot_v1_dot_authority__pb2.UnregisterAttestorRequest.SerializeToString,
                 response_deserializer=authority_dot_v1_dot_authority__pb2.UnregisterAttestorResponse.FromString,
                 _registered_method=True)
+        self.ExportAudit = channel.unary_stream(
+                '/authority.v1.Admin/ExportAudit',
+                request_serializer=authority_dot_v1_dot_authority__pb2.ExportAuditRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.AuditRecord.FromString,
+                _registered_method=True)
+        self.GetAuditInfo = channel.unary_unary(
+                '/authority.v1.Admin/GetAuditInfo',
+                request_serializer=authority_dot_v1_dot_authority__pb2.GetAuditInfoRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.AuditInfo.FromString,
+                _registered_method=True)
+        self.CheckpointAudit = channel.unary_unary(
+                '/authority.v1.Admin/CheckpointAudit',
+                request_serializer=authority_dot_v1_dot_authority__pb2.CheckpointAuditRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.AuditCheckpoint.FromString,
+                _registered_method=True)
+        self.PruneAudit = channel.unary_unary(
+                '/authority.v1.Admin/PruneAudit',
+                request_serializer=authority_dot_v1_dot_authority__pb2.PruneAuditRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.PruneAuditResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -499,6 +519,32 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportAudit(self, request, context):
+        """The audit chain: records in order (optionally one task's, optionally following new ones),
+        the chain's anchor and checkpoints, a checkpoint on demand, and pruning after an archive.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAuditInfo(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckpointAudit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PruneAudit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -566,6 +612,26 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.UnregisterAttestor,
                     request_deserializer=authority_dot_v1_dot_authority__pb2.UnregisterAttestorRequest.FromString,
                     response_serializer=authority_dot_v1_dot_authority__pb2.UnregisterAttestorResponse.SerializeToString,
+            ),
+            'ExportAudit': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportAudit,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.ExportAuditRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.AuditRecord.SerializeToString,
+            ),
+            'GetAuditInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAuditInfo,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.GetAuditInfoRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.AuditInfo.SerializeToString,
+            ),
+            'CheckpointAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckpointAudit,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.CheckpointAuditRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.AuditCheckpoint.SerializeToString,
+            ),
+            'PruneAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.PruneAudit,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.PruneAuditRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.PruneAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -923,6 +989,114 @@ class Admin:
             '/authority.v1.Admin/UnregisterAttestor',
             authority_dot_v1_dot_authority__pb2.UnregisterAttestorRequest.SerializeToString,
             authority_dot_v1_dot_authority__pb2.UnregisterAttestorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/authority.v1.Admin/ExportAudit',
+            authority_dot_v1_dot_authority__pb2.ExportAuditRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.AuditRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAuditInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authority.v1.Admin/GetAuditInfo',
+            authority_dot_v1_dot_authority__pb2.GetAuditInfoRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.AuditInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckpointAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authority.v1.Admin/CheckpointAudit',
+            authority_dot_v1_dot_authority__pb2.CheckpointAuditRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.AuditCheckpoint.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PruneAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authority.v1.Admin/PruneAudit',
+            authority_dot_v1_dot_authority__pb2.PruneAuditRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.PruneAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -161,6 +161,13 @@ class AdminStub:
     ListAttestors: _grpc.UnaryUnaryMultiCallable[_authority_pb2.ListAttestorsRequest, _authority_pb2.ListAttestorsResponse]
     GetAttestor: _grpc.UnaryUnaryMultiCallable[_authority_pb2.GetAttestorRequest, _authority_pb2.AttestorInstance]
     UnregisterAttestor: _grpc.UnaryUnaryMultiCallable[_authority_pb2.UnregisterAttestorRequest, _authority_pb2.UnregisterAttestorResponse]
+    ExportAudit: _grpc.UnaryStreamMultiCallable[_authority_pb2.ExportAuditRequest, _authority_pb2.AuditRecord]
+    """The audit chain: records in order (optionally one task's, optionally following new ones),
+    the chain's anchor and checkpoints, a checkpoint on demand, and pruning after an archive.
+    """
+    GetAuditInfo: _grpc.UnaryUnaryMultiCallable[_authority_pb2.GetAuditInfoRequest, _authority_pb2.AuditInfo]
+    CheckpointAudit: _grpc.UnaryUnaryMultiCallable[_authority_pb2.CheckpointAuditRequest, _authority_pb2.AuditCheckpoint]
+    PruneAudit: _grpc.UnaryUnaryMultiCallable[_authority_pb2.PruneAuditRequest, _authority_pb2.PruneAuditResponse]
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -186,6 +193,13 @@ class AdminAsyncStub(AdminStub):
     ListAttestors: _aio.UnaryUnaryMultiCallable[_authority_pb2.ListAttestorsRequest, _authority_pb2.ListAttestorsResponse]  # type: ignore[assignment]
     GetAttestor: _aio.UnaryUnaryMultiCallable[_authority_pb2.GetAttestorRequest, _authority_pb2.AttestorInstance]  # type: ignore[assignment]
     UnregisterAttestor: _aio.UnaryUnaryMultiCallable[_authority_pb2.UnregisterAttestorRequest, _authority_pb2.UnregisterAttestorResponse]  # type: ignore[assignment]
+    ExportAudit: _aio.UnaryStreamMultiCallable[_authority_pb2.ExportAuditRequest, _authority_pb2.AuditRecord]  # type: ignore[assignment]
+    """The audit chain: records in order (optionally one task's, optionally following new ones),
+    the chain's anchor and checkpoints, a checkpoint on demand, and pruning after an archive.
+    """
+    GetAuditInfo: _aio.UnaryUnaryMultiCallable[_authority_pb2.GetAuditInfoRequest, _authority_pb2.AuditInfo]  # type: ignore[assignment]
+    CheckpointAudit: _aio.UnaryUnaryMultiCallable[_authority_pb2.CheckpointAuditRequest, _authority_pb2.AuditCheckpoint]  # type: ignore[assignment]
+    PruneAudit: _aio.UnaryUnaryMultiCallable[_authority_pb2.PruneAuditRequest, _authority_pb2.PruneAuditResponse]  # type: ignore[assignment]
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------------------------------------
@@ -286,5 +300,36 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _authority_pb2.UnregisterAttestorRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_authority_pb2.UnregisterAttestorResponse, _abc.Awaitable[_authority_pb2.UnregisterAttestorResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ExportAudit(
+        self,
+        request: _authority_pb2.ExportAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_authority_pb2.AuditRecord], _abc.AsyncIterator[_authority_pb2.AuditRecord]]:
+        """The audit chain: records in order (optionally one task's, optionally following new ones),
+        the chain's anchor and checkpoints, a checkpoint on demand, and pruning after an archive.
+        """
+
+    @_abc_1.abstractmethod
+    def GetAuditInfo(
+        self,
+        request: _authority_pb2.GetAuditInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authority_pb2.AuditInfo, _abc.Awaitable[_authority_pb2.AuditInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def CheckpointAudit(
+        self,
+        request: _authority_pb2.CheckpointAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authority_pb2.AuditCheckpoint, _abc.Awaitable[_authority_pb2.AuditCheckpoint]]: ...
+
+    @_abc_1.abstractmethod
+    def PruneAudit(
+        self,
+        request: _authority_pb2.PruneAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authority_pb2.PruneAuditResponse, _abc.Awaitable[_authority_pb2.PruneAuditResponse]]: ...
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

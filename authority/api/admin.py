@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -11,8 +13,10 @@ from authority._pb import authority_v1_authority_pb2 as pb
 from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
 from authority.api.convert import (
     attestor_to_pb,
+    audit_record_to_pb,
     authority_to_pb,
     bundle_to_pb,
+    checkpoint_to_pb,
     entry_to_pb,
     seconds,
     selectors_from_pb,
@@ -20,12 +24,15 @@ from authority.api.convert import (
 )
 from authority.api.status import rpc
 from authority.attestation import parse_config
+from authority.errors import FailedPrecondition
 from authority.service import Authority
 
 log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 ADMIN_SERVICE = "authority.v1.Admin"
+AUDIT_PAGE = 1000
+FOLLOW_POLL_SECONDS = 0.2
 
 
 class AdminService(pb_grpc.AdminServicer):
@@ -125,6 +132,53 @@ class AdminService(pb_grpc.AdminServicer):
     ) -> pb.UnregisterAttestorResponse:
         await self._authority.attestors.unregister(request.name)
         return pb.UnregisterAttestorResponse()
+
+    async def ExportAudit(
+        self, request: pb.ExportAuditRequest, context: Context
+    ) -> AsyncIterator[pb.AuditRecord]:
+        after = request.after_seq
+        tasks = list(request.task_ids)
+        while True:
+            batch = await self._authority.audit_records(after_seq=after, task_ids=tasks)
+            for record in batch:
+                after = record.seq
+                if record.time_us >= request.since_time_us:
+                    yield audit_record_to_pb(record)
+            if len(batch) < AUDIT_PAGE:
+                if not request.follow:
+                    return
+                await asyncio.sleep(FOLLOW_POLL_SECONDS)
+
+    @rpc
+    async def GetAuditInfo(self, request: pb.GetAuditInfoRequest, context: Context) -> pb.AuditInfo:
+        (
+            (anchor_seq, anchor_hash),
+            (head_seq, head_hash),
+            checkpoints,
+        ) = await self._authority.audit_info()
+        return pb.AuditInfo(
+            anchor_seq=anchor_seq,
+            anchor_prev_hash=anchor_hash,
+            head_seq=head_seq,
+            head_hash=head_hash,
+            checkpoints=[checkpoint_to_pb(c) for c in checkpoints],
+            jwks_json=self._authority.ca.bundle().jwks_json(),
+        )
+
+    @rpc
+    async def CheckpointAudit(
+        self, request: pb.CheckpointAuditRequest, context: Context
+    ) -> pb.AuditCheckpoint:
+        checkpoint = await self._authority.checkpoint(request.seq or None)
+        if checkpoint is None:
+            raise FailedPrecondition("the audit chain is empty", reason="AUDIT_EMPTY")
+        return checkpoint_to_pb(checkpoint)
+
+    @rpc
+    async def PruneAudit(
+        self, request: pb.PruneAuditRequest, context: Context
+    ) -> pb.PruneAuditResponse:
+        return pb.PruneAuditResponse(removed=await self._authority.prune_audit(request.through_seq))
 
     @rpc
     async def ListAuthorities(

@@ -7,6 +7,7 @@ import datetime as dt
 from cryptography.hazmat.primitives import serialization
 
 from authority._pb import authority_v1_authority_pb2 as pb
+from authority.audit import AuditRecord, Checkpoint
 from authority.bundle import TrustBundle
 from authority.models import AttestorInstance, AuthorityKeyInfo, RegistrationEntry, Selector
 from authority.svid import X509Svid
@@ -79,3 +80,41 @@ def attestor_to_pb(record: AttestorInstance) -> pb.AttestorInstance:
         created_at=ts(record.created_at),
         updated_at=ts(record.updated_at),
     )
+
+
+def audit_record_to_pb(record: AuditRecord) -> pb.AuditRecord:
+    return pb.AuditRecord(
+        seq=record.seq,
+        time_us=record.time_us,
+        kind=record.kind,
+        actor=record.actor,
+        subject=record.subject,
+        task_id=record.task_id,
+        decision_id=record.decision_id,
+        details_json=record.details_json,
+        prev_hash=record.prev_hash,
+        hash=record.hash,
+    )
+
+
+def audit_record_from_pb(msg: pb.AuditRecord) -> AuditRecord:
+    return AuditRecord(
+        seq=msg.seq,
+        time_us=msg.time_us,
+        kind=msg.kind,
+        actor=msg.actor,
+        subject=msg.subject,
+        task_id=msg.task_id,
+        decision_id=msg.decision_id,
+        details_json=msg.details_json,
+        prev_hash=msg.prev_hash,
+        hash=msg.hash,
+    )
+
+
+def checkpoint_to_pb(checkpoint: Checkpoint) -> pb.AuditCheckpoint:
+    return pb.AuditCheckpoint(seq=checkpoint.seq, hash=checkpoint.hash, jws=checkpoint.jws)
+
+
+def checkpoint_from_pb(msg: pb.AuditCheckpoint) -> Checkpoint:
+    return Checkpoint(msg.seq, msg.hash, msg.jws)

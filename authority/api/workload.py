@@ -115,7 +115,7 @@ class WorkloadService(pb_grpc.WorkloadServicer):
         self, request: pb.FetchJWTSVIDRequest, context: Context
     ) -> pb.FetchJWTSVIDResponse:
         caller = await self._caller(context)
-        svid = self._authority.fetch_jwt(
+        svid = await self._authority.fetch_jwt(
             caller, list(request.audience), seconds(request.ttl_seconds)
         )
         return pb.FetchJWTSVIDResponse(

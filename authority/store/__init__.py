@@ -3,6 +3,10 @@
 Every method is a coroutine; a backend may batch concurrent writes into one durable commit.
 A method that returns has made its write durable. Times must be timezone-aware.
 
+Every method that changes state takes ``audit``: events appended to the audit chain in the same
+transaction as the change, so that the change and its record commit together or not at all (a
+delete that found nothing records nothing).
+
 Errors every method may raise: ``Unavailable`` (STORE_CLOSED, STORE_ERROR); opening a database
 whose schema is newer than the code: ``FailedPrecondition`` (STORE_SCHEMA_TOO_NEW).
 """
@@ -10,8 +14,10 @@ whose schema is newer than the code: ``FailedPrecondition`` (STORE_SCHEMA_TOO_NE
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from typing import Protocol
 
+from authority.audit import AuditEvent, AuditRecord, Checkpoint
 from authority.models import (
     AttestorInstance,
     AuthorityKeyInfo,
@@ -29,12 +35,20 @@ class Store(Protocol):
     # --- signing keys (public metadata) and the bundle's sequence number ---
     async def list_authority_keys(self) -> list[AuthorityKeyInfo]: ...
 
-    async def put_authority_keys(self, keys: list[AuthorityKeyInfo], *, bump_sequence: bool) -> int:
+    async def put_authority_keys(
+        self,
+        keys: list[AuthorityKeyInfo],
+        *,
+        bump_sequence: bool,
+        audit: Sequence[AuditEvent] = (),
+    ) -> int:
         """Insert or replace these keys in one transaction; return the bundle sequence after it
         (incremented by one when ``bump_sequence``)."""
         ...
 
-    async def delete_authority_key(self, kind: KeyKind, key_id: str) -> int:
+    async def delete_authority_key(
+        self, kind: KeyKind, key_id: str, *, audit: Sequence[AuditEvent] = ()
+    ) -> int:
         """Remove a key; increments and returns the bundle sequence. NotFound (KEY_NOT_FOUND)
         for an unknown key, without touching the sequence."""
         ...
@@ -42,7 +56,9 @@ class Store(Protocol):
     async def bundle_sequence(self) -> int: ...
 
     # --- registration entries ---
-    async def create_entry(self, entry: RegistrationEntry) -> None:
+    async def create_entry(
+        self, entry: RegistrationEntry, *, audit: Sequence[AuditEvent] = ()
+    ) -> None:
         """Raises AlreadyExists if an entry with the same id, or the same SPIFFE ID and the same
         selectors, exists."""
         ...
@@ -51,20 +67,30 @@ class Store(Protocol):
 
     async def list_entries(self) -> list[RegistrationEntry]: ...
 
-    async def delete_entry(self, entry_id: str) -> bool: ...
+    async def delete_entry(self, entry_id: str, *, audit: Sequence[AuditEvent] = ()) -> bool: ...
 
     # --- join tokens (stored by digest only) ---
-    async def create_join_token(self, token: JoinToken) -> None:
+    async def create_join_token(
+        self, token: JoinToken, *, audit: Sequence[AuditEvent] = ()
+    ) -> None:
         """AlreadyExists (JOIN_TOKEN_EXISTS) for a digest already stored."""
         ...
 
-    async def consume_join_token(self, token_id: str, now: dt.datetime) -> JoinToken:
+    async def consume_join_token(
+        self, token_id: str, now: dt.datetime, *, audit: Sequence[AuditEvent] = ()
+    ) -> JoinToken:
         """Atomically mark the token used and return it as it was before. Raises
         Unauthenticated (reason JOIN_TOKEN_UNKNOWN, JOIN_TOKEN_USED or JOIN_TOKEN_EXPIRED)."""
         ...
 
     # --- attested identities and the X.509-SVIDs issued to them ---
-    async def record_issuance(self, identity: Identity | None, issued: list[IssuedX509]) -> None:
+    async def record_issuance(
+        self,
+        identity: Identity | None,
+        issued: list[IssuedX509],
+        *,
+        audit: Sequence[AuditEvent] = (),
+    ) -> None:
         """Store a new identity (when given) and the SVIDs issued for it, in one transaction.
         AlreadyExists (IDENTITY_EXISTS, SERIAL_EXISTS); FailedPrecondition (IDENTITY_UNKNOWN)
         when no identity is given and an SVID names one not stored; InvalidArgument when an
@@ -74,17 +100,46 @@ class Store(Protocol):
     async def find_issued_x509(self, serial: str) -> tuple[IssuedX509, Identity] | None: ...
 
     # --- attestor instances ---
-    async def create_attestor(self, instance: AttestorInstance) -> None:
+    async def create_attestor(
+        self, instance: AttestorInstance, *, audit: Sequence[AuditEvent] = ()
+    ) -> None:
         """AlreadyExists (ATTESTOR_EXISTS) when the name is taken."""
         ...
 
-    async def update_attestor(self, instance: AttestorInstance) -> None:
+    async def update_attestor(
+        self, instance: AttestorInstance, *, audit: Sequence[AuditEvent] = ()
+    ) -> None:
         """NotFound (ATTESTOR_NOT_FOUND) when no instance has the name."""
         ...
 
     async def list_attestors(self) -> list[AttestorInstance]: ...
 
-    async def delete_attestor(self, name: str) -> bool: ...
+    async def delete_attestor(self, name: str, *, audit: Sequence[AuditEvent] = ()) -> bool: ...
+
+    # --- the audit chain ---
+    async def append_audit(self, events: Sequence[AuditEvent]) -> list[AuditRecord]:
+        """Append records for events that change nothing else (a refusal, a JWT issued)."""
+        ...
+
+    async def audit_records(
+        self, *, after_seq: int = 0, limit: int = 10_000, task_ids: Sequence[str] = ()
+    ) -> list[AuditRecord]: ...
+
+    async def audit_head(self) -> tuple[int, str]:
+        """(seq, hash) of the last record; (anchor seq - 1, anchor hash) when there is none."""
+        ...
+
+    async def audit_anchor(self) -> tuple[int, str]:
+        """(first kept seq, the hash it chains to): (1, GENESIS) until records are archived."""
+        ...
+
+    async def put_checkpoint(self, checkpoint: Checkpoint) -> None: ...
+
+    async def list_checkpoints(self) -> list[Checkpoint]: ...
+
+    async def prune_audit(self, through_seq: int) -> int:
+        """Delete records up to ``through_seq`` (archived elsewhere) and move the anchor."""
+        ...
 
     # --- single-use keys (nonces, token ids) ---
     async def claim_once(

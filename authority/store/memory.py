@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from collections.abc import Sequence
 from typing import Final
 
+from authority.audit import GENESIS, AuditEvent, AuditRecord, Checkpoint, chain
 from authority.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -60,6 +62,19 @@ class MemoryStore:
             "join_token": AttestorInstance("join_token", "join_token", "{}", now, now)
         }
         self._claims: dict[tuple[str, str], dt.datetime] = {}
+        self._audit: list[AuditRecord] = []
+        self._anchor: tuple[int, str] = (1, GENESIS)
+        self._checkpoints: dict[int, Checkpoint] = {}
+
+    def _append(self, events: Sequence[AuditEvent]) -> list[AuditRecord]:
+        seq, prev = (self._audit[-1].seq + 1, self._audit[-1].hash) if self._audit else self._anchor
+        out = []
+        for event in events:
+            record = chain(event, seq, prev)
+            self._audit.append(record)
+            out.append(record)
+            seq, prev = seq + 1, record.hash
+        return out
 
     def _check_open(self) -> None:
         if self._closed:
@@ -74,7 +89,9 @@ class MemoryStore:
         self._check_open()
         return sorted(self._keys.values(), key=lambda k: (k.kind.value, k.not_before, k.key_id))
 
-    async def put_authority_keys(self, keys: list[AuthorityKeyInfo], *, bump_sequence: bool) -> int:
+    async def _put_authority_keys(
+        self, keys: list[AuthorityKeyInfo], *, bump_sequence: bool
+    ) -> int:
         self._check_open()
         stored = [
             dataclasses.replace(key, not_before=_utc(key.not_before), not_after=_utc(key.not_after))
@@ -86,7 +103,7 @@ class MemoryStore:
             self._sequence += 1
         return self._sequence
 
-    async def delete_authority_key(self, kind: KeyKind, key_id: str) -> int:
+    async def _delete_authority_key(self, kind: KeyKind, key_id: str) -> int:
         self._check_open()
         if self._keys.pop((kind, key_id), None) is None:
             raise NotFound(f"no {kind.value} key {key_id!r}", reason="KEY_NOT_FOUND")
@@ -99,7 +116,7 @@ class MemoryStore:
 
     # --- registration entries ---
 
-    async def create_entry(self, entry: RegistrationEntry) -> None:
+    async def _create_entry(self, entry: RegistrationEntry) -> None:
         self._check_open()
         entry = dataclasses.replace(entry, created_at=_utc(entry.created_at))
         if entry.id in self._entries:
@@ -122,7 +139,7 @@ class MemoryStore:
         self._check_open()
         return sorted(self._entries.values(), key=lambda e: (e.created_at, e.id))
 
-    async def delete_entry(self, entry_id: str) -> bool:
+    async def _delete_entry(self, entry_id: str) -> bool:
         self._check_open()
         entry = self._entries.pop(entry_id, None)
         if entry is None:
@@ -132,7 +149,7 @@ class MemoryStore:
 
     # --- join tokens ---
 
-    async def create_join_token(self, token: JoinToken) -> None:
+    async def _create_join_token(self, token: JoinToken) -> None:
         self._check_open()
         token = dataclasses.replace(
             token,
@@ -146,7 +163,7 @@ class MemoryStore:
             )
         self._tokens[token.token_id] = token
 
-    async def consume_join_token(self, token_id: str, now: dt.datetime) -> JoinToken:
+    async def _consume_join_token(self, token_id: str, now: dt.datetime) -> JoinToken:
         self._check_open()
         now = _utc(now)
         token = self._tokens.get(token_id)
@@ -167,7 +184,7 @@ class MemoryStore:
 
     # --- identities and issued X.509-SVIDs ---
 
-    async def record_issuance(self, identity: Identity | None, issued: list[IssuedX509]) -> None:
+    async def _record_issuance(self, identity: Identity | None, issued: list[IssuedX509]) -> None:
         self._check_open()
         # Check everything first: the write is all or nothing.
         if identity is not None:
@@ -210,7 +227,7 @@ class MemoryStore:
 
     # --- attestor instances ---
 
-    async def create_attestor(self, instance: AttestorInstance) -> None:
+    async def _create_attestor(self, instance: AttestorInstance) -> None:
         self._check_open()
         if instance.name in self._attestors:
             raise AlreadyExists(
@@ -218,7 +235,7 @@ class MemoryStore:
             )
         self._attestors[instance.name] = _attestor_utc(instance)
 
-    async def update_attestor(self, instance: AttestorInstance) -> None:
+    async def _update_attestor(self, instance: AttestorInstance) -> None:
         self._check_open()
         current = self._attestors.get(instance.name)
         if current is None:
@@ -231,7 +248,7 @@ class MemoryStore:
         self._check_open()
         return [self._attestors[name] for name in sorted(self._attestors)]
 
-    async def delete_attestor(self, name: str) -> bool:
+    async def _delete_attestor(self, name: str) -> bool:
         self._check_open()
         return self._attestors.pop(name, None) is not None
 
@@ -273,6 +290,124 @@ class MemoryStore:
         for claim in claims:
             del self._claims[claim]
         return count + len(claims)
+
+    # --- audit ---
+
+    async def append_audit(self, events: Sequence[AuditEvent]) -> list[AuditRecord]:
+        self._check_open()
+        return self._append(events)
+
+    async def audit_records(
+        self, *, after_seq: int = 0, limit: int = 10_000, task_ids: Sequence[str] = ()
+    ) -> list[AuditRecord]:
+        self._check_open()
+        wanted = set(task_ids)
+        found = [
+            r for r in self._audit if r.seq > after_seq and (not wanted or r.task_id in wanted)
+        ]
+        return found[:limit]
+
+    async def audit_head(self) -> tuple[int, str]:
+        self._check_open()
+        if self._audit:
+            return self._audit[-1].seq, self._audit[-1].hash
+        return self._anchor[0] - 1, self._anchor[1]
+
+    async def audit_anchor(self) -> tuple[int, str]:
+        self._check_open()
+        return self._anchor
+
+    async def put_checkpoint(self, checkpoint: Checkpoint) -> None:
+        self._check_open()
+        self._checkpoints[checkpoint.seq] = checkpoint
+
+    async def list_checkpoints(self) -> list[Checkpoint]:
+        self._check_open()
+        return [self._checkpoints[seq] for seq in sorted(self._checkpoints)]
+
+    async def prune_audit(self, through_seq: int) -> int:
+        self._check_open()
+        kept = [r for r in self._audit if r.seq > through_seq]
+        last = [r for r in self._audit if r.seq == through_seq]
+        if not last:
+            raise NotFound(f"no audit record {through_seq}", reason="AUDIT_RECORD_NOT_FOUND")
+        removed = len(self._audit) - len(kept)
+        self._audit = kept
+        self._anchor = (through_seq + 1, last[0].hash)
+        return removed
+
+    # --- audited changes: the change, then its records ---
+
+    async def put_authority_keys(
+        self,
+        keys: list[AuthorityKeyInfo],
+        *,
+        bump_sequence: bool,
+        audit: Sequence[AuditEvent] = (),
+    ) -> int:
+        result = await self._put_authority_keys(keys, bump_sequence=bump_sequence)
+        self._append(audit)
+        return result
+
+    async def delete_authority_key(
+        self, kind: KeyKind, key_id: str, *, audit: Sequence[AuditEvent] = ()
+    ) -> int:
+        result = await self._delete_authority_key(kind, key_id)
+        self._append(audit)
+        return result
+
+    async def create_entry(
+        self, entry: RegistrationEntry, *, audit: Sequence[AuditEvent] = ()
+    ) -> None:
+        await self._create_entry(entry)
+        self._append(audit)
+
+    async def delete_entry(self, entry_id: str, *, audit: Sequence[AuditEvent] = ()) -> bool:
+        result = await self._delete_entry(entry_id)
+        if result:
+            self._append(audit)
+        return result
+
+    async def create_join_token(
+        self, token: JoinToken, *, audit: Sequence[AuditEvent] = ()
+    ) -> None:
+        await self._create_join_token(token)
+        self._append(audit)
+
+    async def consume_join_token(
+        self, token_id: str, now: dt.datetime, *, audit: Sequence[AuditEvent] = ()
+    ) -> JoinToken:
+        result = await self._consume_join_token(token_id, now)
+        self._append(audit)
+        return result
+
+    async def record_issuance(
+        self,
+        identity: Identity | None,
+        issued: list[IssuedX509],
+        *,
+        audit: Sequence[AuditEvent] = (),
+    ) -> None:
+        await self._record_issuance(identity, issued)
+        self._append(audit)
+
+    async def create_attestor(
+        self, instance: AttestorInstance, *, audit: Sequence[AuditEvent] = ()
+    ) -> None:
+        await self._create_attestor(instance)
+        self._append(audit)
+
+    async def update_attestor(
+        self, instance: AttestorInstance, *, audit: Sequence[AuditEvent] = ()
+    ) -> None:
+        await self._update_attestor(instance)
+        self._append(audit)
+
+    async def delete_attestor(self, name: str, *, audit: Sequence[AuditEvent] = ()) -> bool:
+        result = await self._delete_attestor(name)
+        if result:
+            self._append(audit)
+        return result
 
 
 def _attestor_utc(instance: AttestorInstance) -> AttestorInstance:

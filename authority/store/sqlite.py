@@ -25,11 +25,12 @@ import pathlib
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, TypeAlias, TypeVar
 
 from sqlite_utils import Database
 
+from authority.audit import GENESIS, AuditEvent, AuditRecord, Checkpoint, chain
 from authority.errors import (
     AlreadyExists,
     AuthorityError,
@@ -264,8 +265,62 @@ def _migration_2(db: Database) -> None:
     db.table("claims").create_index(["expires_at_us"], index_name="claims_by_expiry")
 
 
+def _migration_3(db: Database) -> None:
+    """The audit chain, its signed checkpoints, and the anchor left by archiving."""
+    db.create_table(
+        "audit",
+        {
+            "seq": int,
+            "time_us": int,
+            "kind": str,
+            "actor": str,
+            "subject": str,
+            "task_id": str,
+            "decision_id": str,
+            "details": str,
+            "prev_hash": str,
+            "hash": str,
+        },
+        pk="seq",
+        not_null={
+            "seq",
+            "time_us",
+            "kind",
+            "actor",
+            "subject",
+            "task_id",
+            "decision_id",
+            "details",
+            "prev_hash",
+            "hash",
+        },
+        strict=True,
+    )
+    db.table("audit").create_index(["task_id"], index_name="audit_by_task")
+    db.table("audit").create_index(["time_us"], index_name="audit_by_time")
+    db.create_table(
+        "audit_checkpoints",
+        {"seq": int, "hash": str, "jws": str},
+        pk="seq",
+        not_null={"seq", "hash", "jws"},
+        strict=True,
+    )
+    db.create_table(
+        "audit_anchor",
+        {"id": int, "seq": int, "prev_hash": str},
+        pk="id",
+        not_null={"id", "seq", "prev_hash"},
+        strict=True,
+    )
+    db.execute("INSERT INTO audit_anchor (id, seq, prev_hash) VALUES (1, 1, ?)", [GENESIS])
+
+
 # MIGRATIONS[n] takes the schema from version n to n + 1. Append only; never edit a shipped one.
-MIGRATIONS: Final[tuple[Callable[[Database], None], ...]] = (_migration_1, _migration_2)
+MIGRATIONS: Final[tuple[Callable[[Database], None], ...]] = (
+    _migration_1,
+    _migration_2,
+    _migration_3,
+)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
@@ -605,7 +660,9 @@ class SqliteStore:
         await asyncio.wrap_future(self._writer.done)
         self._writer.thread.join()
 
-    async def _run(self, fn: Callable[[Database], T]) -> T:
+    async def _run(self, fn: Callable[[Database], T], audit: Sequence[AuditEvent] = ()) -> T:
+        if audit:
+            fn = _with_audit(fn, audit)
         if self._closing:
             raise Unavailable("the store is closed", reason="STORE_CLOSED")
         loop = asyncio.get_running_loop()
@@ -622,7 +679,13 @@ class SqliteStore:
 
         return await self._run(job)
 
-    async def put_authority_keys(self, keys: list[AuthorityKeyInfo], *, bump_sequence: bool) -> int:
+    async def put_authority_keys(
+        self,
+        keys: list[AuthorityKeyInfo],
+        *,
+        bump_sequence: bool,
+        audit: Sequence[AuditEvent] = (),
+    ) -> int:
         params = [
             [
                 key.kind.value,
@@ -647,9 +710,11 @@ class SqliteStore:
                 )
             return _bump_sequence(db) if bump_sequence else _sequence(db)
 
-        return await self._run(job)
+        return await self._run(job, audit)
 
-    async def delete_authority_key(self, kind: KeyKind, key_id: str) -> int:
+    async def delete_authority_key(
+        self, kind: KeyKind, key_id: str, *, audit: Sequence[AuditEvent] = ()
+    ) -> int:
         def job(db: Database) -> int:
             cursor = db.execute(
                 "DELETE FROM authority_keys WHERE kind = ? AND key_id = ?", [kind.value, key_id]
@@ -658,14 +723,16 @@ class SqliteStore:
                 raise NotFound(f"no {kind.value} key {key_id!r}", reason="KEY_NOT_FOUND")
             return _bump_sequence(db)
 
-        return await self._run(job)
+        return await self._run(job, audit)
 
     async def bundle_sequence(self) -> int:
         return await self._run(_sequence)
 
     # --- registration entries ---
 
-    async def create_entry(self, entry: RegistrationEntry) -> None:
+    async def create_entry(
+        self, entry: RegistrationEntry, *, audit: Sequence[AuditEvent] = ()
+    ) -> None:
         row = [
             entry.id,
             entry.spiffe_id.uri,
@@ -694,7 +761,7 @@ class SqliteStore:
                 row,
             )
 
-        await self._run(job)
+        await self._run(job, audit)
 
     async def get_entry(self, entry_id: str) -> RegistrationEntry | None:
         def job(db: Database) -> RegistrationEntry | None:
@@ -710,15 +777,17 @@ class SqliteStore:
 
         return await self._run(job)
 
-    async def delete_entry(self, entry_id: str) -> bool:
+    async def delete_entry(self, entry_id: str, *, audit: Sequence[AuditEvent] = ()) -> bool:
         def job(db: Database) -> bool:
             return db.execute("DELETE FROM entries WHERE id = ?", [entry_id]).rowcount > 0
 
-        return await self._run(job)
+        return await self._run(job, audit)
 
     # --- join tokens ---
 
-    async def create_join_token(self, token: JoinToken) -> None:
+    async def create_join_token(
+        self, token: JoinToken, *, audit: Sequence[AuditEvent] = ()
+    ) -> None:
         row = [
             token.token_id,
             token.spiffe_id.uri,
@@ -742,9 +811,11 @@ class SqliteStore:
                 row,
             )
 
-        await self._run(job)
+        await self._run(job, audit)
 
-    async def consume_join_token(self, token_id: str, now: dt.datetime) -> JoinToken:
+    async def consume_join_token(
+        self, token_id: str, now: dt.datetime, *, audit: Sequence[AuditEvent] = ()
+    ) -> JoinToken:
         now_us = _instant(now)
 
         def job(db: Database) -> JoinToken:
@@ -766,11 +837,17 @@ class SqliteStore:
             )
             return _token_from_row(row)
 
-        return await self._run(job)
+        return await self._run(job, audit)
 
     # --- identities and issued X.509-SVIDs ---
 
-    async def record_issuance(self, identity: Identity | None, issued: list[IssuedX509]) -> None:
+    async def record_issuance(
+        self,
+        identity: Identity | None,
+        issued: list[IssuedX509],
+        *,
+        audit: Sequence[AuditEvent] = (),
+    ) -> None:
         _check_issuance(identity, issued)
         identity_row = None
         if identity is not None:
@@ -819,7 +896,7 @@ class SqliteStore:
                     row,
                 )
 
-        await self._run(job)
+        await self._run(job, audit)
 
     async def find_issued_x509(self, serial: str) -> tuple[IssuedX509, Identity] | None:
         def job(db: Database) -> tuple[IssuedX509, Identity] | None:
@@ -849,7 +926,9 @@ class SqliteStore:
 
     # --- attestor instances ---
 
-    async def create_attestor(self, instance: AttestorInstance) -> None:
+    async def create_attestor(
+        self, instance: AttestorInstance, *, audit: Sequence[AuditEvent] = ()
+    ) -> None:
         row = _attestor_row(instance)
 
         def job(db: Database) -> None:
@@ -863,9 +942,11 @@ class SqliteStore:
                 row,
             )
 
-        await self._run(job)
+        await self._run(job, audit)
 
-    async def update_attestor(self, instance: AttestorInstance) -> None:
+    async def update_attestor(
+        self, instance: AttestorInstance, *, audit: Sequence[AuditEvent] = ()
+    ) -> None:
         row = _attestor_row(instance)
 
         def job(db: Database) -> None:
@@ -877,7 +958,7 @@ class SqliteStore:
             if not changed:
                 raise NotFound(f"no attestor named {instance.name!r}", reason="ATTESTOR_NOT_FOUND")
 
-        await self._run(job)
+        await self._run(job, audit)
 
     async def list_attestors(self) -> list[AttestorInstance]:
         def job(db: Database) -> list[AttestorInstance]:
@@ -894,9 +975,78 @@ class SqliteStore:
 
         return await self._run(job)
 
-    async def delete_attestor(self, name: str) -> bool:
+    async def delete_attestor(self, name: str, *, audit: Sequence[AuditEvent] = ()) -> bool:
         def job(db: Database) -> bool:
             return db.execute("DELETE FROM attestors WHERE name = ?", [name]).rowcount > 0
+
+        return await self._run(job, audit)
+
+    # --- audit ---
+
+    async def append_audit(self, events: Sequence[AuditEvent]) -> list[AuditRecord]:
+        return await self._run(lambda db: _append(db, events))
+
+    async def audit_records(
+        self, *, after_seq: int = 0, limit: int = 10_000, task_ids: Sequence[str] = ()
+    ) -> list[AuditRecord]:
+        def job(db: Database) -> list[AuditRecord]:
+            if task_ids:
+                marks = ",".join("?" * len(task_ids))
+                rows = db.query(
+                    f"SELECT * FROM audit WHERE seq > ? AND task_id IN ({marks})"  # noqa: S608
+                    " ORDER BY seq LIMIT ?",
+                    [after_seq, *task_ids, limit],
+                )
+            else:
+                rows = db.query(
+                    "SELECT * FROM audit WHERE seq > ? ORDER BY seq LIMIT ?", [after_seq, limit]
+                )
+            return [_audit_from_row(row) for row in rows]
+
+        return await self._run(job)
+
+    async def audit_anchor(self) -> tuple[int, str]:
+        def job(db: Database) -> tuple[int, str]:
+            row = _one(db, "SELECT seq, prev_hash FROM audit_anchor WHERE id = 1", [])
+            assert row is not None
+            return int(row["seq"]), str(row["prev_hash"])
+
+        return await self._run(job)
+
+    async def audit_head(self) -> tuple[int, str]:
+        def job(db: Database) -> tuple[int, str]:
+            seq, prev = _audit_head(db)
+            return seq - 1, prev
+
+        return await self._run(job)
+
+    async def put_checkpoint(self, checkpoint: Checkpoint) -> None:
+        def job(db: Database) -> None:
+            db.execute(
+                "INSERT OR REPLACE INTO audit_checkpoints (seq, hash, jws) VALUES (?, ?, ?)",
+                [checkpoint.seq, checkpoint.hash, checkpoint.jws],
+            )
+
+        await self._run(job)
+
+    async def list_checkpoints(self) -> list[Checkpoint]:
+        def job(db: Database) -> list[Checkpoint]:
+            rows = db.query("SELECT seq, hash, jws FROM audit_checkpoints ORDER BY seq")
+            return [Checkpoint(r["seq"], r["hash"], r["jws"]) for r in rows]
+
+        return await self._run(job)
+
+    async def prune_audit(self, through_seq: int) -> int:
+        def job(db: Database) -> int:
+            row = _one(db, "SELECT hash FROM audit WHERE seq = ?", [through_seq])
+            if row is None:
+                raise NotFound(f"no audit record {through_seq}", reason="AUDIT_RECORD_NOT_FOUND")
+            removed = db.execute("DELETE FROM audit WHERE seq <= ?", [through_seq]).rowcount
+            db.execute(
+                "UPDATE audit_anchor SET seq = ?, prev_hash = ? WHERE id = 1",
+                [through_seq + 1, row["hash"]],
+            )
+            return int(removed)
 
         return await self._run(job)
 
@@ -942,6 +1092,71 @@ class SqliteStore:
             return int(count + removed.rowcount)
 
         return await self._run(job)
+
+
+def _audit_head(db: Database) -> tuple[int, str]:
+    """(next seq, hash of the last record), counting archived records."""
+    row = _one(db, "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [])
+    if row is not None:
+        return int(row["seq"]) + 1, str(row["hash"])
+    anchor = _one(db, "SELECT seq, prev_hash FROM audit_anchor WHERE id = 1", [])
+    assert anchor is not None
+    return int(anchor["seq"]), str(anchor["prev_hash"])
+
+
+def _append(db: Database, events: Sequence[AuditEvent]) -> list[AuditRecord]:
+    seq, prev = _audit_head(db)
+    out: list[AuditRecord] = []
+    for event in events:
+        record = chain(event, seq, prev)
+        db.execute(
+            "INSERT INTO audit (seq, time_us, kind, actor, subject, task_id, decision_id,"
+            " details, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                record.seq,
+                record.time_us,
+                record.kind,
+                record.actor,
+                record.subject,
+                record.task_id,
+                record.decision_id,
+                record.details_json,
+                record.prev_hash,
+                record.hash,
+            ],
+        )
+        out.append(record)
+        seq, prev = seq + 1, record.hash
+    return out
+
+
+def _with_audit(
+    fn: Callable[[Database], T], events: Sequence[AuditEvent]
+) -> Callable[[Database], T]:
+    """The action, then its audit records: one savepoint, so both commit or neither does."""
+
+    def job(db: Database) -> T:
+        result = fn(db)
+        if result is not False:  # a delete that found nothing happened not: no record
+            _append(db, events)
+        return result
+
+    return job
+
+
+def _audit_from_row(row: Mapping[str, Any]) -> AuditRecord:
+    return AuditRecord(
+        seq=row["seq"],
+        time_us=row["time_us"],
+        kind=row["kind"],
+        actor=row["actor"],
+        subject=row["subject"],
+        task_id=row["task_id"],
+        decision_id=row["decision_id"],
+        details_json=row["details"],
+        prev_hash=row["prev_hash"],
+        hash=row["hash"],
+    )
 
 
 def _attestor_row(instance: AttestorInstance) -> list[object]:
