@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ipaddress
+import json
 import logging
 import secrets
 from collections.abc import Callable, Iterable, Sequence
@@ -29,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from authority.audit import AuditEvent, Checkpoint, sign_checkpoint
-from authority.bundle import TrustBundle, jwk_thumbprint, load_pem_certificates
+from authority.bundle import TrustBundle, jwk_thumbprint, load_pem_certificates, public_jwk
 from authority.clock import Clock
 from authority.config import CaConfig, Limits
 from authority.errors import FailedPrecondition, InvalidArgument, NotFound, ProfileViolation
@@ -295,7 +296,7 @@ class CertificateAuthority:
         kid = jwk_thumbprint(private.public_key())
         not_before = now - CLOCK_SKEW_BACKDATE
         not_after = now + self._config.ca_ttl
-        if kind is KeyKind.JWT:
+        if kind is not KeyKind.X509:
             info = AuthorityKeyInfo(kind, kid, KeyState.PREPARED, not_before, not_after)
             return _Key(info, private, None, (), None)
         cert, chain = self._make_ca_certificate(private, kid, not_before, not_after)
@@ -381,7 +382,7 @@ class CertificateAuthority:
 
     def _load_key(self, info: AuthorityKeyInfo) -> _Key:
         private = self._vault.load(f"{info.kind}-{info.key_id}")
-        if info.kind is KeyKind.JWT:
+        if info.kind is not KeyKind.X509:
             return _Key(info, private, None, (), None)
         cert = x509.load_der_x509_certificate(info.certificate)
         if cert.public_key() != private.public_key():
@@ -438,6 +439,33 @@ class CertificateAuthority:
             self._clock.now(),
             self.trust_domain.id.uri,
         )
+
+    def task_keys(self) -> dict[str, ec.EllipticCurvePublicKey]:
+        """The task-token keys (prepared, active, old), by kid: what relying services trust."""
+        return {
+            k.info.key_id: k.private.public_key()
+            for k in self._sorted()
+            if k.info.kind is KeyKind.TASK
+        }
+
+    def task_jwks_json(self) -> bytes:
+        """The task-token keys as a JWK Set (``use`` "sig", ``alg`` set, ``kid`` set)."""
+        keys = []
+        for kid, pub in self.task_keys().items():
+            jwk = public_jwk(pub)
+            jwk.update(use="sig", kid=kid, alg=self._jwt_alg)
+            keys.append(jwk)
+        return json.dumps({"keys": keys}, sort_keys=True, separators=(",", ":")).encode()
+
+    def task_signing_key(self) -> tuple[ec.EllipticCurvePrivateKey, str, str]:
+        """(key, kid, algorithm) of the active task-token key."""
+        key = self._active(KeyKind.TASK)
+        return key.private, key.info.key_id, self._jwt_alg
+
+    @property
+    def issuer(self) -> str:
+        """The ``iss`` of task tokens: the trust domain's SPIFFE ID."""
+        return self.trust_domain.id.uri
 
     def active_x509_authority(self) -> x509.Certificate:
         cert = self._active(KeyKind.X509).certificate

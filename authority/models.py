@@ -144,6 +144,7 @@ class IssuedX509:
 class KeyKind(StrEnum):
     X509 = "x509"
     JWT = "jwt"
+    TASK = "task"  # task tokens: a key of their own, never in the SPIFFE bundle
 
 
 class KeyState(StrEnum):

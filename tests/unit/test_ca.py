@@ -125,6 +125,7 @@ async def test_first_start_creates_one_active_key_of_each_kind(world: World) -> 
     infos = ca.authorities()
     assert sorted((k.kind.value, k.state.value) for k in infos) == [
         ("jwt", "active"),
+        ("task", "active"),
         ("x509", "active"),
     ]
     assert await world.store.list_authority_keys() == sorted(
@@ -171,7 +172,7 @@ async def test_restart_yields_the_same_bundle(world: World) -> None:
     assert second.bundle().jwks_json() == first.bundle().jwks_json()
     assert second.bundle().sequence == first.bundle().sequence
     assert second.authorities() == first.authorities()
-    assert len(await world.store.list_authority_keys()) == 2  # nothing new was made
+    assert len(await world.store.list_authority_keys()) == len(KeyKind)  # nothing new was made
 
 
 async def test_restart_keeps_a_rotation_in_progress(world: World) -> None:
@@ -332,7 +333,7 @@ async def test_schedule_over_many_lives_keeps_its_invariants(world: World) -> No
         issue(ca)  # and issuance works at every step
     # A key becomes active at 5/6 of its predecessor's life; as each key's life starts when it is
     # prepared (at 1/2), that is every 12h after the first rotation at 20h: 10 keys of each kind.
-    assert len(seen_active) == 2 * 10
+    assert len(seen_active) == len(KeyKind) * 10
     assert changes == sorted(changes)
     assert len(changes) == len(set(changes))
 
@@ -366,6 +367,7 @@ async def test_an_expired_ca_is_replaced_at_start(world: World) -> None:
     stored = await world.store.list_authority_keys()
     assert sorted((k.kind.value, k.state.value) for k in stored) == [
         ("jwt", "active"),
+        ("task", "active"),
         ("x509", "active"),
     ]
     assert ids((await world.ca()).bundle()) == ids(ca.bundle())
@@ -455,7 +457,7 @@ async def test_retire_refuses_the_active_and_prepared_keys(world: World) -> None
     prepared = only(ca, KeyKind.JWT, KeyState.PREPARED)
     with pytest.raises(FailedPrecondition, match="only an old key"):
         await ca.retire(KeyKind.JWT, prepared.key_id)
-    assert len(ca.authorities()) == 4
+    assert len(ca.authorities()) == 2 * len(KeyKind)
 
 
 async def test_retire_an_unknown_key(world: World) -> None:

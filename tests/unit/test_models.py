@@ -199,6 +199,6 @@ def test_key_life_must_be_positive(not_after: dt.datetime) -> None:
 
 
 def test_key_enums_are_their_stored_strings() -> None:
-    assert [k.value for k in KeyKind] == ["x509", "jwt"]
+    assert [k.value for k in KeyKind] == ["x509", "jwt", "task"]
     assert [s.value for s in KeyState] == ["prepared", "active", "old"]
     assert f"{KeyKind.X509}-abc" == "x509-abc"  # the vault name of a key
