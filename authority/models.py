@@ -210,3 +210,72 @@ def canonical_config(config: object) -> str:
         return json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"the configuration is not JSON-compatible: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskTokenRecord:
+    """What the store keeps of an issued task token (never the token itself): enough to find
+    every token of a task and every descendant of a token."""
+
+    jti: str
+    task_id: str
+    subject: str
+    holder: str
+    audience: str
+    scope: str
+    resource: str
+    parent_jti: str  # "" for a direct exchange
+    depth: int
+    issued_at: dt.datetime
+    expires_at: dt.datetime
+    decision_id: str
+    cnf_x5t: str
+
+
+class ApprovalState(StrEnum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    DENIED = "denied"
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """An elevation waiting for (or given) an operator's answer, bound to one exact intent.
+
+    ``expires_at`` bounds the wait; once approved, ``grant_expires_at`` bounds the privilege:
+    tokens minted under it live no longer than that."""
+
+    id: str
+    principal: str
+    task_id: str
+    audience: str
+    intent_json: str  # the frozen intent (canonical JSON), shown to the operator
+    intent_fingerprint: str  # sha256 of intent + audience: what the approval is for
+    decision_id: str
+    requested_at: dt.datetime
+    expires_at: dt.datetime
+    state: ApprovalState = ApprovalState.PENDING
+    decided_at: dt.datetime | None = None
+    decided_by: str = ""
+    note: str = ""
+    grant_expires_at: dt.datetime | None = None
+
+    def effective_state(self, now: dt.datetime) -> str:
+        if self.state is ApprovalState.PENDING and now >= self.expires_at:
+            return "expired"
+        if (
+            self.state is ApprovalState.APPROVED
+            and self.grant_expires_at is not None
+            and now >= self.grant_expires_at
+        ):
+            return "expired"
+        return str(self.state)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    task_id: str
+    principal: str
+    created_at: dt.datetime
+    ended_at: dt.datetime | None = None
+    end_reason: str = ""

@@ -19,6 +19,7 @@ from typing import Protocol
 
 from authority.audit import AuditEvent, AuditRecord, Checkpoint
 from authority.models import (
+    Approval,
     AttestorInstance,
     AuthorityKeyInfo,
     Identity,
@@ -26,6 +27,8 @@ from authority.models import (
     JoinToken,
     KeyKind,
     RegistrationEntry,
+    TaskRecord,
+    TaskTokenRecord,
 )
 
 
@@ -115,6 +118,45 @@ class Store(Protocol):
     async def list_attestors(self) -> list[AttestorInstance]: ...
 
     async def delete_attestor(self, name: str, *, audit: Sequence[AuditEvent] = ()) -> bool: ...
+
+    # --- tasks, task tokens and approvals ---
+    async def record_task_token(
+        self, record: TaskTokenRecord, *, audit: Sequence[AuditEvent] = ()
+    ) -> None:
+        """Store a token's lineage, opening its task on first use. FailedPrecondition
+        (TASK_ENDED) for an ended task; PermissionDenied (TASK_NOT_YOURS) when the task belongs
+        to another principal. Atomic with those checks."""
+        ...
+
+    async def get_task(self, task_id: str) -> TaskRecord | None: ...
+
+    async def end_task(
+        self, task_id: str, now: dt.datetime, reason: str, *, audit: Sequence[AuditEvent] = ()
+    ) -> list[str]:
+        """Mark the task ended; return the jtis of all its tokens. NotFound (TASK_NOT_FOUND),
+        FailedPrecondition (TASK_ENDED)."""
+        ...
+
+    async def get_task_token(self, jti: str) -> TaskTokenRecord | None: ...
+
+    async def descendants(self, jti: str) -> list[str]:
+        """Every token delegated from ``jti``, at any depth."""
+        ...
+
+    async def create_approval(
+        self, approval: Approval, *, audit: Sequence[AuditEvent] = ()
+    ) -> None: ...
+
+    async def get_approval(self, approval_id: str) -> Approval | None: ...
+
+    async def list_approvals(self) -> list[Approval]: ...
+
+    async def decide_approval(
+        self, decided: Approval, now: dt.datetime, *, audit: Sequence[AuditEvent] = ()
+    ) -> None:
+        """Record an operator's answer; only a pending, unexpired approval can be answered
+        (FailedPrecondition APPROVAL_DECIDED / APPROVAL_EXPIRED; NotFound)."""
+        ...
 
     # --- the audit chain ---
     async def append_audit(self, events: Sequence[AuditEvent]) -> list[AuditRecord]:

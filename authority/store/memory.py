@@ -17,11 +17,14 @@ from authority.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     Unauthenticated,
     Unavailable,
 )
 from authority.ids import SpiffeId
 from authority.models import (
+    Approval,
+    ApprovalState,
     AttestorInstance,
     AuthorityKeyInfo,
     Identity,
@@ -30,6 +33,8 @@ from authority.models import (
     KeyKind,
     RegistrationEntry,
     Selector,
+    TaskRecord,
+    TaskTokenRecord,
 )
 
 PRUNE_GRACE: Final = dt.timedelta(days=1)
@@ -65,6 +70,9 @@ class MemoryStore:
         self._audit: list[AuditRecord] = []
         self._anchor: tuple[int, str] = (1, GENESIS)
         self._checkpoints: dict[int, Checkpoint] = {}
+        self._tasks: dict[str, TaskRecord] = {}
+        self._task_tokens: dict[str, TaskTokenRecord] = {}
+        self._approvals: dict[str, Approval] = {}
 
     def _append(self, events: Sequence[AuditEvent]) -> list[AuditRecord]:
         seq, prev = (self._audit[-1].seq + 1, self._audit[-1].hash) if self._audit else self._anchor
@@ -290,6 +298,100 @@ class MemoryStore:
         for claim in claims:
             del self._claims[claim]
         return count + len(claims)
+
+    # --- tasks, task tokens and approvals ---
+
+    async def record_task_token(
+        self, record: TaskTokenRecord, *, audit: Sequence[AuditEvent] = ()
+    ) -> None:
+        self._check_open()
+        task = self._tasks.get(record.task_id)
+        if task is None:
+            self._tasks[record.task_id] = TaskRecord(
+                record.task_id, record.subject, _utc(record.issued_at)
+            )
+        else:
+            if task.ended_at is not None:
+                raise FailedPrecondition(f"task {task.task_id!r} has ended", reason="TASK_ENDED")
+            if task.principal != record.subject:
+                raise PermissionDenied(
+                    f"task {task.task_id!r} belongs to another principal", reason="TASK_NOT_YOURS"
+                )
+        self._task_tokens[record.jti] = record
+        self._append(audit)
+
+    async def get_task(self, task_id: str) -> TaskRecord | None:
+        self._check_open()
+        return self._tasks.get(task_id)
+
+    async def end_task(
+        self, task_id: str, now: dt.datetime, reason: str, *, audit: Sequence[AuditEvent] = ()
+    ) -> list[str]:
+        self._check_open()
+        task = self._tasks.get(task_id)
+        if task is None:
+            raise NotFound(f"no task {task_id!r}", reason="TASK_NOT_FOUND")
+        if task.ended_at is not None:
+            raise FailedPrecondition(f"task {task_id!r} has ended", reason="TASK_ENDED")
+        self._tasks[task_id] = dataclasses.replace(task, ended_at=_utc(now), end_reason=reason)
+        self._append(audit)
+        return sorted(j for j, t in self._task_tokens.items() if t.task_id == task_id)
+
+    async def get_task_token(self, jti: str) -> TaskTokenRecord | None:
+        self._check_open()
+        return self._task_tokens.get(jti)
+
+    async def descendants(self, jti: str) -> list[str]:
+        self._check_open()
+        found: set[str] = set()
+        frontier = {jti}
+        while frontier:
+            children = {j for j, t in self._task_tokens.items() if t.parent_jti in frontier}
+            frontier = children - found
+            found |= children
+        return sorted(found)
+
+    async def create_approval(
+        self, approval: Approval, *, audit: Sequence[AuditEvent] = ()
+    ) -> None:
+        self._check_open()
+        if approval.id in self._approvals:
+            raise AlreadyExists(f"approval {approval.id} exists", reason="APPROVAL_EXISTS")
+        self._approvals[approval.id] = approval
+        self._append(audit)
+
+    async def get_approval(self, approval_id: str) -> Approval | None:
+        self._check_open()
+        return self._approvals.get(approval_id)
+
+    async def list_approvals(self) -> list[Approval]:
+        self._check_open()
+        return sorted(self._approvals.values(), key=lambda a: (a.requested_at, a.id))
+
+    async def decide_approval(
+        self, decided: Approval, now: dt.datetime, *, audit: Sequence[AuditEvent] = ()
+    ) -> None:
+        self._check_open()
+        current = self._approvals.get(decided.id)
+        if current is None:
+            raise NotFound(f"no approval {decided.id!r}", reason="APPROVAL_NOT_FOUND")
+        if current.state is not ApprovalState.PENDING:
+            raise FailedPrecondition(
+                f"approval {decided.id} was already {current.state}", reason="APPROVAL_DECIDED"
+            )
+        if current.expires_at <= now:
+            raise FailedPrecondition(
+                f"approval {decided.id} expired before it was answered", reason="APPROVAL_EXPIRED"
+            )
+        self._approvals[decided.id] = dataclasses.replace(
+            current,
+            state=decided.state,
+            decided_at=decided.decided_at,
+            decided_by=decided.decided_by,
+            note=decided.note,
+            grant_expires_at=decided.grant_expires_at,
+        )
+        self._append(audit)
 
     # --- audit ---
 

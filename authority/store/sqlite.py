@@ -38,11 +38,14 @@ from authority.errors import (
     Internal,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     Unauthenticated,
     Unavailable,
 )
 from authority.ids import SpiffeId
 from authority.models import (
+    Approval,
+    ApprovalState,
     AttestorInstance,
     AuthorityKeyInfo,
     Identity,
@@ -52,6 +55,8 @@ from authority.models import (
     KeyState,
     RegistrationEntry,
     Selector,
+    TaskRecord,
+    TaskTokenRecord,
 )
 
 T = TypeVar("T")
@@ -315,11 +320,104 @@ def _migration_3(db: Database) -> None:
     db.execute("INSERT INTO audit_anchor (id, seq, prev_hash) VALUES (1, 1, ?)", [GENESIS])
 
 
+def _migration_4(db: Database) -> None:
+    """Tasks, the task tokens issued for them (lineage, no token text) and approvals."""
+    db.create_table(
+        "tasks",
+        {
+            "task_id": str,
+            "principal": str,
+            "created_at_us": int,
+            "ended_at_us": int,
+            "end_reason": str,
+        },
+        pk="task_id",
+        not_null={"task_id", "principal", "created_at_us", "end_reason"},
+        strict=True,
+    )
+    db.create_table(
+        "task_tokens",
+        {
+            "jti": str,
+            "task_id": str,
+            "subject": str,
+            "holder": str,
+            "audience": str,
+            "scope": str,
+            "resource": str,
+            "parent_jti": str,
+            "depth": int,
+            "issued_at_us": int,
+            "expires_at_us": int,
+            "decision_id": str,
+            "cnf_x5t": str,
+        },
+        pk="jti",
+        not_null={
+            "jti",
+            "task_id",
+            "subject",
+            "holder",
+            "audience",
+            "scope",
+            "resource",
+            "parent_jti",
+            "depth",
+            "issued_at_us",
+            "expires_at_us",
+            "decision_id",
+            "cnf_x5t",
+        },
+        foreign_keys=[("task_id", "tasks", "task_id")],
+        strict=True,
+    )
+    db.table("task_tokens").create_index(["task_id"], index_name="task_tokens_by_task")
+    db.table("task_tokens").create_index(["parent_jti"], index_name="task_tokens_by_parent")
+    db.table("task_tokens").create_index(["expires_at_us"], index_name="task_tokens_by_expiry")
+    db.create_table(
+        "approvals",
+        {
+            "id": str,
+            "principal": str,
+            "task_id": str,
+            "audience": str,
+            "intent_json": str,
+            "intent_fingerprint": str,
+            "decision_id": str,
+            "requested_at_us": int,
+            "expires_at_us": int,
+            "state": str,
+            "decided_at_us": int,
+            "decided_by": str,
+            "note": str,
+            "grant_expires_at_us": int,
+        },
+        pk="id",
+        not_null={
+            "id",
+            "principal",
+            "task_id",
+            "audience",
+            "intent_json",
+            "intent_fingerprint",
+            "decision_id",
+            "requested_at_us",
+            "expires_at_us",
+            "state",
+            "decided_by",
+            "note",
+        },
+        strict=True,
+    )
+    db.table("approvals").create_index(["state"], index_name="approvals_by_state")
+
+
 # MIGRATIONS[n] takes the schema from version n to n + 1. Append only; never edit a shipped one.
 MIGRATIONS: Final[tuple[Callable[[Database], None], ...]] = (
     _migration_1,
     _migration_2,
     _migration_3,
+    _migration_4,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -1050,6 +1148,154 @@ class SqliteStore:
 
         return await self._run(job)
 
+    # --- tasks, task tokens and approvals ---
+
+    async def record_task_token(
+        self, record: TaskTokenRecord, *, audit: Sequence[AuditEvent] = ()
+    ) -> None:
+        def job(db: Database) -> None:
+            task = _one(db, "SELECT * FROM tasks WHERE task_id = ?", [record.task_id])
+            if task is None:
+                db.execute(
+                    "INSERT INTO tasks (task_id, principal, created_at_us, ended_at_us, end_reason)"
+                    " VALUES (?, ?, ?, NULL, '')",
+                    [record.task_id, record.subject, _instant(record.issued_at)],
+                )
+            else:
+                _check_task_open(_task_from_row(task), record.subject)
+            db.execute(
+                "INSERT INTO task_tokens (jti, task_id, subject, holder, audience, scope, resource,"
+                " parent_jti, depth, issued_at_us, expires_at_us, decision_id, cnf_x5t)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    record.jti,
+                    record.task_id,
+                    record.subject,
+                    record.holder,
+                    record.audience,
+                    record.scope,
+                    record.resource,
+                    record.parent_jti,
+                    record.depth,
+                    _instant(record.issued_at),
+                    _instant(record.expires_at),
+                    record.decision_id,
+                    record.cnf_x5t,
+                ],
+            )
+
+        await self._run(job, audit)
+
+    async def get_task(self, task_id: str) -> TaskRecord | None:
+        def job(db: Database) -> TaskRecord | None:
+            row = _one(db, "SELECT * FROM tasks WHERE task_id = ?", [task_id])
+            return None if row is None else _task_from_row(row)
+
+        return await self._run(job)
+
+    async def end_task(
+        self, task_id: str, now: dt.datetime, reason: str, *, audit: Sequence[AuditEvent] = ()
+    ) -> list[str]:
+        now_us = _instant(now)
+
+        def job(db: Database) -> list[str]:
+            task = _one(db, "SELECT * FROM tasks WHERE task_id = ?", [task_id])
+            if task is None:
+                raise NotFound(f"no task {task_id!r}", reason="TASK_NOT_FOUND")
+            if task["ended_at_us"] is not None:
+                raise FailedPrecondition(f"task {task_id!r} has ended", reason="TASK_ENDED")
+            db.execute(
+                "UPDATE tasks SET ended_at_us = ?, end_reason = ? WHERE task_id = ?",
+                [now_us, reason, task_id],
+            )
+            rows = db.query("SELECT jti FROM task_tokens WHERE task_id = ? ORDER BY jti", [task_id])
+            return [row["jti"] for row in rows]
+
+        return await self._run(job, audit)
+
+    async def get_task_token(self, jti: str) -> TaskTokenRecord | None:
+        def job(db: Database) -> TaskTokenRecord | None:
+            row = _one(db, "SELECT * FROM task_tokens WHERE jti = ?", [jti])
+            return None if row is None else _task_token_from_row(row)
+
+        return await self._run(job)
+
+    async def descendants(self, jti: str) -> list[str]:
+        def job(db: Database) -> list[str]:
+            rows = db.query(
+                "WITH RECURSIVE d(jti) AS ("
+                " SELECT jti FROM task_tokens WHERE parent_jti = ?"
+                " UNION SELECT t.jti FROM task_tokens t JOIN d ON t.parent_jti = d.jti)"
+                " SELECT jti FROM d ORDER BY jti",
+                [jti],
+            )
+            return [row["jti"] for row in rows]
+
+        return await self._run(job)
+
+    async def create_approval(
+        self, approval: Approval, *, audit: Sequence[AuditEvent] = ()
+    ) -> None:
+        def job(db: Database) -> None:
+            db.execute(
+                "INSERT INTO approvals (id, principal, task_id, audience, intent_json,"
+                " intent_fingerprint, decision_id, requested_at_us, expires_at_us, state,"
+                " decided_at_us, decided_by, note, grant_expires_at_us)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                _approval_row(approval),
+            )
+
+        await self._run(job, audit)
+
+    async def get_approval(self, approval_id: str) -> Approval | None:
+        def job(db: Database) -> Approval | None:
+            row = _one(db, "SELECT * FROM approvals WHERE id = ?", [approval_id])
+            return None if row is None else _approval_from_row(row)
+
+        return await self._run(job)
+
+    async def list_approvals(self) -> list[Approval]:
+        def job(db: Database) -> list[Approval]:
+            rows = db.query("SELECT * FROM approvals ORDER BY requested_at_us, id")
+            return [_approval_from_row(row) for row in rows]
+
+        return await self._run(job)
+
+    async def decide_approval(
+        self, decided: Approval, now: dt.datetime, *, audit: Sequence[AuditEvent] = ()
+    ) -> None:
+        now_us = _instant(now)
+
+        def job(db: Database) -> None:
+            row = _one(db, "SELECT * FROM approvals WHERE id = ?", [decided.id])
+            if row is None:
+                raise NotFound(f"no approval {decided.id!r}", reason="APPROVAL_NOT_FOUND")
+            if row["state"] != ApprovalState.PENDING.value:
+                raise FailedPrecondition(
+                    f"approval {decided.id} was already {row['state']}", reason="APPROVAL_DECIDED"
+                )
+            if row["expires_at_us"] <= now_us:
+                raise FailedPrecondition(
+                    f"approval {decided.id} expired before it was answered",
+                    reason="APPROVAL_EXPIRED",
+                )
+            db.execute(
+                "UPDATE approvals SET state = ?, decided_at_us = ?, decided_by = ?, note = ?,"
+                " grant_expires_at_us = ? WHERE id = ?",
+                [
+                    decided.state.value,
+                    None if decided.decided_at is None else _instant(decided.decided_at),
+                    decided.decided_by,
+                    decided.note,
+                    None
+                    if decided.grant_expires_at is None
+                    else _instant(decided.grant_expires_at),
+                    decided.id,
+                ],
+            )
+
+        await self._run(job, audit)
+
     # --- single-use claims ---
 
     async def claim_once(
@@ -1156,6 +1402,85 @@ def _audit_from_row(row: Mapping[str, Any]) -> AuditRecord:
         details_json=row["details"],
         prev_hash=row["prev_hash"],
         hash=row["hash"],
+    )
+
+
+def _task_from_row(row: Mapping[str, Any]) -> TaskRecord:
+    ended = row["ended_at_us"]
+    return TaskRecord(
+        row["task_id"],
+        row["principal"],
+        _from_instant(row["created_at_us"]),
+        None if ended is None else _from_instant(ended),
+        row["end_reason"],
+    )
+
+
+def _check_task_open(task: TaskRecord, subject: str) -> None:
+    if task.ended_at is not None:
+        raise FailedPrecondition(f"task {task.task_id!r} has ended", reason="TASK_ENDED")
+    if task.principal != subject:
+        raise PermissionDenied(
+            f"task {task.task_id!r} belongs to another principal", reason="TASK_NOT_YOURS"
+        )
+
+
+def _task_token_from_row(row: Mapping[str, Any]) -> TaskTokenRecord:
+    return TaskTokenRecord(
+        jti=row["jti"],
+        task_id=row["task_id"],
+        subject=row["subject"],
+        holder=row["holder"],
+        audience=row["audience"],
+        scope=row["scope"],
+        resource=row["resource"],
+        parent_jti=row["parent_jti"],
+        depth=row["depth"],
+        issued_at=_from_instant(row["issued_at_us"]),
+        expires_at=_from_instant(row["expires_at_us"]),
+        decision_id=row["decision_id"],
+        cnf_x5t=row["cnf_x5t"],
+    )
+
+
+def _approval_row(a: Approval) -> list[object]:
+    return [
+        a.id,
+        a.principal,
+        a.task_id,
+        a.audience,
+        a.intent_json,
+        a.intent_fingerprint,
+        a.decision_id,
+        _instant(a.requested_at),
+        _instant(a.expires_at),
+        a.state.value,
+        None if a.decided_at is None else _instant(a.decided_at),
+        a.decided_by,
+        a.note,
+        None if a.grant_expires_at is None else _instant(a.grant_expires_at),
+    ]
+
+
+def _approval_from_row(row: Mapping[str, Any]) -> Approval:
+    def maybe(value: int | None) -> dt.datetime | None:
+        return None if value is None else _from_instant(value)
+
+    return Approval(
+        id=row["id"],
+        principal=row["principal"],
+        task_id=row["task_id"],
+        audience=row["audience"],
+        intent_json=row["intent_json"],
+        intent_fingerprint=row["intent_fingerprint"],
+        decision_id=row["decision_id"],
+        requested_at=_from_instant(row["requested_at_us"]),
+        expires_at=_from_instant(row["expires_at_us"]),
+        state=ApprovalState(row["state"]),
+        decided_at=maybe(row["decided_at_us"]),
+        decided_by=row["decided_by"],
+        note=row["note"],
+        grant_expires_at=maybe(row["grant_expires_at_us"]),
     )
 
 
