@@ -70,6 +70,11 @@ class Limits:
     default_join_token_ttl: dt.timedelta = dt.timedelta(minutes=10)
     max_join_token_ttl: dt.timedelta = dt.timedelta(days=7)
     max_concurrent_streams: int = 1000
+    # Task tokens and approvals.
+    default_task_ttl: dt.timedelta = dt.timedelta(minutes=5)
+    approval_wait: dt.timedelta = dt.timedelta(minutes=15)  # a pending approval expires
+    default_approval_grant: dt.timedelta = dt.timedelta(minutes=15)
+    max_approval_grant: dt.timedelta = dt.timedelta(hours=1)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -124,6 +129,9 @@ class Config:
     # How often the audit chain's head is signed (when it moved).
     audit_checkpoint_interval: dt.timedelta = dt.timedelta(seconds=60)
     log_level: str = "INFO"
+    # Policy files (.cedar or .rego, tests in <name>.tests.json beside them) loaded at start and
+    # reloaded when they change; empty: what an operator loaded last, else default deny.
+    policy_files: tuple[str, ...] = ()
     ca: CaConfig = field(default_factory=CaConfig)
     limits: Limits = field(default_factory=Limits)
 

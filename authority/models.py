@@ -236,6 +236,7 @@ class ApprovalState(StrEnum):
     PENDING = "pending"
     APPROVED = "approved"
     DENIED = "denied"
+    USED = "used"  # a token was minted under it: an approval grants one token
 
 
 @dataclass(frozen=True, slots=True)

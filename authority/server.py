@@ -38,8 +38,10 @@ from authority.ca import CertificateAuthority, Upstream
 from authority.clock import Clock, SystemClock
 from authority.config import Config, split_host_port
 from authority.errors import FailedPrecondition
+from authority.exchange import ExchangeService
 from authority.ids import SpiffeId
 from authority.keyvault import FileKeyVault
+from authority.policy_admin import PolicyAdmin
 from authority.service import Authority
 from authority.store.sqlite import SqliteStore
 from authority.svid import X509Svid
@@ -207,6 +209,20 @@ class AuthorityServer:
             reserved_ids=(server_spiffe_id(config),),
         )
         await authority.start()
+        self.policy = policy = PolicyAdmin.start(
+            configured=[Path(p) for p in config.policy_files],
+            folder=data_dir / "policy",
+            store=store,
+            clock=self.clock,
+        )
+        self.exchange = exchange = ExchangeService(
+            authority=authority,
+            ca=ca,
+            store=store,
+            policy=policy,
+            clock=self.clock,
+            limits=config.limits,
+        )
         self._tls = tls = _TlsIdentity(ca, config)
         tls.refresh()
         ca.add_listener(tls.refresh)
@@ -226,7 +242,8 @@ class AuthorityServer:
         )
         mtls_address = config.advertise_mtls or f":{self.mtls_port}"
         pb_grpc.add_WorkloadServicer_to_server(
-            WorkloadService(authority, mtls_address, server_spiffe_id(config).uri), workload
+            WorkloadService(authority, exchange, mtls_address, server_spiffe_id(config).uri),
+            workload,
         )
         workload.add_generic_rpc_handlers((RefuseAdminHandler(),))
         await self._add_health_and_reflection(workload, "authority.v1.Workload")
@@ -239,7 +256,7 @@ class AuthorityServer:
             admin.add_insecure_port(f"unix:{socket_path}")
         finally:
             os.umask(old_umask)
-        pb_grpc.add_AdminServicer_to_server(AdminService(authority), admin)
+        pb_grpc.add_AdminServicer_to_server(AdminService(authority, exchange, policy), admin)
         await self._add_health_and_reflection(admin, "authority.v1.Admin")
 
         await workload.start()
@@ -294,6 +311,7 @@ class AuthorityServer:
         while True:
             await asyncio.sleep(MAINTENANCE_INTERVAL)
             try:
+                await self.policy.reload_if_changed()
                 changed = await self.authority.ca.maintain()
                 if not changed and self._tls.due(self.clock.now()):
                     self._tls.refresh()

@@ -92,6 +92,9 @@ class Authority:
     async def start(self) -> None:
         self._entries = {e.id: e for e in await self._store.list_entries()}
 
+    def now(self) -> dt.datetime:
+        return self._clock.now()
+
     @property
     def trust_domain(self) -> str:
         return self.ca.trust_domain.name

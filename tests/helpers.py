@@ -111,7 +111,7 @@ async def running_authority(config: Config) -> AsyncIterator[Running]:
 def authority_command() -> list[str]:
     """The installed console script when present, else the module, with this interpreter."""
     script = Path(sys.executable).parent / "authority"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "authority.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "authority"]
 
 
 def free_port() -> int:

@@ -39,6 +39,26 @@ class WorkloadBase(abc.ABC):
     async def Ping(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.PingRequest, authority_v1_authority_pb2.PingResponse]') -> None:
         pass
 
+    @abc.abstractmethod
+    async def Exchange(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.ExchangeRequest, authority_v1_authority_pb2.ExchangeResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def Delegate(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.DelegateRequest, authority_v1_authority_pb2.ExchangeResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def EndTask(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.EndTaskRequest, authority_v1_authority_pb2.EndTaskResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def GetApproval(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.GetApprovalRequest, authority_v1_authority_pb2.ApprovalInfo]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def GetTaskKeys(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.GetTaskKeysRequest, authority_v1_authority_pb2.TaskKeys]') -> None:
+        pass
+
     def __mapping__(self) -> typing.Dict[str, grpclib.const.Handler]:
         return {
             '/authority.v1.Workload/Attest': grpclib.const.Handler(
@@ -76,6 +96,36 @@ class WorkloadBase(abc.ABC):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 authority_v1_authority_pb2.PingRequest,
                 authority_v1_authority_pb2.PingResponse,
+            ),
+            '/authority.v1.Workload/Exchange': grpclib.const.Handler(
+                self.Exchange,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                authority_v1_authority_pb2.ExchangeRequest,
+                authority_v1_authority_pb2.ExchangeResponse,
+            ),
+            '/authority.v1.Workload/Delegate': grpclib.const.Handler(
+                self.Delegate,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                authority_v1_authority_pb2.DelegateRequest,
+                authority_v1_authority_pb2.ExchangeResponse,
+            ),
+            '/authority.v1.Workload/EndTask': grpclib.const.Handler(
+                self.EndTask,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                authority_v1_authority_pb2.EndTaskRequest,
+                authority_v1_authority_pb2.EndTaskResponse,
+            ),
+            '/authority.v1.Workload/GetApproval': grpclib.const.Handler(
+                self.GetApproval,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                authority_v1_authority_pb2.GetApprovalRequest,
+                authority_v1_authority_pb2.ApprovalInfo,
+            ),
+            '/authority.v1.Workload/GetTaskKeys': grpclib.const.Handler(
+                self.GetTaskKeys,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                authority_v1_authority_pb2.GetTaskKeysRequest,
+                authority_v1_authority_pb2.TaskKeys,
             ),
         }
 
@@ -118,6 +168,36 @@ class WorkloadStub:
             '/authority.v1.Workload/Ping',
             authority_v1_authority_pb2.PingRequest,
             authority_v1_authority_pb2.PingResponse,
+        )
+        self.Exchange = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/authority.v1.Workload/Exchange',
+            authority_v1_authority_pb2.ExchangeRequest,
+            authority_v1_authority_pb2.ExchangeResponse,
+        )
+        self.Delegate = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/authority.v1.Workload/Delegate',
+            authority_v1_authority_pb2.DelegateRequest,
+            authority_v1_authority_pb2.ExchangeResponse,
+        )
+        self.EndTask = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/authority.v1.Workload/EndTask',
+            authority_v1_authority_pb2.EndTaskRequest,
+            authority_v1_authority_pb2.EndTaskResponse,
+        )
+        self.GetApproval = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/authority.v1.Workload/GetApproval',
+            authority_v1_authority_pb2.GetApprovalRequest,
+            authority_v1_authority_pb2.ApprovalInfo,
+        )
+        self.GetTaskKeys = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/authority.v1.Workload/GetTaskKeys',
+            authority_v1_authority_pb2.GetTaskKeysRequest,
+            authority_v1_authority_pb2.TaskKeys,
         )
 
 
@@ -189,6 +269,30 @@ class AdminBase(abc.ABC):
 
     @abc.abstractmethod
     async def PruneAudit(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.PruneAuditRequest, authority_v1_authority_pb2.PruneAuditResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def ListApprovals(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.ListApprovalsRequest, authority_v1_authority_pb2.ListApprovalsResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def Approve(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.ApproveRequest, authority_v1_authority_pb2.ApprovalInfo]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def Deny(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.DenyRequest, authority_v1_authority_pb2.ApprovalInfo]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def LoadPolicy(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.LoadPolicyRequest, authority_v1_authority_pb2.PolicyInfo]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def GetPolicy(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.GetPolicyRequest, authority_v1_authority_pb2.PolicyInfo]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def ExplainPolicy(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.ExplainPolicyRequest, authority_v1_authority_pb2.ExplainPolicyResponse]') -> None:
         pass
 
     def __mapping__(self) -> typing.Dict[str, grpclib.const.Handler]:
@@ -294,6 +398,42 @@ class AdminBase(abc.ABC):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 authority_v1_authority_pb2.PruneAuditRequest,
                 authority_v1_authority_pb2.PruneAuditResponse,
+            ),
+            '/authority.v1.Admin/ListApprovals': grpclib.const.Handler(
+                self.ListApprovals,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                authority_v1_authority_pb2.ListApprovalsRequest,
+                authority_v1_authority_pb2.ListApprovalsResponse,
+            ),
+            '/authority.v1.Admin/Approve': grpclib.const.Handler(
+                self.Approve,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                authority_v1_authority_pb2.ApproveRequest,
+                authority_v1_authority_pb2.ApprovalInfo,
+            ),
+            '/authority.v1.Admin/Deny': grpclib.const.Handler(
+                self.Deny,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                authority_v1_authority_pb2.DenyRequest,
+                authority_v1_authority_pb2.ApprovalInfo,
+            ),
+            '/authority.v1.Admin/LoadPolicy': grpclib.const.Handler(
+                self.LoadPolicy,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                authority_v1_authority_pb2.LoadPolicyRequest,
+                authority_v1_authority_pb2.PolicyInfo,
+            ),
+            '/authority.v1.Admin/GetPolicy': grpclib.const.Handler(
+                self.GetPolicy,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                authority_v1_authority_pb2.GetPolicyRequest,
+                authority_v1_authority_pb2.PolicyInfo,
+            ),
+            '/authority.v1.Admin/ExplainPolicy': grpclib.const.Handler(
+                self.ExplainPolicy,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                authority_v1_authority_pb2.ExplainPolicyRequest,
+                authority_v1_authority_pb2.ExplainPolicyResponse,
             ),
         }
 
@@ -402,4 +542,40 @@ class AdminStub:
             '/authority.v1.Admin/PruneAudit',
             authority_v1_authority_pb2.PruneAuditRequest,
             authority_v1_authority_pb2.PruneAuditResponse,
+        )
+        self.ListApprovals = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/authority.v1.Admin/ListApprovals',
+            authority_v1_authority_pb2.ListApprovalsRequest,
+            authority_v1_authority_pb2.ListApprovalsResponse,
+        )
+        self.Approve = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/authority.v1.Admin/Approve',
+            authority_v1_authority_pb2.ApproveRequest,
+            authority_v1_authority_pb2.ApprovalInfo,
+        )
+        self.Deny = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/authority.v1.Admin/Deny',
+            authority_v1_authority_pb2.DenyRequest,
+            authority_v1_authority_pb2.ApprovalInfo,
+        )
+        self.LoadPolicy = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/authority.v1.Admin/LoadPolicy',
+            authority_v1_authority_pb2.LoadPolicyRequest,
+            authority_v1_authority_pb2.PolicyInfo,
+        )
+        self.GetPolicy = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/authority.v1.Admin/GetPolicy',
+            authority_v1_authority_pb2.GetPolicyRequest,
+            authority_v1_authority_pb2.PolicyInfo,
+        )
+        self.ExplainPolicy = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/authority.v1.Admin/ExplainPolicy',
+            authority_v1_authority_pb2.ExplainPolicyRequest,
+            authority_v1_authority_pb2.ExplainPolicyResponse,
         )

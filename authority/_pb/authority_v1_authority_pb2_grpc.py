@@ -69,6 +69,31 @@ class WorkloadStub:
                 request_serializer=authority_dot_v1_dot_authority__pb2.PingRequest.SerializeToString,
                 response_deserializer=authority_dot_v1_dot_authority__pb2.PingResponse.FromString,
                 _registered_method=True)
+        self.Exchange = channel.unary_unary(
+                '/authority.v1.Workload/Exchange',
+                request_serializer=authority_dot_v1_dot_authority__pb2.ExchangeRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.ExchangeResponse.FromString,
+                _registered_method=True)
+        self.Delegate = channel.unary_unary(
+                '/authority.v1.Workload/Delegate',
+                request_serializer=authority_dot_v1_dot_authority__pb2.DelegateRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.ExchangeResponse.FromString,
+                _registered_method=True)
+        self.EndTask = channel.unary_unary(
+                '/authority.v1.Workload/EndTask',
+                request_serializer=authority_dot_v1_dot_authority__pb2.EndTaskRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.EndTaskResponse.FromString,
+                _registered_method=True)
+        self.GetApproval = channel.unary_unary(
+                '/authority.v1.Workload/GetApproval',
+                request_serializer=authority_dot_v1_dot_authority__pb2.GetApprovalRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.ApprovalInfo.FromString,
+                _registered_method=True)
+        self.GetTaskKeys = channel.unary_unary(
+                '/authority.v1.Workload/GetTaskKeys',
+                request_serializer=authority_dot_v1_dot_authority__pb2.GetTaskKeysRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.TaskKeys.FromString,
+                _registered_method=True)
 
 
 class WorkloadServicer:
@@ -121,6 +146,42 @@ class WorkloadServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Exchange(self, request, context):
+        """Trade the caller's SVID (mutual TLS) for an intent-scoped task token, decided now by
+        policy: the token, a pending approval, or PERMISSION_DENIED with the policy's reasons.
+        Exchanging again with approval_id collects the token once an operator approved.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Delegate(self, request, context):
+        """The holder of a task token hands a narrower one to another workload, named by its SVID.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EndTask(self, request, context):
+        """End a task: nothing more is issued for it; its tokens are revoked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetApproval(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTaskKeys(self, request, context):
+        """The keys that sign task tokens (a JWK Set of their own) and the issuer name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkloadServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +214,31 @@ def add_WorkloadServicer_to_server(servicer, server):
                     servicer.Ping,
                     request_deserializer=authority_dot_v1_dot_authority__pb2.PingRequest.FromString,
                     response_serializer=authority_dot_v1_dot_authority__pb2.PingResponse.SerializeToString,
+            ),
+            'Exchange': grpc.unary_unary_rpc_method_handler(
+                    servicer.Exchange,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.ExchangeRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.ExchangeResponse.SerializeToString,
+            ),
+            'Delegate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Delegate,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.DelegateRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.ExchangeResponse.SerializeToString,
+            ),
+            'EndTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndTask,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.EndTaskRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.EndTaskResponse.SerializeToString,
+            ),
+            'GetApproval': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetApproval,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.GetApprovalRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.ApprovalInfo.SerializeToString,
+            ),
+            'GetTaskKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTaskKeys,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.GetTaskKeysRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.TaskKeys.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -331,6 +417,141 @@ class Workload:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Exchange(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authority.v1.Workload/Exchange',
+            authority_dot_v1_dot_authority__pb2.ExchangeRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.ExchangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Delegate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authority.v1.Workload/Delegate',
+            authority_dot_v1_dot_authority__pb2.DelegateRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.ExchangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authority.v1.Workload/EndTask',
+            authority_dot_v1_dot_authority__pb2.EndTaskRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.EndTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetApproval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authority.v1.Workload/GetApproval',
+            authority_dot_v1_dot_authority__pb2.GetApprovalRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.ApprovalInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTaskKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authority.v1.Workload/GetTaskKeys',
+            authority_dot_v1_dot_authority__pb2.GetTaskKeysRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.TaskKeys.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AdminStub:
     """---------------------------------------------------------------------------------------------
@@ -429,6 +650,36 @@ class AdminStub:
                 '/authority.v1.Admin/PruneAudit',
                 request_serializer=authority_dot_v1_dot_authority__pb2.PruneAuditRequest.SerializeToString,
                 response_deserializer=authority_dot_v1_dot_authority__pb2.PruneAuditResponse.FromString,
+                _registered_method=True)
+        self.ListApprovals = channel.unary_unary(
+                '/authority.v1.Admin/ListApprovals',
+                request_serializer=authority_dot_v1_dot_authority__pb2.ListApprovalsRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.ListApprovalsResponse.FromString,
+                _registered_method=True)
+        self.Approve = channel.unary_unary(
+                '/authority.v1.Admin/Approve',
+                request_serializer=authority_dot_v1_dot_authority__pb2.ApproveRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.ApprovalInfo.FromString,
+                _registered_method=True)
+        self.Deny = channel.unary_unary(
+                '/authority.v1.Admin/Deny',
+                request_serializer=authority_dot_v1_dot_authority__pb2.DenyRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.ApprovalInfo.FromString,
+                _registered_method=True)
+        self.LoadPolicy = channel.unary_unary(
+                '/authority.v1.Admin/LoadPolicy',
+                request_serializer=authority_dot_v1_dot_authority__pb2.LoadPolicyRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.PolicyInfo.FromString,
+                _registered_method=True)
+        self.GetPolicy = channel.unary_unary(
+                '/authority.v1.Admin/GetPolicy',
+                request_serializer=authority_dot_v1_dot_authority__pb2.GetPolicyRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.PolicyInfo.FromString,
+                _registered_method=True)
+        self.ExplainPolicy = channel.unary_unary(
+                '/authority.v1.Admin/ExplainPolicy',
+                request_serializer=authority_dot_v1_dot_authority__pb2.ExplainPolicyRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.ExplainPolicyResponse.FromString,
                 _registered_method=True)
 
 
@@ -545,6 +796,45 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListApprovals(self, request, context):
+        """Elevations waiting for (or given) an answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Approve(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Deny(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadPolicy(self, request, context):
+        """Policy-as-code: replace the running policy (only if it compiles and its tests pass),
+        show it, and explain a decision for an input.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExplainPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -632,6 +922,36 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.PruneAudit,
                     request_deserializer=authority_dot_v1_dot_authority__pb2.PruneAuditRequest.FromString,
                     response_serializer=authority_dot_v1_dot_authority__pb2.PruneAuditResponse.SerializeToString,
+            ),
+            'ListApprovals': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApprovals,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.ListApprovalsRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.ListApprovalsResponse.SerializeToString,
+            ),
+            'Approve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Approve,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.ApproveRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.ApprovalInfo.SerializeToString,
+            ),
+            'Deny': grpc.unary_unary_rpc_method_handler(
+                    servicer.Deny,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.DenyRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.ApprovalInfo.SerializeToString,
+            ),
+            'LoadPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadPolicy,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.LoadPolicyRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.PolicyInfo.SerializeToString,
+            ),
+            'GetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicy,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.GetPolicyRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.PolicyInfo.SerializeToString,
+            ),
+            'ExplainPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainPolicy,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.ExplainPolicyRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.ExplainPolicyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1097,6 +1417,168 @@ class Admin:
             '/authority.v1.Admin/PruneAudit',
             authority_dot_v1_dot_authority__pb2.PruneAuditRequest.SerializeToString,
             authority_dot_v1_dot_authority__pb2.PruneAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApprovals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authority.v1.Admin/ListApprovals',
+            authority_dot_v1_dot_authority__pb2.ListApprovalsRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.ListApprovalsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Approve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authority.v1.Admin/Approve',
+            authority_dot_v1_dot_authority__pb2.ApproveRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.ApprovalInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Deny(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authority.v1.Admin/Deny',
+            authority_dot_v1_dot_authority__pb2.DenyRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.ApprovalInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authority.v1.Admin/LoadPolicy',
+            authority_dot_v1_dot_authority__pb2.LoadPolicyRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.PolicyInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authority.v1.Admin/GetPolicy',
+            authority_dot_v1_dot_authority__pb2.GetPolicyRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.PolicyInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authority.v1.Admin/ExplainPolicy',
+            authority_dot_v1_dot_authority__pb2.ExplainPolicyRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.ExplainPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,18 @@ class WorkloadStub:
     """Where the mutual-TLS endpoint is, and which trust domain this is."""
     Ping: _grpc.UnaryUnaryMultiCallable[_authority_pb2.PingRequest, _authority_pb2.PingResponse]
     """Does nothing; the baseline of the benchmarks."""
+    Exchange: _grpc.UnaryUnaryMultiCallable[_authority_pb2.ExchangeRequest, _authority_pb2.ExchangeResponse]
+    """Trade the caller's SVID (mutual TLS) for an intent-scoped task token, decided now by
+    policy: the token, a pending approval, or PERMISSION_DENIED with the policy's reasons.
+    Exchanging again with approval_id collects the token once an operator approved.
+    """
+    Delegate: _grpc.UnaryUnaryMultiCallable[_authority_pb2.DelegateRequest, _authority_pb2.ExchangeResponse]
+    """The holder of a task token hands a narrower one to another workload, named by its SVID."""
+    EndTask: _grpc.UnaryUnaryMultiCallable[_authority_pb2.EndTaskRequest, _authority_pb2.EndTaskResponse]
+    """End a task: nothing more is issued for it; its tokens are revoked."""
+    GetApproval: _grpc.UnaryUnaryMultiCallable[_authority_pb2.GetApprovalRequest, _authority_pb2.ApprovalInfo]
+    GetTaskKeys: _grpc.UnaryUnaryMultiCallable[_authority_pb2.GetTaskKeysRequest, _authority_pb2.TaskKeys]
+    """The keys that sign task tokens (a JWK Set of their own) and the issuer name."""
 
 @_typing.type_check_only
 class WorkloadAsyncStub(WorkloadStub):
@@ -76,6 +88,18 @@ class WorkloadAsyncStub(WorkloadStub):
     """Where the mutual-TLS endpoint is, and which trust domain this is."""
     Ping: _aio.UnaryUnaryMultiCallable[_authority_pb2.PingRequest, _authority_pb2.PingResponse]  # type: ignore[assignment]
     """Does nothing; the baseline of the benchmarks."""
+    Exchange: _aio.UnaryUnaryMultiCallable[_authority_pb2.ExchangeRequest, _authority_pb2.ExchangeResponse]  # type: ignore[assignment]
+    """Trade the caller's SVID (mutual TLS) for an intent-scoped task token, decided now by
+    policy: the token, a pending approval, or PERMISSION_DENIED with the policy's reasons.
+    Exchanging again with approval_id collects the token once an operator approved.
+    """
+    Delegate: _aio.UnaryUnaryMultiCallable[_authority_pb2.DelegateRequest, _authority_pb2.ExchangeResponse]  # type: ignore[assignment]
+    """The holder of a task token hands a narrower one to another workload, named by its SVID."""
+    EndTask: _aio.UnaryUnaryMultiCallable[_authority_pb2.EndTaskRequest, _authority_pb2.EndTaskResponse]  # type: ignore[assignment]
+    """End a task: nothing more is issued for it; its tokens are revoked."""
+    GetApproval: _aio.UnaryUnaryMultiCallable[_authority_pb2.GetApprovalRequest, _authority_pb2.ApprovalInfo]  # type: ignore[assignment]
+    GetTaskKeys: _aio.UnaryUnaryMultiCallable[_authority_pb2.GetTaskKeysRequest, _authority_pb2.TaskKeys]  # type: ignore[assignment]
+    """The keys that sign task tokens (a JWK Set of their own) and the issuer name."""
 
 class WorkloadServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------------------------------------
@@ -133,6 +157,48 @@ class WorkloadServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_authority_pb2.PingResponse, _abc.Awaitable[_authority_pb2.PingResponse]]:
         """Does nothing; the baseline of the benchmarks."""
 
+    @_abc_1.abstractmethod
+    def Exchange(
+        self,
+        request: _authority_pb2.ExchangeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authority_pb2.ExchangeResponse, _abc.Awaitable[_authority_pb2.ExchangeResponse]]:
+        """Trade the caller's SVID (mutual TLS) for an intent-scoped task token, decided now by
+        policy: the token, a pending approval, or PERMISSION_DENIED with the policy's reasons.
+        Exchanging again with approval_id collects the token once an operator approved.
+        """
+
+    @_abc_1.abstractmethod
+    def Delegate(
+        self,
+        request: _authority_pb2.DelegateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authority_pb2.ExchangeResponse, _abc.Awaitable[_authority_pb2.ExchangeResponse]]:
+        """The holder of a task token hands a narrower one to another workload, named by its SVID."""
+
+    @_abc_1.abstractmethod
+    def EndTask(
+        self,
+        request: _authority_pb2.EndTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authority_pb2.EndTaskResponse, _abc.Awaitable[_authority_pb2.EndTaskResponse]]:
+        """End a task: nothing more is issued for it; its tokens are revoked."""
+
+    @_abc_1.abstractmethod
+    def GetApproval(
+        self,
+        request: _authority_pb2.GetApprovalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authority_pb2.ApprovalInfo, _abc.Awaitable[_authority_pb2.ApprovalInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def GetTaskKeys(
+        self,
+        request: _authority_pb2.GetTaskKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authority_pb2.TaskKeys, _abc.Awaitable[_authority_pb2.TaskKeys]]:
+        """The keys that sign task tokens (a JWK Set of their own) and the issuer name."""
+
 def add_WorkloadServicer_to_server(servicer: WorkloadServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class AdminStub:
@@ -168,6 +234,16 @@ class AdminStub:
     GetAuditInfo: _grpc.UnaryUnaryMultiCallable[_authority_pb2.GetAuditInfoRequest, _authority_pb2.AuditInfo]
     CheckpointAudit: _grpc.UnaryUnaryMultiCallable[_authority_pb2.CheckpointAuditRequest, _authority_pb2.AuditCheckpoint]
     PruneAudit: _grpc.UnaryUnaryMultiCallable[_authority_pb2.PruneAuditRequest, _authority_pb2.PruneAuditResponse]
+    ListApprovals: _grpc.UnaryUnaryMultiCallable[_authority_pb2.ListApprovalsRequest, _authority_pb2.ListApprovalsResponse]
+    """Elevations waiting for (or given) an answer."""
+    Approve: _grpc.UnaryUnaryMultiCallable[_authority_pb2.ApproveRequest, _authority_pb2.ApprovalInfo]
+    Deny: _grpc.UnaryUnaryMultiCallable[_authority_pb2.DenyRequest, _authority_pb2.ApprovalInfo]
+    LoadPolicy: _grpc.UnaryUnaryMultiCallable[_authority_pb2.LoadPolicyRequest, _authority_pb2.PolicyInfo]
+    """Policy-as-code: replace the running policy (only if it compiles and its tests pass),
+    show it, and explain a decision for an input.
+    """
+    GetPolicy: _grpc.UnaryUnaryMultiCallable[_authority_pb2.GetPolicyRequest, _authority_pb2.PolicyInfo]
+    ExplainPolicy: _grpc.UnaryUnaryMultiCallable[_authority_pb2.ExplainPolicyRequest, _authority_pb2.ExplainPolicyResponse]
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -200,6 +276,16 @@ class AdminAsyncStub(AdminStub):
     GetAuditInfo: _aio.UnaryUnaryMultiCallable[_authority_pb2.GetAuditInfoRequest, _authority_pb2.AuditInfo]  # type: ignore[assignment]
     CheckpointAudit: _aio.UnaryUnaryMultiCallable[_authority_pb2.CheckpointAuditRequest, _authority_pb2.AuditCheckpoint]  # type: ignore[assignment]
     PruneAudit: _aio.UnaryUnaryMultiCallable[_authority_pb2.PruneAuditRequest, _authority_pb2.PruneAuditResponse]  # type: ignore[assignment]
+    ListApprovals: _aio.UnaryUnaryMultiCallable[_authority_pb2.ListApprovalsRequest, _authority_pb2.ListApprovalsResponse]  # type: ignore[assignment]
+    """Elevations waiting for (or given) an answer."""
+    Approve: _aio.UnaryUnaryMultiCallable[_authority_pb2.ApproveRequest, _authority_pb2.ApprovalInfo]  # type: ignore[assignment]
+    Deny: _aio.UnaryUnaryMultiCallable[_authority_pb2.DenyRequest, _authority_pb2.ApprovalInfo]  # type: ignore[assignment]
+    LoadPolicy: _aio.UnaryUnaryMultiCallable[_authority_pb2.LoadPolicyRequest, _authority_pb2.PolicyInfo]  # type: ignore[assignment]
+    """Policy-as-code: replace the running policy (only if it compiles and its tests pass),
+    show it, and explain a decision for an input.
+    """
+    GetPolicy: _aio.UnaryUnaryMultiCallable[_authority_pb2.GetPolicyRequest, _authority_pb2.PolicyInfo]  # type: ignore[assignment]
+    ExplainPolicy: _aio.UnaryUnaryMultiCallable[_authority_pb2.ExplainPolicyRequest, _authority_pb2.ExplainPolicyResponse]  # type: ignore[assignment]
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------------------------------------
@@ -331,5 +417,51 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _authority_pb2.PruneAuditRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_authority_pb2.PruneAuditResponse, _abc.Awaitable[_authority_pb2.PruneAuditResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListApprovals(
+        self,
+        request: _authority_pb2.ListApprovalsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authority_pb2.ListApprovalsResponse, _abc.Awaitable[_authority_pb2.ListApprovalsResponse]]:
+        """Elevations waiting for (or given) an answer."""
+
+    @_abc_1.abstractmethod
+    def Approve(
+        self,
+        request: _authority_pb2.ApproveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authority_pb2.ApprovalInfo, _abc.Awaitable[_authority_pb2.ApprovalInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def Deny(
+        self,
+        request: _authority_pb2.DenyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authority_pb2.ApprovalInfo, _abc.Awaitable[_authority_pb2.ApprovalInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def LoadPolicy(
+        self,
+        request: _authority_pb2.LoadPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authority_pb2.PolicyInfo, _abc.Awaitable[_authority_pb2.PolicyInfo]]:
+        """Policy-as-code: replace the running policy (only if it compiles and its tests pass),
+        show it, and explain a decision for an input.
+        """
+
+    @_abc_1.abstractmethod
+    def GetPolicy(
+        self,
+        request: _authority_pb2.GetPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authority_pb2.PolicyInfo, _abc.Awaitable[_authority_pb2.PolicyInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def ExplainPolicy(
+        self,
+        request: _authority_pb2.ExplainPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authority_pb2.ExplainPolicyResponse, _abc.Awaitable[_authority_pb2.ExplainPolicyResponse]]: ...
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

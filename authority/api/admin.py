@@ -12,6 +12,7 @@ import grpc
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
 from authority.api.convert import (
+    approval_to_pb,
     attestor_to_pb,
     audit_record_to_pb,
     authority_to_pb,
@@ -25,6 +26,8 @@ from authority.api.convert import (
 from authority.api.status import rpc
 from authority.attestation import parse_config
 from authority.errors import FailedPrecondition
+from authority.exchange import ExchangeService
+from authority.policy_admin import PolicyAdmin, PolicyState
 from authority.service import Authority
 
 log = logging.getLogger(__name__)
@@ -36,8 +39,12 @@ FOLLOW_POLL_SECONDS = 0.2
 
 
 class AdminService(pb_grpc.AdminServicer):
-    def __init__(self, authority: Authority) -> None:
+    def __init__(
+        self, authority: Authority, exchange: ExchangeService, policy: PolicyAdmin
+    ) -> None:
         self._authority = authority
+        self._exchange = exchange
+        self._policy = policy
 
     @rpc
     async def CreateEntry(
@@ -181,12 +188,59 @@ class AdminService(pb_grpc.AdminServicer):
         return pb.PruneAuditResponse(removed=await self._authority.prune_audit(request.through_seq))
 
     @rpc
+    async def ListApprovals(
+        self, request: pb.ListApprovalsRequest, context: Context
+    ) -> pb.ListApprovalsResponse:
+        now = self._authority.now()
+        infos = [approval_to_pb(a, now) for a in await self._exchange.list_approvals()]
+        if not request.all:
+            infos = [i for i in infos if i.state == "pending"]
+        return pb.ListApprovalsResponse(approvals=infos)
+
+    @rpc
+    async def Approve(self, request: pb.ApproveRequest, context: Context) -> pb.ApprovalInfo:
+        approval = await self._exchange.approve(
+            request.id, grant=seconds(request.grant_seconds), note=request.note
+        )
+        return approval_to_pb(approval, self._authority.now())
+
+    @rpc
+    async def Deny(self, request: pb.DenyRequest, context: Context) -> pb.ApprovalInfo:
+        approval = await self._exchange.deny(request.id, reason=request.reason)
+        return approval_to_pb(approval, self._authority.now())
+
+    @rpc
+    async def LoadPolicy(self, request: pb.LoadPolicyRequest, context: Context) -> pb.PolicyInfo:
+        files = {f.name: f.content for f in request.files}
+        return policy_info(await self._policy.load(files))
+
+    @rpc
+    async def GetPolicy(self, request: pb.GetPolicyRequest, context: Context) -> pb.PolicyInfo:
+        return policy_info(self._policy.state())
+
+    @rpc
+    async def ExplainPolicy(
+        self, request: pb.ExplainPolicyRequest, context: Context
+    ) -> pb.ExplainPolicyResponse:
+        return pb.ExplainPolicyResponse(explanation_json=self._policy.explain(request.input_json))
+
+    @rpc
     async def ListAuthorities(
         self, request: pb.ListAuthoritiesRequest, context: Context
     ) -> pb.ListAuthoritiesResponse:
         return pb.ListAuthoritiesResponse(
             authorities=[authority_to_pb(i) for i in self._authority.ca.authorities()]
         )
+
+
+def policy_info(state: PolicyState) -> pb.PolicyInfo:
+    return pb.PolicyInfo(
+        policy_id=state.policy_id,
+        version=state.version,
+        backend=state.backend,
+        loaded_at=state.loaded_at_epoch,
+        files=list(state.files),
+    )
 
 
 class RefuseAdminHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]

@@ -9,8 +9,16 @@ from cryptography.hazmat.primitives import serialization
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority.audit import AuditRecord, Checkpoint
 from authority.bundle import TrustBundle
-from authority.models import AttestorInstance, AuthorityKeyInfo, RegistrationEntry, Selector
+from authority.exchange import AuditContext, ExchangeOutcome
+from authority.models import (
+    Approval,
+    AttestorInstance,
+    AuthorityKeyInfo,
+    RegistrationEntry,
+    Selector,
+)
 from authority.svid import X509Svid
+from authority.tokens import Intent, TaskToken
 
 
 def ts(when: dt.datetime) -> int:
@@ -118,3 +126,61 @@ def checkpoint_to_pb(checkpoint: Checkpoint) -> pb.AuditCheckpoint:
 
 def checkpoint_from_pb(msg: pb.AuditCheckpoint) -> Checkpoint:
     return Checkpoint(msg.seq, msg.hash, msg.jws)
+
+
+def intent_from_pb(msg: pb.Intent) -> Intent:
+    return Intent(
+        action=msg.action,
+        resource=msg.resource,
+        purpose=msg.purpose,
+        environment=msg.environment,
+        parameters=dict(msg.parameters),
+    )
+
+
+def audit_context_from_pb(msg: pb.AuditContext) -> AuditContext:
+    return AuditContext(
+        prompt_digest=msg.prompt_sha256,
+        tool_name=msg.tool_name,
+        tool_args_digest=msg.tool_args_sha256,
+        model=msg.model,
+    )
+
+
+def task_token_to_pb(token: TaskToken) -> pb.TaskTokenIssued:
+    return pb.TaskTokenIssued(
+        token=token.token,
+        jti=token.jti,
+        task_id=token.task_id,
+        expires_at=ts(token.expires_at),
+        scopes=list(token.scopes),
+        may_delegate=token.may_delegate,
+    )
+
+
+def approval_to_pb(approval: Approval, now: dt.datetime) -> pb.ApprovalInfo:
+    return pb.ApprovalInfo(
+        id=approval.id,
+        state=approval.effective_state(now),
+        principal=approval.principal,
+        task_id=approval.task_id,
+        audience=approval.audience,
+        intent_json=approval.intent_json,
+        requested_at=ts(approval.requested_at),
+        expires_at=ts(approval.expires_at),
+        decided_by=approval.decided_by,
+        note=approval.note,
+        grant_expires_at=ts(approval.grant_expires_at) if approval.grant_expires_at else 0,
+        decision_id=approval.decision_id,
+    )
+
+
+def exchange_response(outcome: ExchangeOutcome, now: dt.datetime) -> pb.ExchangeResponse:
+    decision_id = outcome.decision.decision_id if outcome.decision else ""
+    if outcome.token is not None:
+        return pb.ExchangeResponse(token=task_token_to_pb(outcome.token), decision_id=decision_id)
+    assert outcome.approval is not None
+    return pb.ExchangeResponse(
+        pending=approval_to_pb(outcome.approval, now),
+        decision_id=decision_id or outcome.approval.decision_id,
+    )

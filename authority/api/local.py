@@ -156,3 +156,18 @@ class LocalWorkloadService(pb_grpclib.WorkloadBase):
 
     async def FetchJWTSVID(self, stream: Stream) -> None:
         raise grpclib.exceptions.GRPCError(Status.UNIMPLEMENTED, _UNIMPLEMENTED)
+
+    async def Exchange(self, stream: Stream) -> None:
+        raise grpclib.exceptions.GRPCError(Status.UNIMPLEMENTED, _UNIMPLEMENTED)
+
+    async def Delegate(self, stream: Stream) -> None:
+        raise grpclib.exceptions.GRPCError(Status.UNIMPLEMENTED, _UNIMPLEMENTED)
+
+    async def EndTask(self, stream: Stream) -> None:
+        raise grpclib.exceptions.GRPCError(Status.UNIMPLEMENTED, _UNIMPLEMENTED)
+
+    async def GetApproval(self, stream: Stream) -> None:
+        raise grpclib.exceptions.GRPCError(Status.UNIMPLEMENTED, _UNIMPLEMENTED)
+
+    async def GetTaskKeys(self, stream: Stream) -> None:
+        raise grpclib.exceptions.GRPCError(Status.UNIMPLEMENTED, _UNIMPLEMENTED)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,9 +13,19 @@ from attestors.api import PeerCredentials
 from authority import __version__
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
-from authority.api.convert import bundle_to_pb, seconds, svid_to_pb
+from authority.api.convert import (
+    approval_to_pb,
+    audit_context_from_pb,
+    bundle_to_pb,
+    exchange_response,
+    intent_from_pb,
+    seconds,
+    svid_to_pb,
+    task_token_to_pb,
+)
 from authority.api.status import rpc
 from authority.errors import InvalidArgument, Unauthenticated
+from authority.exchange import ExchangeRequest, ExchangeService
 from authority.service import Authority, Caller
 
 log = logging.getLogger(__name__)
@@ -49,8 +60,15 @@ class _StreamChallenger:
 
 
 class WorkloadService(pb_grpc.WorkloadServicer):
-    def __init__(self, authority: Authority, mtls_address: str, server_spiffe_id: str) -> None:
+    def __init__(
+        self,
+        authority: Authority,
+        exchange: ExchangeService,
+        mtls_address: str,
+        server_spiffe_id: str,
+    ) -> None:
         self._authority = authority
+        self._exchange = exchange
         self._info = pb.ServerInfo(
             trust_domain=authority.trust_domain,
             spiffe_id=server_spiffe_id,
@@ -136,3 +154,55 @@ class WorkloadService(pb_grpc.WorkloadServicer):
 
     async def Ping(self, request: pb.PingRequest, context: Context) -> pb.PingResponse:
         return pb.PingResponse()
+
+    @rpc
+    async def Exchange(self, request: pb.ExchangeRequest, context: Context) -> pb.ExchangeResponse:
+        caller = await self._caller(context)
+        outcome = await self._exchange.exchange(
+            caller,
+            ExchangeRequest(
+                intent=intent_from_pb(request.intent),
+                audience=request.audience,
+                ttl=seconds(request.ttl_seconds),
+                task_id=request.task_id,
+                approval_id=request.approval_id,
+                context=audit_context_from_pb(request.context),
+            ),
+        )
+        return exchange_response(outcome, self._exchange_now())
+
+    @rpc
+    async def Delegate(self, request: pb.DelegateRequest, context: Context) -> pb.ExchangeResponse:
+        caller = await self._caller(context)
+        token = await self._exchange.delegate(
+            caller,
+            parent_token=request.parent_token,
+            delegate_certificate_der=request.delegate_svid,
+            action=request.action,
+            resource=request.resource,
+            ttl=seconds(request.ttl_seconds),
+            context=audit_context_from_pb(request.context),
+        )
+        return pb.ExchangeResponse(token=task_token_to_pb(token), decision_id=token.decision_id)
+
+    @rpc
+    async def EndTask(self, request: pb.EndTaskRequest, context: Context) -> pb.EndTaskResponse:
+        caller = await self._caller(context)
+        jtis = await self._exchange.end_task(caller, request.task_id, request.reason)
+        return pb.EndTaskResponse(revoked_jtis=jtis)
+
+    @rpc
+    async def GetApproval(
+        self, request: pb.GetApprovalRequest, context: Context
+    ) -> pb.ApprovalInfo:
+        caller = await self._caller(context)
+        approval = await self._exchange.approval_status(caller, request.id)
+        return approval_to_pb(approval, self._exchange_now())
+
+    @rpc
+    async def GetTaskKeys(self, request: pb.GetTaskKeysRequest, context: Context) -> pb.TaskKeys:
+        ca = self._authority.ca
+        return pb.TaskKeys(issuer=ca.issuer, jwks_json=ca.task_jwks_json())
+
+    def _exchange_now(self) -> dt.datetime:
+        return self._authority.now()

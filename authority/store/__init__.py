@@ -121,11 +121,16 @@ class Store(Protocol):
 
     # --- tasks, task tokens and approvals ---
     async def record_task_token(
-        self, record: TaskTokenRecord, *, audit: Sequence[AuditEvent] = ()
+        self,
+        record: TaskTokenRecord,
+        *,
+        consume_approval: str = "",
+        audit: Sequence[AuditEvent] = (),
     ) -> None:
         """Store a token's lineage, opening its task on first use. FailedPrecondition
         (TASK_ENDED) for an ended task; PermissionDenied (TASK_NOT_YOURS) when the task belongs
-        to another principal. Atomic with those checks."""
+        to another principal. With ``consume_approval``, that approval must be approved and is
+        marked used (FailedPrecondition APPROVAL_USED otherwise). Atomic with those checks."""
         ...
 
     async def get_task(self, task_id: str) -> TaskRecord | None: ...

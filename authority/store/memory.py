@@ -302,9 +302,18 @@ class MemoryStore:
     # --- tasks, task tokens and approvals ---
 
     async def record_task_token(
-        self, record: TaskTokenRecord, *, audit: Sequence[AuditEvent] = ()
+        self,
+        record: TaskTokenRecord,
+        *,
+        consume_approval: str = "",
+        audit: Sequence[AuditEvent] = (),
     ) -> None:
         self._check_open()
+        approval = self._approvals.get(consume_approval) if consume_approval else None
+        if consume_approval and (approval is None or approval.state is not ApprovalState.APPROVED):
+            raise FailedPrecondition(
+                f"approval {consume_approval} is not approved or was used", reason="APPROVAL_USED"
+            )
         task = self._tasks.get(record.task_id)
         if task is None:
             self._tasks[record.task_id] = TaskRecord(
@@ -318,6 +327,8 @@ class MemoryStore:
                     f"task {task.task_id!r} belongs to another principal", reason="TASK_NOT_YOURS"
                 )
         self._task_tokens[record.jti] = record
+        if approval is not None:
+            self._approvals[approval.id] = dataclasses.replace(approval, state=ApprovalState.USED)
         self._append(audit)
 
     async def get_task(self, task_id: str) -> TaskRecord | None:

@@ -1151,9 +1151,23 @@ class SqliteStore:
     # --- tasks, task tokens and approvals ---
 
     async def record_task_token(
-        self, record: TaskTokenRecord, *, audit: Sequence[AuditEvent] = ()
+        self,
+        record: TaskTokenRecord,
+        *,
+        consume_approval: str = "",
+        audit: Sequence[AuditEvent] = (),
     ) -> None:
         def job(db: Database) -> None:
+            if consume_approval:
+                used = db.execute(
+                    "UPDATE approvals SET state = ? WHERE id = ? AND state = ?",
+                    [ApprovalState.USED.value, consume_approval, ApprovalState.APPROVED.value],
+                ).rowcount
+                if not used:
+                    raise FailedPrecondition(
+                        f"approval {consume_approval} is not approved or was used",
+                        reason="APPROVAL_USED",
+                    )
             task = _one(db, "SELECT * FROM tasks WHERE task_id = ?", [record.task_id])
             if task is None:
                 db.execute(

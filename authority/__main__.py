@@ -1,0 +1,5 @@
+"""``python -m authority``: the same as the ``authority`` command."""
+
+from authority.cli import main
+
+main()

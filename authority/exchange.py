@@ -1,0 +1,656 @@
+"""Exchange: a workload trades its SVID for a task token, decided now by policy-as-code.
+
+Every exchange is decided at request time by the running policy (allow / deny /
+require-approval); nothing is inferred from an earlier decision. The decision, with its full
+input (the intent, the prompt digest and tool call the agent gave for audit), goes into the
+audit chain in the same transaction as what it caused: the token's lineage record, the pending
+approval, or nothing at all for a denial.
+
+- A token is bound to the caller's X.509-SVID (``cnf`` x5t#S256) and lives no longer than the
+  policy's cap, the caller's request, the SVID, an approval's grant, and 15 minutes.
+- Elevation: a require-approval decision creates a pending approval bound to the exact intent
+  and audience; an operator approves it (for a limited time) or denies it; the agent collects
+  its token by exchanging again with the approval id. An approval yields one token.
+- Delegation: the holder of a task token names another workload by its X.509-SVID; the child
+  token is bound to that certificate, carries the chain in ``act``, and may only narrow: the
+  same or a smaller scope and resource, the same audience, an earlier expiry, one less depth.
+- EndTask ends the task: no token is issued for it again, and its tokens are listed for
+  revocation.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime as dt
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from authority.audit import AuditEvent, digest
+from authority.ca import CertificateAuthority
+from authority.clock import Clock
+from authority.config import Limits
+from authority.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from authority.models import Approval, ApprovalState, TaskTokenRecord
+from authority.policy import Decision, Outcome, PolicyEngine, PolicyInput
+from authority.service import OPERATOR, Authority, Caller
+from authority.store import Store
+from authority.tokens import (
+    HARD_MAX_TTL,
+    Intent,
+    TaskToken,
+    check_task_id,
+    mint,
+    resource_within,
+    verify,
+    x5t_s256,
+)
+
+log = logging.getLogger(__name__)
+
+_HEX64 = frozenset("0123456789abcdef")
+RISK_WINDOW = 600.0  # seconds of denials that raise a principal's risk
+RISK_PER_DENIAL = 20
+
+
+class PolicySource(Protocol):
+    """Where the running policy comes from (reloaded without restart)."""
+
+    @property
+    def current(self) -> PolicyEngine: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AuditContext:
+    """What the agent tells us for the record: digests and names, never content."""
+
+    prompt_digest: str = ""
+    tool_name: str = ""
+    tool_args_digest: str = ""
+    model: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_digest", "tool_args_digest"):
+            value = getattr(self, name)
+            if value and (len(value) != 64 or not set(value) <= _HEX64):
+                raise InvalidArgument(f"{name} must be a lower-case SHA-256 hex digest")
+        if len(self.tool_name) > 128 or len(self.model) > 128:
+            raise InvalidArgument("tool_name and model are at most 128 characters")
+
+    def as_details(self) -> dict[str, str]:
+        return {
+            k: v
+            for k, v in (
+                ("prompt_sha256", self.prompt_digest),
+                ("tool", self.tool_name),
+                ("tool_args_sha256", self.tool_args_digest),
+                ("model", self.model),
+            )
+            if v
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeRequest:
+    intent: Intent
+    audience: str
+    ttl: dt.timedelta | None = None
+    task_id: str = ""
+    approval_id: str = ""
+    context: AuditContext = field(default_factory=AuditContext)
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeOutcome:
+    """A token, or a pending approval (``decision`` is None when an exchange only polled an
+    approval that is still pending)."""
+
+    decision: Decision | None
+    token: TaskToken | None = None
+    approval: Approval | None = None
+
+
+def _environment(intent: Intent) -> str:
+    """The environment a policy sees: the one given, else the resource's second segment."""
+    if intent.environment:
+        return intent.environment
+    parts = intent.resource.split("/")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _check_audience(audience: str) -> str:
+    if not audience or len(audience) > 256 or any(c.isspace() for c in audience):
+        raise InvalidArgument("a task token needs exactly one audience", reason="BAD_AUDIENCE")
+    return audience
+
+
+class ExchangeService:
+    def __init__(
+        self,
+        *,
+        authority: Authority,
+        ca: CertificateAuthority,
+        store: Store,
+        policy: PolicySource,
+        clock: Clock,
+        limits: Limits,
+    ) -> None:
+        self._authority = authority
+        self._ca = ca
+        self._store = store
+        self._policy = policy
+        self._clock = clock
+        self._limits = limits
+        self._denials: dict[str, collections.deque[float]] = collections.defaultdict(
+            lambda: collections.deque(maxlen=16)
+        )
+
+    # --- the decision ------------------------------------------------------------------
+
+    def _risk(self, principal: str, depth: int) -> int:
+        """A host-computed risk: recent denials of this principal, and delegation depth."""
+        cutoff = time.monotonic() - RISK_WINDOW
+        recent = [t for t in self._denials.get(principal, ()) if t >= cutoff]
+        return min(100, RISK_PER_DENIAL * len(recent) + 10 * depth)
+
+    def _decide(
+        self,
+        caller: Caller,
+        intent: Intent,
+        audience: str,
+        *,
+        depth: int,
+        approved: bool,
+    ) -> tuple[Decision, PolicyInput]:
+        identity = caller.identity
+        inp = PolicyInput(
+            principal=caller.spiffe_id.uri,
+            action=intent.action,
+            resource=intent.resource,
+            purpose=intent.purpose,
+            audience=audience,
+            environment=_environment(intent),
+            time=self._clock.now(),
+            risk=self._risk(caller.spiffe_id.uri, depth),
+            delegation_depth=depth,
+            approved=approved,
+            parameters=dict(intent.parameters),
+            attributes={
+                "attestor": identity.attestor,
+                "entry_id": identity.entry_id or "",
+                "admin": "true" if identity.admin else "false",
+            },
+        )
+        decision = self._policy.current.decide(inp)
+        if decision.outcome is Outcome.DENY:
+            self._denials[caller.spiffe_id.uri].append(time.monotonic())
+        return decision, inp
+
+    def _decision_event(
+        self,
+        caller: Caller,
+        task_id: str,
+        decision: Decision,
+        inp: PolicyInput,
+        context: AuditContext,
+        kind: str = "policy.decided",
+    ) -> AuditEvent:
+        return AuditEvent(
+            kind,
+            self._clock.now(),
+            actor=caller.spiffe_id.uri,
+            subject=inp.resource,
+            task_id=task_id,
+            decision_id=decision.decision_id,
+            details={
+                "input": {
+                    "principal": inp.principal,
+                    "action": inp.action,
+                    "resource": inp.resource,
+                    "purpose": inp.purpose,
+                    "audience": inp.audience,
+                    "environment": inp.environment,
+                    "time": inp.time.isoformat(),
+                    "risk": inp.risk,
+                    "delegation_depth": inp.delegation_depth,
+                    "approved": inp.approved,
+                    "parameters": dict(inp.parameters),
+                    "attributes": dict(inp.attributes),
+                },
+                "context": context.as_details(),
+                "outcome": str(decision.outcome),
+                "reasons": list(decision.reasons),
+                "ttl_cap_s": None if decision.ttl_cap is None else decision.ttl_cap.total_seconds(),
+                "max_delegation_depth": decision.max_delegation_depth,
+                "policy": {
+                    "id": decision.policy_id,
+                    "version": decision.policy_version,
+                    "backend": decision.backend,
+                },
+            },
+        )
+
+    # --- exchange ----------------------------------------------------------------------
+
+    async def exchange(self, caller: Caller, request: ExchangeRequest) -> ExchangeOutcome:
+        audience = _check_audience(request.audience)
+        intent = request.intent
+        task_id = check_task_id(request.task_id) if request.task_id else f"task-{uuid.uuid4()}"
+        if request.ttl is not None and request.ttl <= dt.timedelta(0):
+            raise InvalidArgument("ttl must be positive", reason="BAD_TTL")
+        await self._check_task(task_id, caller.spiffe_id.uri)
+        approval = await self._approval_for(caller, request) if request.approval_id else None
+        if approval is not None and approval.state is ApprovalState.PENDING:
+            return ExchangeOutcome(None, approval=approval)  # still waiting for the operator
+        if approval is not None:
+            task_id = approval.task_id
+        decision, inp = self._decide(
+            caller, intent, audience, depth=0, approved=approval is not None
+        )
+        event = self._decision_event(caller, task_id, decision, inp, request.context)
+        if decision.outcome is Outcome.DENY:
+            await self._store.append_audit([event])
+            raise PermissionDenied(
+                f"denied by policy {decision.policy_id}@{decision.policy_version} "
+                f"(decision {decision.decision_id}): {'; '.join(decision.reasons)}",
+                reason="POLICY_DENIED",
+            )
+        if decision.outcome is Outcome.REQUIRE_APPROVAL:
+            pending = await self._request_approval(
+                caller, task_id, intent, audience, decision, event
+            )
+            return ExchangeOutcome(decision, approval=pending)
+        token = await self._issue(
+            caller=caller,
+            subject=caller.spiffe_id.uri,
+            actors=(),
+            intent=intent,
+            audience=audience,
+            task_id=task_id,
+            requested_ttl=request.ttl,
+            decision=decision,
+            may_delegate=decision.max_delegation_depth,
+            cnf=x5t_s256(caller.certificate.public_bytes(Encoding.DER)),
+            holder_not_after=caller.certificate.not_valid_after_utc,
+            parent=None,
+            approval=approval,
+            events=[event],
+            context=request.context,
+        )
+        return ExchangeOutcome(decision, token=token)
+
+    async def _check_task(self, task_id: str, principal: str) -> None:
+        task = await self._store.get_task(task_id)
+        if task is None:
+            return
+        if task.principal != principal:
+            raise PermissionDenied(
+                f"task {task_id!r} belongs to another principal", reason="TASK_NOT_YOURS"
+            )
+        if task.ended_at is not None:
+            raise FailedPrecondition(f"task {task_id!r} has ended", reason="TASK_ENDED")
+
+    async def _issue(
+        self,
+        *,
+        caller: Caller,
+        subject: str,
+        actors: Sequence[str],
+        intent: Intent,
+        audience: str,
+        task_id: str,
+        requested_ttl: dt.timedelta | None,
+        decision: Decision,
+        may_delegate: int,
+        cnf: str,
+        holder_not_after: dt.datetime,
+        parent: TaskToken | None,
+        approval: Approval | None,
+        events: list[AuditEvent],
+        context: AuditContext,
+    ) -> TaskToken:
+        now = self._clock.now()
+        limits = [now + HARD_MAX_TTL, now + (requested_ttl or self._limits.default_task_ttl)]
+        limits.append(holder_not_after)
+        if decision.ttl_cap is not None:
+            limits.append(now + decision.ttl_cap)
+        if approval is not None and approval.grant_expires_at is not None:
+            limits.append(approval.grant_expires_at)
+        if parent is not None:
+            limits.append(parent.expires_at)
+        expires = min(limits).replace(microsecond=0)
+        if expires - now < dt.timedelta(seconds=1):
+            raise FailedPrecondition("the token would expire at once", reason="TTL_EXHAUSTED")
+        key, kid, alg = self._ca.task_signing_key()
+        token = mint(
+            key=key,
+            key_id=kid,
+            algorithm=alg,
+            issuer=self._ca.issuer,
+            subject=subject,
+            audience=audience,
+            now=now,
+            expires_at=expires,
+            jti=secrets.token_urlsafe(16),
+            task_id=task_id,
+            intent=intent,
+            cnf_x5t=cnf,
+            actors=actors,
+            decision_id=decision.decision_id,
+            may_delegate=max(0, may_delegate),
+            parent_jti=parent.jti if parent else "",
+        )
+        record = TaskTokenRecord(
+            jti=token.jti,
+            task_id=task_id,
+            subject=subject,
+            holder=token.holder,
+            audience=audience,
+            scope=" ".join(token.scopes),
+            resource=intent.resource,
+            parent_jti=token.parent_jti,
+            depth=token.depth,
+            issued_at=token.issued_at,
+            expires_at=token.expires_at,
+            decision_id=decision.decision_id,
+            cnf_x5t=cnf,
+        )
+        issued = AuditEvent(
+            "task_token.delegated" if parent else "task_token.issued",
+            now,
+            actor=caller.spiffe_id.uri,
+            subject=token.holder,
+            task_id=task_id,
+            decision_id=decision.decision_id,
+            details={
+                "jti": token.jti,
+                "token_sha256": digest(token.token),
+                "audience": audience,
+                "scope": " ".join(token.scopes),
+                "intent": intent.as_claim(),
+                "expires_at": token.expires_at.isoformat(),
+                "cnf_x5t#S256": cnf,
+                "act": list(actors),
+                "parent_jti": token.parent_jti,
+                "may_delegate": token.may_delegate,
+                "approval_id": approval.id if approval else "",
+                "kid": kid,
+                **context.as_details(),
+            },
+        )
+        await self._store.record_task_token(
+            record, consume_approval=approval.id if approval else "", audit=[*events, issued]
+        )
+        log.info(
+            "task token issued: jti=%s task=%s holder=%s scope=%s aud=%s exp=%s decision=%s",
+            token.jti,
+            task_id,
+            token.holder,
+            intent.action,
+            audience,
+            token.expires_at.isoformat(),
+            decision.decision_id,
+        )
+        return token
+
+    # --- approvals ---------------------------------------------------------------------
+
+    async def _request_approval(
+        self,
+        caller: Caller,
+        task_id: str,
+        intent: Intent,
+        audience: str,
+        decision: Decision,
+        event: AuditEvent,
+    ) -> Approval:
+        now = self._clock.now()
+        approval = Approval(
+            id=f"apr-{uuid.uuid4()}",
+            principal=caller.spiffe_id.uri,
+            task_id=task_id,
+            audience=audience,
+            intent_json=json.dumps(intent.as_claim(), sort_keys=True, separators=(",", ":")),
+            intent_fingerprint=intent.fingerprint(audience),
+            decision_id=decision.decision_id,
+            requested_at=now,
+            expires_at=now + self._limits.approval_wait,
+        )
+        requested = AuditEvent(
+            "approval.requested",
+            now,
+            actor=caller.spiffe_id.uri,
+            subject=approval.id,
+            task_id=task_id,
+            decision_id=decision.decision_id,
+            details={
+                "intent": intent.as_claim(),
+                "audience": audience,
+                "expires_at": approval.expires_at.isoformat(),
+            },
+        )
+        await self._store.create_approval(approval, audit=[event, requested])
+        log.info(
+            "approval requested: id=%s principal=%s task=%s",
+            approval.id,
+            approval.principal,
+            task_id,
+        )
+        return approval
+
+    async def _approval_for(self, caller: Caller, request: ExchangeRequest) -> Approval:
+        """The approval presented with an exchange, for exactly this intent: approved (usable)
+        or still pending; anything else is refused."""
+        approval = await self._store.get_approval(request.approval_id)
+        if approval is None or approval.principal != caller.spiffe_id.uri:
+            raise NotFound(f"no approval {request.approval_id!r}", reason="APPROVAL_NOT_FOUND")
+        if approval.intent_fingerprint != request.intent.fingerprint(request.audience):
+            raise PermissionDenied(
+                "the approval was given for another intent", reason="APPROVAL_OTHER_INTENT"
+            )
+        state = approval.effective_state(self._clock.now())
+        if state in ("approved", "pending"):
+            return approval
+        reasons = {
+            "denied": "APPROVAL_DENIED",
+            "expired": "APPROVAL_EXPIRED",
+            "used": "APPROVAL_USED",
+        }
+        raise PermissionDenied(f"approval {approval.id} is {state}", reason=reasons[state])
+
+    async def approval_status(self, caller: Caller, approval_id: str) -> Approval:
+        approval = await self._store.get_approval(approval_id)
+        if approval is None or approval.principal != caller.spiffe_id.uri:
+            raise NotFound(f"no approval {approval_id!r}", reason="APPROVAL_NOT_FOUND")
+        return approval
+
+    async def list_approvals(self) -> list[Approval]:
+        return await self._store.list_approvals()
+
+    async def approve(
+        self, approval_id: str, *, grant: dt.timedelta | None, note: str, by: str = OPERATOR
+    ) -> Approval:
+        grant = grant or self._limits.default_approval_grant
+        if not dt.timedelta(seconds=1) <= grant <= self._limits.max_approval_grant:
+            raise InvalidArgument(
+                f"an approval lasts between 1s and {self._limits.max_approval_grant}",
+                reason="BAD_GRANT",
+            )
+        return await self._decide_approval(approval_id, ApprovalState.APPROVED, grant, note, by)
+
+    async def deny(self, approval_id: str, *, reason: str, by: str = OPERATOR) -> Approval:
+        if not reason.strip():
+            raise InvalidArgument("a denial needs a reason", reason="NO_REASON")
+        return await self._decide_approval(approval_id, ApprovalState.DENIED, None, reason, by)
+
+    async def _decide_approval(
+        self,
+        approval_id: str,
+        state: ApprovalState,
+        grant: dt.timedelta | None,
+        note: str,
+        by: str,
+    ) -> Approval:
+        current = await self._store.get_approval(approval_id)
+        if current is None:
+            raise NotFound(f"no approval {approval_id!r}", reason="APPROVAL_NOT_FOUND")
+        now = self._clock.now()
+        decided = dataclasses.replace(
+            current,
+            state=state,
+            decided_at=now,
+            decided_by=by,
+            note=note[:500],
+            grant_expires_at=now + grant if grant is not None else None,
+        )
+        event = AuditEvent(
+            f"approval.{state}",
+            now,
+            actor=by,
+            subject=approval_id,
+            task_id=current.task_id,
+            decision_id=current.decision_id,
+            details={
+                "principal": current.principal,
+                "note": decided.note,
+                "grant_expires_at": (
+                    decided.grant_expires_at.isoformat() if decided.grant_expires_at else None
+                ),
+            },
+        )
+        await self._store.decide_approval(decided, now, audit=[event])
+        log.info("approval %s: id=%s by=%s", state, approval_id, by)
+        return decided
+
+    # --- delegation ---------------------------------------------------------------------
+
+    async def verify_own(self, caller: Caller, token: str) -> TaskToken:
+        """A task token the caller holds: valid now, issued here, bound to the caller's SVID."""
+        parsed = verify(
+            token,
+            keys=self._ca.task_keys(),
+            issuer=self._ca.issuer,
+            audience=None,
+            now=self._clock.now(),
+        )
+        if parsed.cnf_x5t != x5t_s256(caller.certificate.public_bytes(Encoding.DER)):
+            raise PermissionDenied(
+                "the token is bound to another certificate", reason="TOKEN_CNF_MISMATCH"
+            )
+        if await self._store.get_task_token(parsed.jti) is None:
+            raise PermissionDenied("the token is not known here", reason="TOKEN_UNKNOWN")
+        return parsed
+
+    async def delegate(
+        self,
+        caller: Caller,
+        *,
+        parent_token: str,
+        delegate_certificate_der: bytes,
+        action: str = "",
+        resource: str = "",
+        ttl: dt.timedelta | None = None,
+        context: AuditContext | None = None,
+    ) -> TaskToken:
+        context = context or AuditContext()
+        parent = await self.verify_own(caller, parent_token)
+        if parent.may_delegate <= 0:
+            raise PermissionDenied(
+                "this token may not be delegated further", reason="DELEGATION_DEPTH"
+            )
+        action = action or parent.intent.action
+        resource = resource or parent.intent.resource
+        if action not in parent.scopes:
+            raise PermissionDenied(
+                f"delegation only narrows: {action!r} is not in {' '.join(parent.scopes)!r}",
+                reason="DELEGATION_WIDENS",
+            )
+        if not resource_within(resource, parent.intent.resource):
+            raise PermissionDenied(
+                "delegation only narrows: the resource is outside the parent's",
+                reason="DELEGATION_WIDENS",
+            )
+        if ttl is not None and ttl <= dt.timedelta(0):
+            raise InvalidArgument("ttl must be positive", reason="BAD_TTL")
+        try:
+            cert = x509.load_der_x509_certificate(delegate_certificate_der)
+        except ValueError:
+            raise InvalidArgument("the delegate's SVID is not a DER certificate") from None
+        delegate = await self._authority.authenticate(cert.public_bytes(Encoding.PEM))
+        intent = Intent(
+            action=action,
+            resource=resource,
+            purpose=parent.intent.purpose,
+            environment=parent.intent.environment,
+            parameters=dict(parent.intent.parameters),
+        )
+        depth = parent.depth + 1
+        decision, inp = self._decide(delegate, intent, parent.audience, depth=depth, approved=False)
+        event = self._decision_event(delegate, parent.task_id, decision, inp, context)
+        if decision.outcome is not Outcome.ALLOW:
+            await self._store.append_audit([event])
+            why = "; ".join(decision.reasons) or str(decision.outcome)
+            raise PermissionDenied(
+                f"delegation denied by policy {decision.policy_id}@{decision.policy_version} "
+                f"(decision {decision.decision_id}): {why}",
+                reason="POLICY_DENIED",
+            )
+        return await self._issue(
+            caller=caller,
+            subject=parent.subject,
+            actors=(delegate.spiffe_id.uri, *parent.actors),
+            intent=intent,
+            audience=parent.audience,
+            task_id=parent.task_id,
+            requested_ttl=ttl,
+            decision=decision,
+            may_delegate=min(parent.may_delegate - 1, decision.max_delegation_depth),
+            cnf=x5t_s256(delegate_certificate_der),
+            holder_not_after=cert.not_valid_after_utc,
+            parent=parent,
+            approval=None,
+            events=[event],
+            context=context,
+        )
+
+    # --- end of a task ------------------------------------------------------------------
+
+    async def end_task(self, caller: Caller, task_id: str, reason: str = "") -> list[str]:
+        task = await self._store.get_task(check_task_id(task_id))
+        if task is None or task.principal != caller.spiffe_id.uri:
+            raise NotFound(f"no task {task_id!r}", reason="TASK_NOT_FOUND")
+        now = self._clock.now()
+        event = AuditEvent(
+            "task.ended",
+            now,
+            actor=caller.spiffe_id.uri,
+            subject=task_id,
+            task_id=task_id,
+            details={"reason": reason[:300]},
+        )
+        jtis = await self._store.end_task(task_id, now, reason[:300], audit=[event])
+        log.info("task ended: task=%s tokens=%d", task_id, len(jtis))
+        return jtis
+
+
+def decision_summary(decision: Decision) -> Mapping[str, object]:
+    return {
+        "outcome": str(decision.outcome),
+        "decision_id": decision.decision_id,
+        "policy": f"{decision.policy_id}@{decision.policy_version}",
+        "reasons": list(decision.reasons),
+    }

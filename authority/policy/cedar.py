@@ -1,0 +1,297 @@
+"""The Cedar backend (default), on ``cedarpy``: policies parsed once at load, evaluated in-process.
+
+The request the host builds
+---------------------------
+- principal ``Workload::"<spiffe id>"`` with attributes ``trust_domain`` (``example.org``) and
+  ``path`` (``/agent/reporter``), so policies match ``principal.trust_domain == "example.org"`` or
+  ``principal.path like "/agent/*"``;
+- action ``Action::"<action>"`` (exactly one: ``read``, ``write``, ``deploy``, ...);
+- resource ``Resource::"<resource>"`` with attributes ``kind`` (the text before the first ``/``,
+  or the whole resource when it has none: ``metrics`` for ``metrics/prod``) and ``environment``;
+- context ``{purpose, audience, environment, time, hour, weekday, risk, delegation_depth, approved,
+  parameters, attributes}``: ``time`` is UTC as ``YYYY-MM-DDThh:mm:ss.SSSZ`` (usable with Cedar's
+  ``datetime()``), ``hour`` (0-23, UTC) and ``weekday`` (0 = Monday) are integers, ``risk`` is
+  0..100, ``approved`` is true when an operator approval for exactly this intent is presented,
+  ``parameters`` and ``attributes`` are records of strings (test with ``has`` before reading one).
+
+Annotations the host resolves (validated at load: a bad value refuses the whole policy set)
+-----------------------------------------------------------------------------------------
+- ``@id("name")``: the name used in reasons and audit (unique within the set); a policy without one
+  is named ``<file>[<index in file>]``.
+- ``@ttl("120")``: a TTL cap in seconds (positive integer) on what the permit grants.
+- ``@approval("required")``: the permit grants only with an operator approval.
+- ``@delegation("2")``: how many further delegations a token granted by the permit allows.
+  ``@ttl``, ``@approval`` and ``@delegation`` are refused on a ``forbid``. Other annotations
+  (``@description`` ...) are kept and ignored.
+
+Semantics
+---------
+1. Any matching ``forbid`` -> DENY; reasons are the forbids' names.
+2. No matching ``permit`` -> DENY (default deny; Cedar's "no decision" is a deny).
+3. The determining permits are all the permits that match (Cedar's diagnostics). If at least one of
+   them lacks ``@approval("required")`` -> ALLOW. If every one carries it -> REQUIRE_APPROVAL when
+   ``context.approved`` is false, ALLOW when it is true.
+4. ``ttl_cap`` is the smallest ``@ttl`` among the determining permits (None when none carries one);
+   ``max_delegation_depth`` is the smallest ``@delegation`` among them (0 when none carries one).
+   Both are reported on REQUIRE_APPROVAL too (what an approval would grant); on DENY they are
+   None and 0.
+5. Errors fail closed. Cedar skips a policy whose evaluation errors (a missing attribute, a type
+   error); the host turns an erroring ``forbid`` into DENY (the forbid might have applied), while an
+   erroring ``permit`` simply does not grant. An error the host cannot attribute to a policy denies.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import cedarpy
+
+from authority.errors import InvalidArgument
+from authority.policy._host import (
+    POLICY_INVALID,
+    EngineBase,
+    Facts,
+    PolicySource,
+    Verdict,
+    error_text,
+    source_version,
+)
+from authority.policy.model import PolicyInput
+
+PRINCIPAL_TYPE = "Workload"
+ACTION_TYPE = "Action"
+RESOURCE_TYPE = "Resource"
+
+_HOST_ANNOTATIONS = ("ttl", "approval", "delegation")
+_EVAL_ERROR = re.compile(r"error while evaluating policy `([^`]+)`")
+_POSITIVE_INT = re.compile(r"[1-9][0-9]{0,8}")
+_NON_NEGATIVE_INT = re.compile(r"0|[1-9][0-9]{0,8}")
+
+
+@dataclass(frozen=True, slots=True)
+class CedarPolicyMeta:
+    """One policy of the set, as the host reads it from its annotations."""
+
+    name: str
+    effect: str  # "permit" | "forbid"
+    ttl_seconds: int | None
+    approval_required: bool
+    delegation: int | None
+
+
+def _invalid(message: str) -> InvalidArgument:
+    return InvalidArgument(message, reason=POLICY_INVALID)
+
+
+def _statements(text: str) -> Iterator[tuple[int, str]]:
+    """Top-level statements (up to each ``;`` outside strings and comments) with their offsets."""
+    start = i = 0
+    in_string = False
+    while i < len(text):
+        char = text[i]
+        if in_string:
+            if char == "\\":
+                i += 1
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif text.startswith("//", i):
+            newline = text.find("\n", i)
+            i = len(text) if newline < 0 else newline
+            continue
+        elif char == ";":
+            yield start, text[start : i + 1]
+            start = i + 1
+        i += 1
+    if text[start:].strip():
+        yield start, text[start:]
+
+
+def _first_code_offset(text: str, start: int) -> int:
+    """The offset of the first character after ``start`` that is neither blank nor a comment."""
+    i = start
+    while i < len(text):
+        if text[i].isspace():
+            i += 1
+        elif text.startswith("//", i):
+            newline = text.find("\n", i)
+            i = len(text) if newline < 0 else newline
+        else:
+            return i
+    return start
+
+
+def _parse_error(source: PolicySource, exc: Exception) -> InvalidArgument:
+    """Cedar's message names no line; find the first statement that fails to parse on its own."""
+    message = error_text(exc)
+    for offset, statement in _statements(source.text):
+        try:
+            cedarpy.PolicySet.from_str(statement)
+        except ValueError as statement_exc:
+            line = source.text.count("\n", 0, _first_code_offset(source.text, offset)) + 1
+            return _invalid(f"{source.name}: line {line}: {error_text(statement_exc)}")
+    return _invalid(f"{source.name}: {message}")
+
+
+def _read_meta(body: Mapping[str, object], default_name: str) -> CedarPolicyMeta:
+    effect = body.get("effect")
+    raw = body.get("annotations") or {}
+    if effect not in ("permit", "forbid") or not isinstance(raw, Mapping):
+        raise _invalid(f"{default_name}: unexpected policy shape from Cedar")
+    annotations = {str(k): "" if v is None else str(v) for k, v in raw.items()}
+    name = annotations.get("id", default_name)
+    if not name:
+        raise _invalid(f"{default_name}: @id must not be empty")
+    if effect == "forbid":
+        misplaced = [a for a in _HOST_ANNOTATIONS if a in annotations]
+        if misplaced:
+            raise _invalid(f"{name}: @{misplaced[0]} has no meaning on a forbid policy")
+    ttl: int | None = None
+    if "ttl" in annotations:
+        if not _POSITIVE_INT.fullmatch(annotations["ttl"]):
+            raise _invalid(f'{name}: @ttl must be a positive number of seconds, like @ttl("120")')
+        ttl = int(annotations["ttl"])
+    approval = False
+    if "approval" in annotations:
+        if annotations["approval"] != "required":
+            raise _invalid(f'{name}: the only @approval value is "required"')
+        approval = True
+    delegation: int | None = None
+    if "delegation" in annotations:
+        if not _NON_NEGATIVE_INT.fullmatch(annotations["delegation"]):
+            raise _invalid(f"{name}: @delegation must be a non-negative integer")
+        delegation = int(annotations["delegation"])
+    return CedarPolicyMeta(name, str(effect), ttl, approval, delegation)
+
+
+def _compile(
+    sources: Sequence[PolicySource],
+) -> tuple[cedarpy.PolicySet, dict[str, CedarPolicyMeta]]:
+    counts: list[int] = []
+    for source in sources:
+        try:
+            counts.append(len(cedarpy.PolicySet.from_str(source.text)))
+        except ValueError as exc:
+            raise _parse_error(source, exc) from exc
+    # Joined with newlines so that a file ending in a comment cannot swallow the next file.
+    combined = "\n".join(source.text for source in sources)
+    try:
+        policy_set = cedarpy.PolicySet.from_str(combined)
+        est = json.loads(cedarpy.policies_to_json_str(combined))
+    except ValueError as exc:
+        raise _invalid(f"policy set: {error_text(exc)}") from exc
+    if est.get("templates"):
+        raise _invalid("policy templates (?principal / ?resource slots) are not supported")
+    static: Mapping[str, Mapping[str, object]] = est.get("staticPolicies", {})
+    # Cedar numbers the policies of a text policy0, policy1, ... in order of appearance.
+    expected_ids = {f"policy{i}" for i in range(sum(counts))}
+    if set(static) != expected_ids or len(policy_set) != len(expected_ids):
+        raise _invalid("policy set: Cedar did not number the policies as expected")
+    metas: dict[str, CedarPolicyMeta] = {}
+    names: dict[str, str] = {}
+    index = 0
+    for source, count in zip(sources, counts, strict=True):
+        for k in range(count):
+            policy_id = f"policy{index}"
+            meta = _read_meta(static[policy_id], f"{source.name}[{k}]")
+            if meta.name in names:
+                raise _invalid(f"@id({meta.name!r}) is used by more than one policy")
+            names[meta.name] = policy_id
+            metas[policy_id] = meta
+            index += 1
+    return policy_set, metas
+
+
+class CedarEngine(EngineBase):
+    """A compiled Cedar policy set. Immutable once built; safe to share between threads."""
+
+    backend = "cedar"
+
+    def __init__(self, sources: Sequence[PolicySource], *, policy_id: str) -> None:
+        super().__init__(
+            policy_id=policy_id, policy_version=source_version([s.text for s in sources])
+        )
+        self._policies, self._metas = _compile(sources)
+
+    @property
+    def policies(self) -> Mapping[str, CedarPolicyMeta]:
+        """Cedar's policy ids (``policy0`` ...) to what the host read from each policy."""
+        return dict(self._metas)
+
+    def _evaluate(self, inp: PolicyInput, facts: Facts) -> tuple[Verdict, dict[str, object]]:
+        request: dict[str, object] = {
+            "principal": {"type": PRINCIPAL_TYPE, "id": inp.principal},
+            "action": {"type": ACTION_TYPE, "id": inp.action},
+            "resource": {"type": RESOURCE_TYPE, "id": inp.resource},
+            "context": {
+                "purpose": inp.purpose,
+                "audience": inp.audience,
+                "environment": inp.environment,
+                "time": facts.time,
+                "hour": facts.hour,
+                "weekday": facts.weekday,
+                "risk": inp.risk,
+                "delegation_depth": inp.delegation_depth,
+                "approved": inp.approved,
+                "parameters": dict(inp.parameters),
+                "attributes": dict(inp.attributes),
+            },
+        }
+        entities = [
+            {
+                "uid": {"type": PRINCIPAL_TYPE, "id": inp.principal},
+                "attrs": {
+                    "trust_domain": facts.principal_trust_domain,
+                    "path": facts.principal_path,
+                },
+                "parents": [],
+            },
+            {
+                "uid": {"type": RESOURCE_TYPE, "id": inp.resource},
+                "attrs": {"kind": facts.resource_kind, "environment": inp.environment},
+                "parents": [],
+            },
+        ]
+        result = cedarpy.is_authorized(request, self._policies, json.dumps(entities))
+        determining = [str(policy_id) for policy_id in result.diagnostics.reasons]
+        errors = [str(error) for error in result.diagnostics.errors]
+        trace: dict[str, object] = {
+            "request": request,
+            "entities": entities,
+            "cedar_decision": result.decision.value,
+            "matched": sorted(self._name(p) for p in determining),
+            "errors": errors,
+        }
+        return self._verdict(result.allowed, determining, errors), trace
+
+    def _name(self, policy_id: str) -> str:
+        meta = self._metas.get(policy_id)
+        return policy_id if meta is None else meta.name
+
+    def _verdict(self, allowed: bool, determining: Sequence[str], errors: Sequence[str]) -> Verdict:
+        for error in errors:
+            match = _EVAL_ERROR.search(error)
+            meta = self._metas.get(match.group(1)) if match else None
+            if meta is None:
+                return Verdict.deny(f"cedar evaluation error: {error}")
+            if meta.effect == "forbid":
+                return Verdict.deny(f"forbid {meta.name} failed to evaluate: {error}")
+        metas = [self._metas[policy_id] for policy_id in determining]
+        names = tuple(sorted(meta.name for meta in metas))
+        if not allowed:
+            return Verdict.deny(*names)
+        if not metas or any(meta.effect != "permit" for meta in metas):
+            return Verdict.deny("cedar allowed without a determining permit")
+        ttls = [m.ttl_seconds for m in metas if m.ttl_seconds is not None]
+        depths = [m.delegation for m in metas if m.delegation is not None]
+        return Verdict(
+            allow=True,
+            require_approval=all(meta.approval_required for meta in metas),
+            ttl_seconds=min(ttls) if ttls else None,
+            delegation=min(depths) if depths else 0,
+            reasons=names,
+        )

@@ -1,0 +1,205 @@
+"""The nouns of the policy engine: what is asked, what is decided, and the engine Protocol.
+
+A :class:`PolicyInput` checks its own invariants on construction (a malformed input is the caller's
+error, raised at the edge as :class:`~authority.errors.InvalidArgument`); a :class:`Decision` checks
+its own (scopes only on ALLOW, reasons always on DENY). Engines never raise from ``decide``: any
+error inside evaluation becomes a DENY that carries the error text as its reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol, runtime_checkable
+
+from authority.errors import InvalidArgument
+
+MAX_RISK = 100
+INPUT_INVALID = "POLICY_INPUT_INVALID"
+DEFAULT_DENY_REASON = "default-deny: no policy permits this request"
+
+_INPUT_REQUIRED = ("principal", "action", "resource", "time")
+_INPUT_DEFAULTS: Mapping[str, object] = types.MappingProxyType(
+    {
+        "purpose": "",
+        "audience": "",
+        "environment": "",
+        "risk": 0,
+        "delegation_depth": 0,
+        "approved": False,
+        "parameters": {},
+        "attributes": {},
+    }
+)
+
+
+class Outcome(StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+    REQUIRE_APPROVAL = "require_approval"
+
+
+def _frozen_str_map(name: str, value: object) -> Mapping[str, str]:
+    if not isinstance(value, Mapping):
+        raise InvalidArgument(f"{name} must be a mapping of strings", reason=INPUT_INVALID)
+    copy: dict[str, str] = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not isinstance(item, str):
+            raise InvalidArgument(
+                f"{name} must map strings to strings (bad entry {key!r})", reason=INPUT_INVALID
+            )
+        copy[key] = item
+    return types.MappingProxyType(copy)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyInput:
+    """One intent to decide on. Time is passed in; nothing here reads a clock."""
+
+    principal: str
+    action: str
+    resource: str
+    purpose: str
+    audience: str
+    environment: str
+    time: dt.datetime
+    risk: int
+    delegation_depth: int
+    approved: bool
+    parameters: Mapping[str, str]
+    attributes: Mapping[str, str]
+
+    def __post_init__(self) -> None:
+        for name in ("principal", "action", "resource", "purpose", "audience", "environment"):
+            if not isinstance(getattr(self, name), str):
+                raise InvalidArgument(f"{name} must be a string", reason=INPUT_INVALID)
+        for name in ("principal", "action", "resource"):
+            if not getattr(self, name):
+                raise InvalidArgument(f"{name} must not be empty", reason=INPUT_INVALID)
+        if not isinstance(self.time, dt.datetime) or self.time.utcoffset() is None:
+            raise InvalidArgument("time must be a timezone-aware datetime", reason=INPUT_INVALID)
+        if isinstance(self.risk, bool) or not isinstance(self.risk, int):
+            raise InvalidArgument("risk must be an integer", reason=INPUT_INVALID)
+        if not 0 <= self.risk <= MAX_RISK:
+            raise InvalidArgument(f"risk must be within 0..{MAX_RISK}", reason=INPUT_INVALID)
+        depth = self.delegation_depth
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+            raise InvalidArgument(
+                "delegation_depth must be a non-negative integer", reason=INPUT_INVALID
+            )
+        if not isinstance(self.approved, bool):
+            raise InvalidArgument("approved must be a boolean", reason=INPUT_INVALID)
+        object.__setattr__(self, "parameters", _frozen_str_map("parameters", self.parameters))
+        object.__setattr__(self, "attributes", _frozen_str_map("attributes", self.attributes))
+
+    # JSON form: used by policy tests, the shared corpus and `authority policy explain --input`.
+
+    @classmethod
+    def from_json(cls, obj: object) -> PolicyInput:
+        """Build from a JSON object. ``principal``, ``action``, ``resource`` and ``time`` (ISO 8601
+        with an offset) are required; the other fields default to empty / 0 / false. Unknown keys
+        are refused so that a misspelt field cannot silently take its default."""
+        if not isinstance(obj, Mapping):
+            raise InvalidArgument("policy input must be a JSON object", reason=INPUT_INVALID)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(obj) - known)
+        if unknown:
+            raise InvalidArgument(
+                f"unknown policy input field(s): {', '.join(map(str, unknown))}",
+                reason=INPUT_INVALID,
+            )
+        missing = [name for name in _INPUT_REQUIRED if name not in obj]
+        if missing:
+            raise InvalidArgument(
+                f"policy input lacks required field(s): {', '.join(missing)}", reason=INPUT_INVALID
+            )
+        values: dict[str, Any] = {**_INPUT_DEFAULTS, **obj}
+        raw_time = values["time"]
+        if not isinstance(raw_time, str):
+            raise InvalidArgument("time must be an ISO 8601 string", reason=INPUT_INVALID)
+        try:
+            values["time"] = dt.datetime.fromisoformat(raw_time)
+        except ValueError as exc:
+            raise InvalidArgument(f"time is not ISO 8601: {exc}", reason=INPUT_INVALID) from exc
+        return cls(**values)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "principal": self.principal,
+            "action": self.action,
+            "resource": self.resource,
+            "purpose": self.purpose,
+            "audience": self.audience,
+            "environment": self.environment,
+            "time": self.time.isoformat(),
+            "risk": self.risk,
+            "delegation_depth": self.delegation_depth,
+            "approved": self.approved,
+            "parameters": dict(self.parameters),
+            "attributes": dict(self.attributes),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the engine decided, and under which policy. ``decision_id`` is fresh per decision."""
+
+    outcome: Outcome
+    scopes: tuple[str, ...]
+    ttl_cap: dt.timedelta | None
+    max_delegation_depth: int
+    reasons: tuple[str, ...]
+    policy_id: str
+    policy_version: str
+    decision_id: str
+    backend: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.outcome, Outcome):
+            raise ValueError("outcome must be an Outcome")
+        if self.outcome is Outcome.ALLOW and not self.scopes:
+            raise ValueError("an ALLOW decision grants at least one scope")
+        if self.outcome is not Outcome.ALLOW and self.scopes:
+            raise ValueError("only an ALLOW decision carries scopes")
+        if self.outcome is Outcome.DENY and not self.reasons:
+            raise ValueError("a DENY decision always says why")
+        if self.ttl_cap is not None and self.ttl_cap <= dt.timedelta(0):
+            raise ValueError("a TTL cap must be positive")
+        if self.max_delegation_depth < 0:
+            raise ValueError("max_delegation_depth must not be negative")
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "outcome": str(self.outcome),
+            "scopes": list(self.scopes),
+            "ttl_cap_seconds": (
+                None if self.ttl_cap is None else int(self.ttl_cap.total_seconds())
+            ),
+            "max_delegation_depth": self.max_delegation_depth,
+            "reasons": list(self.reasons),
+            "policy_id": self.policy_id,
+            "policy_version": self.policy_version,
+            "decision_id": self.decision_id,
+            "backend": self.backend,
+        }
+
+
+class PolicyEngine(Protocol):
+    """A loaded, compiled policy set. ``decide`` does no I/O and never raises."""
+
+    backend: str
+    policy_id: str
+    policy_version: str
+
+    def decide(self, inp: PolicyInput) -> Decision: ...
+
+
+@runtime_checkable
+class ExplainingPolicyEngine(PolicyEngine, Protocol):
+    """An engine that can also show its working (for ``authority policy explain``)."""
+
+    def explain(self, inp: PolicyInput) -> dict[str, object]: ...

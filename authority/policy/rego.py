@@ -1,0 +1,233 @@
+"""The Rego backend, for operators who already write OPA policies: the embedded regorus interpreter.
+
+``regorus`` is an optional dependency (the ``rego`` extra, pinned in ``requirements-rego.txt``). Its
+wheels on PyPI (``gordon-to-regorus``) are built by a single maintainer's fork of microsoft/regorus;
+the engine is replaceable behind :class:`~authority.policy.PolicyEngine`. Do not use ``regopy``: it
+gives wrong answers and crashes on idiomatic Rego.
+
+The policy
+----------
+Policies are Rego v1. One of them declares ``package authority`` and a rule ``decision`` whose value
+is an object::
+
+    {"allow": bool, "require_approval": bool,
+     "ttl_seconds": positive integer (optional), "delegation": integer >= 0 (optional),
+     "reasons": [string] (optional)}
+
+Unknown keys are refused (a misspelt ``ttl`` must not silently lift a cap).
+
+The input document
+------------------
+``principal`` (the SPIFFE ID), ``principal_trust_domain``, ``principal_path``, ``action``,
+``resource``, ``resource_kind`` (text before the first ``/``), ``purpose``, ``audience``,
+``environment``, ``time`` (UTC, ``YYYY-MM-DDThh:mm:ss.SSSZ``), ``hour`` (UTC), ``weekday``
+(0 = Monday), ``risk``, ``delegation_depth``, ``approved``, ``parameters`` and ``attributes``
+(objects of strings): the same facts the Cedar backend gives its policies.
+
+Semantics (the same as Cedar's)
+-------------------------------
+``allow`` false -> DENY (reasons from the policy, else default deny). ``allow`` true and
+``require_approval`` true -> REQUIRE_APPROVAL unless ``approved``, then ALLOW. ``ttl_seconds`` is
+the cap (none when absent); ``delegation`` the further delegations allowed (0 when absent).
+Undefined ``decision``, a value that is not such an object, or an evaluation error -> DENY with a
+reason.
+
+The interpreter objects of regorus may be used only on the thread that created them. Loading parses
+the files once (for the loading thread); another thread that decides parses them once for itself.
+Each decision evaluates on a clone of its thread's interpreter (a cheap copy of the parsed
+policies), so no evaluation sees another's input.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+import weakref
+from collections.abc import Mapping, Sequence
+from types import ModuleType
+from typing import Any
+
+from authority.errors import FailedPrecondition, InvalidArgument
+from authority.policy._host import (
+    POLICY_INVALID,
+    EngineBase,
+    Facts,
+    PolicySource,
+    Verdict,
+    derive_facts,
+    error_text,
+    source_version,
+)
+from authority.policy.model import PolicyInput
+
+PACKAGE = "data.authority"
+RULE = "data.authority.decision"
+BACKEND_UNAVAILABLE = "POLICY_BACKEND_UNAVAILABLE"
+_KEYS = frozenset({"allow", "require_approval", "ttl_seconds", "delegation", "reasons"})
+_MAX_INT = 10**9
+
+
+def _regorus() -> ModuleType:
+    try:
+        return importlib.import_module("regorus")
+    except ImportError as exc:
+        raise FailedPrecondition(
+            "the rego policy backend needs the regorus interpreter: install the 'rego' extra "
+            "(pip install 'agent-authority[rego]', pinned in requirements-rego.txt) or use Cedar",
+            reason=BACKEND_UNAVAILABLE,
+        ) from exc
+
+
+def rego_available() -> bool:
+    try:
+        _regorus()
+    except FailedPrecondition:
+        return False
+    return True
+
+
+def input_document(inp: PolicyInput, facts: Facts) -> dict[str, object]:
+    return {
+        "principal": inp.principal,
+        "principal_trust_domain": facts.principal_trust_domain,
+        "principal_path": facts.principal_path,
+        "action": inp.action,
+        "resource": inp.resource,
+        "resource_kind": facts.resource_kind,
+        "purpose": inp.purpose,
+        "audience": inp.audience,
+        "environment": inp.environment,
+        "time": facts.time,
+        "hour": facts.hour,
+        "weekday": facts.weekday,
+        "risk": inp.risk,
+        "delegation_depth": inp.delegation_depth,
+        "approved": inp.approved,
+        "parameters": dict(inp.parameters),
+        "attributes": dict(inp.attributes),
+    }
+
+
+# A well-formed input evaluated once at load: it catches a missing `decision` rule and errors that
+# regorus reports only when a rule runs (an unknown function, for one).
+_PROBE = PolicyInput.from_json(
+    {
+        "principal": "spiffe://example.org/probe",
+        "action": "read",
+        "resource": "probe/policy-load",
+        "purpose": "policy load check",
+        "time": "2000-01-03T00:00:00+00:00",
+    }
+)
+
+
+def _integer(value: object, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"decision.{name} must be a number")
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"decision.{name} must be a whole number")
+    number = int(value)
+    if not minimum <= number <= _MAX_INT:
+        raise ValueError(f"decision.{name} must be within {minimum}..{_MAX_INT}")
+    return number
+
+
+def parse_decision(value: object) -> Verdict:
+    """The ``decision`` value as a verdict; raises ValueError (the caller denies) when malformed."""
+    if value is None:
+        return Verdict.deny(f"{RULE} is undefined for this input")
+    if not isinstance(value, Mapping):
+        raise ValueError(f"decision must be an object, not {type(value).__name__}")
+    unknown = sorted(str(key) for key in set(value) - _KEYS)
+    if unknown:
+        raise ValueError(f"decision has unknown key(s): {', '.join(unknown)}")
+    allow, require = value.get("allow"), value.get("require_approval")
+    if not isinstance(allow, bool) or not isinstance(require, bool):
+        raise ValueError("decision.allow and decision.require_approval must be booleans")
+    ttl = None if "ttl_seconds" not in value else _integer(value["ttl_seconds"], "ttl_seconds", 1)
+    depth = 0 if "delegation" not in value else _integer(value["delegation"], "delegation", 0)
+    raw_reasons = value.get("reasons", [])
+    if not isinstance(raw_reasons, list) or not all(isinstance(r, str) for r in raw_reasons):
+        raise ValueError("decision.reasons must be a list of strings")
+    reasons = tuple(sorted(str(r) for r in raw_reasons))
+    if not allow:
+        return Verdict.deny(*reasons)
+    return Verdict(True, require, ttl, depth, reasons)
+
+
+# regorus interpreters are "unsendable": one may be used, and must be dropped, only on the thread
+# that created it. Each thread therefore keeps its own, here: a module-level thread-local (never
+# deallocated itself) whose per-thread dict CPython clears on that thread when it exits.
+_per_thread = threading.local()
+
+
+def _thread_cache() -> dict[int, tuple[weakref.ref[RegoEngine], Any]]:
+    cache: dict[int, tuple[weakref.ref[RegoEngine], Any]] | None = getattr(
+        _per_thread, "engines", None
+    )
+    if cache is None:
+        cache = {}
+        _per_thread.engines = cache
+    return cache
+
+
+class RegoEngine(EngineBase):
+    """A Rego policy set, parsed once per thread that decides with it (at load for the loading
+    thread); each decision evaluates on a clone of that thread's interpreter."""
+
+    backend = "rego"
+
+    def __init__(self, sources: Sequence[PolicySource], *, policy_id: str) -> None:
+        super().__init__(
+            policy_id=policy_id, policy_version=source_version([s.text for s in sources])
+        )
+        self._sources = tuple(sources)
+        engine = self._build()
+        probe = engine.clone()
+        probe.set_input(input_document(_PROBE, derive_facts(_PROBE)))
+        try:
+            probe.eval_rule(RULE)
+        except (RuntimeError, ValueError) as exc:
+            text = error_text(exc)
+            if "not a valid rule path" in text:
+                text = "package authority defines no rule `decision`"
+            raise InvalidArgument(
+                f"policy fails on a well-formed probe input: {text}", reason=POLICY_INVALID
+            ) from exc
+        _thread_cache()[id(self)] = (weakref.ref(self), engine)
+
+    def _build(self) -> Any:
+        engine: Any = _regorus().Engine()
+        for source in self._sources:
+            try:
+                engine.add_policy(source.name, source.text)
+            except (RuntimeError, ValueError) as exc:
+                raise InvalidArgument(
+                    f"{source.name}: {error_text(exc)}", reason=POLICY_INVALID
+                ) from exc
+        if PACKAGE not in list(engine.get_packages()):
+            raise InvalidArgument("no policy declares `package authority`", reason=POLICY_INVALID)
+        return engine
+
+    def _thread_engine(self) -> Any:
+        cache = _thread_cache()
+        entry = cache.get(id(self))
+        if entry is not None and entry[0]() is self:
+            return entry[1]
+        # A miss: drop (on this, their own thread) the interpreters of engines gone since.
+        for key in [key for key, (ref, _) in cache.items() if ref() is None]:
+            del cache[key]
+        engine = self._build()
+        cache[id(self)] = (weakref.ref(self), engine)
+        return engine
+
+    def _evaluate(self, inp: PolicyInput, facts: Facts) -> tuple[Verdict, dict[str, object]]:
+        document = input_document(inp, facts)
+        engine = self._thread_engine().clone()
+        engine.set_input(document)
+        value: object = engine.eval_rule(RULE)
+        trace: dict[str, object] = {"rego_input": document, "rego_decision": value}
+        try:
+            return parse_decision(value), trace
+        except ValueError as exc:
+            return Verdict.deny(f"rego decision is malformed: {exc}"), trace
