@@ -544,6 +544,160 @@ def attestor_unregister(name: str, admin_socket: str) -> None:
     click.echo(f"unregistered {name}", err=True)
 
 
+# --- approvals and policy ------------------------------------------------------------------
+
+
+def _approval_text(a: pb.ApprovalInfo) -> str:
+    intent = json.loads(a.intent_json) if a.intent_json else {}
+    until = dt.datetime.fromtimestamp(a.grant_expires_at or a.expires_at, dt.UTC).isoformat(
+        timespec="seconds"
+    )
+    return (
+        f"{a.id}  {a.state:9} {a.principal}  {intent.get('action')} {intent.get('resource')} "
+        f"aud={a.audience} task={a.task_id} until={until} purpose={intent.get('purpose')!r}"
+        + (f" note={a.note!r}" if a.note else "")
+    )
+
+
+@main.group()
+def approvals() -> None:
+    """Elevations waiting for an operator."""
+
+
+@approvals.command("list")
+@click.option("--all", "show_all", is_flag=True, help="Include answered and expired ones.")
+@admin_socket_option
+@format_option
+@command
+def approvals_list(show_all: bool, admin_socket: str, fmt: str) -> None:
+    """List pending approvals (all with --all)."""
+    request = pb.ListApprovalsRequest(all=show_all)
+    response = _admin_call(admin_socket, lambda c: c.stub.ListApprovals(request))
+    if fmt == "json":
+        click.echo(json.dumps([_as_dict(a) for a in response.approvals]))
+        return
+    for item in response.approvals:
+        click.echo(_approval_text(item))
+    if not response.approvals:
+        click.echo("no approvals", err=True)
+
+
+@main.command()
+@click.argument("approval_id")
+@click.option("--for", "grant", type=DURATION, help="How long the approval lasts (default 15m).")
+@click.option("--note", default="", help="Why, for the audit.")
+@admin_socket_option
+@command
+def approve(approval_id: str, grant: dt.timedelta | None, note: str, admin_socket: str) -> None:
+    """Approve an elevation: the agent may collect one token for exactly that intent."""
+    request = pb.ApproveRequest(
+        id=approval_id, grant_seconds=int(grant.total_seconds()) if grant else 0, note=note
+    )
+    click.echo(_approval_text(_admin_call(admin_socket, lambda c: c.stub.Approve(request))))
+
+
+@main.command()
+@click.argument("approval_id")
+@click.option("--reason", required=True)
+@admin_socket_option
+@command
+def deny(approval_id: str, reason: str, admin_socket: str) -> None:
+    """Deny an elevation."""
+    request = pb.DenyRequest(id=approval_id, reason=reason)
+    click.echo(_approval_text(_admin_call(admin_socket, lambda c: c.stub.Deny(request))))
+
+
+@main.group()
+def policy() -> None:
+    """Policy-as-code (Cedar, or Rego with the rego extra)."""
+
+
+def _policy_files(files: tuple[Path, ...]) -> dict[str, str]:
+    """The given policy files and the tests files beside them."""
+    from authority.policy.loader import tests_file_for
+
+    found: dict[str, str] = {}
+    for path in files:
+        found[path.name] = path.read_text()
+        tests = tests_file_for(path)
+        if not path.name.endswith(".tests.json") and tests.exists():
+            found[tests.name] = tests.read_text()
+    return found
+
+
+def _policy_text(info: pb.PolicyInfo) -> str:
+    loaded = dt.datetime.fromtimestamp(info.loaded_at, dt.UTC).isoformat(timespec="seconds")
+    files = ", ".join(info.files) or "(built-in default: deny everything)"
+    return (
+        f"policy {info.policy_id} version {info.version} ({info.backend}), loaded {loaded}\n"
+        f"files: {files}"
+    )
+
+
+@policy.command("load")
+@click.argument(
+    "files", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path)
+)
+@admin_socket_option
+@command
+def policy_load(files: tuple[Path, ...], admin_socket: str) -> None:
+    """Replace the running policy (only if it compiles and its own tests pass)."""
+    request = pb.LoadPolicyRequest(
+        files=[pb.PolicyFile(name=n, content=c) for n, c in _policy_files(files).items()]
+    )
+    click.echo(_policy_text(_admin_call(admin_socket, lambda c: c.stub.LoadPolicy(request))))
+
+
+@policy.command("show")
+@admin_socket_option
+@command
+def policy_show(admin_socket: str) -> None:
+    """Show the running policy."""
+    info = _admin_call(admin_socket, lambda c: c.stub.GetPolicy(pb.GetPolicyRequest()))
+    click.echo(_policy_text(info))
+
+
+@policy.command("test")
+@click.argument(
+    "files", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path)
+)
+@command
+def policy_test(files: tuple[Path, ...]) -> None:
+    """Compile policies and run their tests locally (exit 1 on any failure; for CI)."""
+    from authority.policy import load_policy_set, run_policy_tests
+    from authority.policy.loader import find_policy_tests
+
+    sources = [f for f in files if not f.name.endswith(".tests.json")]
+    tests = [f for f in files if f.name.endswith(".tests.json")] or find_policy_tests(sources)
+    engine = load_policy_set(sources, None)
+    results = run_policy_tests(engine, tests)
+    failed = 0
+    for result in results:
+        mark = "ok  " if result.passed else "FAIL"
+        failed += not result.passed
+        detail = "" if result.passed else ": " + "; ".join(result.failures)
+        click.echo(f"{mark} {result.name}{detail}")
+    click.echo(f"{len(results) - failed} passed, {failed} failed")
+    if failed or not results:
+        sys.exit(1)
+
+
+@policy.command("explain")
+@click.option(
+    "--input",
+    "input_file",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+)
+@admin_socket_option
+@command
+def policy_explain(input_file: Path, admin_socket: str) -> None:
+    """Explain the running policy's decision for an input (JSON, as in policy tests)."""
+    request = pb.ExplainPolicyRequest(input_json=input_file.read_text())
+    response = _admin_call(admin_socket, lambda c: c.stub.ExplainPolicy(request))
+    click.echo(json.dumps(json.loads(response.explanation_json), indent=2))
+
+
 # --- audit -------------------------------------------------------------------------------
 
 
@@ -800,6 +954,177 @@ def workload_jwt(
             return await client.fetch_jwt(list(audiences), int(ttl.total_seconds()) if ttl else 0)
 
     click.echo(_run(go()).token)
+
+
+EXIT_PENDING = 3
+
+
+def _context(prompt_sha256: str, tool: str, tool_args_sha256: str, model: str) -> pb.AuditContext:
+    return pb.AuditContext(
+        prompt_sha256=prompt_sha256, tool_name=tool, tool_args_sha256=tool_args_sha256, model=model
+    )
+
+
+context_options = [
+    click.option("--prompt-sha256", default="", help="SHA-256 of the prompt, for the audit."),
+    click.option("--tool", default="", help="The tool call's name, for the audit."),
+    click.option("--tool-args-sha256", default="", help="SHA-256 of the tool call's arguments."),
+    click.option("--model", default="", help="The model acting, for the audit."),
+]
+
+
+def _with_context(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(context_options):
+        fn = option(fn)
+    return fn
+
+
+@workload.command("exchange")
+@server_option
+@click.option(
+    "--svid-dir", required=True, type=click.Path(file_okay=False, exists=True, path_type=Path)
+)
+@click.option("--action", required=True, help="Exactly one action: read, write, deploy, ...")
+@click.option("--resource", required=True)
+@click.option("--audience", required=True, help="The one relying service the token is for.")
+@click.option("--purpose", required=True)
+@click.option("--task", "task_id", default="", help="The task id (default: a new task).")
+@click.option("--ttl", type=DURATION)
+@click.option("--environment", default="")
+@click.option("--param", "params", multiple=True, help="KEY=VALUE intent parameters.")
+@click.option("--approval", "approval_id", default="", help="Collect an approved elevation.")
+@_with_context
+@command
+def workload_exchange(
+    server: str,
+    svid_dir: Path,
+    action: str,
+    resource: str,
+    audience: str,
+    purpose: str,
+    task_id: str,
+    ttl: dt.timedelta | None,
+    environment: str,
+    params: tuple[str, ...],
+    approval_id: str,
+    prompt_sha256: str,
+    tool: str,
+    tool_args_sha256: str,
+    model: str,
+) -> None:
+    """Trade the SVID for a task token; prints the token alone on stdout.
+
+    Exit 3 when an operator must approve (the approval id is printed on stdout; run again with
+    --approval ID to collect the token); exit 1 with the policy's reasons on a denial.
+    """
+    parameters = {}
+    for item in params:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CliError(f"--param {item!r} must be KEY=VALUE")
+        parameters[key] = value
+    request = pb.ExchangeRequest(
+        intent=pb.Intent(
+            action=action,
+            resource=resource,
+            purpose=purpose,
+            environment=environment,
+            parameters=parameters,
+        ),
+        audience=audience,
+        ttl_seconds=int(ttl.total_seconds()) if ttl else 0,
+        task_id=task_id,
+        approval_id=approval_id,
+        context=_context(prompt_sha256, tool, tool_args_sha256, model),
+    )
+
+    async def go() -> pb.ExchangeResponse:
+        async with WorkloadClient.from_svid_dir(server, svid_dir) as client:
+            stub = await client.mtls_stub()
+            return await stub.Exchange(request)
+
+    response = _run(go())
+    if response.WhichOneof("result") == "pending":
+        pending = response.pending
+        click.echo(pending.id)
+        click.echo(
+            f"approval required: {pending.id} (task {pending.task_id}); ask an operator to run "
+            f"'authority approve {pending.id}', then exchange again with --approval {pending.id}",
+            err=True,
+        )
+        sys.exit(EXIT_PENDING)
+    issued = response.token
+    click.echo(issued.token)
+    until = dt.datetime.fromtimestamp(issued.expires_at, dt.UTC).isoformat(timespec="seconds")
+    click.echo(f"task {issued.task_id}: {' '.join(issued.scopes)} until {until}", err=True)
+
+
+@workload.command("delegate")
+@server_option
+@click.option(
+    "--svid-dir", required=True, type=click.Path(file_okay=False, exists=True, path_type=Path)
+)
+@click.option("--token", "token_text", default="", help="The parent task token ('-': stdin).")
+@click.option(
+    "--to-svid",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The new holder's X.509-SVID (PEM, leaf first).",
+)
+@click.option("--action", default="", help="Narrower action (default: the parent's).")
+@click.option("--resource", default="", help="Narrower resource (default: the parent's).")
+@click.option("--ttl", type=DURATION)
+@command
+def workload_delegate(
+    server: str,
+    svid_dir: Path,
+    token_text: str,
+    to_svid: Path,
+    action: str,
+    resource: str,
+    ttl: dt.timedelta | None,
+) -> None:
+    """Hand a narrower task token to another workload; prints the new token alone."""
+    if not token_text or token_text == "-":  # noqa: S105 - the stdin marker
+        token_text = sys.stdin.readline().strip()
+    from cryptography import x509 as _x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    leaf = _x509.load_pem_x509_certificates(to_svid.read_bytes())[0]
+    request = pb.DelegateRequest(
+        parent_token=token_text,
+        delegate_svid=leaf.public_bytes(Encoding.DER),
+        action=action,
+        resource=resource,
+        ttl_seconds=int(ttl.total_seconds()) if ttl else 0,
+    )
+
+    async def go() -> pb.ExchangeResponse:
+        async with WorkloadClient.from_svid_dir(server, svid_dir) as client:
+            stub = await client.mtls_stub()
+            return await stub.Delegate(request)
+
+    click.echo(_run(go()).token.token)
+
+
+@workload.command("end-task")
+@server_option
+@click.option(
+    "--svid-dir", required=True, type=click.Path(file_okay=False, exists=True, path_type=Path)
+)
+@click.option("--task", "task_id", required=True)
+@click.option("--reason", default="")
+@command
+def workload_end_task(server: str, svid_dir: Path, task_id: str, reason: str) -> None:
+    """End a task: its tokens are revoked and nothing more is issued for it."""
+
+    async def go() -> pb.EndTaskResponse:
+        async with WorkloadClient.from_svid_dir(server, svid_dir) as client:
+            stub = await client.mtls_stub()
+            return await stub.EndTask(pb.EndTaskRequest(task_id=task_id, reason=reason))
+
+    ended = _run(go())
+    click.echo(f"task {task_id} ended; {len(ended.revoked_jtis)} tokens revoked", err=True)
 
 
 @workload.command("renew")

@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 
 _HEX64 = frozenset("0123456789abcdef")
 RISK_WINDOW = 600.0  # seconds of denials that raise a principal's risk
-RISK_PER_DENIAL = 20
+RISK_PER_DENIAL = 10  # eight denials in ten minutes reach 80
 
 
 class PolicySource(Protocol):

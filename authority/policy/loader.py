@@ -408,7 +408,9 @@ def _prepare(
 
 
 def explain(engine: PolicyEngine, inp: PolicyInput) -> dict[str, object]:
-    """The decision, which policies matched, and the context the engine evaluated."""
+    """The decision, which policies matched (``matched``: Cedar's determining policies, or the
+    names a Rego decision gives as its reasons), and the context the engine evaluated (Cedar:
+    ``request`` and ``entities``, plus ``errors``; Rego: ``rego_input`` and ``rego_decision``)."""
     if isinstance(engine, ExplainingPolicyEngine):
         return engine.explain(inp)
     return {"decision": engine.decide(inp).to_json(), "input": inp.to_json()}

@@ -155,6 +155,14 @@ def parse_decision(value: object) -> Verdict:
     return Verdict(True, require, ttl, depth, reasons)
 
 
+def _named_reasons(value: object) -> list[str]:
+    """The policy names a decision object gives as its reasons (for explain)."""
+    reasons = value.get("reasons") if isinstance(value, Mapping) else None
+    if not isinstance(reasons, list):
+        return []
+    return sorted(str(reason) for reason in reasons if isinstance(reason, str))
+
+
 # regorus interpreters are "unsendable": one may be used, and must be dropped, only on the thread
 # that created it. Each thread therefore keeps its own, here: a module-level thread-local (never
 # deallocated itself) whose per-thread dict CPython clears on that thread when it exits.
@@ -226,7 +234,11 @@ class RegoEngine(EngineBase):
         engine = self._thread_engine().clone()
         engine.set_input(document)
         value: object = engine.eval_rule(RULE)
-        trace: dict[str, object] = {"rego_input": document, "rego_decision": value}
+        trace: dict[str, object] = {
+            "rego_input": document,
+            "rego_decision": value,
+            "matched": _named_reasons(value),
+        }
         try:
             return parse_decision(value), trace
         except ValueError as exc:

@@ -1,0 +1,53 @@
+"""Helpers shared by the policy tests: inputs with defaults, engines built from text, the paths."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from authority.policy import PolicyEngine, PolicyInput, PolicySource, compile_policy_set
+from authority.policy.rego import rego_available
+
+ROOT = Path(__file__).resolve().parents[3]
+EXAMPLES = ROOT / "examples" / "policies"
+CORPUS = ROOT / "tests" / "policy_corpus" / "corpus.json"
+MONDAY_10 = dt.datetime(2026, 1, 5, 10, 0, tzinfo=dt.UTC)
+AGENT = "spiffe://example.org/agent/reporter"
+
+requires_rego = pytest.mark.skipif(
+    not rego_available(),
+    reason="regorus is not installed (the optional 'rego' extra: pip install -r "
+    "requirements-rego.txt); the Rego backend cannot be exercised",
+)
+
+
+def make_input(**overrides: Any) -> PolicyInput:
+    values: dict[str, Any] = {
+        "principal": AGENT,
+        "action": "read",
+        "resource": "metrics/prod",
+        "purpose": "weekly report",
+        "audience": "metrics-api",
+        "environment": "",
+        "time": MONDAY_10,
+        "risk": 0,
+        "delegation_depth": 0,
+        "approved": False,
+        "parameters": {},
+        "attributes": {},
+    }
+    values.update(overrides)
+    return PolicyInput(**values)
+
+
+def cedar(*texts: str, policy_id: str = "test") -> PolicyEngine:
+    sources = [PolicySource(f"p{i}.cedar", text) for i, text in enumerate(texts)]
+    return compile_policy_set(sources, "cedar", policy_id=policy_id)
+
+
+def rego(*texts: str, policy_id: str = "test") -> PolicyEngine:
+    sources = [PolicySource(f"p{i}.rego", text) for i, text in enumerate(texts)]
+    return compile_policy_set(sources, "rego", policy_id=policy_id)
