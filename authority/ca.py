@@ -173,6 +173,37 @@ class CertificateAuthority:
             self._vault.delete(key.vault_name)
             self._changed()
 
+    async def revoke_key(self, key_id: str) -> None:
+        """Stop trusting a key now: an active one is replaced at once, then it leaves the bundle
+        (everything it signed stops verifying for anyone who refreshes the bundle)."""
+        async with self._lock:
+            key = next((k for k in self._keys.values() if k.info.key_id == key_id), None)
+            if key is None:
+                raise NotFound(f"no signing key {key_id}", reason="KEY_NOT_FOUND")
+            kind = key.info.kind
+            if key.info.state is KeyState.ACTIVE:
+                now = self._clock.now()
+                prepared = self._find(kind, KeyState.PREPARED) or self._create_key(kind, now)
+                fresh = prepared not in self._keys.values()
+                if fresh:
+                    self._vault.save(prepared.vault_name, prepared.private)
+                activated = replace(prepared.info, state=KeyState.ACTIVE)
+                demoted = replace(key.info, state=KeyState.OLD)
+                self._sequence = await self._store.put_authority_keys(
+                    [activated, demoted],
+                    bump_sequence=True,
+                    audit=[self._key_event("ca.key_active", activated, "immediate")],
+                )
+                self._keys[(kind, activated.key_id)] = replace(prepared, info=activated)
+                key = replace(key, info=demoted)
+                self._keys[(kind, key_id)] = key
+            self._sequence = await self._store.delete_authority_key(
+                kind, key_id, audit=[self._key_event("ca.key_revoked", key.info)]
+            )
+            del self._keys[(kind, key_id)]
+            self._vault.delete(key.vault_name)
+            self._changed()
+
     def add_listener(self, callback: Callable[[], None]) -> None:
         """Called (synchronously) after every change of the bundle or of the active keys."""
         self._listeners.append(callback)

@@ -698,6 +698,146 @@ def policy_explain(input_file: Path, admin_socket: str) -> None:
     click.echo(json.dumps(json.loads(response.explanation_json), indent=2))
 
 
+# --- revocation --------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--jti")
+@click.option("--task")
+@click.option("--spiffe-id")
+@click.option("--entry")
+@click.option("--attestor", "attestor_name")
+@click.option("--key", "key_id")
+@click.option("--reason", required=True)
+@admin_socket_option
+@format_option
+@command
+def revoke(
+    jti: str | None,
+    task: str | None,
+    spiffe_id: str | None,
+    entry: str | None,
+    attestor_name: str | None,
+    key_id: str | None,
+    reason: str,
+    admin_socket: str,
+    fmt: str,
+) -> None:
+    """Revoke a token, task, SPIFFE ID, entry, attestor or signing key (durable on return)."""
+    given = [
+        (kind, value)
+        for kind, value in (
+            ("jti", jti),
+            ("task", task),
+            ("subject", spiffe_id),
+            ("entry", entry),
+            ("attestor", attestor_name),
+            ("key", key_id),
+        )
+        if value
+    ]
+    if len(given) != 1:
+        raise CliError("give exactly one of --jti, --task, --spiffe-id, --entry, --attestor, --key")
+    kind, target = given[0]
+    request = pb.RevokeRequest(kind=kind, target=target, reason=reason)
+    response = _admin_call(admin_socket, lambda c: c.stub.Revoke(request))
+    for event in response.revocations:
+        if fmt == "json":
+            click.echo(json.dumps(_event_json(event)))
+        else:
+            click.echo(f"revoked {event.kind} {event.target} (seq {event.seq})")
+
+
+def _event_json(event: pb.RevocationEvent) -> dict[str, Any]:
+    return {
+        "seq": event.seq,
+        "kind": event.kind,
+        "target": event.target,
+        "reason": event.reason,
+        "actor": event.actor,
+        "revoked_at": dt.datetime.fromtimestamp(event.revoked_at_us / 1e6, dt.UTC).isoformat(),
+        "expires_at": dt.datetime.fromtimestamp(event.expires_at_us / 1e6, dt.UTC).isoformat(),
+        "security_event_token": event.security_event_token,
+    }
+
+
+@main.command()
+@click.option("--since", type=int, default=0, show_default=True, help="The last seq already seen.")
+@click.option(
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+@click.option("--heartbeats", is_flag=True, help="Print heartbeats too.")
+@click.option("--server", help="Subscribe as a relying service does (mutual TLS).")
+@click.option("--svid-dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--trust-bundle", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@admin_socket_option
+@command
+def watch(
+    since: int,
+    fmt: str,
+    heartbeats: bool,
+    server: str | None,
+    svid_dir: Path | None,
+    trust_bundle: Path | None,
+    admin_socket: str,
+) -> None:
+    """Print revocations as they arrive (replaying from --since), until interrupted."""
+
+    def show(message: pb.RevocationMessage) -> None:
+        body = message.WhichOneof("body")
+        if body == "event":
+            event = message.event
+            if fmt == "json":
+                click.echo(json.dumps(_event_json(event)))
+            else:
+                click.echo(f"{event.seq:>6} {event.kind:8} {event.target}  reason={event.reason!r}")
+        elif body == "snapshot":
+            for event in message.snapshot.revocations:
+                show(pb.RevocationMessage(event=event))
+        elif body == "heartbeat" and heartbeats:
+            click.echo(
+                json.dumps({"heartbeat": message.heartbeat.seq})
+                if fmt == "json"
+                else f"heartbeat seq={message.heartbeat.seq}"
+            )
+        elif body == "resync":
+            click.echo("resync: reconnecting", err=True)
+
+    async def go() -> None:
+        last = since
+        while True:
+            if server:
+                if svid_dir is None:
+                    raise CliError("--server needs --svid-dir (the subscriber's SVID)")
+                async with WorkloadClient.from_svid_dir(server, svid_dir, trust_bundle) as client:
+                    stub = await client.mtls_stub()
+                    stream = stub.WatchRevocations(pb.WatchRevocationsRequest(since=last))
+                    async for message in stream:
+                        show(message)
+                        last = _last_seq(message, last)
+            else:
+                async with AdminClient(admin_socket) as admin_client:
+                    stream = admin_client.stub.WatchRevocations(
+                        pb.WatchRevocationsRequest(since=last)
+                    )
+                    async for message in stream:
+                        show(message)
+                        last = _last_seq(message, last)
+            await asyncio.sleep(0.2)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        _run(go())
+
+
+def _last_seq(message: pb.RevocationMessage, last: int) -> int:
+    body = message.WhichOneof("body")
+    if body == "event":
+        return max(last, message.event.seq)
+    if body == "snapshot":
+        return max(last, message.snapshot.seq)
+    return last
+
+
 # --- audit -------------------------------------------------------------------------------
 
 

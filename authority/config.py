@@ -126,6 +126,8 @@ class Config:
     local_socket: Path | None = None  # default: <data_dir>/attest.sock
     local_socket_mode: int = 0o666
     server_dns_names: tuple[str, ...] = ("localhost",)
+    # How often the revocation feed sends a heartbeat to a quiet subscriber.
+    revocation_heartbeat: dt.timedelta = dt.timedelta(seconds=1)
     # How often the audit chain's head is signed (when it moved).
     audit_checkpoint_interval: dt.timedelta = dt.timedelta(seconds=60)
     log_level: str = "INFO"

@@ -45,7 +45,7 @@ from authority.errors import (
     NotFound,
     PermissionDenied,
 )
-from authority.models import Approval, ApprovalState, TaskTokenRecord
+from authority.models import Approval, ApprovalState, RevocationKind, TaskTokenRecord
 from authority.policy import Decision, Outcome, PolicyEngine, PolicyInput
 from authority.service import OPERATOR, Authority, Caller
 from authority.store import Store
@@ -294,6 +294,8 @@ class ExchangeService:
         return ExchangeOutcome(decision, token=token)
 
     async def _check_task(self, task_id: str, principal: str) -> None:
+        if self._authority.revocations.revoked.has(RevocationKind.TASK, task_id, self._clock.now()):
+            raise FailedPrecondition(f"task {task_id!r} is revoked", reason="TASK_REVOKED")
         task = await self._store.get_task(task_id)
         if task is None:
             return
@@ -553,6 +555,8 @@ class ExchangeService:
             )
         if await self._store.get_task_token(parsed.jti) is None:
             raise PermissionDenied("the token is not known here", reason="TOKEN_UNKNOWN")
+        if self._authority.revocations.revoked.token_revoked(parsed, self._clock.now()):
+            raise PermissionDenied("the token is revoked", reason="TOKEN_REVOKED")
         return parsed
 
     async def delegate(
@@ -643,6 +647,9 @@ class ExchangeService:
             details={"reason": reason[:300]},
         )
         jtis = await self._store.end_task(task_id, now, reason[:300], audit=[event])
+        await self._authority.revocations.revoke_task_tokens(
+            task_id, reason or "task ended", actor=caller.spiffe_id.uri
+        )
         log.info("task ended: task=%s tokens=%d", task_id, len(jtis))
         return jtis
 

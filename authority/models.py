@@ -280,3 +280,32 @@ class TaskRecord:
     created_at: dt.datetime
     ended_at: dt.datetime | None = None
     end_reason: str = ""
+
+
+class RevocationKind(StrEnum):
+    JTI = "jti"  # one task token (its descendants get events of their own)
+    TASK = "task"  # every token of a task
+    SUBJECT = "subject"  # a SPIFFE ID: its SVIDs, its tokens, what it delegated
+    ENTRY = "entry"  # what was issued through a registration entry
+    ATTESTOR = "attestor"  # what was issued through an attestor instance
+    KEY = "key"  # everything a signing key signed
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """A durable revocation. ``seq`` only grows; it is kept until ``expires_at``, when
+    everything it covers has expired, and forgotten after."""
+
+    kind: RevocationKind
+    target: str
+    reason: str
+    revoked_at: dt.datetime
+    expires_at: dt.datetime
+    actor: str = ""
+    seq: int = 0  # assigned by the store
+
+    def __post_init__(self) -> None:
+        if not self.target or len(self.target) > 2048:
+            raise InvalidArgument("a revocation names a target of 1..2048 characters")
+        if len(self.reason) > 500:
+            raise InvalidArgument("a revocation reason is at most 500 characters")

@@ -32,6 +32,7 @@ from authority._pb import authority_v1_authority_pb2 as pb
 from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
 from authority.api.admin import AdminService, RefuseAdminHandler
 from authority.api.local import LocalWorkloadService
+from authority.api.revocations import RevocationFeed
 from authority.api.workload import WorkloadService
 from authority.attestation import AttestorHost
 from authority.ca import CertificateAuthority, Upstream
@@ -42,6 +43,7 @@ from authority.exchange import ExchangeService
 from authority.ids import SpiffeId
 from authority.keyvault import FileKeyVault
 from authority.policy_admin import PolicyAdmin
+from authority.revocation import RevocationHub, RevocationService
 from authority.service import Authority
 from authority.store.sqlite import SqliteStore
 from authority.svid import X509Svid
@@ -199,8 +201,17 @@ class AuthorityServer:
         await ca.start()
         attestors = AttestorHost(store=store, clock=self.clock, limits=config.limits)
         await attestors.load()
+        self.revocations = revocations = RevocationService(
+            store=store,
+            ca=ca,
+            hub=RevocationHub(store),
+            clock=self.clock,
+            limits=config.limits,
+        )
+        await revocations.start()
         self.authority = authority = Authority(
             ca=ca,
+            revocations=revocations,
             store=store,
             attestors=attestors,
             clock=self.clock,
@@ -223,6 +234,7 @@ class AuthorityServer:
             clock=self.clock,
             limits=config.limits,
         )
+        feed = RevocationFeed(revocations, store, self.clock, config.revocation_heartbeat)
         self._tls = tls = _TlsIdentity(ca, config)
         tls.refresh()
         ca.add_listener(tls.refresh)
@@ -242,7 +254,7 @@ class AuthorityServer:
         )
         mtls_address = config.advertise_mtls or f":{self.mtls_port}"
         pb_grpc.add_WorkloadServicer_to_server(
-            WorkloadService(authority, exchange, mtls_address, server_spiffe_id(config).uri),
+            WorkloadService(authority, exchange, feed, mtls_address, server_spiffe_id(config).uri),
             workload,
         )
         workload.add_generic_rpc_handlers((RefuseAdminHandler(),))
@@ -256,7 +268,7 @@ class AuthorityServer:
             admin.add_insecure_port(f"unix:{socket_path}")
         finally:
             os.umask(old_umask)
-        pb_grpc.add_AdminServicer_to_server(AdminService(authority, exchange, policy), admin)
+        pb_grpc.add_AdminServicer_to_server(AdminService(authority, exchange, policy, feed), admin)
         await self._add_health_and_reflection(admin, "authority.v1.Admin")
 
         await workload.start()

@@ -3,6 +3,7 @@ renewal and JWT-SVIDs. The gRPC adapters translate to and from these calls."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import secrets
@@ -34,10 +35,12 @@ from authority.models import (
     IssuedX509,
     JoinToken,
     RegistrationEntry,
+    RevocationKind,
     Selector,
     check_dns_name,
     token_digest,
 )
+from authority.revocation import RevocationService
 from authority.store import Store
 from authority.svid import JwtSvid, X509Svid, parse_csr
 
@@ -73,9 +76,11 @@ class Authority:
         attestors: AttestorHost,
         clock: Clock,
         limits: Limits,
+        revocations: RevocationService,
         reserved_dns_names: Sequence[str] = (),
         reserved_ids: Sequence[SpiffeId] = (),
     ) -> None:
+        self.revocations = revocations
         self.ca = ca
         self._store = store
         self.attestors = attestors
@@ -184,6 +189,16 @@ class Authority:
         self._entries.pop(entry_id, None)
         self._peers.clear()
         log.info("entry deleted: id=%s", entry_id)
+        await self.revocations.revoke(
+            RevocationKind.ENTRY, entry_id, "registration entry deleted", actor=OPERATOR
+        )
+
+    async def unregister_attestor(self, name: str) -> None:
+        """Unregister an attestor instance and revoke what was issued through it."""
+        await self.attestors.unregister(name)
+        await self.revocations.revoke(
+            RevocationKind.ATTESTOR, name, "attestor unregistered", actor=OPERATOR
+        )
 
     # --- join tokens ------------------------------------------------------------------------
 
@@ -236,6 +251,19 @@ class Authority:
             hint = SpiffeId.parse(spiffe_id_hint) if spiffe_id_hint else None
             outcome = await self.attestors.attest(attestor, evidence, challenger)
             identities = self._identities_for(outcome.selectors, outcome.bound_spiffe_id, hint)
+            now = self._clock.now()
+            standing = []
+            for template in identities:
+                try:
+                    self._check_not_revoked(dataclasses.replace(template, attestor=attestor), now)
+                except PermissionDenied:
+                    continue
+                standing.append(template)
+            if identities and not standing:
+                raise AttestationFailed(
+                    "every identity this workload matches is revoked", reason="REVOKED"
+                )
+            identities = standing
             if not identities:
                 log.info("attestation matched no entry: attestor=%s", attestor)
                 raise AttestationFailed(
@@ -372,7 +400,19 @@ class Authority:
             raise PermissionDenied(
                 "the attestor behind this SVID was unregistered", reason="ATTESTOR_UNREGISTERED"
             )
+        self._check_not_revoked(identity, now)
         return Caller(issued.spiffe_id, identity, cert)
+
+    def _check_not_revoked(self, identity: Identity, now: dt.datetime) -> None:
+        revoked = self.revocations.revoked
+        if revoked.has(RevocationKind.SUBJECT, identity.spiffe_id.uri, now):
+            raise PermissionDenied(f"{identity.spiffe_id} is revoked", reason="SUBJECT_REVOKED")
+        if identity.entry_id and revoked.has(RevocationKind.ENTRY, identity.entry_id, now):
+            raise PermissionDenied("the entry behind this SVID is revoked", reason="ENTRY_REVOKED")
+        if revoked.has(RevocationKind.ATTESTOR, identity.attestor, now):
+            raise PermissionDenied(
+                "the attestor behind this SVID is revoked", reason="ATTESTOR_REVOKED"
+            )
 
     async def _lookup_peer(self, peer_pem: bytes) -> tuple[x509.Certificate, IssuedX509, Identity]:
         try:

@@ -59,6 +59,10 @@ class WorkloadBase(abc.ABC):
     async def GetTaskKeys(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.GetTaskKeysRequest, authority_v1_authority_pb2.TaskKeys]') -> None:
         pass
 
+    @abc.abstractmethod
+    async def WatchRevocations(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.WatchRevocationsRequest, authority_v1_authority_pb2.RevocationMessage]') -> None:
+        pass
+
     def __mapping__(self) -> typing.Dict[str, grpclib.const.Handler]:
         return {
             '/authority.v1.Workload/Attest': grpclib.const.Handler(
@@ -126,6 +130,12 @@ class WorkloadBase(abc.ABC):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 authority_v1_authority_pb2.GetTaskKeysRequest,
                 authority_v1_authority_pb2.TaskKeys,
+            ),
+            '/authority.v1.Workload/WatchRevocations': grpclib.const.Handler(
+                self.WatchRevocations,
+                grpclib.const.Cardinality.UNARY_STREAM,
+                authority_v1_authority_pb2.WatchRevocationsRequest,
+                authority_v1_authority_pb2.RevocationMessage,
             ),
         }
 
@@ -198,6 +208,12 @@ class WorkloadStub:
             '/authority.v1.Workload/GetTaskKeys',
             authority_v1_authority_pb2.GetTaskKeysRequest,
             authority_v1_authority_pb2.TaskKeys,
+        )
+        self.WatchRevocations = grpclib.client.UnaryStreamMethod(
+            channel,
+            '/authority.v1.Workload/WatchRevocations',
+            authority_v1_authority_pb2.WatchRevocationsRequest,
+            authority_v1_authority_pb2.RevocationMessage,
         )
 
 
@@ -293,6 +309,14 @@ class AdminBase(abc.ABC):
 
     @abc.abstractmethod
     async def ExplainPolicy(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.ExplainPolicyRequest, authority_v1_authority_pb2.ExplainPolicyResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def Revoke(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.RevokeRequest, authority_v1_authority_pb2.RevokeResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def WatchRevocations(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.WatchRevocationsRequest, authority_v1_authority_pb2.RevocationMessage]') -> None:
         pass
 
     def __mapping__(self) -> typing.Dict[str, grpclib.const.Handler]:
@@ -434,6 +458,18 @@ class AdminBase(abc.ABC):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 authority_v1_authority_pb2.ExplainPolicyRequest,
                 authority_v1_authority_pb2.ExplainPolicyResponse,
+            ),
+            '/authority.v1.Admin/Revoke': grpclib.const.Handler(
+                self.Revoke,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                authority_v1_authority_pb2.RevokeRequest,
+                authority_v1_authority_pb2.RevokeResponse,
+            ),
+            '/authority.v1.Admin/WatchRevocations': grpclib.const.Handler(
+                self.WatchRevocations,
+                grpclib.const.Cardinality.UNARY_STREAM,
+                authority_v1_authority_pb2.WatchRevocationsRequest,
+                authority_v1_authority_pb2.RevocationMessage,
             ),
         }
 
@@ -578,4 +614,16 @@ class AdminStub:
             '/authority.v1.Admin/ExplainPolicy',
             authority_v1_authority_pb2.ExplainPolicyRequest,
             authority_v1_authority_pb2.ExplainPolicyResponse,
+        )
+        self.Revoke = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/authority.v1.Admin/Revoke',
+            authority_v1_authority_pb2.RevokeRequest,
+            authority_v1_authority_pb2.RevokeResponse,
+        )
+        self.WatchRevocations = grpclib.client.UnaryStreamMethod(
+            channel,
+            '/authority.v1.Admin/WatchRevocations',
+            authority_v1_authority_pb2.WatchRevocationsRequest,
+            authority_v1_authority_pb2.RevocationMessage,
         )

@@ -94,6 +94,11 @@ class WorkloadStub:
                 request_serializer=authority_dot_v1_dot_authority__pb2.GetTaskKeysRequest.SerializeToString,
                 response_deserializer=authority_dot_v1_dot_authority__pb2.TaskKeys.FromString,
                 _registered_method=True)
+        self.WatchRevocations = channel.unary_stream(
+                '/authority.v1.Workload/WatchRevocations',
+                request_serializer=authority_dot_v1_dot_authority__pb2.WatchRevocationsRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.RevocationMessage.FromString,
+                _registered_method=True)
 
 
 class WorkloadServicer:
@@ -182,6 +187,14 @@ class WorkloadServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchRevocations(self, request, context):
+        """The revocation feed (mutual TLS): what the subscriber missed since `since` (or a snapshot
+        when it is too far behind), then live events and heartbeats, each with a sequence number.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkloadServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -239,6 +252,11 @@ def add_WorkloadServicer_to_server(servicer, server):
                     servicer.GetTaskKeys,
                     request_deserializer=authority_dot_v1_dot_authority__pb2.GetTaskKeysRequest.FromString,
                     response_serializer=authority_dot_v1_dot_authority__pb2.TaskKeys.SerializeToString,
+            ),
+            'WatchRevocations': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRevocations,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.WatchRevocationsRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.RevocationMessage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -552,6 +570,33 @@ class Workload:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def WatchRevocations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/authority.v1.Workload/WatchRevocations',
+            authority_dot_v1_dot_authority__pb2.WatchRevocationsRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.RevocationMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AdminStub:
     """---------------------------------------------------------------------------------------------
@@ -680,6 +725,16 @@ class AdminStub:
                 '/authority.v1.Admin/ExplainPolicy',
                 request_serializer=authority_dot_v1_dot_authority__pb2.ExplainPolicyRequest.SerializeToString,
                 response_deserializer=authority_dot_v1_dot_authority__pb2.ExplainPolicyResponse.FromString,
+                _registered_method=True)
+        self.Revoke = channel.unary_unary(
+                '/authority.v1.Admin/Revoke',
+                request_serializer=authority_dot_v1_dot_authority__pb2.RevokeRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.RevokeResponse.FromString,
+                _registered_method=True)
+        self.WatchRevocations = channel.unary_stream(
+                '/authority.v1.Admin/WatchRevocations',
+                request_serializer=authority_dot_v1_dot_authority__pb2.WatchRevocationsRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.RevocationMessage.FromString,
                 _registered_method=True)
 
 
@@ -835,6 +890,19 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Revoke(self, request, context):
+        """Revoke a token, task, subject, entry, attestor or signing key: durable before it returns.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchRevocations(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -952,6 +1020,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ExplainPolicy,
                     request_deserializer=authority_dot_v1_dot_authority__pb2.ExplainPolicyRequest.FromString,
                     response_serializer=authority_dot_v1_dot_authority__pb2.ExplainPolicyResponse.SerializeToString,
+            ),
+            'Revoke': grpc.unary_unary_rpc_method_handler(
+                    servicer.Revoke,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.RevokeRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.RevokeResponse.SerializeToString,
+            ),
+            'WatchRevocations': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRevocations,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.WatchRevocationsRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.RevocationMessage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1579,6 +1657,60 @@ class Admin:
             '/authority.v1.Admin/ExplainPolicy',
             authority_dot_v1_dot_authority__pb2.ExplainPolicyRequest.SerializeToString,
             authority_dot_v1_dot_authority__pb2.ExplainPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Revoke(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authority.v1.Admin/Revoke',
+            authority_dot_v1_dot_authority__pb2.RevokeRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.RevokeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRevocations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/authority.v1.Admin/WatchRevocations',
+            authority_dot_v1_dot_authority__pb2.WatchRevocationsRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.RevocationMessage.FromString,
             options,
             channel_credentials,
             insecure,

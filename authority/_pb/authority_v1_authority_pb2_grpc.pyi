@@ -65,6 +65,10 @@ class WorkloadStub:
     GetApproval: _grpc.UnaryUnaryMultiCallable[_authority_pb2.GetApprovalRequest, _authority_pb2.ApprovalInfo]
     GetTaskKeys: _grpc.UnaryUnaryMultiCallable[_authority_pb2.GetTaskKeysRequest, _authority_pb2.TaskKeys]
     """The keys that sign task tokens (a JWK Set of their own) and the issuer name."""
+    WatchRevocations: _grpc.UnaryStreamMultiCallable[_authority_pb2.WatchRevocationsRequest, _authority_pb2.RevocationMessage]
+    """The revocation feed (mutual TLS): what the subscriber missed since `since` (or a snapshot
+    when it is too far behind), then live events and heartbeats, each with a sequence number.
+    """
 
 @_typing.type_check_only
 class WorkloadAsyncStub(WorkloadStub):
@@ -100,6 +104,10 @@ class WorkloadAsyncStub(WorkloadStub):
     GetApproval: _aio.UnaryUnaryMultiCallable[_authority_pb2.GetApprovalRequest, _authority_pb2.ApprovalInfo]  # type: ignore[assignment]
     GetTaskKeys: _aio.UnaryUnaryMultiCallable[_authority_pb2.GetTaskKeysRequest, _authority_pb2.TaskKeys]  # type: ignore[assignment]
     """The keys that sign task tokens (a JWK Set of their own) and the issuer name."""
+    WatchRevocations: _aio.UnaryStreamMultiCallable[_authority_pb2.WatchRevocationsRequest, _authority_pb2.RevocationMessage]  # type: ignore[assignment]
+    """The revocation feed (mutual TLS): what the subscriber missed since `since` (or a snapshot
+    when it is too far behind), then live events and heartbeats, each with a sequence number.
+    """
 
 class WorkloadServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------------------------------------
@@ -199,6 +207,16 @@ class WorkloadServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_authority_pb2.TaskKeys, _abc.Awaitable[_authority_pb2.TaskKeys]]:
         """The keys that sign task tokens (a JWK Set of their own) and the issuer name."""
 
+    @_abc_1.abstractmethod
+    def WatchRevocations(
+        self,
+        request: _authority_pb2.WatchRevocationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_authority_pb2.RevocationMessage], _abc.AsyncIterator[_authority_pb2.RevocationMessage]]:
+        """The revocation feed (mutual TLS): what the subscriber missed since `since` (or a snapshot
+        when it is too far behind), then live events and heartbeats, each with a sequence number.
+        """
+
 def add_WorkloadServicer_to_server(servicer: WorkloadServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class AdminStub:
@@ -244,6 +262,9 @@ class AdminStub:
     """
     GetPolicy: _grpc.UnaryUnaryMultiCallable[_authority_pb2.GetPolicyRequest, _authority_pb2.PolicyInfo]
     ExplainPolicy: _grpc.UnaryUnaryMultiCallable[_authority_pb2.ExplainPolicyRequest, _authority_pb2.ExplainPolicyResponse]
+    Revoke: _grpc.UnaryUnaryMultiCallable[_authority_pb2.RevokeRequest, _authority_pb2.RevokeResponse]
+    """Revoke a token, task, subject, entry, attestor or signing key: durable before it returns."""
+    WatchRevocations: _grpc.UnaryStreamMultiCallable[_authority_pb2.WatchRevocationsRequest, _authority_pb2.RevocationMessage]
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -286,6 +307,9 @@ class AdminAsyncStub(AdminStub):
     """
     GetPolicy: _aio.UnaryUnaryMultiCallable[_authority_pb2.GetPolicyRequest, _authority_pb2.PolicyInfo]  # type: ignore[assignment]
     ExplainPolicy: _aio.UnaryUnaryMultiCallable[_authority_pb2.ExplainPolicyRequest, _authority_pb2.ExplainPolicyResponse]  # type: ignore[assignment]
+    Revoke: _aio.UnaryUnaryMultiCallable[_authority_pb2.RevokeRequest, _authority_pb2.RevokeResponse]  # type: ignore[assignment]
+    """Revoke a token, task, subject, entry, attestor or signing key: durable before it returns."""
+    WatchRevocations: _aio.UnaryStreamMultiCallable[_authority_pb2.WatchRevocationsRequest, _authority_pb2.RevocationMessage]  # type: ignore[assignment]
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------------------------------------
@@ -463,5 +487,20 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _authority_pb2.ExplainPolicyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_authority_pb2.ExplainPolicyResponse, _abc.Awaitable[_authority_pb2.ExplainPolicyResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Revoke(
+        self,
+        request: _authority_pb2.RevokeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authority_pb2.RevokeResponse, _abc.Awaitable[_authority_pb2.RevokeResponse]]:
+        """Revoke a token, task, subject, entry, attestor or signing key: durable before it returns."""
+
+    @_abc_1.abstractmethod
+    def WatchRevocations(
+        self,
+        request: _authority_pb2.WatchRevocationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_authority_pb2.RevocationMessage], _abc.AsyncIterator[_authority_pb2.RevocationMessage]]: ...
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -23,10 +23,12 @@ from authority.api.convert import (
     selectors_from_pb,
     ts,
 )
+from authority.api.revocations import RevocationFeed
 from authority.api.status import rpc
 from authority.attestation import parse_config
-from authority.errors import FailedPrecondition
+from authority.errors import FailedPrecondition, InvalidArgument
 from authority.exchange import ExchangeService
+from authority.models import RevocationKind
 from authority.policy_admin import PolicyAdmin, PolicyState
 from authority.service import Authority
 
@@ -40,11 +42,16 @@ FOLLOW_POLL_SECONDS = 0.2
 
 class AdminService(pb_grpc.AdminServicer):
     def __init__(
-        self, authority: Authority, exchange: ExchangeService, policy: PolicyAdmin
+        self,
+        authority: Authority,
+        exchange: ExchangeService,
+        policy: PolicyAdmin,
+        feed: RevocationFeed,
     ) -> None:
         self._authority = authority
         self._exchange = exchange
         self._policy = policy
+        self._feed = feed
 
     @rpc
     async def CreateEntry(
@@ -137,7 +144,7 @@ class AdminService(pb_grpc.AdminServicer):
     async def UnregisterAttestor(
         self, request: pb.UnregisterAttestorRequest, context: Context
     ) -> pb.UnregisterAttestorResponse:
-        await self._authority.attestors.unregister(request.name)
+        await self._authority.unregister_attestor(request.name)
         return pb.UnregisterAttestorResponse()
 
     async def ExportAudit(
@@ -223,6 +230,28 @@ class AdminService(pb_grpc.AdminServicer):
         self, request: pb.ExplainPolicyRequest, context: Context
     ) -> pb.ExplainPolicyResponse:
         return pb.ExplainPolicyResponse(explanation_json=self._policy.explain(request.input_json))
+
+    @rpc
+    async def Revoke(self, request: pb.RevokeRequest, context: Context) -> pb.RevokeResponse:
+        try:
+            kind = RevocationKind(request.kind)
+        except ValueError:
+            raise InvalidArgument(
+                f"kind must be one of {', '.join(k.value for k in RevocationKind)}",
+                reason="BAD_REVOCATION_KIND",
+            ) from None
+        if not request.reason.strip():
+            raise InvalidArgument("a revocation needs a reason", reason="NO_REASON")
+        stored = await self._authority.revocations.revoke(
+            kind, request.target, request.reason, actor="operator"
+        )
+        return pb.RevokeResponse(revocations=[self._feed.event(r) for r in stored])
+
+    async def WatchRevocations(
+        self, request: pb.WatchRevocationsRequest, context: Context
+    ) -> AsyncIterator[pb.RevocationMessage]:
+        async for message in self._feed.stream(request.since):
+            yield message
 
     @rpc
     async def ListAuthorities(

@@ -171,3 +171,6 @@ class LocalWorkloadService(pb_grpclib.WorkloadBase):
 
     async def GetTaskKeys(self, stream: Stream) -> None:
         raise grpclib.exceptions.GRPCError(Status.UNIMPLEMENTED, _UNIMPLEMENTED)
+
+    async def WatchRevocations(self, stream: Stream) -> None:
+        raise grpclib.exceptions.GRPCError(Status.UNIMPLEMENTED, _UNIMPLEMENTED)

@@ -23,8 +23,9 @@ from authority.api.convert import (
     svid_to_pb,
     task_token_to_pb,
 )
-from authority.api.status import rpc
-from authority.errors import InvalidArgument, Unauthenticated
+from authority.api.revocations import RevocationFeed
+from authority.api.status import abort, rpc
+from authority.errors import AuthorityError, InvalidArgument, Unauthenticated
 from authority.exchange import ExchangeRequest, ExchangeService
 from authority.service import Authority, Caller
 
@@ -64,11 +65,13 @@ class WorkloadService(pb_grpc.WorkloadServicer):
         self,
         authority: Authority,
         exchange: ExchangeService,
+        feed: RevocationFeed,
         mtls_address: str,
         server_spiffe_id: str,
     ) -> None:
         self._authority = authority
         self._exchange = exchange
+        self._feed = feed
         self._info = pb.ServerInfo(
             trust_domain=authority.trust_domain,
             spiffe_id=server_spiffe_id,
@@ -203,6 +206,16 @@ class WorkloadService(pb_grpc.WorkloadServicer):
     async def GetTaskKeys(self, request: pb.GetTaskKeysRequest, context: Context) -> pb.TaskKeys:
         ca = self._authority.ca
         return pb.TaskKeys(issuer=ca.issuer, jwks_json=ca.task_jwks_json())
+
+    async def WatchRevocations(
+        self, request: pb.WatchRevocationsRequest, context: Context
+    ) -> AsyncIterator[pb.RevocationMessage]:
+        try:
+            await self._caller(context)
+        except AuthorityError as exc:
+            await abort(context, exc)
+        async for message in self._feed.stream(request.since):
+            yield message
 
     def _exchange_now(self) -> dt.datetime:
         return self._authority.now()

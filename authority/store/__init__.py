@@ -27,6 +27,7 @@ from authority.models import (
     JoinToken,
     KeyKind,
     RegistrationEntry,
+    Revocation,
     TaskRecord,
     TaskTokenRecord,
 )
@@ -162,6 +163,27 @@ class Store(Protocol):
         """Record an operator's answer; only a pending, unexpired approval can be answered
         (FailedPrecondition APPROVAL_DECIDED / APPROVAL_EXPIRED; NotFound)."""
         ...
+
+    # --- revocations ---
+    async def revoke(
+        self, revocations: Sequence[Revocation], *, audit: Sequence[AuditEvent] = ()
+    ) -> list[Revocation]:
+        """Store revocations durably; return them with their sequence numbers, which only grow
+        and are never reused."""
+        ...
+
+    async def revocations_since(self, seq: int, limit: int = 10_000) -> list[Revocation]: ...
+
+    async def active_revocations(self, now: dt.datetime) -> list[Revocation]: ...
+
+    async def revocation_bounds(self) -> tuple[int, int]:
+        """(lowest seq still kept, highest seq ever assigned): a subscriber behind the first
+        must take a snapshot."""
+        ...
+
+    async def subjects_attested_by(self, attestor: str, now: dt.datetime) -> list[str]: ...
+
+    async def task_tokens_of_subject(self, subject: str, now: dt.datetime) -> list[str]: ...
 
     # --- the audit chain ---
     async def append_audit(self, events: Sequence[AuditEvent]) -> list[AuditRecord]:

@@ -32,6 +32,7 @@ from authority.models import (
     JoinToken,
     KeyKind,
     RegistrationEntry,
+    Revocation,
     Selector,
     TaskRecord,
     TaskTokenRecord,
@@ -73,6 +74,8 @@ class MemoryStore:
         self._tasks: dict[str, TaskRecord] = {}
         self._task_tokens: dict[str, TaskTokenRecord] = {}
         self._approvals: dict[str, Approval] = {}
+        self._revocations: dict[int, Revocation] = {}
+        self._revocation_seq = 0
 
     def _append(self, events: Sequence[AuditEvent]) -> list[AuditRecord]:
         seq, prev = (self._audit[-1].seq + 1, self._audit[-1].hash) if self._audit else self._anchor
@@ -297,7 +300,14 @@ class MemoryStore:
         claims = [key for key, until in self._claims.items() if until <= now]
         for claim in claims:
             del self._claims[claim]
-        return count + len(claims)
+        count += len(claims)
+        gone_revocations = [s for s, r in self._revocations.items() if r.expires_at < grace]
+        for seq in gone_revocations:
+            del self._revocations[seq]
+        gone_tokens = [j for j, t in self._task_tokens.items() if t.expires_at < grace]
+        for jti in gone_tokens:
+            del self._task_tokens[jti]
+        return count + len(gone_revocations) + len(gone_tokens)
 
     # --- tasks, task tokens and approvals ---
 
@@ -403,6 +413,53 @@ class MemoryStore:
             grant_expires_at=decided.grant_expires_at,
         )
         self._append(audit)
+
+    # --- revocations ---
+
+    async def revoke(
+        self, revocations: Sequence[Revocation], *, audit: Sequence[AuditEvent] = ()
+    ) -> list[Revocation]:
+        self._check_open()
+        out = []
+        for r in revocations:
+            self._revocation_seq += 1
+            stored = dataclasses.replace(r, seq=self._revocation_seq)
+            self._revocations[stored.seq] = stored
+            out.append(stored)
+        self._append(audit)
+        return out
+
+    async def revocations_since(self, seq: int, limit: int = 10_000) -> list[Revocation]:
+        self._check_open()
+        return [self._revocations[s] for s in sorted(self._revocations) if s > seq][:limit]
+
+    async def active_revocations(self, now: dt.datetime) -> list[Revocation]:
+        self._check_open()
+        return [r for _, r in sorted(self._revocations.items()) if r.expires_at > now]
+
+    async def revocation_bounds(self) -> tuple[int, int]:
+        self._check_open()
+        low = min(self._revocations) if self._revocations else self._revocation_seq + 1
+        return low, self._revocation_seq
+
+    async def subjects_attested_by(self, attestor: str, now: dt.datetime) -> list[str]:
+        self._check_open()
+        live = {s.identity_id for s in self._issued.values() if s.not_after > now}
+        return sorted(
+            {
+                i.spiffe_id.uri
+                for k, i in self._identities.items()
+                if i.attestor == attestor and k in live
+            }
+        )
+
+    async def task_tokens_of_subject(self, subject: str, now: dt.datetime) -> list[str]:
+        self._check_open()
+        return sorted(
+            j
+            for j, t in self._task_tokens.items()
+            if (t.subject == subject or t.holder == subject) and t.expires_at > now
+        )
 
     # --- audit ---
 

@@ -54,6 +54,8 @@ from authority.models import (
     KeyKind,
     KeyState,
     RegistrationEntry,
+    Revocation,
+    RevocationKind,
     Selector,
     TaskRecord,
     TaskTokenRecord,
@@ -412,12 +414,26 @@ def _migration_4(db: Database) -> None:
     db.table("approvals").create_index(["state"], index_name="approvals_by_state")
 
 
+def _migration_5(db: Database) -> None:
+    """Revocations: AUTOINCREMENT, so a sequence number is never reused after a prune."""
+    db.execute(
+        "CREATE TABLE revocations ("
+        " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " kind TEXT NOT NULL, target TEXT NOT NULL, reason TEXT NOT NULL,"
+        " actor TEXT NOT NULL, revoked_at_us INTEGER NOT NULL, expires_at_us INTEGER NOT NULL"
+        ") STRICT"
+    )
+    db.table("revocations").create_index(["expires_at_us"], index_name="revocations_by_expiry")
+    db.table("revocations").create_index(["kind", "target"], index_name="revocations_by_target")
+
+
 # MIGRATIONS[n] takes the schema from version n to n + 1. Append only; never edit a shipped one.
 MIGRATIONS: Final[tuple[Callable[[Database], None], ...]] = (
     _migration_1,
     _migration_2,
     _migration_3,
     _migration_4,
+    _migration_5,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -1310,6 +1326,89 @@ class SqliteStore:
 
         await self._run(job, audit)
 
+    # --- revocations ---
+
+    async def revoke(
+        self, revocations: Sequence[Revocation], *, audit: Sequence[AuditEvent] = ()
+    ) -> list[Revocation]:
+        def job(db: Database) -> list[Revocation]:
+            out = []
+            for r in revocations:
+                cursor = db.execute(
+                    "INSERT INTO revocations (kind, target, reason, actor, revoked_at_us,"
+                    " expires_at_us) VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        r.kind.value,
+                        r.target,
+                        r.reason,
+                        r.actor,
+                        _instant(r.revoked_at),
+                        _instant(r.expires_at),
+                    ],
+                )
+                out.append(dataclasses.replace(r, seq=int(cursor.lastrowid or 0)))
+            return out
+
+        return await self._run(job, audit)
+
+    async def revocations_since(self, seq: int, limit: int = 10_000) -> list[Revocation]:
+        def job(db: Database) -> list[Revocation]:
+            rows = db.query(
+                "SELECT * FROM revocations WHERE seq > ? ORDER BY seq LIMIT ?", [seq, limit]
+            )
+            return [_revocation_from_row(row) for row in rows]
+
+        return await self._run(job)
+
+    async def active_revocations(self, now: dt.datetime) -> list[Revocation]:
+        now_us = _instant(now)
+
+        def job(db: Database) -> list[Revocation]:
+            rows = db.query(
+                "SELECT * FROM revocations WHERE expires_at_us > ? ORDER BY seq", [now_us]
+            )
+            return [_revocation_from_row(row) for row in rows]
+
+        return await self._run(job)
+
+    async def revocation_bounds(self) -> tuple[int, int]:
+        def job(db: Database) -> tuple[int, int]:
+            row = _one(db, "SELECT MIN(seq) AS lo, MAX(seq) AS hi FROM revocations", [])
+            seq_row = _one(db, "SELECT seq FROM sqlite_sequence WHERE name = 'revocations'", [])
+            head = int(seq_row["seq"]) if seq_row else 0
+            lo = int(row["lo"]) if row and row["lo"] is not None else head + 1
+            return lo, head
+
+        return await self._run(job)
+
+    async def subjects_attested_by(self, attestor: str, now: dt.datetime) -> list[str]:
+        now_us = _instant(now)
+
+        def job(db: Database) -> list[str]:
+            rows = db.query(
+                "SELECT DISTINCT i.spiffe_id FROM identities i JOIN issued_x509 x"
+                " ON x.identity_id = i.id WHERE i.attestor = ? AND x.not_after_us > ?"
+                " ORDER BY i.spiffe_id",
+                [attestor, now_us],
+            )
+            return [row["spiffe_id"] for row in rows]
+
+        return await self._run(job)
+
+    async def task_tokens_of_subject(self, subject: str, now: dt.datetime) -> list[str]:
+        """Live task tokens a SPIFFE ID holds or delegated (its own tasks'), by jti."""
+        now_us = _instant(now)
+
+        def job(db: Database) -> list[str]:
+            rows = db.query(
+                "SELECT jti FROM task_tokens WHERE (subject = ? OR holder = ?)"
+                " AND expires_at_us > ? ORDER BY jti",
+                [subject, subject, now_us],
+            )
+            return [row["jti"] for row in rows]
+
+        return await self._run(job)
+
     # --- single-use claims ---
 
     async def claim_once(
@@ -1349,6 +1448,11 @@ class SqliteStore:
             removed = db.execute("DELETE FROM join_tokens WHERE expires_at_us < ?", [grace_us])
             count += removed.rowcount
             removed = db.execute("DELETE FROM claims WHERE expires_at_us <= ?", [now_us])
+            count += removed.rowcount
+            # A revocation is forgotten once everything it covers has expired (and a grace).
+            removed = db.execute("DELETE FROM revocations WHERE expires_at_us < ?", [grace_us])
+            count += removed.rowcount
+            removed = db.execute("DELETE FROM task_tokens WHERE expires_at_us < ?", [grace_us])
             return int(count + removed.rowcount)
 
         return await self._run(job)
@@ -1416,6 +1520,18 @@ def _audit_from_row(row: Mapping[str, Any]) -> AuditRecord:
         details_json=row["details"],
         prev_hash=row["prev_hash"],
         hash=row["hash"],
+    )
+
+
+def _revocation_from_row(row: Mapping[str, Any]) -> Revocation:
+    return Revocation(
+        kind=RevocationKind(row["kind"]),
+        target=row["target"],
+        reason=row["reason"],
+        revoked_at=_from_instant(row["revoked_at_us"]),
+        expires_at=_from_instant(row["expires_at_us"]),
+        actor=row["actor"],
+        seq=row["seq"],
     )
 
 

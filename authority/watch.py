@@ -1,0 +1,186 @@
+"""The relying side of the revocation feed: a revocation set kept fresh by the stream.
+
+``RevocationWatcher`` subscribes (over mutual TLS with the service's own SVID, or over the
+operator socket), applies replays, snapshots and live events, resumes from its last sequence
+number after a disconnect (exponential backoff with jitter), and knows how fresh it is: every
+message, heartbeats included, proves the feed alive. A verifier asks ``fresh()`` before trusting
+``is_revoked``; when the feed has been silent longer than ``stale_after`` the answer is no, and
+the verifier fails closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+
+import grpc
+
+from authority._pb import authority_v1_authority_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+KINDS = ("jti", "task", "subject", "entry", "attestor", "key")
+
+
+@dataclass(slots=True)
+class RevocationSet:
+    """Targets by kind, each with when it may be forgotten (Unix microseconds)."""
+
+    targets: dict[str, dict[str, int]] = field(default_factory=lambda: {k: {} for k in KINDS})
+    seq: int = 0
+
+    def apply(self, event: pb.RevocationEvent) -> None:
+        bucket = self.targets.setdefault(event.kind, {})
+        bucket[event.target] = max(bucket.get(event.target, 0), event.expires_at_us)
+        self.seq = max(self.seq, event.seq)
+
+    def replace(self, snapshot: pb.RevocationSnapshot) -> None:
+        self.targets = {k: {} for k in KINDS}
+        for event in snapshot.revocations:
+            self.apply(event)
+        self.seq = max(self.seq, snapshot.seq)
+
+    def has(self, kind: str, target: str, now_us: int) -> bool:
+        until = self.targets.get(kind, {}).get(target)
+        return until is not None and until > now_us
+
+    def forget_expired(self, now_us: int) -> None:
+        for bucket in self.targets.values():
+            for target in [t for t, until in bucket.items() if until <= now_us]:
+                del bucket[target]
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self.targets.values())
+
+
+StreamFactory = Callable[[int], AsyncIterator[pb.RevocationMessage]]
+
+
+class RevocationWatcher:
+    """Keeps a ``RevocationSet`` fed by ``WatchRevocations``.
+
+    ``open_stream(since)`` returns the message stream (see ``mtls_stream`` / ``admin_stream``).
+    """
+
+    def __init__(
+        self,
+        open_stream: StreamFactory,
+        *,
+        stale_after: dt.timedelta = dt.timedelta(seconds=3),
+        backoff_initial: float = 0.05,
+        backoff_max: float = 5.0,
+        on_event: Callable[[pb.RevocationEvent], None] | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._open = open_stream
+        self._stale_after = stale_after.total_seconds()
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._on_event = on_event
+        self._wall = wall_clock
+        self.revoked = RevocationSet()
+        self._last_heard: float | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.connects = 0
+        self.resyncs = 0
+        self._synced = asyncio.Event()
+
+    # --- what a verifier asks -----------------------------------------------------------
+
+    def fresh(self) -> bool:
+        heard = self._last_heard
+        return heard is not None and time.monotonic() - heard <= self._stale_after
+
+    def staleness(self) -> float | None:
+        """Seconds since the feed was last heard (None: never)."""
+        return None if self._last_heard is None else time.monotonic() - self._last_heard
+
+    @property
+    def seq(self) -> int:
+        return self.revoked.seq
+
+    def is_revoked(
+        self,
+        jti: str,
+        task_id: str,
+        subject: str,
+        holder: str,
+        *,
+        actors: Iterable[str] = (),
+        key_id: str = "",
+    ) -> bool:
+        now_us = int(self._wall() * 1_000_000)
+        has = self.revoked.has
+        return (
+            has("jti", jti, now_us)
+            or has("task", task_id, now_us)
+            or (bool(key_id) and has("key", key_id, now_us))
+            or any(has("subject", who, now_us) for who in (subject, holder, *actors))
+        )
+
+    # --- running ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="revocation-watcher")
+
+    async def wait_synced(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        async with asyncio.timeout(timeout):
+            await self._synced.wait()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        delay = self._backoff_initial
+        while True:
+            try:
+                self.connects += 1
+                async for message in self._open(self.revoked.seq):
+                    self._handle(message)
+                    delay = self._backoff_initial
+                    if message.WhichOneof("body") == "resync":
+                        self.resyncs += 1
+                        break
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                log.warning("revocation feed lost: %s", exc.code().name)
+            except Exception:
+                log.exception("revocation feed failed")
+            # Full jitter: a reconnect storm of thousands of subscribers spreads out.
+            await asyncio.sleep(random.uniform(0, delay))  # noqa: S311 - jitter, not security
+            delay = min(self._backoff_max, delay * 2)
+
+    def _handle(self, message: pb.RevocationMessage) -> None:
+        self._last_heard = time.monotonic()
+        body = message.WhichOneof("body")
+        if body == "event":
+            self.revoked.apply(message.event)
+            if self._on_event is not None:
+                self._on_event(message.event)
+        elif body == "snapshot":
+            self.revoked.replace(message.snapshot)
+        elif body == "heartbeat":
+            self._synced.set()
+            self.revoked.forget_expired(int(self._wall() * 1_000_000))
+
+
+def stub_stream(stub: object) -> StreamFactory:
+    """A stream factory over a Workload (mTLS) or Admin stub's WatchRevocations."""
+
+    def open_stream(since: int) -> AsyncIterator[pb.RevocationMessage]:
+        call = stub.WatchRevocations(pb.WatchRevocationsRequest(since=since))  # type: ignore[attr-defined]
+        return call.__aiter__()  # type: ignore[no-any-return]
+
+    return open_stream
