@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Self
 import jwt
 
 from attestors.api import (
+    MAX_SELECTOR_VALUE_CHARS,
     AttestationRefused,
     AttestContext,
     Attested,
@@ -33,6 +34,8 @@ ALLOWED_ALGORITHMS = frozenset(
 )
 DEFAULT_ALGORITHMS = ("RS256", "ES256")
 MAX_TOKEN_BYTES = 16 * 1024
+# Time claims outside [1970, 3000) are refused before any date arithmetic can overflow.
+MAX_INSTANT = 32503680000
 
 # selector key -> claim path (segments joined with "/")
 PRESETS: dict[str, dict[str, str]] = {
@@ -71,10 +74,27 @@ def _instant(claims: Mapping[str, Any], name: str) -> dt.datetime:
     value = claims.get(name)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise AttestationRefused("JWT_INVALID", f"claim {name} must be a number")
+    if not 0 <= value < MAX_INSTANT:  # also false for NaN
+        raise AttestationRefused("JWT_INVALID", f"claim {name} is out of range")
+    return dt.datetime.fromtimestamp(int(value), dt.UTC)
+
+
+def _selector_value(value: str) -> bool:
+    """Whether ``value`` can be a selector value: the host matches selectors exactly, so it
+    refuses empty or overlong values, wildcards and control characters."""
+    return 0 < len(value) <= MAX_SELECTOR_VALUE_CHARS and not any(
+        ch in "*?\x7f" or ch < " " for ch in value
+    )
+
+
+def _selector_key(key: object) -> bool:
+    if not isinstance(key, str):
+        return False
     try:
-        return dt.datetime.fromtimestamp(int(value), dt.UTC)
-    except (OverflowError, OSError, ValueError):
-        raise AttestationRefused("JWT_INVALID", f"claim {name} is out of range") from None
+        Attested(selectors=((key, "x"),))
+    except ValueError:
+        return False
+    return True
 
 
 def _load_jwks(config: Mapping[str, Any]) -> jwt.PyJWKSet:
@@ -86,7 +106,9 @@ def _load_jwks(config: Mapping[str, Any]) -> jwt.PyJWKSet:
             doc = json.loads(raw) if isinstance(raw, str) else raw
         else:
             doc = json.loads(Path(str(config["jwks_path"])).read_text())
-        keys = jwt.PyJWKSet.from_dict(doc)
+        if not isinstance(doc, Mapping):
+            raise ConfigError("jwks: a JWK Set is a JSON object with a keys list")
+        keys = jwt.PyJWKSet.from_dict(dict(doc))
     except (OSError, ValueError, TypeError, jwt.PyJWTError) as exc:
         raise ConfigError(f"jwks: not a usable JWK Set: {exc}") from None
     for key in keys.keys:
@@ -153,27 +175,33 @@ class JwtAttestor:
         algorithms = config.get("algorithms", list(DEFAULT_ALGORITHMS))
         if isinstance(algorithms, str):
             algorithms = [algorithms]
+        if not isinstance(algorithms, list) or not all(isinstance(a, str) for a in algorithms):
+            raise ConfigError("algorithms must be a list of algorithm names")
         bad = sorted(set(algorithms) - ALLOWED_ALGORITHMS)
         if bad or not algorithms:
             allowed = ", ".join(sorted(ALLOWED_ALGORITHMS))
             raise ConfigError(f"algorithms: {bad or 'empty'} not allowed; choose from {allowed}")
         kind = config.get("kind", "oidc")
-        if kind not in PRESETS:
+        if not isinstance(kind, str) or kind not in PRESETS:
             raise ConfigError(f"kind must be one of {sorted(PRESETS)}")
         claims = dict(PRESETS[kind])
         extra = config.get("selector_claims", {})
         if not isinstance(extra, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in extra.items()
+            _selector_key(k) and isinstance(v, str) and v for k, v in extra.items()
         ):
-            raise ConfigError("selector_claims must map selector keys to claim paths")
+            raise ConfigError(
+                "selector_claims must map selector keys (lower-case identifiers) to claim paths"
+            )
         claims.update(extra)
         try:
             leeway = dt.timedelta(seconds=int(config.get("leeway_seconds", 30)))
             max_lifetime = dt.timedelta(seconds=int(config.get("max_lifetime_seconds", 86400)))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError("leeway_seconds and max_lifetime_seconds must be integers") from None
         if not dt.timedelta(0) <= leeway <= dt.timedelta(minutes=5):
             raise ConfigError("leeway_seconds must be between 0 and 300")
+        if max_lifetime <= dt.timedelta(0):
+            raise ConfigError("max_lifetime_seconds must be positive")
         return cls(
             host=host,
             keys=keys,
@@ -220,6 +248,11 @@ class JwtAttestor:
             raise AttestationRefused("JWT_ISSUER", "the token's issuer is not trusted") from None
         except jwt.MissingRequiredClaimError as exc:
             raise AttestationRefused("JWT_MISSING_CLAIM", str(exc)) from None
+        except jwt.InvalidAlgorithmError:
+            # The header's algorithm is allowed, but it is not the one the key is for.
+            raise AttestationRefused(
+                "JWT_ALGORITHM", f"algorithm {alg!r} is not the algorithm of key {key.key_id!r}"
+            ) from None
         except jwt.InvalidSignatureError:
             raise AttestationRefused(
                 "JWT_SIGNATURE", "the token's signature does not verify"
@@ -248,11 +281,19 @@ class JwtAttestor:
         jti = claims["jti"]
         if not isinstance(jti, str) or not jti or len(jti) > 256:
             raise AttestationRefused("JWT_MISSING_CLAIM", "jti must be a non-empty string")
+        sub = claims["sub"]
+        if not isinstance(sub, str) or not _selector_value(sub):
+            raise AttestationRefused(
+                "JWT_INVALID", "sub must be 1..2048 printable characters, without wildcards"
+            )
         if not await self._host.claim_once(f"jti:{jti}", exp + self._leeway):
             raise AttestationRefused("JWT_REPLAYED", "this token was already used to attest")
-        selectors: list[tuple[str, str]] = [("sub", str(claims["sub"]))]
+        selectors: list[tuple[str, str]] = [("sub", sub)]
         for key, path in sorted(self._claims.items()):
             value = _claim(claims, path)
             values = value if isinstance(value, list) else [value]
-            selectors += [(key, str(v)) for v in values if v is not None and str(v)]
+            # A value no selector can hold is left out: no entry could match it.
+            selectors += [
+                (key, str(v)) for v in values if v is not None and _selector_value(str(v))
+            ]
         return Attested(selectors=tuple(selectors), can_reattest=True)

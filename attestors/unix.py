@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 from attestors.api import (
+    MAX_SELECTOR_VALUE_CHARS,
     AttestationRefused,
     AttestContext,
     Attested,
@@ -46,6 +47,14 @@ class ProcessFacts:
     gid: int
     path: str
     sha256: str | None
+
+
+def _selector_value(value: str) -> bool:
+    """Whether ``value`` can be a selector value: the host matches selectors exactly, so it
+    refuses empty or overlong values, wildcards and control characters (all legal in a path)."""
+    return 0 < len(value) <= MAX_SELECTOR_VALUE_CHARS and not any(
+        ch in "*?\x7f" or ch < " " for ch in value
+    )
 
 
 def _start_time(pid: int) -> float:
@@ -134,8 +143,11 @@ class UnixAttestor:
             ("uid", str(facts.uid)),
             ("gid", str(facts.gid)),
             ("pid", str(facts.pid)),
-            ("path", facts.path),
         ]
+        # A path no selector can hold is left out: no entry could match it, and the host would
+        # refuse the whole attestation over it. The sha256 still names the executable.
+        if _selector_value(facts.path):
+            selectors.append(("path", facts.path))
         if facts.sha256:
             selectors.append(("sha256", facts.sha256))
         with contextlib.suppress(KeyError):  # a uid or gid with no name

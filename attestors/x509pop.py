@@ -25,6 +25,7 @@ from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
 from attestors.api import (
+    MAX_SELECTOR_VALUE_CHARS,
     AttestationRefused,
     AttestContext,
     Attested,
@@ -71,6 +72,14 @@ def _verify_signature(cert: x509.Certificate, nonce: bytes, signature: bytes) ->
         raise AttestationRefused(
             "X509POP_BAD_SIGNATURE", "the nonce signature does not verify with the certificate key"
         ) from None
+
+
+def _selector_value(value: str) -> bool:
+    """Whether ``value`` can be a selector value: the host matches selectors exactly, so it
+    refuses empty or overlong values, wildcards (``*.example.org``) and control characters."""
+    return 0 < len(value) <= MAX_SELECTOR_VALUE_CHARS and not any(
+        ch in "*?\x7f" or ch < " " for ch in value
+    )
 
 
 def _fingerprint(cert: x509.Certificate) -> str:
@@ -122,10 +131,11 @@ class X509PopAttestor:
     def _validate(
         self, leaf: x509.Certificate, intermediates: list[x509.Certificate]
     ) -> list[x509.Certificate]:
+        now = self._host.now()
         builder = (
             PolicyBuilder()
             .store(self._store)
-            .time(self._host.now())
+            .time(now)
             .max_chain_depth(MAX_CHAIN)
             # Node certificates often carry no SAN (required by the web-PKI client profile);
             # the leaf's CA flag and key usage are checked below instead.
@@ -137,8 +147,14 @@ class X509PopAttestor:
         try:
             verified = builder.build_client_verifier().verify(leaf, intermediates)
         except VerificationError as exc:
+            # cryptography says "cert is not valid at validation time" for any certificate of
+            # the chain outside its validity window; the leaf's own window is checked directly.
             text = str(exc)
-            if "expired" in text or "not yet valid" in text or "validity" in text:
+            if (
+                not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc
+                or "not valid at validation time" in text
+                or "expired" in text
+            ):
                 raise AttestationRefused(
                     "X509POP_CERT_EXPIRED", "the certificate is expired or not yet valid"
                 ) from None
@@ -182,4 +198,7 @@ class X509PopAttestor:
             ]
         except x509.ExtensionNotFound:
             pass
-        return Attested(selectors=tuple(selectors), can_reattest=True)
+        # A value no selector can hold (a wildcard DNS name, say) is left out: no entry could
+        # match it, and the host would refuse the whole attestation over it.
+        kept = tuple((key, value) for key, value in selectors if _selector_value(value))
+        return Attested(selectors=kept, can_reattest=True)
