@@ -12,6 +12,7 @@ The public metadata of keys is in the Store, private keys in a KeyVault; time co
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import ipaddress
 import json
@@ -20,7 +21,7 @@ import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import jwt
 from cryptography import x509
@@ -124,6 +125,7 @@ class CertificateAuthority:
         self._sequence = 0
         self._bundle: TrustBundle | None = None
         self._listeners: list[Callable[[], None]] = []
+        self._signature_checked: set[str] = set()  # keys whose issued signatures verified once
         self._lock = asyncio.Lock()
         self._leaf_subject = x509.Name(
             [x509.NameAttribute(NameOID.ORGANIZATION_NAME, config.subject_organization)]
@@ -552,7 +554,9 @@ class CertificateAuthority:
         # Self-signed: the signing CA is a root in the bundle. Upstream: it is an intermediate.
         intermediates = (key.certificate, *key.chain) if self._upstream is not None else ()
         svid = X509Svid(spiffe_id, cert, intermediates)
-        check_x509_svid(svid, key.certificate, public_key, now)
+        first = key.info.key_id not in self._signature_checked
+        check_x509_svid(svid, key.certificate, public_key, now, verify_signature=first)
+        self._signature_checked.add(key.info.key_id)
         return svid
 
     def issue_jwt_svid(
@@ -580,12 +584,24 @@ class CertificateAuthority:
         header = {"kid": key.info.key_id, "typ": "JWT"}
         token = jwt.encode(claims, key.private, algorithm=self._jwt_alg, headers=header)
         svid = JwtSvid(spiffe_id, token, tuple(audience), expires, jti, key.info.key_id)
-        issued_header = jwt.get_unverified_header(token)
-        issued_claims = jwt.decode(token, options={"verify_signature": False})
+        issued_header, issued_claims = _parse_compact(token)
         if issued_header.get("alg") != self._jwt_alg:
             raise ProfileViolation("JWT-SVID signed with an unexpected algorithm")
         check_jwt_svid_claims(issued_header, issued_claims, svid)
         return svid
+
+
+def _parse_compact(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Header and claims of a JWS we just produced (its signature is the signer's own)."""
+    try:
+        header_b64, claims_b64, _ = token.split(".")
+        header = json.loads(base64.urlsafe_b64decode(header_b64 + "=" * (-len(header_b64) % 4)))
+        claims = json.loads(base64.urlsafe_b64decode(claims_b64 + "=" * (-len(claims_b64) % 4)))
+    except ValueError:
+        raise ProfileViolation("the signer produced a malformed JWS") from None
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        raise ProfileViolation("the signer produced a malformed JWS")
+    return header, claims
 
 
 def _aki_for(cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:

@@ -271,7 +271,10 @@ def verify(
             issuer=issuer,
             audience=audience,
             options={
-                "require": ["iss", "sub", "aud", "exp", "iat", "nbf", "jti", "txn", "scope", "cnf"],
+                "require": [
+                    *("iss", "sub", "aud", "exp", "iat", "nbf", "jti"),
+                    *("txn", "scope", "tctx", "cnf"),
+                ],
                 "verify_exp": False,
                 "verify_nbf": False,
                 "verify_iat": False,
@@ -294,16 +297,19 @@ def verify(
         aud = claims["aud"]
         if not isinstance(aud, str):
             raise Unauthenticated("a task token has exactly one audience", reason="TOKEN_AUDIENCE")
-        exp = dt.datetime.fromtimestamp(int(claims["exp"]), dt.UTC)
-        nbf = dt.datetime.fromtimestamp(int(claims["nbf"]), dt.UTC)
-        iat = dt.datetime.fromtimestamp(int(claims["iat"]), dt.UTC)
+        exp = _numeric_date(claims["exp"])
+        nbf = _numeric_date(claims["nbf"])
+        iat = _numeric_date(claims["iat"])
         if now >= exp + leeway:
             raise Unauthenticated("the token has expired", reason="TOKEN_EXPIRED")
         if now + leeway < nbf:
             raise Unauthenticated("the token is not valid yet", reason="TOKEN_NOT_YET_VALID")
         if exp - iat > HARD_MAX_TTL + dt.timedelta(seconds=1):
             raise Unauthenticated("the token lives longer than allowed", reason="TOKEN_LIFETIME")
-        tctx = claims.get("tctx") or {}
+        tctx = claims["tctx"]
+        scope = claims["scope"]
+        if not isinstance(tctx, Mapping) or not isinstance(scope, str):
+            raise TypeError("tctx must be an object and scope a string")
         intent = Intent(
             action=str(tctx["action"]),
             resource=str(tctx["resource"]),
@@ -311,7 +317,7 @@ def verify(
             environment=str(tctx.get("environment", "")),
             parameters={str(k): str(v) for k, v in dict(tctx.get("parameters", {})).items()},
         )
-        scopes = tuple(str(claims["scope"]).split())
+        scopes = tuple(scope.split())
         cnf = claims["cnf"]
         x5t = cnf.get("x5t#S256") if isinstance(cnf, Mapping) else None
         if not isinstance(x5t, str) or not x5t:
@@ -340,6 +346,16 @@ def verify(
         raise Unauthenticated(
             "the token's claims are malformed", reason="TOKEN_MALFORMED"
         ) from None
+
+
+def _numeric_date(value: object) -> dt.datetime:
+    """An RFC 7519 NumericDate: a JSON number of seconds, within what a datetime holds."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError("a NumericDate is a number")
+    try:
+        return dt.datetime.fromtimestamp(int(value), dt.UTC)
+    except (OverflowError, OSError) as exc:  # also ValueError (NaN, year out of range)
+        raise ValueError("a NumericDate out of range") from exc
 
 
 def check_binding(token: TaskToken, presenter_cert_der: bytes | None) -> None:

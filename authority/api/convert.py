@@ -29,7 +29,19 @@ def seconds(value: int) -> dt.timedelta | None:
     return dt.timedelta(seconds=value) if value else None
 
 
+_bundle_cache: list[tuple[TrustBundle, pb.Bundle]] = []
+
+
 def bundle_to_pb(bundle: TrustBundle) -> pb.Bundle:
+    """Built once per bundle (the CA makes a new one on every change)."""
+    if _bundle_cache and _bundle_cache[0][0] is bundle:
+        return _bundle_cache[0][1]
+    message = _bundle_message(bundle)
+    _bundle_cache[:] = [(bundle, message)]
+    return message
+
+
+def _bundle_message(bundle: TrustBundle) -> pb.Bundle:
     return pb.Bundle(
         trust_domain=bundle.trust_domain.name,
         x509_authorities=bundle.x509_der(),

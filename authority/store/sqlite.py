@@ -71,6 +71,7 @@ FILE_MODE: Final = 0o600
 _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _MICROSECOND: Final = dt.timedelta(microseconds=1)
 _SEQUENCE_KEY: Final = "bundle_sequence"
+_HEAD_CACHE: Final = "_authority_audit_head"
 
 
 # --- value encodings -------------------------------------------------------------------------
@@ -619,6 +620,7 @@ class _Writer:
                         _storage_error(exc) if isinstance(exc, sqlite3.Error) else exc
                     )
                     results.append((job, error, None))
+                    setattr(db, _HEAD_CACHE, None)
                     if db.conn.in_transaction:
                         db.execute("ROLLBACK TO job")
                         db.execute("RELEASE job")
@@ -634,6 +636,7 @@ class _Writer:
                 db.execute("COMMIT")
                 self.commits += 1
         except Exception as exc:  # the transaction itself failed: none of it is committed
+            setattr(db, _HEAD_CACHE, None)
             with contextlib.suppress(sqlite3.Error):
                 if db.conn.in_transaction:
                     db.execute("ROLLBACK")
@@ -983,32 +986,36 @@ class SqliteStore:
         ]
 
         def job(db: Database) -> None:
+            # The constraints (primary keys, the identity foreign key) catch duplicates and
+            # unknown identities: one statement a row on this hot path, no look-ups first.
             if identity_row is not None:
-                if _one(db, "SELECT 1 FROM identities WHERE id = ?", identity_row[:1]) is not None:
+                try:
+                    db.execute(
+                        "INSERT INTO identities (id, spiffe_id, entry_id, attestor, selectors,"
+                        " attested_at_us, x509_ttl_us, jwt_ttl_us, dns_names, admin)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        identity_row,
+                    )
+                except sqlite3.IntegrityError:
                     raise AlreadyExists(
                         f"identity {identity_row[0]!r} already exists", reason="IDENTITY_EXISTS"
-                    )
-                db.execute(
-                    "INSERT INTO identities (id, spiffe_id, entry_id, attestor, selectors,"
-                    " attested_at_us, x509_ttl_us, jwt_ttl_us, dns_names, admin)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    identity_row,
-                )
+                    ) from None
             for row in svid_rows:
-                if _one(db, "SELECT 1 FROM identities WHERE id = ?", row[1:2]) is None:
-                    raise FailedPrecondition(
-                        f"identity {row[1]!r} is unknown", reason="IDENTITY_UNKNOWN"
+                try:
+                    db.execute(
+                        "INSERT INTO issued_x509 (serial, identity_id, spiffe_id, not_after_us)"
+                        " VALUES (?, ?, ?, ?)",
+                        row,
                     )
-                if _one(db, "SELECT 1 FROM issued_x509 WHERE serial = ?", row[:1]) is not None:
+                except sqlite3.IntegrityError as exc:
+                    if "FOREIGN KEY" in str(exc):
+                        raise FailedPrecondition(
+                            f"identity {row[1]!r} is unknown", reason="IDENTITY_UNKNOWN"
+                        ) from None
                     raise AlreadyExists(
                         f"an X.509-SVID with serial {row[0]} was already recorded",
                         reason="SERIAL_EXISTS",
-                    )
-                db.execute(
-                    "INSERT INTO issued_x509 (serial, identity_id, spiffe_id, not_after_us)"
-                    " VALUES (?, ?, ?, ?)",
-                    row,
-                )
+                    ) from None
 
         await self._run(job, audit)
 
@@ -1459,7 +1466,11 @@ class SqliteStore:
 
 
 def _audit_head(db: Database) -> tuple[int, str]:
-    """(next seq, hash of the last record), counting archived records."""
+    """(next seq, hash of the last record), counting archived records. Cached on the writer's
+    connection; the writer drops the cache whenever anything is rolled back."""
+    cached: tuple[int, str] | None = getattr(db, _HEAD_CACHE, None)
+    if cached is not None:
+        return cached
     row = _one(db, "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [])
     if row is not None:
         return int(row["seq"]) + 1, str(row["hash"])
@@ -1491,6 +1502,7 @@ def _append(db: Database, events: Sequence[AuditEvent]) -> list[AuditRecord]:
         )
         out.append(record)
         seq, prev = seq + 1, record.hash
+    setattr(db, _HEAD_CACHE, (seq, prev))
     return out
 
 
