@@ -92,8 +92,9 @@ class _Key:
     private: ec.EllipticCurvePrivateKey
     certificate: x509.Certificate | None
     chain: tuple[x509.Certificate, ...]  # upstream chain above the certificate (excluding roots)
-    # Per-key parts of the leaf template, computed once.
+    # Per-key parts of the leaf template, computed once: issuer, subject, the fixed extensions.
     aki: x509.AuthorityKeyIdentifier | None
+    leaf_template: x509.CertificateBuilder | None = None
 
     @property
     def vault_name(self) -> str:
@@ -430,7 +431,16 @@ class CertificateAuthority:
         cert: x509.Certificate,
         chain: tuple[x509.Certificate, ...],
     ) -> _Key:
-        return _Key(info, private, cert, chain, _aki_for(cert))
+        aki = _aki_for(cert)
+        template = (
+            x509.CertificateBuilder()
+            .issuer_name(cert.subject)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_LEAF_KEY_USAGE, critical=True)
+            .add_extension(_LEAF_EKU, critical=False)
+            .add_extension(aki, critical=False)
+        )
+        return _Key(info, private, cert, chain, aki, template)
 
     # --- views ------------------------------------------------------------------------------
 
@@ -535,20 +545,15 @@ class CertificateAuthority:
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe_id.uri)]
         names += [x509.DNSName(n) for n in dns_names]
         names += [x509.IPAddress(ip) for ip in ip_addresses]
+        assert key.leaf_template is not None
         cert = (
-            x509.CertificateBuilder()
-            .subject_name(self._leaf_subject)
-            .issuer_name(key.certificate.subject)
+            key.leaf_template.subject_name(self._leaf_subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - CLOCK_SKEW_BACKDATE)
             .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_LEAF_KEY_USAGE, critical=True)
-            .add_extension(_LEAF_EKU, critical=False)
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-            .add_extension(key.aki, critical=False)
             .sign(key.private, self._hash)
         )
         # Self-signed: the signing CA is a root in the bundle. Upstream: it is an intermediate.

@@ -15,7 +15,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 
 from authority.errors import InvalidCsr, ProfileViolation
 from authority.ids import SpiffeId
@@ -115,36 +115,38 @@ def parse_csr(der: bytes, max_bytes: int) -> WorkloadPublicKey:
 # --- X.509-SVID profile (SPIFFE X509-SVID standard, leaf certificates) -----------------------
 
 
-def _uri_sans(cert: x509.Certificate) -> list[str]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    return san.get_values_for_type(x509.UniformResourceIdentifier)
+_Extensions = dict[x509.ObjectIdentifier, x509.Extension[Any]]
 
 
-def _check_one_uri_san(cert: x509.Certificate, expected: SpiffeId) -> None:
-    uris = _uri_sans(cert)
+def _extensions(cert: x509.Certificate) -> _Extensions:
+    """The certificate's extensions by OID, read once for all the checks below."""
+    return {ext.oid: ext for ext in cert.extensions}
+
+
+def _required(exts: _Extensions, oid: x509.ObjectIdentifier, name: str) -> x509.Extension[Any]:
+    ext = exts.get(oid)
+    if ext is None:
+        raise ProfileViolation(f"leaf lacks {name}")
+    return ext
+
+
+def _check_one_uri_san(exts: _Extensions, expected: SpiffeId) -> None:
+    ext = exts.get(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+    uris = ext.value.get_values_for_type(x509.UniformResourceIdentifier) if ext else []
     if uris != [expected.uri]:
         raise ProfileViolation(f"leaf must carry exactly one URI SAN {expected}, has {uris}")
 
 
-def _check_leaf_basic_constraints(cert: x509.Certificate) -> None:
-    try:
-        ext = cert.extensions.get_extension_for_class(x509.BasicConstraints)
-    except x509.ExtensionNotFound:
-        raise ProfileViolation("leaf lacks basicConstraints") from None
+def _check_leaf_basic_constraints(exts: _Extensions) -> None:
+    ext = _required(exts, ExtensionOID.BASIC_CONSTRAINTS, "basicConstraints")
     if ext.value.ca:
         raise ProfileViolation("leaf has cA=true")
     if not ext.critical:
         raise ProfileViolation("leaf basicConstraints must be critical")
 
 
-def _check_leaf_key_usage(cert: x509.Certificate) -> None:
-    try:
-        ext = cert.extensions.get_extension_for_class(x509.KeyUsage)
-    except x509.ExtensionNotFound:
-        raise ProfileViolation("leaf lacks keyUsage") from None
+def _check_leaf_key_usage(exts: _Extensions) -> None:
+    ext = _required(exts, ExtensionOID.KEY_USAGE, "keyUsage")
     if not ext.critical:
         raise ProfileViolation("leaf keyUsage must be critical")
     if not ext.value.digital_signature:
@@ -153,13 +155,9 @@ def _check_leaf_key_usage(cert: x509.Certificate) -> None:
         raise ProfileViolation("leaf keyUsage must not allow keyCertSign or cRLSign")
 
 
-def _check_leaf_eku(cert: x509.Certificate) -> None:
-    try:
-        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        raise ProfileViolation("leaf lacks extKeyUsage") from None
-    wanted = {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
-    if not wanted <= set(eku):
+def _check_leaf_eku(exts: _Extensions) -> None:
+    eku = _required(exts, ExtensionOID.EXTENDED_KEY_USAGE, "extKeyUsage").value
+    if not {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} <= set(eku):
         raise ProfileViolation("leaf extKeyUsage must hold serverAuth and clientAuth")
 
 
@@ -189,10 +187,11 @@ def check_x509_svid(
     signature too (the CA does so for the first certificate of each signing key: a key that
     does not match its certificate shows there; the signer itself is pyca/cryptography's)."""
     cert = svid.certificate
-    _check_one_uri_san(cert, svid.spiffe_id)
-    _check_leaf_basic_constraints(cert)
-    _check_leaf_key_usage(cert)
-    _check_leaf_eku(cert)
+    exts = _extensions(cert)
+    _check_one_uri_san(exts, svid.spiffe_id)
+    _check_leaf_basic_constraints(exts)
+    _check_leaf_key_usage(exts)
+    _check_leaf_eku(exts)
     _check_validity(cert, issuer, now)
     if verify_signature:
         _check_issued_by(cert, issuer)

@@ -42,6 +42,7 @@ _ACTION = re.compile(r"^[a-z][a-z0-9_.:-]{0,63}$")
 _RESOURCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,255}$")
 _TASK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 MAX_PARAMETERS = 16
+REQUIRED_CLAIMS = ("iss", "sub", "aud", "exp", "iat", "nbf", "jti", "txn", "scope", "tctx", "cnf")
 
 
 def x5t_s256(cert_der: bytes) -> str:
@@ -271,10 +272,7 @@ def verify(
             issuer=issuer,
             audience=audience,
             options={
-                "require": [
-                    *("iss", "sub", "aud", "exp", "iat", "nbf", "jti"),
-                    *("txn", "scope", "tctx", "cnf"),
-                ],
+                "require": list(REQUIRED_CLAIMS),
                 "verify_exp": False,
                 "verify_nbf": False,
                 "verify_iat": False,
