@@ -52,6 +52,8 @@ class AuditEvent:
     task_id: str = ""
     decision_id: str = ""
     details: Mapping[str, Any] = field(default_factory=dict)
+    # The canonical JSON of ``details``, encoded once here (it is what the chain hashes).
+    details_json: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not _KIND.fullmatch(self.kind):
@@ -59,7 +61,7 @@ class AuditEvent:
         if self.time.tzinfo is None:
             raise InvalidArgument("audit times must be timezone-aware")
         try:
-            canonical(self.details)
+            object.__setattr__(self, "details_json", canonical(self.details))
         except (TypeError, ValueError) as exc:
             raise InvalidArgument(f"audit details must be JSON: {exc}") from None
 
@@ -104,6 +106,15 @@ class AuditRecord:
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> AuditRecord:
+        """The inverse of ``as_json``. ``time`` is not hashed (``time_us`` is): a readable time
+        that disagrees with the hashed one is refused, so that it cannot be edited unseen."""
+        record = cls._from_json(doc)
+        if "time" in doc and doc["time"] != record.time.isoformat():
+            raise ValueError(f"record {record.seq}: its time does not match its time_us")
+        return record
+
+    @classmethod
+    def _from_json(cls, doc: Mapping[str, Any]) -> AuditRecord:
         return cls(
             seq=int(doc["seq"]),
             time_us=int(doc["time_us"]),
@@ -133,25 +144,24 @@ def record_hash(
     decision_id: str,
     details_json: str,
 ) -> str:
-    body = canonical(
-        {
-            "prev": prev_hash,
-            "seq": seq,
-            "time_us": time_us,
-            "kind": kind,
-            "actor": actor,
-            "subject": subject,
-            "task_id": task_id,
-            "decision_id": decision_id,
-            "details": details_json,
-        }
+    # Each field length-prefixed, so no two different records share an encoding.
+    fields = (
+        prev_hash,
+        str(seq),
+        str(time_us),
+        kind,
+        actor,
+        subject,
+        task_id,
+        decision_id,
+        details_json,
     )
-    return digest(body)
+    return digest("".join(f"{len(f)}:{f};" for f in fields))
 
 
 def chain(event: AuditEvent, seq: int, prev_hash: str) -> AuditRecord:
     """Give an event its place after ``prev_hash``."""
-    details_json = canonical(event.details)
+    details_json = event.details_json
     time_us = _time_us(event.time)
     return AuditRecord(
         seq=seq,

@@ -68,7 +68,8 @@ READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 MAX_DURATION = 30.0
 MAX_ATTEST_TOKENS = 20_000
-TARGETS = {"x509": 0.50, "jwt": 0.60}
+TARGETS = {"x509": 0.50, "jwt": 0.60, "exchange": 0.40}
+EXAMPLE_POLICY = Path(__file__).resolve().parent.parent / "examples" / "policies"
 # Every channel: no HTTP proxy (traffic stays on loopback), its own connection.
 CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.enable_http_proxy", 0),
@@ -113,6 +114,7 @@ SCENARIOS = (
     Scenario("null", "tls", "Ping"),
     Scenario("x509", "mtls", "RenewX509SVID"),
     Scenario("jwt", "mtls", "FetchJWTSVID"),
+    Scenario("exchange", "mtls", "Exchange"),
     Scenario("attest", "tls", "Attest"),
     Scenario("null", "mtls", "Ping", closing=True),
 )
@@ -205,6 +207,7 @@ class _Load:
         ]
         self.renewals = [pb.RenewX509SVIDRequest(csr=csr) for csr in init.csrs]
         self._csr_turn = itertools.count(init.index * 7919)
+        self.index = init.index
         self.tokens: list[bytes] = []
         self.exhausted = False
 
@@ -249,6 +252,22 @@ class _Load:
                 return True
 
             return jwt
+        if scenario.name == "exchange":
+            exchange = pb.ExchangeRequest(
+                intent=pb.Intent(action="read", resource="metrics/prod", purpose="benchmark"),
+                audience="metrics-api",
+                ttl_seconds=60,
+                task_id=f"bench-{self.index}-{worker}",
+                context=pb.AuditContext(prompt_sha256="0" * 64, tool_name="bench", model="none"),
+            )
+
+            async def exchange_one() -> bool:
+                reply = await stub.Exchange(exchange, timeout=RPC_TIMEOUT)
+                if not reply.token.token:
+                    raise _BadResponse("Exchange returned no token")
+                return True
+
+            return exchange_one
         if scenario.name == "attest":
             return lambda: self._attest(stub)
         raise ValueError(f"unknown scenario {scenario.name}")
@@ -528,8 +547,14 @@ async def attest_workloads(
 
     async with AdminClient(server.admin_socket) as admin:
         bundle = await admin.stub.GetBundle(pb.GetBundleRequest(), timeout=RPC_TIMEOUT)
+        # The example agent policy: agents may read metrics (the Exchange scenario).
+        files = [
+            pb.PolicyFile(name=f.name, content=f.read_text())
+            for f in (EXAMPLE_POLICY / "agents.cedar", EXAMPLE_POLICY / "agents.tests.json")
+        ]
+        await admin.stub.LoadPolicy(pb.LoadPolicyRequest(files=files), timeout=RPC_TIMEOUT)
     bundle_pem = der_chain_to_pem(list(bundle.x509_authorities))
-    ids = [f"spiffe://{TRUST_DOMAIN}/bench/workload-{i}" for i in range(count)]
+    ids = [f"spiffe://{TRUST_DOMAIN}/agent/bench-{i}" for i in range(count)]
     tokens = await create_tokens(server, ids, parallel=4)
     identities: list[tuple[bytes, bytes]] = []
     async with WorkloadClient(server.tls_address, bundle_pem, options=CHANNEL_OPTIONS) as client:
