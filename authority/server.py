@@ -243,6 +243,15 @@ class AuthorityServer:
             ("grpc.max_receive_message_length", config.limits.max_message_bytes),
             ("grpc.max_send_message_length", 4 * 1024 * 1024),
             ("grpc.max_concurrent_streams", config.limits.max_concurrent_streams),
+            # Calls not yet accepted beyond this are refused (CANCELLED): a reconnect storm of
+            # revocation subscribers needs room (grpc's default is 1000, its hard limit 3000).
+            ("grpc.server.max_pending_requests", 3000),
+            ("grpc.server.max_pending_requests_hard_limit", 3000),
+            # Keep idle subscriber connections alive through middleboxes; notice dead peers.
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.so_reuseport", 0),
         ]
         workload = grpc.aio.server(options=options)
