@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import os
 import signal
 import sys
 import tomllib
@@ -21,6 +22,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+
+# gRPC's own log lines (a failed handshake, say) would stand before our one-line error on stderr.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import grpc
 from google.protobuf.message import Message
 

@@ -1,0 +1,316 @@
+"""Who may call what, where: operator calls never on the workload ports, SVID calls only over
+mutual TLS with an SVID this authority issued and still stands behind, and clients that verify
+the server never talk to an impostor."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import grpc
+import pytest
+
+from authority._pb import authority_v1_authority_pb2 as pb
+from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
+from authority.client import SvidFiles, WorkloadClient, make_csr, new_key
+from authority.ids import SpiffeId
+from tests.helpers import Running
+from tests.security._attack import (
+    AGENT,
+    CALL_TIMEOUT,
+    assert_status,
+    attest_raw,
+    attest_with_token,
+    count_rows,
+    forged_svid,
+    issued_svids,
+    key_pem,
+    params,
+    pem,
+    reason_of,
+    rpc_error,
+    self_made_ca,
+    tls_channel,
+)
+from tests.security.conftest import Clocked
+
+ADMIN_CALLS = ("CreateEntry", "CreateJoinToken", "RotateCA", "ListEntries")
+
+
+async def _admin_call(stub: pb_grpc.AdminAsyncStub, name: str) -> object:
+    if name == "CreateEntry":
+        return await stub.CreateEntry(
+            pb.CreateEntryRequest(
+                spiffe_id="spiffe://example.org/backdoor",
+                selectors=[pb.Selector(type="join_token", value="spiffe_id:x")],
+                admin=True,
+            ),
+            timeout=CALL_TIMEOUT,
+        )
+    if name == "CreateJoinToken":
+        return await stub.CreateJoinToken(
+            pb.CreateJoinTokenRequest(spiffe_id="spiffe://example.org/backdoor"),
+            timeout=CALL_TIMEOUT,
+        )
+    if name == "RotateCA":
+        return await stub.RotateCA(pb.RotateCARequest(), timeout=CALL_TIMEOUT)
+    return await stub.ListEntries(pb.ListEntriesRequest(), timeout=CALL_TIMEOUT)
+
+
+def _state(running: Running) -> tuple[int, int, int]:
+    return (
+        count_rows(running.data_dir, "entries"),
+        count_rows(running.data_dir, "join_tokens"),
+        count_rows(running.data_dir, "authority_keys"),
+    )
+
+
+@pytest.mark.parametrize("call", ADMIN_CALLS)
+async def test_operator_call_on_server_tls_port_is_refused(authority: Running, call: str) -> None:
+    before = _state(authority)
+    async with tls_channel(authority.address, await authority.bundle_pem()) as channel:
+        err = await rpc_error(_admin_call(pb_grpc.AdminStub(channel), call))
+
+    assert_status(err, grpc.StatusCode.PERMISSION_DENIED, "ADMIN_ON_WORKLOAD_ENDPOINT")
+    assert _state(authority) == before
+
+
+@pytest.mark.parametrize("call", ADMIN_CALLS)
+async def test_operator_call_on_mtls_port_is_refused(
+    authority: Running, tmp_path: Path, call: str
+) -> None:
+    await authority.attested(AGENT, tmp_path / "svid")
+    chain, key, bundle = SvidFiles(tmp_path / "svid").read()
+    before = _state(authority)
+    async with tls_channel(authority.mtls_address, bundle, key=key, chain=chain) as channel:
+        # The channel itself works: the refusal below is the authority's, not the handshake's.
+        info = await pb_grpc.WorkloadStub(channel).GetServerInfo(
+            pb.GetServerInfoRequest(), timeout=CALL_TIMEOUT
+        )
+        assert info.trust_domain == "example.org"
+        err = await rpc_error(_admin_call(pb_grpc.AdminStub(channel), call))
+
+    assert_status(err, grpc.StatusCode.PERMISSION_DENIED, "ADMIN_ON_WORKLOAD_ENDPOINT")
+    assert _state(authority) == before
+
+
+async def test_fetch_jwt_svid_without_client_svid_is_unauthenticated(authority: Running) -> None:
+    client = await authority.workload()
+
+    err = await rpc_error(
+        client.tls_stub.FetchJWTSVID(pb.FetchJWTSVIDRequest(audience=["svc"]), timeout=CALL_TIMEOUT)
+    )
+
+    assert_status(err, grpc.StatusCode.UNAUTHENTICATED, "NO_CLIENT_SVID")
+
+
+async def test_renew_without_client_svid_is_unauthenticated(authority: Running) -> None:
+    client = await authority.workload()
+
+    err = await rpc_error(
+        client.tls_stub.RenewX509SVID(
+            pb.RenewX509SVIDRequest(csr=make_csr(new_key())), timeout=CALL_TIMEOUT
+        )
+    )
+
+    assert_status(err, grpc.StatusCode.UNAUTHENTICATED, "NO_CLIENT_SVID")
+    assert issued_svids(authority.data_dir) == 0
+
+
+async def test_svid_presented_on_server_tls_port_is_not_seen(
+    authority: Running, tmp_path: Path
+) -> None:
+    """The server-TLS listener never asks for a client certificate, so offering a valid SVID
+    there authenticates nothing."""
+    await authority.attested(AGENT, tmp_path / "svid")
+    chain, key, bundle = SvidFiles(tmp_path / "svid").read()
+    async with tls_channel(authority.address, bundle, key=key, chain=chain) as channel:
+        stub = pb_grpc.WorkloadStub(channel)
+        jwt_err = await rpc_error(
+            stub.FetchJWTSVID(pb.FetchJWTSVIDRequest(audience=["svc"]), timeout=CALL_TIMEOUT)
+        )
+        renew_err = await rpc_error(
+            stub.RenewX509SVID(
+                pb.RenewX509SVIDRequest(csr=make_csr(new_key())), timeout=CALL_TIMEOUT
+            )
+        )
+
+    assert_status(jwt_err, grpc.StatusCode.UNAUTHENTICATED, "NO_CLIENT_SVID")
+    assert_status(renew_err, grpc.StatusCode.UNAUTHENTICATED, "NO_CLIENT_SVID")
+    assert issued_svids(authority.data_dir) == 1
+
+
+async def test_client_certificate_from_another_ca_fails_the_handshake(
+    authority: Running,
+) -> None:
+    """A self-made CA, claiming the same trust domain, and a leaf with the SVID profile."""
+    ca_key, ca_cert = self_made_ca()
+    leaf_key, leaf = forged_svid(ca_key, ca_cert, AGENT)
+    bundle = await authority.bundle_pem()
+    async with tls_channel(
+        authority.mtls_address, bundle, key=key_pem(leaf_key), chain=pem(leaf) + pem(ca_cert)
+    ) as channel:
+        stub = pb_grpc.WorkloadStub(channel)
+        jwt_err = await rpc_error(
+            stub.FetchJWTSVID(pb.FetchJWTSVIDRequest(audience=["svc"]), timeout=CALL_TIMEOUT)
+        )
+        renew_err = await rpc_error(
+            stub.RenewX509SVID(
+                pb.RenewX509SVIDRequest(csr=make_csr(new_key())), timeout=CALL_TIMEOUT
+            )
+        )
+
+    assert_status(jwt_err, grpc.StatusCode.UNAVAILABLE, None)
+    assert_status(renew_err, grpc.StatusCode.UNAVAILABLE, None)
+    assert issued_svids(authority.data_dir) == 0
+    # The listener survives the attempt.
+    client = await authority.workload()
+    assert (await client.tls_stub.GetBundle(pb.GetBundleRequest(), timeout=CALL_TIMEOUT)).sequence
+
+
+async def test_svid_of_deleted_entry_is_refused(authority: Running, tmp_path: Path) -> None:
+    spiffe_id = "spiffe://example.org/agent/entry-backed"
+    admin = authority.admin()
+    entry = await admin.stub.CreateEntry(
+        pb.CreateEntryRequest(
+            spiffe_id=spiffe_id,
+            selectors=[pb.Selector(type="join_token", value=f"spiffe_id:{spiffe_id}")],
+        ),
+        timeout=CALL_TIMEOUT,
+    )
+    token = await authority.join_token(spiffe_id)
+    folder = tmp_path / "svid"
+    result = await (await authority.workload()).attest_to_folder(
+        "join_token", token.encode(), folder
+    )
+    # The SVID was issued from that entry, and works while the entry exists.
+    assert [(s.spiffe_id, s.entry_id) for s in result.svids] == [(spiffe_id, entry.id)]
+    async with WorkloadClient.from_svid_dir(authority.address, folder) as holder:
+        assert (await holder.fetch_jwt(["svc"])).spiffe_id == spiffe_id
+        assert issued_svids(authority.data_dir) == 1
+
+        await admin.stub.DeleteEntry(pb.DeleteEntryRequest(id=entry.id), timeout=CALL_TIMEOUT)
+        stub = await holder.mtls_stub()
+        jwt_err = await rpc_error(
+            stub.FetchJWTSVID(pb.FetchJWTSVIDRequest(audience=["svc"]), timeout=CALL_TIMEOUT)
+        )
+        renew_err = await rpc_error(
+            stub.RenewX509SVID(
+                pb.RenewX509SVIDRequest(csr=make_csr(new_key())), timeout=CALL_TIMEOUT
+            )
+        )
+
+    assert_status(jwt_err, grpc.StatusCode.PERMISSION_DENIED, "ENTRY_DELETED")
+    assert_status(renew_err, grpc.StatusCode.PERMISSION_DENIED, "ENTRY_DELETED")
+    assert issued_svids(authority.data_dir) == 1
+
+
+async def test_expired_svid_is_refused(clocked: Clocked, tmp_path: Path) -> None:
+    """The TLS stack checks validity against the wall clock; the authority checks again with
+    its own clock, and refuses an SVID past its notAfter."""
+    running = clocked.running
+    holder = await running.attested(AGENT, tmp_path / "svid")
+    assert (await holder.fetch_jwt(["svc"])).spiffe_id == AGENT
+    clocked.clock.advance(dt.timedelta(minutes=6))  # default X.509-SVID TTL is 5 minutes
+    stub = await holder.mtls_stub()
+
+    jwt_err = await rpc_error(
+        stub.FetchJWTSVID(pb.FetchJWTSVIDRequest(audience=["svc"]), timeout=CALL_TIMEOUT)
+    )
+    renew_err = await rpc_error(
+        stub.RenewX509SVID(pb.RenewX509SVIDRequest(csr=make_csr(new_key())), timeout=CALL_TIMEOUT)
+    )
+
+    assert_status(jwt_err, grpc.StatusCode.UNAUTHENTICATED, "SVID_EXPIRED")
+    assert_status(renew_err, grpc.StatusCode.UNAUTHENTICATED, "SVID_EXPIRED")
+    assert issued_svids(running.data_dir) == 1
+
+
+async def test_client_with_wrong_trust_bundle_cannot_connect(authority: Running) -> None:
+    """A workload that trusts another CA refuses the authority's certificate; its join token
+    never leaves the client, so it is not spent."""
+    _, other_ca = self_made_ca()
+    token = await authority.join_token(AGENT)
+    async with tls_channel(authority.address, pem(other_ca)) as channel:
+        stub = pb_grpc.WorkloadStub(channel)
+        bundle_err = await rpc_error(stub.GetBundle(pb.GetBundleRequest(), timeout=CALL_TIMEOUT))
+        attest_err = await rpc_error(
+            attest_raw(stub, [params(token.encode(), make_csr(new_key()))])
+        )
+
+    assert_status(bundle_err, grpc.StatusCode.UNAVAILABLE, None)
+    assert_status(attest_err, grpc.StatusCode.UNAVAILABLE, None)
+    assert issued_svids(authority.data_dir) == 0
+    client = await authority.workload()
+    assert (await attest_with_token(client.tls_stub, token)).svids[0].spiffe_id == AGENT
+
+
+async def test_client_checks_the_server_name(authority: Running) -> None:
+    """The right CA is not enough: the server's certificate must name the host dialled."""
+    async with tls_channel(
+        authority.address, await authority.bundle_pem(), target_name="impostor.example.org"
+    ) as channel:
+        err = await rpc_error(
+            pb_grpc.WorkloadStub(channel).GetBundle(pb.GetBundleRequest(), timeout=CALL_TIMEOUT)
+        )
+
+    assert_status(err, grpc.StatusCode.UNAVAILABLE, None)
+
+
+@pytest.mark.parametrize("spiffe_id", [AGENT, "spiffe://example.org/authority"])
+async def test_ca_signed_but_unrecorded_certificate_is_refused(
+    authority: Running, spiffe_id: str
+) -> None:
+    """A certificate the CA key signed outside issuance (a signing oracle, a restored backup, the
+    server's own identity) chains fine, but is not an SVID the authority stands behind."""
+    assert authority.server.authority is not None
+    ca = authority.server.authority.ca
+    key = new_key()
+    svid = ca.issue_x509_svid(SpiffeId.parse(spiffe_id), key.public_key(), dt.timedelta(minutes=5))
+    chain = b"".join(pem(c) for c in svid.chain)
+    async with tls_channel(
+        authority.mtls_address, await authority.bundle_pem(), key=key_pem(key), chain=chain
+    ) as channel:
+        stub = pb_grpc.WorkloadStub(channel)
+        jwt_err = await rpc_error(
+            stub.FetchJWTSVID(pb.FetchJWTSVIDRequest(audience=["svc"]), timeout=CALL_TIMEOUT)
+        )
+        renew_err = await rpc_error(
+            stub.RenewX509SVID(
+                pb.RenewX509SVIDRequest(csr=make_csr(new_key())), timeout=CALL_TIMEOUT
+            )
+        )
+
+    assert_status(jwt_err, grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED")
+    assert_status(renew_err, grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED")
+    assert issued_svids(authority.data_dir) == 0
+
+
+ADMIN_METHODS = [m.name for m in pb.DESCRIPTOR.services_by_name["Admin"].methods]
+
+
+async def _refusals(channel: grpc.aio.Channel) -> dict[str, tuple[str, str | None]]:
+    """Every Admin method, called with an empty request: method -> (code, reason)."""
+    seen: dict[str, tuple[str, str | None]] = {}
+    for name in ADMIN_METHODS:
+        call = channel.unary_unary(f"/authority.v1.Admin/{name}", None, None)
+        err = await rpc_error(call(b"", timeout=CALL_TIMEOUT))
+        seen[name] = (err.code().name, reason_of(err))
+    return seen
+
+
+async def test_every_operator_method_is_refused_on_both_workload_ports(
+    authority: Running, tmp_path: Path
+) -> None:
+    assert {"CreateEntry", "RotateCA", "Revoke", "LoadPolicy"} <= set(ADMIN_METHODS)
+    await authority.attested(AGENT, tmp_path / "svid")
+    chain, key, bundle = SvidFiles(tmp_path / "svid").read()
+    before = _state(authority)
+    expected = {name: ("PERMISSION_DENIED", "ADMIN_ON_WORKLOAD_ENDPOINT") for name in ADMIN_METHODS}
+
+    async with tls_channel(authority.address, bundle) as channel:
+        assert await _refusals(channel) == expected
+    async with tls_channel(authority.mtls_address, bundle, key=key, chain=chain) as channel:
+        assert await _refusals(channel) == expected
+
+    assert _state(authority) == before
