@@ -126,6 +126,7 @@ async def export_to(
     }
     out.write(json.dumps(header) + "\n")
     count = 0
+    last = info.anchor_seq - 1
     async for record in stream_records(
         client, after_seq=info.anchor_seq - 1, since_time_us=since_time_us
     ):
@@ -133,9 +134,12 @@ async def export_to(
             break
         out.write(json.dumps({"type": "record", **record.as_json()}) + "\n")
         count += 1
+        last = record.seq
     fresh = await client.stub.GetAuditInfo(pb.GetAuditInfoRequest())
     for checkpoint in fresh.checkpoints:
-        if through_seq is None or checkpoint.seq <= through_seq:
+        # Only checkpoints over what was exported: one signed after the last record was read
+        # would make the export look truncated.
+        if checkpoint.seq <= last:
             out.write(
                 json.dumps(
                     {
@@ -166,6 +170,21 @@ async def trace(client: AdminClient, task_id: str) -> list[AuditRecord]:
             child = record.details.get("child_task")
             if isinstance(child, str) and child and child not in seen:
                 pending.append(child)
+    # A revocation of one token (by jti) is recorded without a task id: find those of the
+    # task's tokens in the rest of the chain.
+    jtis = {
+        str(r.details.get("jti"))
+        for r in found.values()
+        if r.kind in ("task_token.issued", "task_token.delegated")
+    }
+    if jtis:
+        async for record in stream_records(client, after_seq=min(found)):
+            if (
+                record.kind == "revocation.created"
+                and record.details.get("kind") == "jti"
+                and record.subject in jtis
+            ):
+                found[record.seq] = record
     return [found[seq] for seq in sorted(found)]
 
 
