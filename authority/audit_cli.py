@@ -170,16 +170,27 @@ async def trace(client: AdminClient, task_id: str) -> list[AuditRecord]:
             child = record.details.get("child_task")
             if isinstance(child, str) and child and child not in seen:
                 pending.append(child)
-    # A revocation of one token (by jti) is recorded without a task id: find those of the
-    # task's tokens in the rest of the chain.
+    # Records of the task's surroundings that carry no task id: the attestation behind each
+    # caller's SVID (linked by identity id from the decisions), and revocations of its tokens
+    # by jti made before revocations carried their task.
     jtis = {
         str(r.details.get("jti"))
         for r in found.values()
         if r.kind in ("task_token.issued", "task_token.delegated")
     }
-    if jtis:
-        async for record in stream_records(client, after_seq=min(found)):
+    identities = {
+        str(caller.get("identity_id"))
+        for r in found.values()
+        if r.kind == "policy.decided" and isinstance(caller := r.details.get("caller"), dict)
+    }
+    if jtis or identities:
+        async for record in stream_records(client):
+            if record.seq in found:
+                continue
             if (
+                record.kind in ("attest.succeeded", "x509.issued")
+                and (record.details.get("identity_id") in identities)
+            ) or (
                 record.kind == "revocation.created"
                 and record.details.get("kind") == "jti"
                 and record.subject in jtis

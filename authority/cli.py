@@ -182,6 +182,11 @@ def main() -> None:
 @click.option("--listen-mtls", help="HOST:PORT of the mutual-TLS workload endpoint.")
 @click.option("--admin-socket", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--trust-domain")
+@click.option(
+    "--workload-api-socket",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Serve the SPIFFE Workload API on this Unix socket (keep the path short).",
+)
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @command
 def serve(
@@ -191,6 +196,7 @@ def serve(
     listen_mtls: str | None,
     admin_socket: Path | None,
     trust_domain: str | None,
+    workload_api_socket: Path | None,
     log_level: str | None,
 ) -> None:
     """Run the authority (creates its CA in the data directory on first start)."""
@@ -208,6 +214,7 @@ def serve(
         "listen_mtls": listen_mtls,
         "admin_socket": admin_socket,
         "trust_domain": trust_domain,
+        "workload_api_socket": workload_api_socket,
         "log_level": log_level,
     }
     doc.update({k: str(v) for k, v in overrides.items() if v is not None})

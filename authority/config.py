@@ -20,6 +20,8 @@ from authority.ids import TrustDomain
 
 _T = TypeVar("_T")
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)?$")
+MAX_UNIX_SOCKET_PATH = 107  # sockaddr_un.sun_path holds 108 bytes, the last one NUL
+_INSTANCE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")  # a selector type
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, None: 1000}
 
 
@@ -125,6 +127,11 @@ class Config:
     # attestor). Any local process may attest there; attestation is the gate.
     local_socket: Path | None = None  # default: <data_dir>/attest.sock
     local_socket_mode: int = 0o666
+    # The SPIFFE Workload API on a Unix socket (off unless set): local processes, identified by
+    # the kernel, get the SVIDs their registration entries grant (mode 0666: the kernel is the
+    # gate). Selectors are those of the unix attestor, namespaced by this instance name.
+    workload_api_socket: Path | None = None
+    workload_api_attestor: str = "unix"
     server_dns_names: tuple[str, ...] = ("localhost",)
     # How often the revocation feed sends a heartbeat to a quiet subscriber.
     revocation_heartbeat: dt.timedelta = dt.timedelta(seconds=1)
@@ -144,6 +151,14 @@ class Config:
             raise InvalidArgument("local_socket_mode must be 0600, 0660 or 0666")
         for address in (self.listen, self.listen_mtls):
             split_host_port(address)
+        if self.workload_api_socket is not None and (
+            len(str(self.workload_api_socket).encode()) > MAX_UNIX_SOCKET_PATH
+        ):
+            raise InvalidArgument(
+                f"workload_api_socket must be at most {MAX_UNIX_SOCKET_PATH} bytes (sun_path)"
+            )
+        if not _INSTANCE_NAME.fullmatch(self.workload_api_attestor):
+            raise InvalidArgument("workload_api_attestor must be an attestor instance name")
 
     @property
     def admin_socket_path(self) -> Path:
@@ -177,7 +192,14 @@ def split_host_port(address: str) -> tuple[str, int]:
 
 
 _OPTIONAL_PATHS = frozenset(
-    {"admin_socket", "local_socket", "upstream_cert", "upstream_key", "upstream_bundle"}
+    {
+        "admin_socket",
+        "local_socket",
+        "workload_api_socket",
+        "upstream_cert",
+        "upstream_key",
+        "upstream_bundle",
+    }
 )
 
 

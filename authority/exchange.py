@@ -232,6 +232,11 @@ class ExchangeService:
                     "attributes": dict(inp.attributes),
                 },
                 "context": context.as_details(),
+                # What links this decision to the attestation behind the caller's SVID.
+                "caller": {
+                    "identity_id": caller.identity.id,
+                    "svid_serial": format(caller.certificate.serial_number, "x"),
+                },
                 "outcome": str(decision.outcome),
                 "reasons": list(decision.reasons),
                 "ttl_cap_s": None if decision.ttl_cap is None else decision.ttl_cap.total_seconds(),
@@ -248,16 +253,18 @@ class ExchangeService:
 
     async def exchange(self, caller: Caller, request: ExchangeRequest) -> ExchangeOutcome:
         audience = _check_audience(request.audience)
-        intent = request.intent
+        # The intent as decided and frozen into the token: with the environment the policy sees.
+        intent = dataclasses.replace(request.intent, environment=_environment(request.intent))
+        request = dataclasses.replace(request, intent=intent)
         task_id = check_task_id(request.task_id) if request.task_id else f"task-{uuid.uuid4()}"
         if request.ttl is not None and request.ttl <= dt.timedelta(0):
             raise InvalidArgument("ttl must be positive", reason="BAD_TTL")
-        await self._check_task(task_id, caller.spiffe_id.uri)
         approval = await self._approval_for(caller, request) if request.approval_id else None
+        if approval is not None:
+            task_id = approval.task_id  # an approval is collected in the task it was asked for
+        await self._check_task(task_id, caller.spiffe_id.uri)
         if approval is not None and approval.state is ApprovalState.PENDING:
             return ExchangeOutcome(None, approval=approval)  # still waiting for the operator
-        if approval is not None:
-            task_id = approval.task_id
         decision, inp = self._decide(
             caller, intent, audience, depth=0, approved=approval is not None
         )
@@ -294,17 +301,17 @@ class ExchangeService:
         return ExchangeOutcome(decision, token=token)
 
     async def _check_task(self, task_id: str, principal: str) -> None:
-        if self._authority.revocations.revoked.has(RevocationKind.TASK, task_id, self._clock.now()):
-            raise FailedPrecondition(f"task {task_id!r} is revoked", reason="TASK_REVOKED")
+        """The task is open to this principal: not another's, not ended (EndTask also revokes
+        it, but TASK_ENDED says why), not revoked."""
         task = await self._store.get_task(task_id)
-        if task is None:
-            return
-        if task.principal != principal:
+        if task is not None and task.principal != principal:
             raise PermissionDenied(
                 f"task {task_id!r} belongs to another principal", reason="TASK_NOT_YOURS"
             )
-        if task.ended_at is not None:
+        if task is not None and task.ended_at is not None:
             raise FailedPrecondition(f"task {task_id!r} has ended", reason="TASK_ENDED")
+        if self._authority.revocations.revoked.has(RevocationKind.TASK, task_id, self._clock.now()):
+            raise FailedPrecondition(f"task {task_id!r} is revoked", reason="TASK_REVOKED")
 
     async def _issue(
         self,

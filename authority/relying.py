@@ -77,14 +77,24 @@ _EMPTY_RETRY = dt.timedelta(seconds=1)
 _CURVE_FOR_ALG = {"ES256": "secp256r1", "ES384": "secp384r1"}
 
 
-# --- revocation -------------------------------------------------------------------------------
+# --- revocation ----------------------------------------------------------------------------------
 
 
 class RevocationView(Protocol):
     """What the verifier knows of revocations (fed by the authority's revocation stream)."""
 
-    def is_revoked(self, jti: str, task_id: str, subject: str, holder: str) -> bool:
-        """True when the token, its task, its subject or its holder has been revoked."""
+    def is_revoked(
+        self,
+        jti: str,
+        task_id: str,
+        subject: str,
+        holder: str,
+        *,
+        actors: Iterable[str] = (),
+        key_id: str = "",
+    ) -> bool:
+        """True when the token, its task, its subject, its holder, any actor of its delegation
+        chain, or the key that signed it has been revoked."""
         ...
 
     def fresh(self) -> bool:
@@ -96,14 +106,23 @@ class RevocationView(Protocol):
 class NoRevocations:
     """A view that revokes nothing and is always fresh: the default until a feed is plugged in."""
 
-    def is_revoked(self, jti: str, task_id: str, subject: str, holder: str) -> bool:
+    def is_revoked(
+        self,
+        jti: str,
+        task_id: str,
+        subject: str,
+        holder: str,
+        *,
+        actors: Iterable[str] = (),
+        key_id: str = "",
+    ) -> bool:
         return False
 
     def fresh(self) -> bool:
         return True
 
 
-# --- keys -------------------------------------------------------------------------------------
+# --- keys ----------------------------------------------------------------------------------------
 
 
 class KeySource(Protocol):
@@ -209,6 +228,9 @@ class TaskKeySource:
         retry = min(self._min_interval, _EMPTY_RETRY) if self._keys is None else self._min_interval
         if self._due(now) and _since(self._attempted_at, now) >= retry:
             await self._refresh(reason="periodic", only_if=lambda: self._due(now))
+        elif self._keys is None:
+            async with self._lock:  # the first fetch may be under way
+                pass
         return self._held()
 
     async def refresh_for(self, kid: str) -> PublicKeys:
@@ -274,7 +296,7 @@ def _issuer_uri(issuer: TrustDomain | str) -> str:
     return domain.id.uri
 
 
-# --- the verifier -----------------------------------------------------------------------------
+# --- the verifier --------------------------------------------------------------------------------
 
 
 class TaskTokenVerifier:
@@ -350,8 +372,16 @@ class TaskTokenVerifier:
         tokens.check_scope(token, action, resource)
 
     def is_revoked(self, token: TaskToken) -> bool:
-        """The revocation hook: the token, its task, its subject or its holder revoked."""
-        return self._revocations.is_revoked(token.jti, token.task_id, token.subject, token.holder)
+        """The revocation hook: the token, its task, its subject, its holder, an actor of its
+        delegation chain, or its signing key revoked."""
+        return self._revocations.is_revoked(
+            token.jti,
+            token.task_id,
+            token.subject,
+            token.holder,
+            actors=token.actors,
+            key_id=token.key_id,
+        )
 
     async def _signed(self, token: str) -> TaskToken:
         keys = await self._keys.keys()
@@ -376,7 +406,7 @@ class TaskTokenVerifier:
         )
 
 
-# --- the gRPC interceptor ---------------------------------------------------------------------
+# --- the gRPC interceptor ------------------------------------------------------------------------
 
 ResourceFn = Callable[[Any], str]
 """From a request message, the resource the call acts on (checked within the token's)."""

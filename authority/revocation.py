@@ -13,11 +13,12 @@ attestation for what is revoked.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import datetime as dt
+import hashlib
 import logging
-import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import jwt
@@ -153,13 +154,14 @@ class RevocationService:
         now = self._clock.now()
         reason = reason.strip()[:500] or "revoked"
         planned = await self._plan(kind, target, reason, actor, now)
+        tasks = await self._tasks_of(planned)
         events = [
             AuditEvent(
                 "revocation.created",
                 now,
                 actor=actor,
                 subject=r.target,
-                task_id=r.target if r.kind is RevocationKind.TASK else "",
+                task_id=tasks.get((r.kind, r.target), ""),
                 details={
                     "kind": str(r.kind),
                     "reason": r.reason,
@@ -184,6 +186,20 @@ class RevocationService:
             ",".join(str(r.seq) for r in stored),
         )
         return stored
+
+    async def _tasks_of(
+        self, planned: Sequence[Revocation]
+    ) -> dict[tuple[RevocationKind, str], str]:
+        """The task each revocation belongs to, so that a task's audit trace shows it."""
+        tasks: dict[tuple[RevocationKind, str], str] = {}
+        for r in planned:
+            if r.kind is RevocationKind.TASK:
+                tasks[(r.kind, r.target)] = r.target
+            elif r.kind is RevocationKind.JTI:
+                record = await self._store.get_task_token(r.target)
+                if record is not None:
+                    tasks[(r.kind, r.target)] = record.task_id
+        return tasks
 
     async def _plan(
         self, kind: RevocationKind, target: str, reason: str, actor: str, now: dt.datetime
@@ -305,12 +321,21 @@ class RevocationService:
         claims = {
             "iss": self._ca.issuer,
             "iat": int(self._clock.now().timestamp()),
-            "jti": secrets.token_urlsafe(12),
+            # Stable per revocation: the same event signed again (a replay, the Revoke reply)
+            # is recognisable as a duplicate by a receiver (RFC 8417 section 2.2).
+            "jti": _set_id(self._ca.issuer, revocation),
             "txn": str(revocation.seq),
             "events": {event_type: event},
         }
         key, kid, alg = self._ca.task_signing_key()
         return jwt.encode(claims, key, algorithm=alg, headers={"kid": kid, "typ": SET_TYP})
+
+
+def _set_id(issuer: str, revocation: Revocation) -> str:
+    fields = (issuer, revocation.seq, revocation.kind, revocation.target, revocation.revoked_at)
+    material = "|".join(str(f) for f in fields)
+    digest = hashlib.sha256(material.encode()).digest()[:16]
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
 def merge(revocations: Iterable[Revocation]) -> list[Revocation]:

@@ -34,6 +34,7 @@ from authority.api.admin import AdminService, RefuseAdminHandler
 from authority.api.local import LocalWorkloadService
 from authority.api.revocations import RevocationFeed
 from authority.api.workload import WorkloadService
+from authority.api.workload_api import ChangeNotifier, SpiffeWorkloadApi, UnixSocketServer
 from authority.attestation import AttestorHost
 from authority.ca import CertificateAuthority, Upstream
 from authority.clock import Clock, SystemClock
@@ -171,6 +172,8 @@ class AuthorityServer:
         self._servers: list[grpc.aio.Server] = []
         self._store: SqliteStore | None = None
         self._local: grpclib.server.Server | None = None
+        self._workload_api: grpclib.server.Server | None = None
+        self._workload_api_notifier: ChangeNotifier | None = None
         self._checkpointed = 0
         self.authority: Authority | None = None
 
@@ -300,6 +303,8 @@ class AuthorityServer:
         finally:
             os.umask(old_umask)
         os.chmod(local_path, config.local_socket_mode)
+        if config.workload_api_socket is not None:
+            await self._start_workload_api(config.workload_api_socket, authority)
         self._tasks = [
             asyncio.create_task(self._maintenance(), name="ca-maintenance"),
             asyncio.create_task(self._prune(), name="store-prune"),
@@ -313,6 +318,23 @@ class AuthorityServer:
             socket_path,
             local_path,
         )
+
+    async def _start_workload_api(self, path: Path, authority: Authority) -> None:
+        """The SPIFFE Workload API on a Unix socket anyone local may connect to (mode 0666):
+        the kernel identifies the caller, the registration entries decide what it gets."""
+        notifier = ChangeNotifier(authority.ca, authority.revocations.hub)
+        notifier.start()
+        self._workload_api_notifier = notifier
+        _prepare_unix_socket(path)
+        service = SpiffeWorkloadApi(authority, notifier, self.config.workload_api_attestor)
+        self._workload_api = UnixSocketServer([service])
+        old_umask = os.umask(0o177)
+        try:
+            await self._workload_api.start(path=str(path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o666)  # noqa: S103 - any local process may ask; the kernel is the gate
+        log.info("SPIFFE Workload API serving: socket=%s", path)
 
     @staticmethod
     async def _add_health_and_reflection(server: grpc.aio.Server, service: str) -> None:
@@ -383,6 +405,15 @@ class AuthorityServer:
             await self._local.wait_closed()
             self._local = None
             self.config.local_socket_path.unlink(missing_ok=True)
+        if self._workload_api is not None:
+            self._workload_api.close()
+            await self._workload_api.wait_closed()
+            self._workload_api = None
+            if self.config.workload_api_socket is not None:
+                self.config.workload_api_socket.unlink(missing_ok=True)
+        if self._workload_api_notifier is not None:
+            await self._workload_api_notifier.close()
+            self._workload_api_notifier = None
         await asyncio.gather(*(s.stop(grace) for s in self._servers))
         self._servers = []
         if self._store is not None:

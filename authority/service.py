@@ -11,7 +11,9 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import jwt
 from cryptography import x509
 
 from attestors.api import AttestContext
@@ -42,11 +44,14 @@ from authority.models import (
 )
 from authority.revocation import RevocationService
 from authority.store import Store
-from authority.svid import JwtSvid, X509Svid, parse_csr
+from authority.svid import JwtSvid, WorkloadPublicKey, X509Svid, parse_csr
 
 log = logging.getLogger(__name__)
 
 _PEER_CACHE_SIZE = 10_000
+# JWT-SVID validation: the algorithms allowed for each curve of a JWT authority key.
+_JWT_SVID_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
+_MAX_JWT_SVID_CHARS = 16 * 1024
 OPERATOR = "operator"  # the actor of admin-socket calls (the socket's file mode is the gate)
 AUTHORITY = "authority"
 
@@ -448,26 +453,29 @@ class Authority:
     async def fetch_jwt(
         self, caller: Caller, audience: Sequence[str], ttl: dt.timedelta | None
     ) -> JwtSvid:
-        if not audience or not all(audience):
-            raise InvalidArgument(
-                "a JWT-SVID needs at least one non-empty audience", reason="NO_AUDIENCE"
-            )
-        if len(audience) > self._limits.max_audiences:
-            raise InvalidArgument(f"at most {self._limits.max_audiences} audiences")
-        if any(len(a) > self._limits.max_audience_chars for a in audience):
-            raise InvalidArgument(
-                f"audiences are at most {self._limits.max_audience_chars} characters"
-            )
-        cap = caller.identity.jwt_ttl
+        _check_audience(audience, self._limits)
+        return await self._issue_jwt(
+            caller.spiffe_id, caller.identity, audience, ttl, {"identity_id": caller.identity.id}
+        )
+
+    async def _issue_jwt(
+        self,
+        spiffe_id: SpiffeId,
+        identity: Identity,
+        audience: Sequence[str],
+        ttl: dt.timedelta | None,
+        details: Mapping[str, object],
+    ) -> JwtSvid:
+        cap = identity.jwt_ttl
         wanted = cap if ttl is None or ttl <= dt.timedelta(0) else min(ttl, cap)
         if wanted < self._limits.min_ttl:
             raise InvalidArgument(f"JWT-SVID TTL must be at least {self._limits.min_ttl}")
-        svid = self.ca.issue_jwt_svid(caller.spiffe_id, list(dict.fromkeys(audience)), wanted)
+        svid = self.ca.issue_jwt_svid(spiffe_id, list(dict.fromkeys(audience)), wanted)
         await self._store.append_audit(
             [
                 self._event(
                     "jwt.issued",
-                    actor=caller.spiffe_id.uri,
+                    actor=spiffe_id.uri,
                     subject=svid.spiffe_id.uri,
                     details={
                         "jti": svid.jti,
@@ -475,12 +483,160 @@ class Authority:
                         "audience": list(svid.audience),
                         "expires_at": svid.expires_at.isoformat(),
                         "kid": svid.key_id,
-                        "identity_id": caller.identity.id,
+                        **details,
                     },
                 )
             ]
         )
         return svid
+
+    # --- the SPIFFE Workload API: local workloads identified by the kernel -------------------
+
+    def workload_identities(self, attestor: str, selectors: frozenset[Selector]) -> list[Identity]:
+        """The identities the registration entries grant a local workload with ``selectors``
+        (found by the ``attestor`` instance), less what is revoked. Templates: no id yet."""
+        now = self._clock.now()
+        standing: list[Identity] = []
+        for template in self._identities_for(selectors, None, None):
+            candidate = dataclasses.replace(template, attestor=attestor)
+            try:
+                self._check_not_revoked(candidate, now)
+            except PermissionDenied:
+                continue
+            standing.append(candidate)
+        return standing
+
+    async def issue_workload_x509(
+        self,
+        template: Identity,
+        public_key: WorkloadPublicKey,
+        *,
+        previous: Identity | None = None,
+        details: Mapping[str, object] | None = None,
+    ) -> tuple[Identity, X509Svid]:
+        """An X.509-SVID for a workload the Workload API identified (its key made here).
+
+        The first one is recorded as an attestation is (identity, issuance, audit), so renewal
+        checks, revocation cascades and ``trace`` see it; a rotation on the same stream
+        (``previous``) is recorded as a renewal of that identity."""
+        if previous is None:
+            identity = dataclasses.replace(
+                template, id=str(uuid.uuid4()), attested_at=self._clock.now()
+            )
+        else:
+            identity = previous
+        svid = self.ca.issue_x509_svid(
+            identity.spiffe_id, public_key, identity.x509_ttl, identity.dns_names
+        )
+        if previous is None:
+            audit = [
+                self._event(
+                    "attest.succeeded",
+                    actor=identity.attestor,
+                    subject=identity.spiffe_id.uri,
+                    details={
+                        "identity_id": identity.id,
+                        "entry_id": identity.entry_id,
+                        "selectors": sorted(str(s) for s in identity.selectors),
+                        "endpoint": "workload_api",
+                        **(details or {}),
+                    },
+                ),
+                self._x509_event("x509.issued", svid, identity),
+            ]
+            await self._store.record_issuance(identity, [_issued(svid, identity)], audit=audit)
+        else:
+            await self._store.record_issuance(
+                None,
+                [_issued(svid, identity)],
+                audit=[self._x509_event("x509.renewed", svid, identity)],
+            )
+        return identity, svid
+
+    async def fetch_workload_jwt(self, identity: Identity, audience: Sequence[str]) -> JwtSvid:
+        """A JWT-SVID for a workload the Workload API identified, for one of its identities."""
+        _check_audience(audience, self._limits)
+        return await self._issue_jwt(
+            identity.spiffe_id,
+            identity,
+            audience,
+            None,
+            {"entry_id": identity.entry_id, "attestor": identity.attestor},
+        )
+
+    def validate_jwt_svid(self, token: str, audience: str) -> tuple[SpiffeId, dict[str, Any]]:
+        """Check a JWT-SVID against this trust domain's JWT authorities: a ``kid`` in the bundle,
+        the algorithm allowed for that key, the signature, ``exp`` (and ``nbf``) against the
+        clock, ``audience`` among ``aud``, ``sub`` a SPIFFE ID of this trust domain that is not
+        revoked. Returns the SPIFFE ID and the claims."""
+        if not audience:
+            raise InvalidArgument("an audience is required", reason="NO_AUDIENCE")
+        if not token:
+            raise InvalidArgument("a JWT-SVID is required", reason="JWT_SVID_MISSING")
+        if len(token) > _MAX_JWT_SVID_CHARS:
+            raise InvalidArgument("the JWT-SVID is too large", reason="JWT_SVID_MALFORMED")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise InvalidArgument("not a JWS compact token", reason="JWT_SVID_MALFORMED") from None
+        if header.get("typ", "JWT") not in ("JWT", "JOSE"):
+            raise InvalidArgument("the token is not a JWT-SVID", reason="JWT_SVID_TYPE")
+        kid = header.get("kid")
+        key = self.ca.bundle().jwt_authorities.get(kid) if isinstance(kid, str) else None
+        if key is None:
+            raise InvalidArgument("the token's key is not in the bundle", reason="JWT_SVID_KEY")
+        alg = header.get("alg")
+        allowed = _JWT_SVID_ALGORITHMS.get(key.curve.name)
+        if allowed is None or alg != allowed:
+            raise InvalidArgument(
+                f"algorithm {alg!r} is not allowed for this key", reason="JWT_SVID_ALGORITHM"
+            )
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key,
+                algorithms=[allowed],
+                audience=audience,
+                options={
+                    "require": ["sub", "aud", "exp"],
+                    "verify_exp": False,  # checked below, against the injected clock
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
+            )
+        except jwt.InvalidAudienceError:
+            raise InvalidArgument(
+                "the token is not for this audience", reason="JWT_SVID_AUDIENCE"
+            ) from None
+        except jwt.InvalidSignatureError:
+            raise InvalidArgument(
+                "the token's signature does not verify", reason="JWT_SVID_SIGNATURE"
+            ) from None
+        except jwt.PyJWTError as exc:
+            raise InvalidArgument(
+                f"the token is not a valid JWT-SVID: {exc}", reason="JWT_SVID_MALFORMED"
+            ) from None
+        now = self._clock.now().timestamp()
+        exp, nbf = claims["exp"], claims.get("nbf", 0)
+        if not isinstance(exp, int | float) or isinstance(exp, bool) or now >= exp:
+            raise InvalidArgument("the token has expired", reason="JWT_SVID_EXPIRED")
+        if not isinstance(nbf, int | float) or isinstance(nbf, bool) or now < nbf:
+            raise InvalidArgument("the token is not valid yet", reason="JWT_SVID_NOT_YET_VALID")
+        sub = claims["sub"]
+        try:
+            spiffe_id = SpiffeId.parse(sub if isinstance(sub, str) else "")
+        except InvalidArgument:
+            raise InvalidArgument(
+                "the token's sub is not a SPIFFE ID", reason="JWT_SVID_SUBJECT"
+            ) from None
+        if not spiffe_id.member_of(self.ca.trust_domain):
+            raise InvalidArgument(
+                f"{spiffe_id} is not in trust domain {self.ca.trust_domain}",
+                reason="JWT_SVID_SUBJECT",
+            )
+        if self.revocations.revoked.has(RevocationKind.SUBJECT, spiffe_id.uri, self._clock.now()):
+            raise InvalidArgument(f"{spiffe_id} is revoked", reason="JWT_SVID_REVOKED")
+        return spiffe_id, claims
 
     # --- audit ---------------------------------------------------------------------------
 
@@ -523,17 +679,12 @@ class Authority:
                 f"checkpoint the chain at {through_seq} (and archive it) before pruning",
                 reason="NO_CHECKPOINT",
             )
-        removed = await self._store.prune_audit(through_seq)
-        await self._store.append_audit(
-            [
-                self._event(
-                    "audit.pruned",
-                    actor=OPERATOR,
-                    details={"through_seq": through_seq, "removed": removed},
-                )
-            ]
+        return await self._store.prune_audit(
+            through_seq,
+            audit=[
+                self._event("audit.pruned", actor=OPERATOR, details={"through_seq": through_seq})
+            ],
         )
-        return removed
 
     def _event(
         self,
@@ -570,6 +721,17 @@ class Authority:
                 "dns_names": list(identity.dns_names),
             },
         )
+
+
+def _check_audience(audience: Sequence[str], limits: Limits) -> None:
+    if not audience or not all(audience):
+        raise InvalidArgument(
+            "a JWT-SVID needs at least one non-empty audience", reason="NO_AUDIENCE"
+        )
+    if len(audience) > limits.max_audiences:
+        raise InvalidArgument(f"at most {limits.max_audiences} audiences")
+    if any(len(a) > limits.max_audience_chars for a in audience):
+        raise InvalidArgument(f"audiences are at most {limits.max_audience_chars} characters")
 
 
 def _issued(svid: X509Svid, identity: Identity) -> IssuedX509:

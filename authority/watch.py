@@ -42,9 +42,10 @@ class RevocationSet:
 
     def replace(self, snapshot: pb.RevocationSnapshot) -> None:
         self.targets = {k: {} for k in KINDS}
+        self.seq = 0
         for event in snapshot.revocations:
             self.apply(event)
-        self.seq = max(self.seq, snapshot.seq)
+        self.seq = snapshot.seq  # the feed's position now, even below the old one (a restore)
 
     def has(self, kind: str, target: str, now_us: int) -> bool:
         until = self.targets.get(kind, {}).get(target)

@@ -19,6 +19,7 @@ from authority.revocation import RevocationService
 from authority.store import Store
 
 REPLAY_PAGE = 1000
+SNAPSHOT_PAGE_BYTES = 1024 * 1024  # well under gRPC's 4 MiB message limit
 _SET_CACHE = 4096
 
 
@@ -73,14 +74,32 @@ class RevocationFeed:
         try:
             low, head = await self._store.revocation_bounds()
             last = since
-            if since < head and since + 1 < low:
+            # A snapshot when the replay is gone (pruned), or when the subscriber is ahead of
+            # this store (restored from a backup): its numbers are of another history, and a
+            # replay would skip every revocation numbered up to its ``since``.
+            if since > head or (since < head and since + 1 < low):
+                # Everything still revoked, in sequence order. The first page is the snapshot
+                # (it replaces the subscriber's set); the rest follow as events, so no message
+                # outgrows the gRPC limit and a subscriber cut off midway resumes from the last
+                # one it applied, having every active revocation below it.
                 active = await self._store.active_revocations(self._clock.now())
+                first: list[pb.RevocationEvent] = []
+                size = 0
+                for revocation in active:
+                    event = self._message(revocation).event
+                    if first and size + event.ByteSize() > SNAPSHOT_PAGE_BYTES:
+                        break
+                    first.append(event)
+                    size += event.ByteSize()
+                rest = active[len(first) :]
+                last = first[-1].seq if rest else head
                 yield pb.RevocationMessage(
-                    snapshot=pb.RevocationSnapshot(
-                        seq=head, revocations=[self._message(r).event for r in active]
-                    )
+                    snapshot=pb.RevocationSnapshot(seq=last, revocations=first)
                 )
-                last = head
+                for revocation in rest:
+                    yield self._message(revocation)
+                    last = revocation.seq
+                last = max(last, head)
             else:
                 while True:
                     page = await self._store.revocations_since(last, REPLAY_PAGE)

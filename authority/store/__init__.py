@@ -206,8 +206,9 @@ class Store(Protocol):
 
     async def list_checkpoints(self) -> list[Checkpoint]: ...
 
-    async def prune_audit(self, through_seq: int) -> int:
-        """Delete records up to ``through_seq`` (archived elsewhere) and move the anchor."""
+    async def prune_audit(self, through_seq: int, *, audit: Sequence[AuditEvent] = ()) -> int:
+        """Delete records up to ``through_seq`` (archived elsewhere) and move the anchor; the
+        ``audit`` records (of the pruning itself) follow in the same transaction."""
         ...
 
     # --- single-use keys (nonces, token ids) ---

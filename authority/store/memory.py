@@ -495,7 +495,7 @@ class MemoryStore:
         self._check_open()
         return [self._checkpoints[seq] for seq in sorted(self._checkpoints)]
 
-    async def prune_audit(self, through_seq: int) -> int:
+    async def prune_audit(self, through_seq: int, *, audit: Sequence[AuditEvent] = ()) -> int:
         self._check_open()
         kept = [r for r in self._audit if r.seq > through_seq]
         last = [r for r in self._audit if r.seq == through_seq]
@@ -504,6 +504,7 @@ class MemoryStore:
         removed = len(self._audit) - len(kept)
         self._audit = kept
         self._anchor = (through_seq + 1, last[0].hash)
+        self._append(audit)
         return removed
 
     # --- audited changes: the change, then its records ---

@@ -1157,7 +1157,7 @@ class SqliteStore:
 
         return await self._run(job)
 
-    async def prune_audit(self, through_seq: int) -> int:
+    async def prune_audit(self, through_seq: int, *, audit: Sequence[AuditEvent] = ()) -> int:
         def job(db: Database) -> int:
             row = _one(db, "SELECT hash FROM audit WHERE seq = ?", [through_seq])
             if row is None:
@@ -1169,7 +1169,7 @@ class SqliteStore:
             )
             return int(removed)
 
-        return await self._run(job)
+        return await self._run(job, audit)
 
     # --- tasks, task tokens and approvals ---
 

@@ -175,6 +175,13 @@ def test_trace_reconstructs_a_full_agent_task(served: ServeProcess, tmp_path: Pa
 
     lines = served.cli("audit", "trace", task, "--format", "json").stdout.splitlines()
     trace = [json.loads(line) for line in lines]  # one JSON document per line
+    # First the attestations behind the callers' SVIDs (the agent's, and the delegate's),
+    # linked from the decisions by identity id; then the task itself.
+    attested = [r for r in trace if r["kind"] in ("attest.succeeded", "x509.issued")]
+    assert {r["subject"] for r in attested if r["kind"] == "attest.succeeded"} == {AGENT, HELPER}
+    assert [r["kind"] for r in attested] == ["attest.succeeded", "x509.issued"] * 2
+    trace = [r for r in trace if r not in attested]
+    assert max(r["seq"] for r in attested) < min(r["seq"] for r in trace)
     assert [r["kind"] for r in trace] == [
         "policy.decided",  # read: allow
         "task_token.issued",
@@ -277,12 +284,14 @@ def test_trace_reconstructs_a_full_agent_task(served: ServeProcess, tmp_path: Pa
 
     # The same, readable in a terminal: one line per record, in the same order.
     text = served.cli("audit", "trace", task).stdout.splitlines()
-    assert len(text) == len(trace)
-    for line, record in zip(text, trace, strict=True):
+    everything = sorted([*attested, *trace], key=lambda r: r["seq"])
+    assert len(text) == len(everything)
+    for line, record in zip(text, everything, strict=True):
         assert line.split()[0] == str(record["seq"])
         assert record["kind"] in line
-    assert f"decision={read_decided['decision_id']}" in text[0]
-    assert READ_PROMPT in text[0]
+    first_task_line = text[len(attested)]
+    assert f"decision={read_decided['decision_id']}" in first_task_line
+    assert READ_PROMPT in first_task_line
 
     # Records of other tasks stay out; a task nobody ran has no trace.
     read_metrics(served, agent, "task-unrelated")
