@@ -296,7 +296,7 @@ def test_trace_reconstructs_a_full_agent_task(served: ServeProcess, tmp_path: Pa
     # Records of other tasks stay out; a task nobody ran has no trace.
     read_metrics(served, agent, "task-unrelated")
     again = served.cli("audit", "trace", task, "--format", "json").stdout.splitlines()
-    assert [json.loads(line) for line in again] == trace
+    assert [json.loads(line) for line in again] == everything
     missing = served.cli("audit", "trace", "task-never-ran", check=False)
     assert missing.returncode == 1
     assert "no audit records" in missing.stderr
