@@ -679,10 +679,16 @@ class Authority:
                 f"checkpoint the chain at {through_seq} (and archive it) before pruning",
                 reason="NO_CHECKPOINT",
             )
+        anchor_seq, _ = await self._store.audit_anchor()
+        removing = through_seq - anchor_seq + 1  # records are contiguous from the anchor
         return await self._store.prune_audit(
             through_seq,
             audit=[
-                self._event("audit.pruned", actor=OPERATOR, details={"through_seq": through_seq})
+                self._event(
+                    "audit.pruned",
+                    actor=OPERATOR,
+                    details={"through_seq": through_seq, "removed": removing},
+                )
             ],
         )
 
