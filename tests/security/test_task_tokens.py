@@ -403,6 +403,20 @@ async def test_an_approval_is_for_its_intent_only(
     assert collected.WhichOneof("result") == "token"
 
 
+async def test_a_token_from_an_approval_ends_with_the_approval(world: World) -> None:
+    """The policy allows production tokens 60 s; an approval granted for 20 s caps it lower."""
+    approval_id = await prod_approval(world)
+    approved = await world.running.admin().stub.Approve(
+        pb.ApproveRequest(id=approval_id, grant_seconds=20)
+    )
+    collected = await world.reporter.exchange(
+        "deploy", "deploy/production", "deployer", approval_id=approval_id, ttl_seconds=600
+    )
+    claims = claims_of(collected.token.token)
+    assert claims["exp"] <= approved.grant_expires_at
+    assert claims["exp"] - claims["iat"] <= 20
+
+
 async def test_an_approval_yields_one_token(world: World) -> None:
     approval_id = await prod_approval(world, grant_seconds=300)
     first = await world.reporter.exchange(
