@@ -240,9 +240,7 @@ async def test_server_svid_verifies_with_the_bundle_a_workload_held_before_rotat
     # step two, whose certificate comes from the new key.
     refreshed = await authority.bundle_pem()
     await authority.admin().stub.RotateCA(pb.RotateCARequest())
-    _, frame = await asyncio.to_thread(
-        _server_certificate, authority.port, refreshed, "127.0.0.1"
-    )
+    _, frame = await asyncio.to_thread(_server_certificate, authority.port, refreshed, "127.0.0.1")
     assert frame == H2_SETTINGS
     with pytest.raises(ssl.SSLCertVerificationError):
         await asyncio.to_thread(_server_certificate, authority.port, held, "127.0.0.1")
