@@ -5,8 +5,6 @@ Everything runs against the real in-memory Store and KeyVault with a FakeClock.
 
 from __future__ import annotations
 
-from cryptography.hazmat.primitives.serialization import Encoding
-
 import datetime as dt
 import ipaddress
 from dataclasses import dataclass, field
@@ -17,6 +15,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import VerificationError
 
