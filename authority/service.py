@@ -188,15 +188,20 @@ class Authority:
         return entry
 
     async def delete_entry(self, entry_id: str) -> None:
+        """Delete an entry and revoke what was issued through it (the entry, and its SPIFFE ID:
+        relying services know tokens by subject, not by entry)."""
+        if entry_id not in self._entries:
+            raise NotFound(f"no entry {entry_id!r}")
+        # Revoke first, while the entry still names the SPIFFE ID the cascade must reach.
+        await self.revocations.revoke(
+            RevocationKind.ENTRY, entry_id, "registration entry deleted", actor=OPERATOR
+        )
         event = self._event("entry.deleted", actor=OPERATOR, subject=entry_id)
         if not await self._store.delete_entry(entry_id, audit=[event]):
             raise NotFound(f"no entry {entry_id!r}")
         self._entries.pop(entry_id, None)
         self._peers.clear()
         log.info("entry deleted: id=%s", entry_id)
-        await self.revocations.revoke(
-            RevocationKind.ENTRY, entry_id, "registration entry deleted", actor=OPERATOR
-        )
 
     async def unregister_attestor(self, name: str) -> None:
         """Unregister an attestor instance and revoke what was issued through it."""
