@@ -25,6 +25,7 @@ import pathlib
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, TypeAlias, TypeVar
 
@@ -64,6 +65,7 @@ from authority.models import (
 T = TypeVar("T")
 
 MAX_BATCH: Final = 256
+LINGER_SECONDS: Final = 0.0005
 BUSY_TIMEOUT_MS: Final = 5000
 PRUNE_GRACE: Final = dt.timedelta(days=1)
 FILE_MODE: Final = 0o600
@@ -576,6 +578,9 @@ class _Writer:
         while not stop:
             batch: list[_Job] = []
             item = self.queue.get()
+            # Linger a moment for more work: under load, one commit (one fsync, one BEGIN and
+            # COMMIT) then serves many requests, and the writer holds the GIL far less.
+            deadline = time.monotonic() + LINGER_SECONDS
             while True:
                 if item is _STOP:
                     stop = True
@@ -587,7 +592,13 @@ class _Writer:
                 try:
                     item = self.queue.get_nowait()
                 except queue.Empty:
-                    break
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        item = self.queue.get(timeout=remaining)
+                    except queue.Empty:
+                        break
             if batch:
                 self._run_batch(db, batch)
 
