@@ -9,6 +9,7 @@ from cryptography.hazmat.primitives import serialization
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority.audit import AuditRecord, Checkpoint
 from authority.bundle import TrustBundle
+from authority.errors import InvalidArgument
 from authority.exchange import AuditContext, ExchangeOutcome
 from authority.models import (
     Approval,
@@ -17,6 +18,7 @@ from authority.models import (
     RegistrationEntry,
     Selector,
 )
+from authority.service import AttestResult
 from authority.svid import X509Svid
 from authority.tokens import Intent, TaskToken
 
@@ -195,4 +197,23 @@ def exchange_response(outcome: ExchangeOutcome, now: dt.datetime) -> pb.Exchange
     return pb.ExchangeResponse(
         pending=approval_to_pb(outcome.approval, now),
         decision_id=decision_id or outcome.approval.decision_id,
+    )
+
+
+def attest_params(first: pb.AttestRequest | None) -> pb.AttestParams:
+    """The first message of an Attest stream, checked: it must carry params with an attestor."""
+    if first is None or first.WhichOneof("step") != "params":
+        raise InvalidArgument("the first Attest message must carry params")
+    if not first.params.attestor:
+        raise InvalidArgument("params.attestor is required")
+    return first.params
+
+
+def attest_response(result: AttestResult, bundle: TrustBundle) -> pb.AttestResponse:
+    return pb.AttestResponse(
+        result=pb.AttestResult(
+            svids=[svid_to_pb(s, e) for s, e in zip(result.svids, result.entry_ids, strict=True)],
+            bundle=bundle_to_pb(bundle),
+            selectors=sorted(str(s) for s in result.selectors),
+        )
     )

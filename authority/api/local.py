@@ -25,7 +25,7 @@ from grpclib.const import Status
 from attestors.api import PeerCredentials
 from authority._pb import authority_v1_authority_grpc as pb_grpclib
 from authority._pb import authority_v1_authority_pb2 as pb
-from authority.api.convert import bundle_to_pb, svid_to_pb
+from authority.api.convert import attest_params, attest_response, bundle_to_pb
 from authority.api.status import GENERIC_INTERNAL, REASON_KEY, code_for
 from authority.errors import AuthorityError, Internal, InvalidArgument
 from authority.service import Authority
@@ -104,12 +104,7 @@ class LocalWorkloadService(pb_grpclib.WorkloadBase):
         peer: PeerCredentials | None = None
         try:
             peer = peer_credentials(stream)
-            first = await stream.recv_message()
-            if first is None or first.WhichOneof("step") != "params":
-                raise InvalidArgument("the first Attest message must carry params")
-            params = first.params
-            if not params.attestor:
-                raise InvalidArgument("params.attestor is required")
+            params = attest_params(await stream.recv_message())
             result = await self._authority.attest(
                 attestor=params.attestor,
                 evidence=params.evidence,
@@ -117,18 +112,7 @@ class LocalWorkloadService(pb_grpclib.WorkloadBase):
                 challenger=_Context(stream, peer),
                 spiffe_id_hint=params.spiffe_id_hint,
             )
-            await stream.send_message(
-                pb.AttestResponse(
-                    result=pb.AttestResult(
-                        svids=[
-                            svid_to_pb(s, e)
-                            for s, e in zip(result.svids, result.entry_ids, strict=True)
-                        ],
-                        bundle=bundle_to_pb(self._authority.ca.bundle()),
-                        selectors=sorted(str(s) for s in result.selectors),
-                    )
-                )
-            )
+            await stream.send_message(attest_response(result, self._authority.ca.bundle()))
         except AuthorityError as exc:
             await _fail(stream, exc)
         except Exception:

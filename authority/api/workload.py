@@ -15,6 +15,8 @@ from authority._pb import authority_v1_authority_pb2 as pb
 from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
 from authority.api.convert import (
     approval_to_pb,
+    attest_params,
+    attest_response,
     audit_context_from_pb,
     bundle_to_pb,
     exchange_response,
@@ -98,11 +100,7 @@ class WorkloadService(pb_grpc.WorkloadServicer):
             first = await anext(requests)
         except StopAsyncIteration:
             raise InvalidArgument("the Attest stream ended before its first message") from None
-        if first.WhichOneof("step") != "params":
-            raise InvalidArgument("the first Attest message must carry params")
-        params = first.params
-        if not params.attestor:
-            raise InvalidArgument("params.attestor is required")
+        params = attest_params(first)
         result = await self._authority.attest(
             attestor=params.attestor,
             evidence=params.evidence,
@@ -110,18 +108,7 @@ class WorkloadService(pb_grpc.WorkloadServicer):
             challenger=_StreamChallenger(requests, context),
             spiffe_id_hint=params.spiffe_id_hint,
         )
-        await context.write(
-            pb.AttestResponse(
-                result=pb.AttestResult(
-                    svids=[
-                        svid_to_pb(s, e)
-                        for s, e in zip(result.svids, result.entry_ids, strict=True)
-                    ],
-                    bundle=bundle_to_pb(self._authority.ca.bundle()),
-                    selectors=sorted(str(s) for s in result.selectors),
-                )
-            )
-        )
+        await context.write(attest_response(result, self._authority.ca.bundle()))
 
     @rpc
     async def RenewX509SVID(
