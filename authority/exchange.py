@@ -45,6 +45,7 @@ from authority.errors import (
     NotFound,
     PermissionDenied,
 )
+from authority.metrics import METRICS
 from authority.models import Approval, ApprovalState, RevocationKind, TaskTokenRecord
 from authority.policy import Decision, Outcome, PolicyEngine, PolicyInput
 from authority.service import OPERATOR, Authority, Caller
@@ -63,6 +64,7 @@ from authority.tokens import (
 log = logging.getLogger(__name__)
 
 _HEX64 = frozenset("0123456789abcdef")
+_EXCHANGE = METRICS.samples("exchange.handler")  # wall time of one Exchange in the authority
 RISK_WINDOW = 600.0  # seconds of denials that raise a principal's risk
 RISK_PER_DENIAL = 10  # eight denials in ten minutes reach 80
 
@@ -252,6 +254,13 @@ class ExchangeService:
     # --- exchange ----------------------------------------------------------------------
 
     async def exchange(self, caller: Caller, request: ExchangeRequest) -> ExchangeOutcome:
+        started = time.perf_counter()
+        try:
+            return await self._exchange(caller, request)
+        finally:
+            _EXCHANGE.add(time.perf_counter() - started)
+
+    async def _exchange(self, caller: Caller, request: ExchangeRequest) -> ExchangeOutcome:
         audience = _check_audience(request.audience)
         # The intent as decided and frozen into the token: with the environment the policy sees.
         intent = dataclasses.replace(request.intent, environment=_environment(request.intent))

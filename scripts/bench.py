@@ -171,6 +171,7 @@ class ScenarioReport:
     error_codes: dict[str, int]
     error_samples: dict[str, str]
     note: str = ""
+    server_metrics: dict[str, Any] = field(default_factory=dict)  # GetMetrics over the run
 
 
 # --- the load process ------------------------------------------------------------------------
@@ -746,9 +747,11 @@ async def run_scenarios(
                 for part in _split(tokens, args.clients)
             ]
             await clients.prepare(specs)
+            await server_metrics(server, reset=True)
             before = CpuSnapshot.take(server.proc.pid)
             results = await clients.go(args.duration)
             report = summarize(scenario, results, before, CpuSnapshot.take(server.proc.pid))
+            report.server_metrics = await server_metrics(server, reset=False)
             report.rpc += " (end)" if scenario.closing else ""
             reports.append(report)
             print(
@@ -835,6 +838,47 @@ def format_table(reports: list[ScenarioReport]) -> str:
     return "\n".join(lines)
 
 
+async def server_metrics(server: Server, *, reset: bool) -> dict[str, Any]:
+    """The authority's own measurements (GetMetrics), read over the admin socket."""
+    from authority.client import AdminClient
+
+    async with AdminClient(server.admin_socket) as admin:
+        reply = await admin.stub.GetMetrics(pb.GetMetricsRequest(reset=reset), timeout=RPC_TIMEOUT)
+    value: dict[str, Any] = json.loads(reply.metrics_json)
+    return value
+
+
+def print_audit_share(reports: list[ScenarioReport]) -> None:
+    """Issue 6's figure: how much of an Exchange's server time its audit record takes."""
+    for r in reports:
+        if r.scenario != "exchange" or not r.requests or not r.server_metrics:
+            continue
+        audit = r.server_metrics.get("store.audit_append", {})
+        commit = r.server_metrics.get("store.commit", {})
+        batch = r.server_metrics.get("store.batch_jobs", {})
+        handler = r.server_metrics.get("exchange.handler", {})
+        if "p50_us" not in audit:
+            continue
+        server_us = r.server_cpu_percent / 100 * r.seconds / r.requests * 1e6
+        jobs = batch.get("mean_us", 1.0) or 1.0  # samples of batch sizes, "us" = jobs
+        commit_share = commit.get("mean_us", 0.0) / jobs
+        print(
+            f"Exchange: {r.rate:.0f}/s; server CPU {server_us:.0f} us per Exchange; handler wall "
+            f"p50 {handler.get('p50_us', 0):.0f} us p99 {handler.get('p99_us', 0):.0f} us"
+        )
+        print(
+            f"  audit record (hash chain + INSERTs, in the action's transaction): p50 "
+            f"{audit['p50_us']:.0f} us, p99 {audit['p99_us']:.0f} us = "
+            f"{audit['p50_us'] / server_us * 100:.1f}% (p50) / "
+            f"{audit['p99_us'] / server_us * 100:.1f}% (p99) of an Exchange's server time "
+            f"(target < 15%)"
+        )
+        print(
+            f"  durable commit (fsync, shared by a batch of {jobs:.1f} jobs on average): "
+            f"p50 {commit.get('p50_us', 0):.0f} us, {commit_share:.0f} us per job"
+        )
+
+
 def print_verdicts(reports: list[ScenarioReport], clients: int, baseline: float | None) -> None:
     if baseline is None:
         print("no mTLS null-RPC rate: no ratios")
@@ -846,6 +890,7 @@ def print_verdicts(reports: list[ScenarioReport], clients: int, baseline: float 
                 f"{r.rpc} rate is {r.ratio * 100:.0f}% of the mTLS null-RPC rate "
                 f"(target >= {r.target * 100:.0f}%): {r.verdict}"
             )
+    print_audit_share(reports)
     saturated = [r for r in reports if r.client_cpu_percent / clients >= 90]
     if saturated:
         names = ", ".join(f"{r.scenario}/{r.transport}" for r in saturated)

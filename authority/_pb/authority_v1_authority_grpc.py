@@ -319,6 +319,10 @@ class AdminBase(abc.ABC):
     async def WatchRevocations(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.WatchRevocationsRequest, authority_v1_authority_pb2.RevocationMessage]') -> None:
         pass
 
+    @abc.abstractmethod
+    async def GetMetrics(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.GetMetricsRequest, authority_v1_authority_pb2.GetMetricsResponse]') -> None:
+        pass
+
     def __mapping__(self) -> typing.Dict[str, grpclib.const.Handler]:
         return {
             '/authority.v1.Admin/CreateEntry': grpclib.const.Handler(
@@ -470,6 +474,12 @@ class AdminBase(abc.ABC):
                 grpclib.const.Cardinality.UNARY_STREAM,
                 authority_v1_authority_pb2.WatchRevocationsRequest,
                 authority_v1_authority_pb2.RevocationMessage,
+            ),
+            '/authority.v1.Admin/GetMetrics': grpclib.const.Handler(
+                self.GetMetrics,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                authority_v1_authority_pb2.GetMetricsRequest,
+                authority_v1_authority_pb2.GetMetricsResponse,
             ),
         }
 
@@ -626,4 +636,10 @@ class AdminStub:
             '/authority.v1.Admin/WatchRevocations',
             authority_v1_authority_pb2.WatchRevocationsRequest,
             authority_v1_authority_pb2.RevocationMessage,
+        )
+        self.GetMetrics = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/authority.v1.Admin/GetMetrics',
+            authority_v1_authority_pb2.GetMetricsRequest,
+            authority_v1_authority_pb2.GetMetricsResponse,
         )

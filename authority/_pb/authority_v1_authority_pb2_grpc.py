@@ -736,6 +736,11 @@ class AdminStub:
                 request_serializer=authority_dot_v1_dot_authority__pb2.WatchRevocationsRequest.SerializeToString,
                 response_deserializer=authority_dot_v1_dot_authority__pb2.RevocationMessage.FromString,
                 _registered_method=True)
+        self.GetMetrics = channel.unary_unary(
+                '/authority.v1.Admin/GetMetrics',
+                request_serializer=authority_dot_v1_dot_authority__pb2.GetMetricsRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.GetMetricsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -903,6 +908,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetMetrics(self, request, context):
+        """In-process measurements (percentiles of recent durations), as JSON; reset on request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1030,6 +1042,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.WatchRevocations,
                     request_deserializer=authority_dot_v1_dot_authority__pb2.WatchRevocationsRequest.FromString,
                     response_serializer=authority_dot_v1_dot_authority__pb2.RevocationMessage.SerializeToString,
+            ),
+            'GetMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMetrics,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.GetMetricsRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.GetMetricsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1711,6 +1728,33 @@ class Admin:
             '/authority.v1.Admin/WatchRevocations',
             authority_dot_v1_dot_authority__pb2.WatchRevocationsRequest.SerializeToString,
             authority_dot_v1_dot_authority__pb2.RevocationMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authority.v1.Admin/GetMetrics',
+            authority_dot_v1_dot_authority__pb2.GetMetricsRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.GetMetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,

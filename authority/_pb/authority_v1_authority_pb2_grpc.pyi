@@ -265,6 +265,8 @@ class AdminStub:
     Revoke: _grpc.UnaryUnaryMultiCallable[_authority_pb2.RevokeRequest, _authority_pb2.RevokeResponse]
     """Revoke a token, task, subject, entry, attestor or signing key: durable before it returns."""
     WatchRevocations: _grpc.UnaryStreamMultiCallable[_authority_pb2.WatchRevocationsRequest, _authority_pb2.RevocationMessage]
+    GetMetrics: _grpc.UnaryUnaryMultiCallable[_authority_pb2.GetMetricsRequest, _authority_pb2.GetMetricsResponse]
+    """In-process measurements (percentiles of recent durations), as JSON; reset on request."""
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -310,6 +312,8 @@ class AdminAsyncStub(AdminStub):
     Revoke: _aio.UnaryUnaryMultiCallable[_authority_pb2.RevokeRequest, _authority_pb2.RevokeResponse]  # type: ignore[assignment]
     """Revoke a token, task, subject, entry, attestor or signing key: durable before it returns."""
     WatchRevocations: _aio.UnaryStreamMultiCallable[_authority_pb2.WatchRevocationsRequest, _authority_pb2.RevocationMessage]  # type: ignore[assignment]
+    GetMetrics: _aio.UnaryUnaryMultiCallable[_authority_pb2.GetMetricsRequest, _authority_pb2.GetMetricsResponse]  # type: ignore[assignment]
+    """In-process measurements (percentiles of recent durations), as JSON; reset on request."""
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------------------------------------
@@ -502,5 +506,13 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _authority_pb2.WatchRevocationsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_authority_pb2.RevocationMessage], _abc.AsyncIterator[_authority_pb2.RevocationMessage]]: ...
+
+    @_abc_1.abstractmethod
+    def GetMetrics(
+        self,
+        request: _authority_pb2.GetMetricsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authority_pb2.GetMetricsResponse, _abc.Awaitable[_authority_pb2.GetMetricsResponse]]:
+        """In-process measurements (percentiles of recent durations), as JSON; reset on request."""
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,6 +29,7 @@ from authority.api.status import rpc
 from authority.attestation import parse_config
 from authority.errors import FailedPrecondition, InvalidArgument
 from authority.exchange import ExchangeService
+from authority.metrics import METRICS
 from authority.models import RevocationKind
 from authority.policy_admin import PolicyAdmin, PolicyState
 from authority.service import Authority
@@ -252,6 +254,15 @@ class AdminService(pb_grpc.AdminServicer):
     ) -> AsyncIterator[pb.RevocationMessage]:
         async for message in self._feed.stream(request.since):
             yield message
+
+    @rpc
+    async def GetMetrics(
+        self, request: pb.GetMetricsRequest, context: Context
+    ) -> pb.GetMetricsResponse:
+        snapshot = METRICS.snapshot()
+        if request.reset:
+            METRICS.reset()
+        return pb.GetMetricsResponse(metrics_json=json.dumps(snapshot, sort_keys=True))
 
     @rpc
     async def ListAuthorities(

@@ -44,6 +44,7 @@ from authority.errors import (
     Unavailable,
 )
 from authority.ids import SpiffeId
+from authority.metrics import METRICS
 from authority.models import (
     Approval,
     ApprovalState,
@@ -74,6 +75,11 @@ _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _MICROSECOND: Final = dt.timedelta(microseconds=1)
 _SEQUENCE_KEY: Final = "bundle_sequence"
 _HEAD_CACHE: Final = "_authority_audit_head"
+# Measured in the writer thread: appending audit records (inside an action's savepoint), the
+# durable commit (fsync) of a batch, and the batch sizes (reported in "microseconds" = jobs).
+_AUDIT_APPEND: Final = METRICS.samples("store.audit_append")
+_COMMIT: Final = METRICS.samples("store.commit")
+_BATCH: Final = METRICS.samples("store.batch_jobs")
 
 
 # --- value encodings -------------------------------------------------------------------------
@@ -644,7 +650,10 @@ class _Writer:
                     in_flight.append(len(results))
                     results.append((job, None, value))
             if db.conn.in_transaction:
+                started = time.perf_counter()
                 db.execute("COMMIT")
+                _COMMIT.add(time.perf_counter() - started)
+                _BATCH.add(len(batch) / 1e6)  # a count, kept in the same unit-less samples
                 self.commits += 1
         except Exception as exc:  # the transaction itself failed: none of it is committed
             setattr(db, _HEAD_CACHE, None)
@@ -1525,7 +1534,9 @@ def _with_audit(
     def job(db: Database) -> T:
         result = fn(db)
         if result is not False:  # a delete that found nothing happened not: no record
+            started = time.perf_counter()
             _append(db, events)
+            _AUDIT_APPEND.add(time.perf_counter() - started)
         return result
 
     return job
