@@ -867,7 +867,7 @@ def print_audit_share(reports: list[ScenarioReport]) -> None:
             f"p50 {handler.get('p50_us', 0):.0f} us p99 {handler.get('p99_us', 0):.0f} us"
         )
         print(
-            f"  audit record (hash chain + INSERTs, in the action's transaction): p50 "
+            f"  audit record (hash chain + INSERTs in the action's transaction, writer CPU): p50 "
             f"{audit['p50_us']:.0f} us, p99 {audit['p99_us']:.0f} us = "
             f"{audit['p50_us'] / server_us * 100:.1f}% (p50) / "
             f"{audit['p99_us'] / server_us * 100:.1f}% (p99) of an Exchange's server time "
