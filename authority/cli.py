@@ -160,6 +160,7 @@ def _entry_text(entry: pb.RegistrationEntry) -> str:
         f"JWT-SVID TTL : {format_duration(dt.timedelta(seconds=entry.jwt_ttl_seconds))}",
         *(f"DNS name     : {n}" for n in entry.dns_names),
         f"Admin        : {str(entry.admin).lower()}",
+        f"Prompts      : {'recorded in the audit' if entry.record_prompts else 'digests only'}",
     ]
     return "\n".join(lines)
 
@@ -250,6 +251,11 @@ def entry() -> None:
 @click.option("--jwt-ttl", type=DURATION)
 @click.option("--dns-name", "dns_names", multiple=True)
 @click.option("--admin", is_flag=True, help="Grant the operator API over mutual TLS.")
+@click.option(
+    "--record-prompts",
+    is_flag=True,
+    help="Keep the full prompt text agents send with Exchange in the audit (else digests only).",
+)
 @admin_socket_option
 @format_option
 @command
@@ -260,6 +266,7 @@ def entry_create(
     jwt_ttl: dt.timedelta | None,
     dns_names: tuple[str, ...],
     admin: bool,
+    record_prompts: bool,
     admin_socket: str,
     fmt: str,
 ) -> None:
@@ -277,6 +284,7 @@ def entry_create(
         jwt_ttl_seconds=int(jwt_ttl.total_seconds()) if jwt_ttl else 0,
         dns_names=list(dns_names),
         admin=admin,
+        record_prompts=record_prompts,
     )
     created = _admin_call(admin_socket, lambda c: c.stub.CreateEntry(request))
     click.echo(json.dumps(_as_dict(created)) if fmt == "json" else _entry_text(created))
@@ -1111,14 +1119,29 @@ def workload_jwt(
 EXIT_PENDING = 3
 
 
-def _context(prompt_sha256: str, tool: str, tool_args_sha256: str, model: str) -> pb.AuditContext:
+def _context(
+    prompt_sha256: str,
+    tool: str,
+    tool_args_sha256: str,
+    model: str,
+    prompt_file: Path | None = None,
+) -> pb.AuditContext:
     return pb.AuditContext(
-        prompt_sha256=prompt_sha256, tool_name=tool, tool_args_sha256=tool_args_sha256, model=model
+        prompt_sha256=prompt_sha256,
+        tool_name=tool,
+        tool_args_sha256=tool_args_sha256,
+        model=model,
+        prompt=prompt_file.read_text() if prompt_file else "",
     )
 
 
 context_options = [
     click.option("--prompt-sha256", default="", help="SHA-256 of the prompt, for the audit."),
+    click.option(
+        "--prompt-file",
+        type=click.Path(dir_okay=False, exists=True, path_type=Path),
+        help="The prompt: its digest is audited, its text only if the entry records prompts.",
+    ),
     click.option("--tool", default="", help="The tool call's name, for the audit."),
     click.option("--tool-args-sha256", default="", help="SHA-256 of the tool call's arguments."),
     click.option("--model", default="", help="The model acting, for the audit."),
@@ -1160,6 +1183,7 @@ def workload_exchange(
     params: tuple[str, ...],
     approval_id: str,
     prompt_sha256: str,
+    prompt_file: Path | None,
     tool: str,
     tool_args_sha256: str,
     model: str,
@@ -1187,7 +1211,7 @@ def workload_exchange(
         ttl_seconds=int(ttl.total_seconds()) if ttl else 0,
         task_id=task_id,
         approval_id=approval_id,
-        context=_context(prompt_sha256, tool, tool_args_sha256, model),
+        context=_context(prompt_sha256, tool, tool_args_sha256, model, prompt_file),
     )
 
     async def go() -> pb.ExchangeResponse:

@@ -64,6 +64,7 @@ from authority.tokens import (
 log = logging.getLogger(__name__)
 
 _HEX64 = frozenset("0123456789abcdef")
+MAX_PROMPT_CHARS = 64 * 1024
 _EXCHANGE = METRICS.samples("exchange.handler")  # wall time of one Exchange in the authority
 RISK_WINDOW = 600.0  # seconds of denials that raise a principal's risk
 RISK_PER_DENIAL = 10  # eight denials in ten minutes reach 80
@@ -84,8 +85,16 @@ class AuditContext:
     tool_name: str = ""
     tool_args_digest: str = ""
     model: str = ""
+    prompt: str = ""  # the text itself: audited only where the caller's entry allows it
 
     def __post_init__(self) -> None:
+        if len(self.prompt) > MAX_PROMPT_CHARS:
+            raise InvalidArgument(f"a prompt is at most {MAX_PROMPT_CHARS} characters")
+        if self.prompt:
+            computed = digest(self.prompt)
+            if self.prompt_digest and self.prompt_digest != computed:
+                raise InvalidArgument("prompt_sha256 is not the SHA-256 of the prompt given")
+            object.__setattr__(self, "prompt_digest", computed)
         for name in ("prompt_digest", "tool_args_digest"):
             value = getattr(self, name)
             if value and (len(value) != 64 or not set(value) <= _HEX64):
@@ -93,8 +102,9 @@ class AuditContext:
         if len(self.tool_name) > 128 or len(self.model) > 128:
             raise InvalidArgument("tool_name and model are at most 128 characters")
 
-    def as_details(self) -> dict[str, str]:
-        return {
+    def as_details(self, *, with_prompt: bool = False) -> dict[str, str]:
+        """For the audit: digests and names; the prompt's text only ``with_prompt``."""
+        details = {
             k: v
             for k, v in (
                 ("prompt_sha256", self.prompt_digest),
@@ -104,6 +114,9 @@ class AuditContext:
             )
             if v
         }
+        if with_prompt and self.prompt:
+            details["prompt"] = self.prompt
+        return details
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,7 +246,9 @@ class ExchangeService:
                     "parameters": dict(inp.parameters),
                     "attributes": dict(inp.attributes),
                 },
-                "context": context.as_details(),
+                "context": context.as_details(
+                    with_prompt=self._authority.records_prompts(caller.identity)
+                ),
                 # What links this decision to the attestation behind the caller's SVID.
                 "caller": {
                     "identity_id": caller.identity.id,

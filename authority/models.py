@@ -77,6 +77,8 @@ class RegistrationEntry:
     dns_names: tuple[str, ...] = ()
     admin: bool = False
     created_at: dt.datetime = field(default_factory=lambda: dt.datetime.fromtimestamp(0, dt.UTC))
+    # Keep the full prompt text an agent sends with Exchange in the audit (otherwise: digest only).
+    record_prompts: bool = False
 
     def __post_init__(self) -> None:
         if not self.id:

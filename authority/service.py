@@ -120,6 +120,7 @@ class Authority:
         jwt_ttl: dt.timedelta | None = None,
         dns_names: Sequence[str] = (),
         admin: bool = False,
+        record_prompts: bool = False,
     ) -> RegistrationEntry:
         sid = SpiffeId.parse(spiffe_id)
         if not sid.member_of(self.ca.trust_domain):
@@ -146,6 +147,7 @@ class Authority:
             dns_names=names,
             admin=admin,
             created_at=self._clock.now().replace(microsecond=0),
+            record_prompts=record_prompts,
         )
         await self._store.create_entry(
             entry,
@@ -161,6 +163,7 @@ class Authority:
                         "jwt_ttl_s": int(entry.jwt_ttl.total_seconds()),
                         "dns_names": list(entry.dns_names),
                         "admin": entry.admin,
+                        "record_prompts": entry.record_prompts,
                     },
                 )
             ],
@@ -180,6 +183,11 @@ class Authority:
 
     def list_entries(self) -> list[RegistrationEntry]:
         return sorted(self._entries.values(), key=lambda e: (e.spiffe_id, e.id))
+
+    def records_prompts(self, identity: Identity) -> bool:
+        """Whether the entry behind an identity keeps full prompt text in the audit."""
+        entry = self._entries.get(identity.entry_id or "")
+        return entry is not None and entry.record_prompts
 
     def get_entry(self, entry_id: str) -> RegistrationEntry:
         entry = self._entries.get(entry_id)

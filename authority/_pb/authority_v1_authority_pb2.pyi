@@ -130,12 +130,15 @@ class RegistrationEntry(_message.Message):
     DNS_NAMES_FIELD_NUMBER: _builtins.int
     ADMIN_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    RECORD_PROMPTS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     spiffe_id: _builtins.str
     x509_ttl_seconds: _builtins.int
     jwt_ttl_seconds: _builtins.int
     admin: _builtins.bool
     created_at: _builtins.int
+    record_prompts: _builtins.bool
+    """keep full prompt text in the audit (else digests only)"""
     @_builtins.property
     def selectors(self) -> _containers.RepeatedCompositeFieldContainer[Global___Selector]: ...
     @_builtins.property
@@ -151,10 +154,11 @@ class RegistrationEntry(_message.Message):
         dns_names: _abc.Iterable[_builtins.str] | None = ...,
         admin: _builtins.bool = ...,
         created_at: _builtins.int = ...,
+        record_prompts: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin", b"admin", "created_at", b"created_at", "dns_names", b"dns_names", "id", b"id", "jwt_ttl_seconds", b"jwt_ttl_seconds", "selectors", b"selectors", "spiffe_id", b"spiffe_id", "x509_ttl_seconds", b"x509_ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin", b"admin", "created_at", b"created_at", "dns_names", b"dns_names", "id", b"id", "jwt_ttl_seconds", b"jwt_ttl_seconds", "record_prompts", b"record_prompts", "selectors", b"selectors", "spiffe_id", b"spiffe_id", "x509_ttl_seconds", b"x509_ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -460,12 +464,14 @@ class CreateEntryRequest(_message.Message):
     JWT_TTL_SECONDS_FIELD_NUMBER: _builtins.int
     DNS_NAMES_FIELD_NUMBER: _builtins.int
     ADMIN_FIELD_NUMBER: _builtins.int
+    RECORD_PROMPTS_FIELD_NUMBER: _builtins.int
     spiffe_id: _builtins.str
     x509_ttl_seconds: _builtins.int
     """0: the configured default"""
     jwt_ttl_seconds: _builtins.int
     """0: the configured default"""
     admin: _builtins.bool
+    record_prompts: _builtins.bool
     @_builtins.property
     def selectors(self) -> _containers.RepeatedCompositeFieldContainer[Global___Selector]: ...
     @_builtins.property
@@ -479,10 +485,11 @@ class CreateEntryRequest(_message.Message):
         jwt_ttl_seconds: _builtins.int = ...,
         dns_names: _abc.Iterable[_builtins.str] | None = ...,
         admin: _builtins.bool = ...,
+        record_prompts: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin", b"admin", "dns_names", b"dns_names", "jwt_ttl_seconds", b"jwt_ttl_seconds", "selectors", b"selectors", "spiffe_id", b"spiffe_id", "x509_ttl_seconds", b"x509_ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin", b"admin", "dns_names", b"dns_names", "jwt_ttl_seconds", b"jwt_ttl_seconds", "record_prompts", b"record_prompts", "selectors", b"selectors", "spiffe_id", b"spiffe_id", "x509_ttl_seconds", b"x509_ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1202,10 +1209,15 @@ class AuditContext(_message.Message):
     TOOL_NAME_FIELD_NUMBER: _builtins.int
     TOOL_ARGS_SHA256_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
     prompt_sha256: _builtins.str
     tool_name: _builtins.str
     tool_args_sha256: _builtins.str
     model: _builtins.str
+    prompt: _builtins.str
+    """The prompt itself: kept only where the caller's entry turns record_prompts on; otherwise
+    reduced to its digest before anything is written.
+    """
     def __init__(
         self,
         *,
@@ -1213,10 +1225,11 @@ class AuditContext(_message.Message):
         tool_name: _builtins.str = ...,
         tool_args_sha256: _builtins.str = ...,
         model: _builtins.str = ...,
+        prompt: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "prompt_sha256", b"prompt_sha256", "tool_args_sha256", b"tool_args_sha256", "tool_name", b"tool_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "prompt", b"prompt", "prompt_sha256", b"prompt_sha256", "tool_args_sha256", b"tool_args_sha256", "tool_name", b"tool_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

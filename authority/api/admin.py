@@ -66,6 +66,7 @@ class AdminService(pb_grpc.AdminServicer):
             jwt_ttl=seconds(request.jwt_ttl_seconds),
             dns_names=list(request.dns_names),
             admin=request.admin,
+            record_prompts=request.record_prompts,
         )
         return entry_to_pb(entry)
 

@@ -80,6 +80,7 @@ def entry_to_pb(entry: RegistrationEntry) -> pb.RegistrationEntry:
         dns_names=list(entry.dns_names),
         admin=entry.admin,
         created_at=ts(entry.created_at),
+        record_prompts=entry.record_prompts,
     )
 
 
@@ -158,6 +159,7 @@ def audit_context_from_pb(msg: pb.AuditContext) -> AuditContext:
         tool_name=msg.tool_name,
         tool_args_digest=msg.tool_args_sha256,
         model=msg.model,
+        prompt=msg.prompt,
     )
 
 

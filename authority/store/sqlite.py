@@ -437,6 +437,11 @@ def _migration_5(db: Database) -> None:
     db.table("revocations").create_index(["kind", "target"], index_name="revocations_by_target")
 
 
+def _migration_6(db: Database) -> None:
+    """Entries may opt in to keeping full prompt text in the audit."""
+    db.execute("ALTER TABLE entries ADD COLUMN record_prompts INTEGER NOT NULL DEFAULT 0")
+
+
 # MIGRATIONS[n] takes the schema from version n to n + 1. Append only; never edit a shipped one.
 MIGRATIONS: Final[tuple[Callable[[Database], None], ...]] = (
     _migration_1,
@@ -444,6 +449,7 @@ MIGRATIONS: Final[tuple[Callable[[Database], None], ...]] = (
     _migration_3,
     _migration_4,
     _migration_5,
+    _migration_6,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -703,6 +709,7 @@ def _entry_from_row(row: Mapping[str, Any]) -> RegistrationEntry:
         dns_names=_from_names(row["dns_names"]),
         admin=bool(row["admin"]),
         created_at=_from_instant(row["created_at_us"]),
+        record_prompts=bool(row["record_prompts"]),
     )
 
 
@@ -880,6 +887,7 @@ class SqliteStore:
             _names(entry.dns_names),
             int(entry.admin),
             _instant(entry.created_at),
+            int(entry.record_prompts),
         ]
 
         def job(db: Database) -> None:
@@ -895,7 +903,8 @@ class SqliteStore:
                 )
             db.execute(
                 "INSERT INTO entries (id, spiffe_id, selectors, x509_ttl_us, jwt_ttl_us,"
-                " dns_names, admin, created_at_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " dns_names, admin, created_at_us, record_prompts)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 row,
             )
 
