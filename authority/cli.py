@@ -650,7 +650,7 @@ def _policy_text(info: pb.PolicyInfo) -> str:
     files = ", ".join(info.files) or "(built-in default: deny everything)"
     return (
         f"policy {info.policy_id} version {info.version} ({info.backend}), loaded {loaded}\n"
-        f"files: {files}"
+        f"files: {files}; its own tests passed: {info.tests_passed}"
     )
 
 
@@ -883,6 +883,13 @@ def audit() -> None:
 def audit_verify(export_file: Path | None, jwks: Path | None, admin_socket: str) -> None:
     """Recompute the chain; name the first broken record and exit 1 on any tampering."""
     if export_file is not None:
+        if jwks is None:
+            click.echo(
+                "note: checkpoints checked against the JWK Set the export carries: this shows the "
+                "file is intact, not who wrote it; pass --jwks (authority bundle show --format "
+                "jwks) to check it against the trust domain",
+                err=True,
+            )
         result = audit_cli.verify_file(export_file, jwks.read_bytes() if jwks else None)
     else:
         result = _admin_call(admin_socket, audit_cli.verify_live)

@@ -16,7 +16,8 @@ from pathlib import Path
 from authority.audit import AuditEvent, digest
 from authority.clock import Clock
 from authority.errors import AuthorityError, InvalidArgument
-from authority.policy import PolicyEngine, PolicyInput, PolicyManager, explain
+from authority.policy import PolicyEngine, PolicyInput, PolicyManager, explain, run_policy_tests
+from authority.policy.loader import find_policy_tests
 from authority.store import Store
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,8 @@ class PolicyState:
     version: str
     backend: str
     loaded_at_epoch: int
-    files: tuple[str, ...]
+    files: tuple[str, ...]  # the policy files and the tests files beside them
+    tests_passed: int
 
 
 class PolicyAdmin:
@@ -73,12 +75,15 @@ class PolicyAdmin:
 
     def state(self) -> PolicyState:
         m = self._manager
+        tests = find_policy_tests(m.files) if m.files else []
+        passed = sum(r.passed for r in run_policy_tests(m.current, tests)) if tests else 0
         return PolicyState(
             m.policy_id,
             m.policy_version,
             m.backend,
             int(m.loaded_at.timestamp()),
-            tuple(p.name for p in m.files),
+            tuple(p.name for p in (*m.files, *tests)),
+            passed,
         )
 
     async def load(self, files: Mapping[str, str]) -> PolicyState:

@@ -281,6 +281,7 @@ def policy_info(state: PolicyState) -> pb.PolicyInfo:
         backend=state.backend,
         loaded_at=state.loaded_at_epoch,
         files=list(state.files),
+        tests_passed=state.tests_passed,
     )
 
 

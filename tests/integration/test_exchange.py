@@ -557,3 +557,13 @@ def test_the_cli_exchanges_approves_and_denies(served: ServeProcess, tmp_path: P
         "revocation.created",
     ]
     assert served.cli("audit", "verify").returncode == 0
+
+
+async def test_loading_a_policy_reports_its_files_and_passed_tests(authority: Running) -> None:
+    info = await load_agents_policy(authority)
+    cases = json.loads((POLICIES / "agents.tests.json").read_text())["cases"]
+    assert info.tests_passed == len(cases) > 0
+    assert list(info.files) == ["agents.cedar", "agents.tests.json"]
+    assert info.backend == "cedar"
+    shown = await authority.admin().stub.GetPolicy(pb.GetPolicyRequest())
+    assert (shown.version, shown.tests_passed) == (info.version, info.tests_passed)
