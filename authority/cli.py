@@ -883,19 +883,18 @@ def audit() -> None:
 def audit_verify(export_file: Path | None, jwks: Path | None, admin_socket: str) -> None:
     """Recompute the chain; name the first broken record and exit 1 on any tampering."""
     if export_file is not None:
-        if jwks is None:
-            click.echo(
-                "note: checkpoints checked against the JWK Set the export carries: this shows the "
-                "file is intact, not who wrote it; pass --jwks (authority bundle show --format "
-                "jwks) to check it against the trust domain",
-                err=True,
-            )
         result = audit_cli.verify_file(export_file, jwks.read_bytes() if jwks else None)
     else:
         result = _admin_call(admin_socket, audit_cli.verify_live)
     code = audit_cli.report(result)
     if code:
         sys.exit(code)
+    if export_file is not None and jwks is None:
+        click.echo(
+            "note: checkpoints were checked against the JWK Set the export carries: the file is "
+            "intact, but not shown to come from your trust domain; pass --jwks (authority bundle "
+            "show --format jwks) for that"
+        )
 
 
 @audit.command("trace")
