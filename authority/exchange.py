@@ -28,7 +28,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -683,12 +683,3 @@ class ExchangeService:
         )
         log.info("task ended: task=%s tokens=%d", task_id, len(jtis))
         return jtis
-
-
-def decision_summary(decision: Decision) -> Mapping[str, object]:
-    return {
-        "outcome": str(decision.outcome),
-        "decision_id": decision.decision_id,
-        "policy": f"{decision.policy_id}@{decision.policy_version}",
-        "reasons": list(decision.reasons),
-    }

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import datetime as dt
 import hashlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import jwt
@@ -338,19 +337,4 @@ def _set_id(issuer: str, revocation: Revocation) -> str:
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
-def merge(revocations: Iterable[Revocation]) -> list[Revocation]:
-    """Sorted by sequence number, duplicates dropped."""
-    seen: dict[int, Revocation] = {}
-    for r in revocations:
-        seen.setdefault(r.seq, r)
-    return [seen[s] for s in sorted(seen)]
-
-
-__all__ = [
-    "RevocationHub",
-    "RevocationService",
-    "RevokedSet",
-    "Subscription",
-    "dataclasses",
-    "merge",
-]
+__all__ = ["RevocationHub", "RevocationService", "RevokedSet", "Subscription"]

@@ -32,7 +32,6 @@ from authority.revocation import (
     RevocationHub,
     RevocationService,
     RevokedSet,
-    merge,
 )
 from authority.store.memory import MemoryStore
 from authority.tokens import HARD_MAX_TTL, Intent, TaskToken
@@ -153,15 +152,6 @@ def test_a_token_is_revoked_by_any_of_what_it_carries(kind: RevocationKind, targ
         token(jti="other", task_id="other", key_id="other", subject="spiffe://example.org/z"),
         START,
     )
-
-
-def test_merge_orders_by_seq_and_drops_duplicates() -> None:
-    a = revocation(RevocationKind.TASK, "a", START, seq=2)
-    b = revocation(RevocationKind.TASK, "b", START, seq=1)
-    assert merge([a, b, a]) == [b, a]
-
-
-# --- planning, durability, cascades ---------------------------------------------------------
 
 
 async def test_revoke_is_stored_applied_and_published(world: World) -> None:
