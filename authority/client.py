@@ -1,4 +1,7 @@
-"""Client SDK: the operator client (Unix socket) and the workload client (TLS / mutual TLS).
+"""Client SDK: the operator client (Unix socket), the workload client (TLS / mutual TLS), and,
+re-exported here, the relying-service side: ``TaskTokenVerifier``, ``TaskKeySource`` and
+``TaskTokenInterceptor`` (from ``authority.relying``) with ``RevocationWatcher`` (from
+``authority.watch``).
 
 Workload keys are generated here and never leave the process: the authority gets a CSR.
 """
@@ -21,6 +24,30 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
 from authority.keyvault import write_private_file
+from authority.relying import (
+    StaticKeys,
+    TaskKeySource,
+    TaskTokenInterceptor,
+    TaskTokenVerifier,
+    current_task_token,
+)
+from authority.watch import RevocationWatcher, stub_stream
+
+__all__ = [
+    "AdminClient",
+    "RevocationWatcher",
+    "StaticKeys",
+    "SvidFiles",
+    "TaskKeySource",
+    "TaskTokenInterceptor",
+    "TaskTokenVerifier",
+    "WorkloadClient",
+    "current_task_token",
+    "make_csr",
+    "new_key",
+    "stub_stream",
+    "x509pop_responder",
+]
 
 Responder = Callable[[bytes], Awaitable[bytes]]
 

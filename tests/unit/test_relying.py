@@ -1017,3 +1017,15 @@ def test_the_interceptor_checks_its_rules(
 ) -> None:
     with pytest.raises(InvalidArgument):
         TaskTokenInterceptor(verifier, methods, public=public)
+
+
+def test_the_relying_side_is_importable_from_authority_client() -> None:
+    """The issue names ``authority.client`` as the relying services' library."""
+    import authority.client as client
+    import authority.relying as relying
+    import authority.watch as watch
+
+    assert client.TaskTokenVerifier is relying.TaskTokenVerifier
+    assert client.TaskKeySource is relying.TaskKeySource
+    assert client.TaskTokenInterceptor is relying.TaskTokenInterceptor
+    assert client.RevocationWatcher is watch.RevocationWatcher
