@@ -26,7 +26,7 @@ from attestors.api import PeerCredentials
 from authority._pb import authority_v1_authority_grpc as pb_grpclib
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority.api.convert import attest_params, attest_response, bundle_to_pb
-from authority.api.status import GENERIC_INTERNAL, REASON_KEY, code_for
+from authority.api.status import fail_grpclib_stream
 from authority.errors import AuthorityError, Internal, InvalidArgument
 from authority.service import Authority
 
@@ -69,17 +69,6 @@ def peer_credentials(stream: Stream) -> PeerCredentials:
     return PeerCredentials(pid=pid, uid=uid, gid=gid, pidfd=pidfd, connected_at=connected_at)
 
 
-async def _fail(stream: Stream, exc: AuthorityError) -> None:
-    code = code_for(exc)
-    message = exc.message
-    if code.name == "INTERNAL":
-        log.error("internal error on the local endpoint: reason=%s %s", exc.reason, exc.message)
-        message = GENERIC_INTERNAL
-    await stream.send_trailing_metadata(
-        status=Status[code.name], status_message=message, metadata={REASON_KEY: exc.reason}
-    )
-
-
 class _Context:
     def __init__(self, stream: Stream, peer: PeerCredentials) -> None:
         self._stream = stream
@@ -114,10 +103,10 @@ class LocalWorkloadService(pb_grpclib.WorkloadBase):
             )
             await stream.send_message(attest_response(result, self._authority.ca.bundle()))
         except AuthorityError as exc:
-            await _fail(stream, exc)
+            await fail_grpclib_stream(stream, exc)
         except Exception:
             log.exception("unhandled error in local Attest")
-            await _fail(stream, Internal("unexpected"))
+            await fail_grpclib_stream(stream, Internal("unexpected"))
         finally:
             if peer is not None and peer.pidfd is not None:
                 with contextlib.suppress(OSError):

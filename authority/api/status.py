@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+import grpclib.const
+import grpclib.server
 
 from authority import errors
 
@@ -78,3 +80,19 @@ def rpc(fn: _F) -> _F:
             )
 
     return wrapper  # type: ignore[return-value]
+
+
+async def fail_grpclib_stream(
+    stream: grpclib.server.Stream[Any, Any], exc: errors.AuthorityError
+) -> None:
+    """The same mapping for the grpclib endpoints (Unix sockets): the status as trailers."""
+    code = code_for(exc)
+    message = exc.message
+    if code is grpc.StatusCode.INTERNAL:
+        log.error("internal error: reason=%s %s", exc.reason, exc.message)
+        message = GENERIC_INTERNAL
+    await stream.send_trailing_metadata(
+        status=grpclib.const.Status[code.name],
+        status_message=message,
+        metadata={REASON_KEY: exc.reason},
+    )

@@ -37,7 +37,6 @@ import grpclib.server
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from grpclib.const import Status
 from grpclib.protocol import H2Protocol
 
 from attestors.api import AttestationRefused, PeerCredentials
@@ -45,7 +44,7 @@ from attestors.unix import UnixAttestor
 from authority._pb import spiffe_workload_grpc as pb_grpclib
 from authority._pb import spiffe_workload_pb2 as pb
 from authority.api.local import peer_credentials
-from authority.api.status import GENERIC_INTERNAL, REASON_KEY, code_for
+from authority.api.status import fail_grpclib_stream
 from authority.bundle import TrustBundle
 from authority.ca import CertificateAuthority
 from authority.errors import (
@@ -181,17 +180,6 @@ class _PeerContext:
         raise AttestationRefused("NO_CHALLENGE", "the Workload API answers no challenges")
 
 
-async def _refuse(stream: Stream, exc: AuthorityError) -> None:
-    code = code_for(exc)
-    message = exc.message
-    if code.name == "INTERNAL":
-        log.error("internal error on the Workload API: reason=%s %s", exc.reason, exc.message)
-        message = GENERIC_INTERNAL
-    await stream.send_trailing_metadata(
-        status=Status[code.name], status_message=message, metadata={REASON_KEY: exc.reason}
-    )
-
-
 def _der(certs: Iterable[x509.Certificate]) -> bytes:
     """Certificates as the standard carries them: ASN.1 DER, concatenated."""
     return b"".join(c.public_bytes(serialization.Encoding.DER) for c in certs)
@@ -257,10 +245,10 @@ class SpiffeWorkloadApi(pb_grpclib.SpiffeWorkloadAPIBase):
             response.claims.update(claims)
             await stream.send_message(response)
         except AuthorityError as exc:
-            await _refuse(stream, exc)
+            await fail_grpclib_stream(stream, exc)
         except Exception:
             log.exception("unhandled error in ValidateJWTSVID")
-            await _refuse(stream, Internal("unexpected"))
+            await fail_grpclib_stream(stream, Internal("unexpected"))
 
     # --- the flows -----------------------------------------------------------------------
 
@@ -391,10 +379,10 @@ class SpiffeWorkloadApi(pb_grpclib.SpiffeWorkloadAPIBase):
             peer = None
             await flow(caller, request)
         except AuthorityError as exc:
-            await _refuse(stream, exc)
+            await fail_grpclib_stream(stream, exc)
         except Exception:
             log.exception("unhandled error on the Workload API")
-            await _refuse(stream, Internal("unexpected"))
+            await fail_grpclib_stream(stream, Internal("unexpected"))
         finally:
             if peer is not None:
                 _close_pidfd(peer)
