@@ -72,6 +72,24 @@ def derive_facts(inp: PolicyInput) -> Facts:
     )
 
 
+def request_context(inp: PolicyInput, facts: Facts) -> dict[str, object]:
+    """What both backends give a policy beside principal, action and resource: Cedar as its
+    ``context`` record, Rego in its input document."""
+    return {
+        "purpose": inp.purpose,
+        "audience": inp.audience,
+        "environment": inp.environment,
+        "time": facts.time,
+        "hour": facts.hour,
+        "weekday": facts.weekday,
+        "risk": inp.risk,
+        "delegation_depth": inp.delegation_depth,
+        "approved": inp.approved,
+        "parameters": dict(inp.parameters),
+        "attributes": dict(inp.attributes),
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     """A backend's answer before the host applies the approval rule."""

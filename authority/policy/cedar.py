@@ -57,6 +57,7 @@ from authority.policy._host import (
     PolicySource,
     Verdict,
     error_text,
+    request_context,
     source_version,
 )
 from authority.policy.model import PolicyInput
@@ -227,19 +228,7 @@ class CedarEngine(EngineBase):
             "principal": {"type": PRINCIPAL_TYPE, "id": inp.principal},
             "action": {"type": ACTION_TYPE, "id": inp.action},
             "resource": {"type": RESOURCE_TYPE, "id": inp.resource},
-            "context": {
-                "purpose": inp.purpose,
-                "audience": inp.audience,
-                "environment": inp.environment,
-                "time": facts.time,
-                "hour": facts.hour,
-                "weekday": facts.weekday,
-                "risk": inp.risk,
-                "delegation_depth": inp.delegation_depth,
-                "approved": inp.approved,
-                "parameters": dict(inp.parameters),
-                "attributes": dict(inp.attributes),
-            },
+            "context": request_context(inp, facts),
         }
         entities = [
             {

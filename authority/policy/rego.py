@@ -56,6 +56,7 @@ from authority.policy._host import (
     Verdict,
     derive_facts,
     error_text,
+    request_context,
     source_version,
 )
 from authority.policy.model import PolicyInput
@@ -94,17 +95,7 @@ def input_document(inp: PolicyInput, facts: Facts) -> dict[str, object]:
         "action": inp.action,
         "resource": inp.resource,
         "resource_kind": facts.resource_kind,
-        "purpose": inp.purpose,
-        "audience": inp.audience,
-        "environment": inp.environment,
-        "time": facts.time,
-        "hour": facts.hour,
-        "weekday": facts.weekday,
-        "risk": inp.risk,
-        "delegation_depth": inp.delegation_depth,
-        "approved": inp.approved,
-        "parameters": dict(inp.parameters),
-        "attributes": dict(inp.attributes),
+        **request_context(inp, facts),
     }
 
 
