@@ -39,6 +39,7 @@ class PolicyState:
 class PolicyAdmin:
     def __init__(self, manager: PolicyManager, *, folder: Path, store: Store, clock: Clock) -> None:
         self._manager = manager
+        self._tests: tuple[str, tuple[str, ...], int] | None = None  # version, files, passed
         self._folder = folder
         self._store = store
         self._clock = clock
@@ -75,14 +76,19 @@ class PolicyAdmin:
 
     def state(self) -> PolicyState:
         m = self._manager
-        tests = find_policy_tests(m.files) if m.files else []
-        passed = sum(r.passed for r in run_policy_tests(m.current, tests)) if tests else 0
+        if self._tests is None or self._tests[0] != m.policy_version:
+            # The tests already ran before this policy was swapped in; count them once per
+            # policy version, not on every GetPolicy.
+            tests = find_policy_tests(m.files) if m.files else []
+            passed = sum(r.passed for r in run_policy_tests(m.current, tests)) if tests else 0
+            self._tests = (m.policy_version, tuple(p.name for p in tests), passed)
+        _, test_names, passed = self._tests
         return PolicyState(
             m.policy_id,
             m.policy_version,
             m.backend,
             int(m.loaded_at.timestamp()),
-            tuple(p.name for p in (*m.files, *tests)),
+            (*(p.name for p in m.files), *test_names),
             passed,
         )
 

@@ -20,6 +20,7 @@ from authority.api.convert import (
     bundle_to_pb,
     checkpoint_to_pb,
     entry_to_pb,
+    policy_info,
     seconds,
     selectors_from_pb,
     ts,
@@ -31,7 +32,7 @@ from authority.errors import FailedPrecondition, InvalidArgument
 from authority.exchange import ExchangeService
 from authority.metrics import METRICS
 from authority.models import RevocationKind
-from authority.policy_admin import PolicyAdmin, PolicyState
+from authority.policy_admin import PolicyAdmin
 from authority.service import Authority
 
 log = logging.getLogger(__name__)
@@ -272,17 +273,6 @@ class AdminService(pb_grpc.AdminServicer):
         return pb.ListAuthoritiesResponse(
             authorities=[authority_to_pb(i) for i in self._authority.ca.authorities()]
         )
-
-
-def policy_info(state: PolicyState) -> pb.PolicyInfo:
-    return pb.PolicyInfo(
-        policy_id=state.policy_id,
-        version=state.version,
-        backend=state.backend,
-        loaded_at=state.loaded_at_epoch,
-        files=list(state.files),
-        tests_passed=state.tests_passed,
-    )
 
 
 class RefuseAdminHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]

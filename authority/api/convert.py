@@ -18,6 +18,7 @@ from authority.models import (
     RegistrationEntry,
     Selector,
 )
+from authority.policy_admin import PolicyState
 from authority.service import AttestResult
 from authority.svid import X509Svid
 from authority.tokens import Intent, TaskToken
@@ -218,4 +219,15 @@ def attest_response(result: AttestResult, bundle: TrustBundle) -> pb.AttestRespo
             bundle=bundle_to_pb(bundle),
             selectors=sorted(str(s) for s in result.selectors),
         )
+    )
+
+
+def policy_info(state: PolicyState) -> pb.PolicyInfo:
+    return pb.PolicyInfo(
+        policy_id=state.policy_id,
+        version=state.version,
+        backend=state.backend,
+        loaded_at=state.loaded_at_epoch,
+        files=list(state.files),
+        tests_passed=state.tests_passed,
     )
