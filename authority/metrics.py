@@ -10,9 +10,12 @@ MAX_SAMPLES = 20_000
 
 
 class Samples:
-    """The most recent durations (seconds) of one kind of work; thread-safe."""
+    """The most recent values of one measurement; thread-safe. Durations are added in seconds
+    and reported in microseconds (``p50_us``...); counts (``unit=""``) as they are (``p50``...)."""
 
-    def __init__(self, size: int = MAX_SAMPLES) -> None:
+    def __init__(self, size: int = MAX_SAMPLES, *, unit: str = "us") -> None:
+        self._scale = 1e6 if unit == "us" else 1.0
+        self._suffix = f"_{unit}" if unit else ""
         self._values: collections.deque[float] = collections.deque(maxlen=size)
         self._lock = threading.Lock()
         self.count = 0
@@ -35,13 +38,13 @@ class Samples:
             return {"count": count}
 
         def pick(q: float) -> float:
-            return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e6
+            return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * self._scale
 
         return {
             "count": count,
-            "p50_us": pick(0.50),
-            "p99_us": pick(0.99),
-            "mean_us": sum(ordered) / len(ordered) * 1e6,
+            f"p50{self._suffix}": pick(0.50),
+            f"p99{self._suffix}": pick(0.99),
+            f"mean{self._suffix}": sum(ordered) / len(ordered) * self._scale,
         }
 
 
@@ -50,9 +53,9 @@ class Registry:
         self._samples: dict[str, Samples] = {}
         self._lock = threading.Lock()
 
-    def samples(self, name: str) -> Samples:
+    def samples(self, name: str, *, unit: str = "us") -> Samples:
         with self._lock:
-            return self._samples.setdefault(name, Samples())
+            return self._samples.setdefault(name, Samples(unit=unit))
 
     def snapshot(self) -> Mapping[str, dict[str, float]]:
         with self._lock:

@@ -860,7 +860,7 @@ def print_audit_share(reports: list[ScenarioReport]) -> None:
         if "p50_us" not in audit:
             continue
         server_us = r.server_cpu_percent / 100 * r.seconds / r.requests * 1e6
-        jobs = batch.get("mean_us", 1.0) or 1.0  # samples of batch sizes, "us" = jobs
+        jobs = batch.get("mean", 1.0) or 1.0  # jobs per commit
         commit_share = commit.get("mean_us", 0.0) / jobs
         print(
             f"Exchange: {r.rate:.0f}/s; server CPU {server_us:.0f} us per Exchange; handler wall "

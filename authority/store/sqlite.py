@@ -76,11 +76,10 @@ _MICROSECOND: Final = dt.timedelta(microseconds=1)
 _SEQUENCE_KEY: Final = "bundle_sequence"
 _HEAD_CACHE: Final = "_authority_audit_head"
 # Measured in the writer thread: appending audit records (its CPU time, inside an action's
-# savepoint), the durable commit (fsync, wall time) of a batch, and the batch sizes (reported in
-# "microseconds" = jobs).
+# savepoint), the durable commit (fsync, wall time) of a batch, and the batch sizes (jobs).
 _AUDIT_APPEND: Final = METRICS.samples("store.audit_append")
 _COMMIT: Final = METRICS.samples("store.commit")
-_BATCH: Final = METRICS.samples("store.batch_jobs")
+_BATCH: Final = METRICS.samples("store.batch_jobs", unit="")
 
 
 # --- value encodings -------------------------------------------------------------------------
@@ -660,7 +659,7 @@ class _Writer:
                 started = time.perf_counter()
                 db.execute("COMMIT")
                 _COMMIT.add(time.perf_counter() - started)
-                _BATCH.add(len(batch) / 1e6)  # a count, kept in the same unit-less samples
+                _BATCH.add(len(batch))
                 self.commits += 1
         except Exception as exc:  # the transaction itself failed: none of it is committed
             setattr(db, _HEAD_CACHE, None)
