@@ -161,6 +161,7 @@ def _entry_text(entry: pb.RegistrationEntry) -> str:
         *(f"DNS name     : {n}" for n in entry.dns_names),
         f"Admin        : {str(entry.admin).lower()}",
         f"Prompts      : {'recorded in the audit' if entry.record_prompts else 'digests only'}",
+        *([f"Parent ID    : {entry.parent_id}"] if entry.parent_id else []),
     ]
     return "\n".join(lines)
 
@@ -256,6 +257,11 @@ def entry() -> None:
     is_flag=True,
     help="Keep the full prompt text agents send with Exchange in the audit (else digests only).",
 )
+@click.option(
+    "--parent-id",
+    default="",
+    help="A node entry: served only by the node agent with this SPIFFE ID (authority agent).",
+)
 @admin_socket_option
 @format_option
 @command
@@ -267,6 +273,7 @@ def entry_create(
     dns_names: tuple[str, ...],
     admin: bool,
     record_prompts: bool,
+    parent_id: str,
     admin_socket: str,
     fmt: str,
 ) -> None:
@@ -285,6 +292,7 @@ def entry_create(
         dns_names=list(dns_names),
         admin=admin,
         record_prompts=record_prompts,
+        parent_id=parent_id,
     )
     created = _admin_call(admin_socket, lambda c: c.stub.CreateEntry(request))
     click.echo(json.dumps(_as_dict(created)) if fmt == "json" else _entry_text(created))

@@ -64,6 +64,7 @@ class Limits:
     max_audience_chars: int = 256
     max_selectors: int = 32
     max_dns_names: int = 16
+    max_node_csrs: int = 64  # CSRs a node agent sends in one SignAgentSVIDs call
     default_x509_ttl: dt.timedelta = dt.timedelta(minutes=5)
     default_jwt_ttl: dt.timedelta = dt.timedelta(minutes=5)
     max_x509_ttl: dt.timedelta = dt.timedelta(hours=1)

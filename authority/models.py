@@ -79,10 +79,15 @@ class RegistrationEntry:
     created_at: dt.datetime = field(default_factory=lambda: dt.datetime.fromtimestamp(0, dt.UTC))
     # Keep the full prompt text an agent sends with Exchange in the audit (otherwise: digest only).
     record_prompts: bool = False
+    # A node entry: served only by the node agent holding this SPIFFE ID, which matches the
+    # selectors on its own machine. None: served by the authority (Attest, its Workload API).
+    parent_id: SpiffeId | None = None
 
     def __post_init__(self) -> None:
         if not self.id:
             raise InvalidArgument("entry id is empty")
+        if self.parent_id is not None and self.parent_id == self.spiffe_id:
+            raise InvalidArgument("an entry cannot be its own parent")
         if not self.selectors:
             raise InvalidArgument("an entry needs at least one selector")
         if not self.spiffe_id.path:
@@ -131,6 +136,8 @@ class Identity:
     jwt_ttl: dt.timedelta
     dns_names: tuple[str, ...] = ()
     admin: bool = False
+    # Issued through a node agent: the agent's SPIFFE ID (revoking the agent reaches it).
+    parent_id: SpiffeId | None = None
 
 
 @dataclass(frozen=True, slots=True)

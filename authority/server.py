@@ -34,9 +34,10 @@ from authority.api.admin import AdminService, RefuseAdminHandler
 from authority.api.local import LocalWorkloadService
 from authority.api.revocations import RevocationFeed
 from authority.api.workload import WorkloadService
-from authority.api.workload_api import ChangeNotifier, SpiffeWorkloadApi, UnixSocketServer
+from authority.api.workload_api import SpiffeWorkloadApi, UnixSocketServer
 from authority.attestation import AttestorHost
 from authority.ca import CertificateAuthority, Upstream
+from authority.changes import ChangeNotifier
 from authority.clock import Clock, SystemClock
 from authority.config import Config, split_host_port
 from authority.errors import FailedPrecondition
@@ -173,7 +174,7 @@ class AuthorityServer:
         self._store: SqliteStore | None = None
         self._local: grpclib.server.Server | None = None
         self._workload_api: grpclib.server.Server | None = None
-        self._workload_api_notifier: ChangeNotifier | None = None
+        self._changes: ChangeNotifier | None = None
         self._checkpointed = 0
         self.authority: Authority | None = None
 
@@ -265,8 +266,13 @@ class AuthorityServer:
             config.listen_mtls, tls.credentials("mtls", require_client_auth=True)
         )
         mtls_address = config.advertise_mtls or f":{self.mtls_port}"
+        changes = ChangeNotifier(authority)
+        changes.start()
+        self._changes = changes
         pb_grpc.add_WorkloadServicer_to_server(
-            WorkloadService(authority, exchange, feed, mtls_address, server_spiffe_id(config).uri),
+            WorkloadService(
+                authority, exchange, feed, changes, mtls_address, server_spiffe_id(config).uri
+            ),
             workload,
         )
         workload.add_generic_rpc_handlers((RefuseAdminHandler(),))
@@ -304,7 +310,7 @@ class AuthorityServer:
             os.umask(old_umask)
         os.chmod(local_path, config.local_socket_mode)
         if config.workload_api_socket is not None:
-            await self._start_workload_api(config.workload_api_socket, authority)
+            await self._start_workload_api(config.workload_api_socket, authority, changes)
         self._tasks = [
             asyncio.create_task(self._maintenance(), name="ca-maintenance"),
             asyncio.create_task(self._prune(), name="store-prune"),
@@ -319,14 +325,13 @@ class AuthorityServer:
             local_path,
         )
 
-    async def _start_workload_api(self, path: Path, authority: Authority) -> None:
+    async def _start_workload_api(
+        self, path: Path, authority: Authority, changes: ChangeNotifier
+    ) -> None:
         """The SPIFFE Workload API on a Unix socket anyone local may connect to (mode 0666):
         the kernel identifies the caller, the registration entries decide what it gets."""
-        notifier = ChangeNotifier(authority.ca, authority.revocations.hub)
-        notifier.start()
-        self._workload_api_notifier = notifier
         _prepare_unix_socket(path)
-        service = SpiffeWorkloadApi(authority, notifier, self.config.workload_api_attestor)
+        service = SpiffeWorkloadApi(authority, changes, self.config.workload_api_attestor)
         self._workload_api = UnixSocketServer([service])
         old_umask = os.umask(0o177)
         try:
@@ -411,9 +416,9 @@ class AuthorityServer:
             self._workload_api = None
             if self.config.workload_api_socket is not None:
                 self.config.workload_api_socket.unlink(missing_ok=True)
-        if self._workload_api_notifier is not None:
-            await self._workload_api_notifier.close()
-            self._workload_api_notifier = None
+        if self._changes is not None:
+            await self._changes.close()
+            self._changes = None
         await asyncio.gather(*(s.stop(grace) for s in self._servers))
         self._servers = []
         if self._store is not None:

@@ -3,17 +3,18 @@ renewal and JWT-SVIDs. The gRPC adapters translate to and from these calls."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
 import secrets
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import jwt
 from cryptography import x509
 
 from attestors.api import AttestContext
@@ -23,6 +24,7 @@ from authority.ca import CertificateAuthority
 from authority.clock import Clock
 from authority.config import Limits
 from authority.errors import (
+    AlreadyExists,
     AttestationFailed,
     AuthorityError,
     FailedPrecondition,
@@ -32,6 +34,7 @@ from authority.errors import (
     Unauthenticated,
 )
 from authority.ids import SpiffeId
+from authority.jwt_svid import check_jwt_svid
 from authority.models import (
     Identity,
     IssuedX509,
@@ -49,9 +52,9 @@ from authority.svid import JwtSvid, WorkloadPublicKey, X509Svid, parse_csr
 log = logging.getLogger(__name__)
 
 _PEER_CACHE_SIZE = 10_000
+# Namespace of the identity ids of node SVIDs: uuid5(agent identity id / entry id).
+_NODE_IDENTITIES = uuid.UUID("5a1c7e0e-7f0b-4c59-9b1e-6d0d2b3c4a01")
 # JWT-SVID validation: the algorithms allowed for each curve of a JWT authority key.
-_JWT_SVID_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
-_MAX_JWT_SVID_CHARS = 16 * 1024
 OPERATOR = "operator"  # the actor of admin-socket calls (the socket's file mode is the gate)
 AUTHORITY = "authority"
 
@@ -94,6 +97,8 @@ class Authority:
         self._reserved_dns = frozenset(reserved_dns_names)
         self._reserved_ids = frozenset(reserved_ids)
         self._entries: dict[str, RegistrationEntry] = {}
+        self._entry_listeners: list[Callable[[], None]] = []
+        self._node_identities: set[str] = set()  # node identity ids known to be stored
         # peer certificate DER -> (issued record, identity): spares a store read per call
         self._peers: OrderedDict[bytes, tuple[x509.Certificate, IssuedX509, Identity]] = (
             OrderedDict()
@@ -121,12 +126,20 @@ class Authority:
         dns_names: Sequence[str] = (),
         admin: bool = False,
         record_prompts: bool = False,
+        parent_id: str = "",
     ) -> RegistrationEntry:
         sid = SpiffeId.parse(spiffe_id)
         if not sid.member_of(self.ca.trust_domain):
             raise InvalidArgument(f"{sid} is not in trust domain {self.ca.trust_domain}")
         if sid in self._reserved_ids:
             raise InvalidArgument(f"{sid} is the authority's own identity")
+        parent = SpiffeId.parse(parent_id) if parent_id else None
+        if parent is not None and not parent.member_of(self.ca.trust_domain):
+            raise InvalidArgument(f"parent {parent} is not in trust domain {self.ca.trust_domain}")
+        if parent is not None and admin:
+            raise InvalidArgument(
+                "admin entries are served by the authority alone, not through a node agent"
+            )
         if not selectors:
             raise InvalidArgument("an entry needs at least one selector")
         if len(selectors) > self._limits.max_selectors:
@@ -148,6 +161,7 @@ class Authority:
             admin=admin,
             created_at=self._clock.now().replace(microsecond=0),
             record_prompts=record_prompts,
+            parent_id=parent,
         )
         await self._store.create_entry(
             entry,
@@ -164,13 +178,35 @@ class Authority:
                         "dns_names": list(entry.dns_names),
                         "admin": entry.admin,
                         "record_prompts": entry.record_prompts,
+                        "parent_id": entry.parent_id.uri if entry.parent_id else None,
                     },
                 )
             ],
         )
         self._entries[entry.id] = entry
+        self._entries_changed()
         log.info("entry created: id=%s spiffe_id=%s", entry.id, entry.spiffe_id)
         return entry
+
+    def add_entry_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after every entry created or deleted (node agents' sync streams,
+        the Workload API's open streams)."""
+        self._entry_listeners.append(listener)
+
+    def remove_entry_listener(self, listener: Callable[[], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._entry_listeners.remove(listener)
+
+    def _entries_changed(self) -> None:
+        for listener in list(self._entry_listeners):
+            listener()
+
+    def node_entries(self, parent: SpiffeId) -> list[RegistrationEntry]:
+        """The entries the node agent ``parent`` serves, in a stable order."""
+        return sorted(
+            (e for e in self._entries.values() if e.parent_id == parent),
+            key=lambda e: (e.spiffe_id, e.id),
+        )
 
     def _ttl(
         self, value: dt.timedelta | None, default: dt.timedelta, cap: dt.timedelta
@@ -209,6 +245,7 @@ class Authority:
             raise NotFound(f"no entry {entry_id!r}")
         self._entries.pop(entry_id, None)
         self._peers.clear()
+        self._entries_changed()
         log.info("entry deleted: id=%s", entry_id)
 
     async def unregister_attestor(self, name: str) -> None:
@@ -348,7 +385,10 @@ class Authority:
         bound: SpiffeId | None,
         hint: SpiffeId | None,
     ) -> list[Identity]:
-        matches = [e for e in self._entries.values() if e.matches(selectors)]
+        # Node entries are served by their agent alone, never here.
+        matches = [
+            e for e in self._entries.values() if e.parent_id is None and e.matches(selectors)
+        ]
         if bound is not None:
             # A credential bound to an identity grants that identity and no other; an entry for
             # it (matching the same selectors) only adds TTLs, DNS names and flags.
@@ -431,6 +471,11 @@ class Authority:
             raise PermissionDenied(
                 "the attestor behind this SVID is revoked", reason="ATTESTOR_REVOKED"
             )
+        if identity.parent_id and revoked.has(RevocationKind.SUBJECT, identity.parent_id.uri, now):
+            raise PermissionDenied(
+                f"the node agent {identity.parent_id} behind this SVID is revoked",
+                reason="AGENT_REVOKED",
+            )
 
     async def _lookup_peer(self, peer_pem: bytes) -> tuple[x509.Certificate, IssuedX509, Identity]:
         try:
@@ -502,6 +547,108 @@ class Authority:
             ]
         )
         return svid
+
+    # --- node agents: SVIDs for the workloads of the entries an agent serves ----------------
+
+    def _node_identity(self, agent: Caller, entry_id: str, now: dt.datetime) -> Identity:
+        """The identity a node entry grants through ``agent``: one per (agent attestation,
+        entry), so renewals through the same agent are renewals of it; it names the agent
+        (``parent_id``) and inherits the agent's attestor, so revoking either reaches it."""
+        entry = self._entries.get(entry_id)
+        if entry is None or entry.parent_id != agent.spiffe_id:
+            raise PermissionDenied(
+                f"entry {entry_id!r} is not a node entry of {agent.spiffe_id}",
+                reason="NOT_NODE_ENTRY",
+            )
+        identity = Identity(
+            id=str(uuid.uuid5(_NODE_IDENTITIES, f"{agent.identity.id}/{entry.id}")),
+            spiffe_id=entry.spiffe_id,
+            entry_id=entry.id,
+            attestor=agent.identity.attestor,
+            selectors=entry.selectors,
+            attested_at=now,
+            x509_ttl=entry.x509_ttl,
+            jwt_ttl=entry.jwt_ttl,
+            dns_names=entry.dns_names,
+            parent_id=agent.spiffe_id,
+        )
+        self._check_not_revoked(identity, now)
+        return identity
+
+    async def sign_node_svids(
+        self, agent: Caller, requests: Sequence[tuple[str, bytes]]
+    ) -> list[tuple[X509Svid, str]]:
+        """X.509-SVIDs for node entries of ``agent`` from CSRs made on the node (entry id,
+        CSR), in the same order. All or nothing: one refused request refuses the batch."""
+        if not requests:
+            raise InvalidArgument("no CSR to sign", reason="NO_CSR")
+        if len(requests) > self._limits.max_node_csrs:
+            raise InvalidArgument(
+                f"at most {self._limits.max_node_csrs} CSRs per call", reason="TOO_MANY_CSRS"
+            )
+        now = self._clock.now()
+        planned = [
+            (self._node_identity(agent, entry_id, now), parse_csr(csr, self._limits.max_csr_bytes))
+            for entry_id, csr in requests
+        ]
+        if len({identity.id for identity, _ in planned}) != len(planned):
+            raise InvalidArgument("one CSR per entry and call", reason="DUPLICATE_ENTRY")
+        issued = [
+            (
+                identity,
+                self.ca.issue_x509_svid(
+                    identity.spiffe_id, public_key, identity.x509_ttl, identity.dns_names
+                ),
+            )
+            for identity, public_key in planned
+        ]
+        # Concurrent records share the store's group commit (one fsync for the batch).
+        await asyncio.gather(*(self._record_node_svid(agent, i, svid) for i, svid in issued))
+        return [(svid, identity.entry_id or "") for identity, svid in issued]
+
+    async def _record_node_svid(self, agent: Caller, identity: Identity, svid: X509Svid) -> None:
+        renewal = [self._x509_event("x509.renewed", svid, identity, caller=agent)]
+        if identity.id in self._node_identities:
+            await self._store.record_issuance(None, [_issued(svid, identity)], audit=renewal)
+            return
+        first = [
+            self._event(
+                "attest.succeeded",
+                actor=agent.spiffe_id.uri,
+                subject=identity.spiffe_id.uri,
+                details={
+                    "identity_id": identity.id,
+                    "entry_id": identity.entry_id,
+                    "selectors": sorted(str(s) for s in identity.selectors),
+                    "endpoint": "node_agent",
+                    "agent_identity_id": agent.identity.id,
+                },
+            ),
+            self._x509_event("x509.issued", svid, identity, caller=agent),
+        ]
+        try:
+            await self._store.record_issuance(identity, [_issued(svid, identity)], audit=first)
+        except AlreadyExists as exc:  # recorded before a restart of the authority
+            if exc.reason != "IDENTITY_EXISTS":
+                raise
+            await self._store.record_issuance(None, [_issued(svid, identity)], audit=renewal)
+        self._node_identities.add(identity.id)
+        if len(self._node_identities) > _PEER_CACHE_SIZE:
+            self._node_identities.clear()  # a miss costs one refused insert, nothing more
+
+    async def fetch_node_jwt(
+        self, agent: Caller, entry_id: str, audience: Sequence[str]
+    ) -> JwtSvid:
+        """A JWT-SVID for a node entry of ``agent``, for a workload the agent identified."""
+        _check_audience(audience, self._limits)
+        identity = self._node_identity(agent, entry_id, self._clock.now())
+        return await self._issue_jwt(
+            identity.spiffe_id,
+            identity,
+            audience,
+            None,
+            {"entry_id": entry_id, "agent": agent.spiffe_id.uri},
+        )
 
     # --- the SPIFFE Workload API: local workloads identified by the kernel -------------------
 
@@ -578,78 +725,16 @@ class Authority:
         )
 
     def validate_jwt_svid(self, token: str, audience: str) -> tuple[SpiffeId, dict[str, Any]]:
-        """Check a JWT-SVID against this trust domain's JWT authorities: a ``kid`` in the bundle,
-        the algorithm allowed for that key, the signature, ``exp`` (and ``nbf``) against the
-        clock, ``audience`` among ``aud``, ``sub`` a SPIFFE ID of this trust domain that is not
-        revoked. Returns the SPIFFE ID and the claims."""
-        if not audience:
-            raise InvalidArgument("an audience is required", reason="NO_AUDIENCE")
-        if not token:
-            raise InvalidArgument("a JWT-SVID is required", reason="JWT_SVID_MISSING")
-        if len(token) > _MAX_JWT_SVID_CHARS:
-            raise InvalidArgument("the JWT-SVID is too large", reason="JWT_SVID_MALFORMED")
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise InvalidArgument("not a JWS compact token", reason="JWT_SVID_MALFORMED") from None
-        if header.get("typ", "JWT") not in ("JWT", "JOSE"):
-            raise InvalidArgument("the token is not a JWT-SVID", reason="JWT_SVID_TYPE")
-        kid = header.get("kid")
-        key = self.ca.bundle().jwt_authorities.get(kid) if isinstance(kid, str) else None
-        if key is None:
-            raise InvalidArgument("the token's key is not in the bundle", reason="JWT_SVID_KEY")
-        alg = header.get("alg")
-        allowed = _JWT_SVID_ALGORITHMS.get(key.curve.name)
-        if allowed is None or alg != allowed:
-            raise InvalidArgument(
-                f"algorithm {alg!r} is not allowed for this key", reason="JWT_SVID_ALGORITHM"
-            )
-        try:
-            claims: dict[str, Any] = jwt.decode(
-                token,
-                key,
-                algorithms=[allowed],
-                audience=audience,
-                options={
-                    "require": ["sub", "aud", "exp"],
-                    "verify_exp": False,  # checked below, against the injected clock
-                    "verify_nbf": False,
-                    "verify_iat": False,
-                },
-            )
-        except jwt.InvalidAudienceError:
-            raise InvalidArgument(
-                "the token is not for this audience", reason="JWT_SVID_AUDIENCE"
-            ) from None
-        except jwt.InvalidSignatureError:
-            raise InvalidArgument(
-                "the token's signature does not verify", reason="JWT_SVID_SIGNATURE"
-            ) from None
-        except jwt.PyJWTError as exc:
-            raise InvalidArgument(
-                f"the token is not a valid JWT-SVID: {exc}", reason="JWT_SVID_MALFORMED"
-            ) from None
-        now = self._clock.now().timestamp()
-        exp, nbf = claims["exp"], claims.get("nbf", 0)
-        if not isinstance(exp, int | float) or isinstance(exp, bool) or now >= exp:
-            raise InvalidArgument("the token has expired", reason="JWT_SVID_EXPIRED")
-        if not isinstance(nbf, int | float) or isinstance(nbf, bool) or now < nbf:
-            raise InvalidArgument("the token is not valid yet", reason="JWT_SVID_NOT_YET_VALID")
-        sub = claims["sub"]
-        try:
-            spiffe_id = SpiffeId.parse(sub if isinstance(sub, str) else "")
-        except InvalidArgument:
-            raise InvalidArgument(
-                "the token's sub is not a SPIFFE ID", reason="JWT_SVID_SUBJECT"
-            ) from None
-        if not spiffe_id.member_of(self.ca.trust_domain):
-            raise InvalidArgument(
-                f"{spiffe_id} is not in trust domain {self.ca.trust_domain}",
-                reason="JWT_SVID_SUBJECT",
-            )
-        if self.revocations.revoked.has(RevocationKind.SUBJECT, spiffe_id.uri, self._clock.now()):
-            raise InvalidArgument(f"{spiffe_id} is revoked", reason="JWT_SVID_REVOKED")
-        return spiffe_id, claims
+        """Check a JWT-SVID against this trust domain's bundle (see ``check_jwt_svid``); a
+        revoked subject is refused. Returns the SPIFFE ID and the claims."""
+        now = self._clock.now()
+        return check_jwt_svid(
+            token,
+            audience,
+            self.ca.bundle(),
+            now,
+            lambda sub: self.revocations.revoked.has(RevocationKind.SUBJECT, sub, now),
+        )
 
     # --- audit ---------------------------------------------------------------------------
 

@@ -63,6 +63,18 @@ class WorkloadBase(abc.ABC):
     async def WatchRevocations(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.WatchRevocationsRequest, authority_v1_authority_pb2.RevocationMessage]') -> None:
         pass
 
+    @abc.abstractmethod
+    async def SyncAgent(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.SyncAgentRequest, authority_v1_authority_pb2.AgentState]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def SignAgentSVIDs(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.SignAgentSVIDsRequest, authority_v1_authority_pb2.SignAgentSVIDsResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def FetchAgentJWTSVID(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.FetchAgentJWTSVIDRequest, authority_v1_authority_pb2.FetchJWTSVIDResponse]') -> None:
+        pass
+
     def __mapping__(self) -> typing.Dict[str, grpclib.const.Handler]:
         return {
             '/authority.v1.Workload/Attest': grpclib.const.Handler(
@@ -136,6 +148,24 @@ class WorkloadBase(abc.ABC):
                 grpclib.const.Cardinality.UNARY_STREAM,
                 authority_v1_authority_pb2.WatchRevocationsRequest,
                 authority_v1_authority_pb2.RevocationMessage,
+            ),
+            '/authority.v1.Workload/SyncAgent': grpclib.const.Handler(
+                self.SyncAgent,
+                grpclib.const.Cardinality.UNARY_STREAM,
+                authority_v1_authority_pb2.SyncAgentRequest,
+                authority_v1_authority_pb2.AgentState,
+            ),
+            '/authority.v1.Workload/SignAgentSVIDs': grpclib.const.Handler(
+                self.SignAgentSVIDs,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                authority_v1_authority_pb2.SignAgentSVIDsRequest,
+                authority_v1_authority_pb2.SignAgentSVIDsResponse,
+            ),
+            '/authority.v1.Workload/FetchAgentJWTSVID': grpclib.const.Handler(
+                self.FetchAgentJWTSVID,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                authority_v1_authority_pb2.FetchAgentJWTSVIDRequest,
+                authority_v1_authority_pb2.FetchJWTSVIDResponse,
             ),
         }
 
@@ -214,6 +244,24 @@ class WorkloadStub:
             '/authority.v1.Workload/WatchRevocations',
             authority_v1_authority_pb2.WatchRevocationsRequest,
             authority_v1_authority_pb2.RevocationMessage,
+        )
+        self.SyncAgent = grpclib.client.UnaryStreamMethod(
+            channel,
+            '/authority.v1.Workload/SyncAgent',
+            authority_v1_authority_pb2.SyncAgentRequest,
+            authority_v1_authority_pb2.AgentState,
+        )
+        self.SignAgentSVIDs = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/authority.v1.Workload/SignAgentSVIDs',
+            authority_v1_authority_pb2.SignAgentSVIDsRequest,
+            authority_v1_authority_pb2.SignAgentSVIDsResponse,
+        )
+        self.FetchAgentJWTSVID = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/authority.v1.Workload/FetchAgentJWTSVID',
+            authority_v1_authority_pb2.FetchAgentJWTSVIDRequest,
+            authority_v1_authority_pb2.FetchJWTSVIDResponse,
         )
 
 

@@ -131,6 +131,7 @@ class RegistrationEntry(_message.Message):
     ADMIN_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     RECORD_PROMPTS_FIELD_NUMBER: _builtins.int
+    PARENT_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     spiffe_id: _builtins.str
     x509_ttl_seconds: _builtins.int
@@ -139,6 +140,8 @@ class RegistrationEntry(_message.Message):
     created_at: _builtins.int
     record_prompts: _builtins.bool
     """keep full prompt text in the audit (else digests only)"""
+    parent_id: _builtins.str
+    """A node entry: served only by the node agent with this SPIFFE ID (empty: by the authority)."""
     @_builtins.property
     def selectors(self) -> _containers.RepeatedCompositeFieldContainer[Global___Selector]: ...
     @_builtins.property
@@ -155,14 +158,140 @@ class RegistrationEntry(_message.Message):
         admin: _builtins.bool = ...,
         created_at: _builtins.int = ...,
         record_prompts: _builtins.bool = ...,
+        parent_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin", b"admin", "created_at", b"created_at", "dns_names", b"dns_names", "id", b"id", "jwt_ttl_seconds", b"jwt_ttl_seconds", "record_prompts", b"record_prompts", "selectors", b"selectors", "spiffe_id", b"spiffe_id", "x509_ttl_seconds", b"x509_ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin", b"admin", "created_at", b"created_at", "dns_names", b"dns_names", "id", b"id", "jwt_ttl_seconds", b"jwt_ttl_seconds", "parent_id", b"parent_id", "record_prompts", b"record_prompts", "selectors", b"selectors", "spiffe_id", b"spiffe_id", "x509_ttl_seconds", b"x509_ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RegistrationEntry: _TypeAlias = RegistrationEntry  # noqa: Y015
+
+@_typing.final
+class SyncAgentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncAgentRequest: _TypeAlias = SyncAgentRequest  # noqa: Y015
+
+@_typing.final
+class AgentState(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    BUNDLE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___RegistrationEntry]: ...
+    @_builtins.property
+    def bundle(self) -> Global___Bundle: ...
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___RegistrationEntry] | None = ...,
+        bundle: Global___Bundle | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentState: _TypeAlias = AgentState  # noqa: Y015
+
+@_typing.final
+class AgentCSR(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    CSR_FIELD_NUMBER: _builtins.int
+    entry_id: _builtins.str
+    csr: _builtins.bytes
+    """PKCS#10, DER"""
+    def __init__(
+        self,
+        *,
+        entry_id: _builtins.str = ...,
+        csr: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr", b"csr", "entry_id", b"entry_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentCSR: _TypeAlias = AgentCSR  # noqa: Y015
+
+@_typing.final
+class SignAgentSVIDsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CSRS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def csrs(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentCSR]: ...
+    def __init__(
+        self,
+        *,
+        csrs: _abc.Iterable[Global___AgentCSR] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csrs", b"csrs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignAgentSVIDsRequest: _TypeAlias = SignAgentSVIDsRequest  # noqa: Y015
+
+@_typing.final
+class SignAgentSVIDsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SVIDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def svids(self) -> _containers.RepeatedCompositeFieldContainer[Global___X509SVID]: ...
+    def __init__(
+        self,
+        *,
+        svids: _abc.Iterable[Global___X509SVID] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["svids", b"svids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignAgentSVIDsResponse: _TypeAlias = SignAgentSVIDsResponse  # noqa: Y015
+
+@_typing.final
+class FetchAgentJWTSVIDRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    AUDIENCE_FIELD_NUMBER: _builtins.int
+    entry_id: _builtins.str
+    @_builtins.property
+    def audience(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        entry_id: _builtins.str = ...,
+        audience: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "entry_id", b"entry_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchAgentJWTSVIDRequest: _TypeAlias = FetchAgentJWTSVIDRequest  # noqa: Y015
 
 @_typing.final
 class AttestRequest(_message.Message):
@@ -465,6 +594,7 @@ class CreateEntryRequest(_message.Message):
     DNS_NAMES_FIELD_NUMBER: _builtins.int
     ADMIN_FIELD_NUMBER: _builtins.int
     RECORD_PROMPTS_FIELD_NUMBER: _builtins.int
+    PARENT_ID_FIELD_NUMBER: _builtins.int
     spiffe_id: _builtins.str
     x509_ttl_seconds: _builtins.int
     """0: the configured default"""
@@ -472,6 +602,8 @@ class CreateEntryRequest(_message.Message):
     """0: the configured default"""
     admin: _builtins.bool
     record_prompts: _builtins.bool
+    parent_id: _builtins.str
+    """the node agent that serves the entry; empty: the authority"""
     @_builtins.property
     def selectors(self) -> _containers.RepeatedCompositeFieldContainer[Global___Selector]: ...
     @_builtins.property
@@ -486,10 +618,11 @@ class CreateEntryRequest(_message.Message):
         dns_names: _abc.Iterable[_builtins.str] | None = ...,
         admin: _builtins.bool = ...,
         record_prompts: _builtins.bool = ...,
+        parent_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin", b"admin", "dns_names", b"dns_names", "jwt_ttl_seconds", b"jwt_ttl_seconds", "record_prompts", b"record_prompts", "selectors", b"selectors", "spiffe_id", b"spiffe_id", "x509_ttl_seconds", b"x509_ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin", b"admin", "dns_names", b"dns_names", "jwt_ttl_seconds", b"jwt_ttl_seconds", "parent_id", b"parent_id", "record_prompts", b"record_prompts", "selectors", b"selectors", "spiffe_id", b"spiffe_id", "x509_ttl_seconds", b"x509_ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

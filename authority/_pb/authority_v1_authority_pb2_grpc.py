@@ -99,6 +99,21 @@ class WorkloadStub:
                 request_serializer=authority_dot_v1_dot_authority__pb2.WatchRevocationsRequest.SerializeToString,
                 response_deserializer=authority_dot_v1_dot_authority__pb2.RevocationMessage.FromString,
                 _registered_method=True)
+        self.SyncAgent = channel.unary_stream(
+                '/authority.v1.Workload/SyncAgent',
+                request_serializer=authority_dot_v1_dot_authority__pb2.SyncAgentRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.AgentState.FromString,
+                _registered_method=True)
+        self.SignAgentSVIDs = channel.unary_unary(
+                '/authority.v1.Workload/SignAgentSVIDs',
+                request_serializer=authority_dot_v1_dot_authority__pb2.SignAgentSVIDsRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.SignAgentSVIDsResponse.FromString,
+                _registered_method=True)
+        self.FetchAgentJWTSVID = channel.unary_unary(
+                '/authority.v1.Workload/FetchAgentJWTSVID',
+                request_serializer=authority_dot_v1_dot_authority__pb2.FetchAgentJWTSVIDRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.FetchJWTSVIDResponse.FromString,
+                _registered_method=True)
 
 
 class WorkloadServicer:
@@ -195,6 +210,29 @@ class WorkloadServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SyncAgent(self, request, context):
+        """Node agents (mutual TLS with the agent's SVID). The node entries the agent serves (entries
+        whose parent_id is its SPIFFE ID) and the bundle: at once, and again on every change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SignAgentSVIDs(self, request, context):
+        """X.509-SVIDs for node entries of the calling agent, from CSRs made on the node (the keys
+        never leave it). All or nothing; the answers in the order of the requests.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchAgentJWTSVID(self, request, context):
+        """A JWT-SVID for one node entry of the calling agent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkloadServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -257,6 +295,21 @@ def add_WorkloadServicer_to_server(servicer, server):
                     servicer.WatchRevocations,
                     request_deserializer=authority_dot_v1_dot_authority__pb2.WatchRevocationsRequest.FromString,
                     response_serializer=authority_dot_v1_dot_authority__pb2.RevocationMessage.SerializeToString,
+            ),
+            'SyncAgent': grpc.unary_stream_rpc_method_handler(
+                    servicer.SyncAgent,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.SyncAgentRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.AgentState.SerializeToString,
+            ),
+            'SignAgentSVIDs': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignAgentSVIDs,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.SignAgentSVIDsRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.SignAgentSVIDsResponse.SerializeToString,
+            ),
+            'FetchAgentJWTSVID': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchAgentJWTSVID,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.FetchAgentJWTSVIDRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.FetchJWTSVIDResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -587,6 +640,87 @@ class Workload:
             '/authority.v1.Workload/WatchRevocations',
             authority_dot_v1_dot_authority__pb2.WatchRevocationsRequest.SerializeToString,
             authority_dot_v1_dot_authority__pb2.RevocationMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SyncAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/authority.v1.Workload/SyncAgent',
+            authority_dot_v1_dot_authority__pb2.SyncAgentRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.AgentState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignAgentSVIDs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authority.v1.Workload/SignAgentSVIDs',
+            authority_dot_v1_dot_authority__pb2.SignAgentSVIDsRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.SignAgentSVIDsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchAgentJWTSVID(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authority.v1.Workload/FetchAgentJWTSVID',
+            authority_dot_v1_dot_authority__pb2.FetchAgentJWTSVIDRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.FetchJWTSVIDResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -69,6 +69,16 @@ class WorkloadStub:
     """The revocation feed (mutual TLS): what the subscriber missed since `since` (or a snapshot
     when it is too far behind), then live events and heartbeats, each with a sequence number.
     """
+    SyncAgent: _grpc.UnaryStreamMultiCallable[_authority_pb2.SyncAgentRequest, _authority_pb2.AgentState]
+    """Node agents (mutual TLS with the agent's SVID). The node entries the agent serves (entries
+    whose parent_id is its SPIFFE ID) and the bundle: at once, and again on every change.
+    """
+    SignAgentSVIDs: _grpc.UnaryUnaryMultiCallable[_authority_pb2.SignAgentSVIDsRequest, _authority_pb2.SignAgentSVIDsResponse]
+    """X.509-SVIDs for node entries of the calling agent, from CSRs made on the node (the keys
+    never leave it). All or nothing; the answers in the order of the requests.
+    """
+    FetchAgentJWTSVID: _grpc.UnaryUnaryMultiCallable[_authority_pb2.FetchAgentJWTSVIDRequest, _authority_pb2.FetchJWTSVIDResponse]
+    """A JWT-SVID for one node entry of the calling agent."""
 
 @_typing.type_check_only
 class WorkloadAsyncStub(WorkloadStub):
@@ -108,6 +118,16 @@ class WorkloadAsyncStub(WorkloadStub):
     """The revocation feed (mutual TLS): what the subscriber missed since `since` (or a snapshot
     when it is too far behind), then live events and heartbeats, each with a sequence number.
     """
+    SyncAgent: _aio.UnaryStreamMultiCallable[_authority_pb2.SyncAgentRequest, _authority_pb2.AgentState]  # type: ignore[assignment]
+    """Node agents (mutual TLS with the agent's SVID). The node entries the agent serves (entries
+    whose parent_id is its SPIFFE ID) and the bundle: at once, and again on every change.
+    """
+    SignAgentSVIDs: _aio.UnaryUnaryMultiCallable[_authority_pb2.SignAgentSVIDsRequest, _authority_pb2.SignAgentSVIDsResponse]  # type: ignore[assignment]
+    """X.509-SVIDs for node entries of the calling agent, from CSRs made on the node (the keys
+    never leave it). All or nothing; the answers in the order of the requests.
+    """
+    FetchAgentJWTSVID: _aio.UnaryUnaryMultiCallable[_authority_pb2.FetchAgentJWTSVIDRequest, _authority_pb2.FetchJWTSVIDResponse]  # type: ignore[assignment]
+    """A JWT-SVID for one node entry of the calling agent."""
 
 class WorkloadServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------------------------------------
@@ -216,6 +236,34 @@ class WorkloadServicer(metaclass=_abc_1.ABCMeta):
         """The revocation feed (mutual TLS): what the subscriber missed since `since` (or a snapshot
         when it is too far behind), then live events and heartbeats, each with a sequence number.
         """
+
+    @_abc_1.abstractmethod
+    def SyncAgent(
+        self,
+        request: _authority_pb2.SyncAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_authority_pb2.AgentState], _abc.AsyncIterator[_authority_pb2.AgentState]]:
+        """Node agents (mutual TLS with the agent's SVID). The node entries the agent serves (entries
+        whose parent_id is its SPIFFE ID) and the bundle: at once, and again on every change.
+        """
+
+    @_abc_1.abstractmethod
+    def SignAgentSVIDs(
+        self,
+        request: _authority_pb2.SignAgentSVIDsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authority_pb2.SignAgentSVIDsResponse, _abc.Awaitable[_authority_pb2.SignAgentSVIDsResponse]]:
+        """X.509-SVIDs for node entries of the calling agent, from CSRs made on the node (the keys
+        never leave it). All or nothing; the answers in the order of the requests.
+        """
+
+    @_abc_1.abstractmethod
+    def FetchAgentJWTSVID(
+        self,
+        request: _authority_pb2.FetchAgentJWTSVIDRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authority_pb2.FetchJWTSVIDResponse, _abc.Awaitable[_authority_pb2.FetchJWTSVIDResponse]]:
+        """A JWT-SVID for one node entry of the calling agent."""
 
 def add_WorkloadServicer_to_server(servicer: WorkloadServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

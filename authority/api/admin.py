@@ -68,6 +68,7 @@ class AdminService(pb_grpc.AdminServicer):
             dns_names=list(request.dns_names),
             admin=request.admin,
             record_prompts=request.record_prompts,
+            parent_id=request.parent_id,
         )
         return entry_to_pb(entry)
 

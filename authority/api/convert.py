@@ -82,6 +82,7 @@ def entry_to_pb(entry: RegistrationEntry) -> pb.RegistrationEntry:
         admin=entry.admin,
         created_at=ts(entry.created_at),
         record_prompts=entry.record_prompts,
+        parent_id=entry.parent_id.uri if entry.parent_id else "",
     )
 
 

@@ -147,3 +147,12 @@ class LocalWorkloadService(pb_grpclib.WorkloadBase):
 
     async def WatchRevocations(self, stream: Stream) -> None:
         raise grpclib.exceptions.GRPCError(Status.UNIMPLEMENTED, _UNIMPLEMENTED)
+
+    async def SyncAgent(self, stream: Stream) -> None:
+        raise grpclib.exceptions.GRPCError(Status.UNIMPLEMENTED, _UNIMPLEMENTED)
+
+    async def SignAgentSVIDs(self, stream: Stream) -> None:
+        raise grpclib.exceptions.GRPCError(Status.UNIMPLEMENTED, _UNIMPLEMENTED)
+
+    async def FetchAgentJWTSVID(self, stream: Stream) -> None:
+        raise grpclib.exceptions.GRPCError(Status.UNIMPLEMENTED, _UNIMPLEMENTED)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import logging
 from collections.abc import AsyncIterator
@@ -19,6 +21,7 @@ from authority.api.convert import (
     attest_response,
     audit_context_from_pb,
     bundle_to_pb,
+    entry_to_pb,
     exchange_response,
     intent_from_pb,
     seconds,
@@ -27,6 +30,7 @@ from authority.api.convert import (
 )
 from authority.api.revocations import RevocationFeed
 from authority.api.status import abort, rpc
+from authority.changes import ChangeNotifier
 from authority.errors import AuthorityError, InvalidArgument, Unauthenticated
 from authority.exchange import ExchangeRequest, ExchangeService
 from authority.service import Authority, Caller
@@ -34,6 +38,8 @@ from authority.service import Authority, Caller
 log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
+# A node agent's sync stream looks at its caller again at least this often (seconds).
+AGENT_RECHECK_SECONDS = 5.0
 
 
 def peer_certificate_pem(context: Context) -> bytes | None:
@@ -68,12 +74,14 @@ class WorkloadService(pb_grpc.WorkloadServicer):
         authority: Authority,
         exchange: ExchangeService,
         feed: RevocationFeed,
+        changes: ChangeNotifier,
         mtls_address: str,
         server_spiffe_id: str,
     ) -> None:
         self._authority = authority
         self._exchange = exchange
         self._feed = feed
+        self._changes = changes
         self._info = pb.ServerInfo(
             trust_domain=authority.trust_domain,
             spiffe_id=server_spiffe_id,
@@ -188,6 +196,57 @@ class WorkloadService(pb_grpc.WorkloadServicer):
         caller = await self._caller(context)
         approval = await self._exchange.approval_status(caller, request.id)
         return approval_to_pb(approval, self._exchange_now())
+
+    # --- node agents ---------------------------------------------------------------------
+
+    @rpc
+    async def SyncAgent(  # type: ignore[override]  # writes through the context
+        self, request: pb.SyncAgentRequest, context: Context
+    ) -> None:
+        """The agent's node entries and the bundle, again on every change. The caller is
+        checked again on every wake-up: a revoked or expired agent loses the stream."""
+        sent = b""
+        with self._changes.watch() as changed:
+            while True:
+                changed.clear()
+                caller = await self._caller(context)
+                state = pb.AgentState(
+                    entries=[
+                        entry_to_pb(e) for e in self._authority.node_entries(caller.spiffe_id)
+                    ],
+                    bundle=bundle_to_pb(self._authority.ca.bundle()),
+                )
+                encoded = state.SerializeToString(deterministic=True)
+                if encoded != sent:
+                    await context.write(state)
+                    sent = encoded
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(AGENT_RECHECK_SECONDS):
+                        await changed.wait()
+
+    @rpc
+    async def SignAgentSVIDs(
+        self, request: pb.SignAgentSVIDsRequest, context: Context
+    ) -> pb.SignAgentSVIDsResponse:
+        caller = await self._caller(context)
+        signed = await self._authority.sign_node_svids(
+            caller, [(c.entry_id, c.csr) for c in request.csrs]
+        )
+        return pb.SignAgentSVIDsResponse(svids=[svid_to_pb(s, e) for s, e in signed])
+
+    @rpc
+    async def FetchAgentJWTSVID(
+        self, request: pb.FetchAgentJWTSVIDRequest, context: Context
+    ) -> pb.FetchJWTSVIDResponse:
+        caller = await self._caller(context)
+        svid = await self._authority.fetch_node_jwt(
+            caller, request.entry_id, list(request.audience)
+        )
+        return pb.FetchJWTSVIDResponse(
+            spiffe_id=svid.spiffe_id.uri,
+            token=svid.token,
+            expires_at=int(svid.expires_at.timestamp()),
+        )
 
     @rpc
     async def GetTaskKeys(self, request: pb.GetTaskKeysRequest, context: Context) -> pb.TaskKeys:

@@ -16,7 +16,7 @@ and rotate SVIDs here without any credential of their own: the kernel says who i
   renewal checks, revocation cascades and the audit trail cover it.
 - Streams send the full state at once and again on every change: a bundle change, an SVID past
   half its life (re-issued), a revocation (the identity disappears; PERMISSION_DENIED when none is
-  left). Entries created meanwhile are picked up within ``RESYNC_INTERVAL``.
+  left), an entry created or deleted.
 - Methods the standard does not define get UNIMPLEMENTED from grpclib.
 """
 
@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +46,7 @@ from authority._pb import spiffe_workload_pb2 as pb
 from authority.api.local import peer_credentials
 from authority.api.status import fail_grpclib_stream
 from authority.bundle import TrustBundle
-from authority.ca import CertificateAuthority
+from authority.changes import ChangeNotifier
 from authority.errors import (
     AttestationFailed,
     AuthorityError,
@@ -57,14 +57,13 @@ from authority.errors import (
 )
 from authority.ids import SpiffeId
 from authority.models import Identity, Selector
-from authority.revocation import RevocationHub, Subscription
 from authority.service import Authority
 from authority.svid import X509Svid
 
 log = logging.getLogger(__name__)
 
 HEADER = "workload.spiffe.io"
-RESYNC_INTERVAL = 5.0  # seconds: how soon an entry created meanwhile reaches an open stream
+RESYNC_INTERVAL = 5.0  # seconds: the longest a stream sleeps without looking again
 MIN_WAIT = 1.0  # seconds: never re-issue more often than this, whatever the SVID's life
 # The built-in unix plugin's defaults, used when no instance of that name is registered.
 _DEFAULT_UNIX = UnixAttestor(hash_executable=True, max_bytes=512 * 1024 * 1024)
@@ -94,59 +93,6 @@ class UnixSocketServer(grpclib.server.Server):
             processor = getattr(protocol, "processor", None)  # set once connected
             if processor is not None:
                 processor.close("the server is stopping")
-
-
-class ChangeNotifier:
-    """Wakes every open stream when the bundle changes or a revocation is published: one CA
-    listener and one revocation subscription for all of them."""
-
-    def __init__(self, ca: CertificateAuthority, hub: RevocationHub) -> None:
-        self._ca = ca
-        self._hub = hub
-        self._waiters: set[asyncio.Event] = set()
-        self._sub: Subscription | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._ca.add_listener(self.notify)
-        self._sub = self._hub.subscribe()
-        self._task = asyncio.create_task(self._pump(), name="workload-api-revocations")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._sub is not None:
-            self._hub.unsubscribe(self._sub)
-            self._sub = None
-        self._waiters.clear()  # the CA keeps the listener; it then wakes no one
-
-    def notify(self) -> None:
-        for event in self._waiters:
-            event.set()
-
-    @contextlib.contextmanager
-    def watch(self) -> Iterator[asyncio.Event]:
-        """An event set on every change while the block runs (the caller clears it)."""
-        event = asyncio.Event()
-        self._waiters.add(event)
-        try:
-            yield event
-        finally:
-            self._waiters.discard(event)
-
-    async def _pump(self) -> None:
-        while True:
-            assert self._sub is not None
-            await self._sub.queue.get()
-            while not self._sub.queue.empty():
-                self._sub.queue.get_nowait()
-            if self._sub.overflowed:  # the hub stopped feeding it: start afresh
-                self._hub.unsubscribe(self._sub)
-                self._sub = self._hub.subscribe()
-            self.notify()
 
 
 @dataclass(frozen=True, slots=True)

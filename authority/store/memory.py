@@ -59,7 +59,7 @@ class MemoryStore:
         self._sequence = 0
         self._keys: dict[tuple[KeyKind, str], AuthorityKeyInfo] = {}
         self._entries: dict[str, RegistrationEntry] = {}
-        self._entry_keys: dict[tuple[SpiffeId, frozenset[Selector]], str] = {}
+        self._entry_keys: dict[tuple[SpiffeId, frozenset[Selector], SpiffeId | None], str] = {}
         self._tokens: dict[str, JoinToken] = {}
         self._identities: dict[str, Identity] = {}
         self._issued: dict[str, IssuedX509] = {}
@@ -132,7 +132,7 @@ class MemoryStore:
         entry = dataclasses.replace(entry, created_at=_utc(entry.created_at))
         if entry.id in self._entries:
             raise AlreadyExists(f"entry {entry.id!r} already exists", reason="ENTRY_EXISTS")
-        canonical = (entry.spiffe_id, entry.selectors)
+        canonical = (entry.spiffe_id, entry.selectors, entry.parent_id)
         same = self._entry_keys.get(canonical)
         if same is not None:
             raise AlreadyExists(
@@ -155,7 +155,7 @@ class MemoryStore:
         entry = self._entries.pop(entry_id, None)
         if entry is None:
             return False
-        del self._entry_keys[entry.spiffe_id, entry.selectors]
+        del self._entry_keys[entry.spiffe_id, entry.selectors, entry.parent_id]
         return True
 
     # --- join tokens ---

@@ -441,6 +441,20 @@ def _migration_6(db: Database) -> None:
     db.execute("ALTER TABLE entries ADD COLUMN record_prompts INTEGER NOT NULL DEFAULT 0")
 
 
+def _migration_7(db: Database) -> None:
+    """Node entries: a parent (the node agent that serves them), part of the entry's key, so
+    two nodes may map the same selectors to the same SPIFFE ID; identities issued through an
+    agent name it, so revoking the agent reaches them."""
+    db.execute("ALTER TABLE entries ADD COLUMN parent_id TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE identities ADD COLUMN parent_id TEXT NOT NULL DEFAULT ''")
+    db.execute("DROP INDEX entries_by_id_and_selectors")
+    db.table("entries").create_index(
+        ["spiffe_id", "selectors", "parent_id"],
+        index_name="entries_by_id_selectors_parent",
+        unique=True,
+    )
+
+
 # MIGRATIONS[n] takes the schema from version n to n + 1. Append only; never edit a shipped one.
 MIGRATIONS: Final[tuple[Callable[[Database], None], ...]] = (
     _migration_1,
@@ -449,6 +463,7 @@ MIGRATIONS: Final[tuple[Callable[[Database], None], ...]] = (
     _migration_4,
     _migration_5,
     _migration_6,
+    _migration_7,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -709,6 +724,7 @@ def _entry_from_row(row: Mapping[str, Any]) -> RegistrationEntry:
         admin=bool(row["admin"]),
         created_at=_from_instant(row["created_at_us"]),
         record_prompts=bool(row["record_prompts"]),
+        parent_id=SpiffeId.parse(row["parent_id"]) if row["parent_id"] else None,
     )
 
 
@@ -748,6 +764,7 @@ def _identity_from_row(row: Mapping[str, Any], prefix: str = "") -> Identity:
         jwt_ttl=_from_duration(row[prefix + "jwt_ttl_us"]),
         dns_names=_from_names(row[prefix + "dns_names"]),
         admin=bool(row[prefix + "admin"]),
+        parent_id=SpiffeId.parse(row[prefix + "parent_id"]) if row[prefix + "parent_id"] else None,
     )
 
 
@@ -887,13 +904,16 @@ class SqliteStore:
             int(entry.admin),
             _instant(entry.created_at),
             int(entry.record_prompts),
+            entry.parent_id.uri if entry.parent_id else "",
         ]
 
         def job(db: Database) -> None:
             if _one(db, "SELECT 1 FROM entries WHERE id = ?", [entry.id]) is not None:
                 raise AlreadyExists(f"entry {entry.id!r} already exists", reason="ENTRY_EXISTS")
             same = _one(
-                db, "SELECT id FROM entries WHERE spiffe_id = ? AND selectors = ?", row[1:3]
+                db,
+                "SELECT id FROM entries WHERE spiffe_id = ? AND selectors = ? AND parent_id = ?",
+                [row[1], row[2], row[9]],
             )
             if same is not None:
                 raise AlreadyExists(
@@ -902,8 +922,8 @@ class SqliteStore:
                 )
             db.execute(
                 "INSERT INTO entries (id, spiffe_id, selectors, x509_ttl_us, jwt_ttl_us,"
-                " dns_names, admin, created_at_us, record_prompts)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " dns_names, admin, created_at_us, record_prompts, parent_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 row,
             )
 
@@ -1008,6 +1028,7 @@ class SqliteStore:
                 _duration(identity.jwt_ttl),
                 _names(identity.dns_names),
                 int(identity.admin),
+                identity.parent_id.uri if identity.parent_id else "",
             ]
         svid_rows = [
             [svid.serial, svid.identity_id, svid.spiffe_id.uri, _instant(svid.not_after)]
@@ -1021,8 +1042,8 @@ class SqliteStore:
                 try:
                     db.execute(
                         "INSERT INTO identities (id, spiffe_id, entry_id, attestor, selectors,"
-                        " attested_at_us, x509_ttl_us, jwt_ttl_us, dns_names, admin)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        " attested_at_us, x509_ttl_us, jwt_ttl_us, dns_names, admin, parent_id)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         identity_row,
                     )
                 except sqlite3.IntegrityError:
@@ -1057,7 +1078,8 @@ class SqliteStore:
                 " i.id AS i_id, i.spiffe_id AS i_spiffe_id, i.entry_id AS i_entry_id,"
                 " i.attestor AS i_attestor, i.selectors AS i_selectors,"
                 " i.attested_at_us AS i_attested_at_us, i.x509_ttl_us AS i_x509_ttl_us,"
-                " i.jwt_ttl_us AS i_jwt_ttl_us, i.dns_names AS i_dns_names, i.admin AS i_admin"
+                " i.jwt_ttl_us AS i_jwt_ttl_us, i.dns_names AS i_dns_names, i.admin AS i_admin,"
+                " i.parent_id AS i_parent_id"
                 " FROM issued_x509 AS x JOIN identities AS i ON i.id = x.identity_id"
                 " WHERE x.serial = ?",
                 [serial],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import pathlib
 import signal
@@ -14,6 +15,7 @@ import threading
 from collections.abc import AsyncIterator
 
 import pytest
+from sqlite_utils import Database
 
 from authority.errors import (
     AlreadyExists,
@@ -38,7 +40,7 @@ from authority.models import (
 )
 from authority.store import Store
 from authority.store.memory import MemoryStore
-from authority.store.sqlite import SCHEMA_VERSION, SqliteStore
+from authority.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 NOW = dt.datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=dt.UTC)
@@ -259,6 +261,53 @@ async def test_entries_may_share_spiffe_id_or_selectors(store: Store) -> None:
     other = SpiffeId.parse("spiffe://example.org/other")
     await store.create_entry(make_entry("e3", spiffe_id=other, selectors=("unix:uid:1",)))
     assert len(await store.list_entries()) == 3
+
+
+async def test_node_entries_of_different_parents_may_share_id_and_selectors(store: Store) -> None:
+    node1 = SpiffeId.parse("spiffe://example.org/agent/node1")
+    node2 = SpiffeId.parse("spiffe://example.org/agent/node2")
+    await store.create_entry(make_entry("local"))
+    first = dataclasses.replace(make_entry("n1"), parent_id=node1)
+    await store.create_entry(first)
+    await store.create_entry(dataclasses.replace(make_entry("n2"), parent_id=node2))
+    with pytest.raises(AlreadyExists) as info:
+        await store.create_entry(dataclasses.replace(make_entry("n1-again"), parent_id=node1))
+    assert reason_of(info) == "ENTRY_EXISTS"
+    assert await store.get_entry("n1") == first
+    assert [e.id for e in await store.list_entries()] == ["local", "n1", "n2"]
+    assert await store.delete_entry("n1") is True
+    await store.create_entry(dataclasses.replace(make_entry("n1-again"), parent_id=node1))
+
+
+async def test_version_6_file_gains_entry_parents(tmp_path: pathlib.Path) -> None:
+    """An entry written before node entries existed comes back with no parent, and its
+    uniqueness rule now includes the parent."""
+    path = tmp_path / "authority.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        database = Database(conn)
+        for step in MIGRATIONS[:6]:
+            step(database)
+        conn.execute("PRAGMA user_version = 6")
+        conn.execute(
+            "INSERT INTO entries (id, spiffe_id, selectors, x509_ttl_us, jwt_ttl_us, dns_names,"
+            " admin, created_at_us, record_prompts) VALUES ('old', 'spiffe://example.org/w',"
+            " '[\"unix:uid:1\"]', 300000000, 300000000, '[]', 0, 0, 0)"
+        )
+        conn.commit()
+    store = await SqliteStore.open(path)
+    try:
+        old = await store.get_entry("old")
+        assert old is not None
+        assert old.parent_id is None
+        node = SpiffeId.parse("spiffe://example.org/agent/n")
+        await store.create_entry(
+            dataclasses.replace(old, id="node", parent_id=node, created_at=NOW)
+        )
+        with pytest.raises(AlreadyExists):
+            await store.create_entry(dataclasses.replace(old, id="dup", created_at=NOW))
+    finally:
+        await store.close()
+    assert user_version(path) == SCHEMA_VERSION
 
 
 async def test_deleted_entry_frees_its_id_and_key(store: Store) -> None:

@@ -1,0 +1,69 @@
+"""One place that wakes the authority's open streams when what they send may have changed.
+
+The SPIFFE Workload API's streams and the node agents' sync streams wait on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+
+from authority.revocation import Subscription
+from authority.service import Authority
+
+
+class ChangeNotifier:
+    """Wakes every open stream when the bundle changes, an entry is created or deleted, or a
+    revocation is published: one listener of each kind for all of them."""
+
+    def __init__(self, authority: Authority) -> None:
+        self._authority = authority
+        self._ca = authority.ca
+        self._hub = authority.revocations.hub
+        self._waiters: set[asyncio.Event] = set()
+        self._sub: Subscription | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._ca.add_listener(self.notify)
+        self._authority.add_entry_listener(self.notify)
+        self._sub = self._hub.subscribe()
+        self._task = asyncio.create_task(self._pump(), name="workload-api-revocations")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._sub is not None:
+            self._hub.unsubscribe(self._sub)
+            self._sub = None
+        self._authority.remove_entry_listener(self.notify)
+        self._waiters.clear()  # the CA keeps the listener; it then wakes no one
+
+    def notify(self) -> None:
+        for event in self._waiters:
+            event.set()
+
+    @contextlib.contextmanager
+    def watch(self) -> Iterator[asyncio.Event]:
+        """An event set on every change while the block runs (the caller clears it)."""
+        event = asyncio.Event()
+        self._waiters.add(event)
+        try:
+            yield event
+        finally:
+            self._waiters.discard(event)
+
+    async def _pump(self) -> None:
+        while True:
+            assert self._sub is not None
+            await self._sub.queue.get()
+            while not self._sub.queue.empty():
+                self._sub.queue.get_nowait()
+            if self._sub.overflowed:  # the hub stopped feeding it: start afresh
+                self._hub.unsubscribe(self._sub)
+                self._sub = self._hub.subscribe()
+            self.notify()
