@@ -19,7 +19,7 @@ import tomllib
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -34,15 +34,17 @@ from authority._pb import authority_v1_authority_pb2 as pb
 from authority.api.status import REASON_KEY
 from authority.client import (
     AdminClient,
-    Responder,
     SvidFiles,
     WorkloadClient,
     der_chain_to_pem,
     make_csr,
     x509pop_responder,
 )
-from authority.config import Config, format_duration, parse_duration
+from authority.config import MAX_UNIX_SOCKET_PATH, Config, format_duration, parse_duration
 from authority.errors import AuthorityError
+
+if TYPE_CHECKING:
+    from authority.agent import AttestProof
 
 DEFAULT_ADMIN_SOCKET = str(Config().admin_socket_path)
 ADMIN_SOCKET_ENV = "AUTHORITY_ADMIN_SOCKET"
@@ -1002,6 +1004,51 @@ def audit_archive(through_seq: int, out: Path, admin_socket: str) -> None:
 # --- workload side -------------------------------------------------------------------------
 
 
+def _attest_proof(
+    join_token: str | None,
+    x509pop_cert: Path | None,
+    x509pop_key: Path | None,
+    jwt_file: Path | None,
+    attestor: str | None,
+) -> AttestProof | None:
+    """The one proof given (None when none is); ``attestor`` names the instance when it is not
+    the plugin's own name."""
+    chosen = [
+        name
+        for name, given in (
+            ("join_token", join_token is not None),
+            ("x509pop", x509pop_cert is not None or x509pop_key is not None),
+            ("jwt", jwt_file is not None),
+        )
+        if given
+    ]
+    if not chosen:
+        return None
+    if len(chosen) > 1:
+        raise CliError(
+            "give exactly one of --join-token, --x509pop-cert/--x509pop-key or --jwt-file"
+        )
+    from authority.agent import AttestProof  # the agent's imports are heavier
+
+    plugin = chosen[0]
+    if plugin == "join_token":
+        assert join_token is not None
+        if join_token == "-":  # noqa: S105 - the stdin marker, not a secret
+            join_token = sys.stdin.readline().strip()
+        return AttestProof(attestor or plugin, join_token.encode())
+    if plugin == "x509pop":
+        if x509pop_cert is None or x509pop_key is None:
+            raise CliError("--x509pop-cert and --x509pop-key go together")
+        return AttestProof(
+            attestor or plugin,
+            x509pop_cert.read_bytes(),
+            x509pop_responder(x509pop_key.read_bytes()),
+            reusable=True,
+        )
+    assert jwt_file is not None
+    return AttestProof(attestor or plugin, jwt_file.read_bytes().strip(), reusable=True)
+
+
 @main.group()
 def workload() -> None:
     """Act as a workload: attest, fetch JWT-SVIDs, renew."""
@@ -1055,36 +1102,21 @@ def workload_attest(
     Give exactly one proof: --join-token, --x509pop-cert with --x509pop-key, --jwt-file, or
     --unix.
     """
-    chosen = [
-        name
-        for name, given in (
-            ("join_token", join_token is not None),
-            ("x509pop", x509pop_cert is not None or x509pop_key is not None),
-            ("jwt", jwt_file is not None),
-            ("unix", use_unix),
-        )
-        if given
-    ]
-    if len(chosen) != 1:
-        raise CliError(
-            "give exactly one of --join-token, --x509pop-cert/--x509pop-key, --jwt-file or --unix"
-        )
-    plugin = chosen[0]
-    respond: Responder | None = None
-    evidence = b""
-    if plugin == "join_token":
-        assert join_token is not None
-        if join_token == "-":  # noqa: S105 - the stdin marker, not a secret
-            join_token = sys.stdin.readline().strip()
-        evidence = join_token.encode()
-    elif plugin == "x509pop":
-        if x509pop_cert is None or x509pop_key is None:
-            raise CliError("--x509pop-cert and --x509pop-key go together")
-        evidence = x509pop_cert.read_bytes()
-        respond = x509pop_responder(x509pop_key.read_bytes())
-    elif plugin == "jwt":
-        assert jwt_file is not None
-        evidence = jwt_file.read_bytes().strip()
+    if use_unix:
+        if join_token is not None or x509pop_cert or x509pop_key or jwt_file:
+            raise CliError(
+                "give exactly one of --join-token, --x509pop-cert/--x509pop-key, --jwt-file "
+                "or --unix"
+            )
+        plugin, evidence, respond = "unix", b"", None
+    else:
+        proof = _attest_proof(join_token, x509pop_cert, x509pop_key, jwt_file, None)
+        if proof is None:
+            raise CliError(
+                "give exactly one of --join-token, --x509pop-cert/--x509pop-key, --jwt-file "
+                "or --unix"
+            )
+        plugin, evidence, respond = proof.attestor, proof.evidence, proof.respond
     if plugin == "unix":
         target, bundle_pem = f"unix:{local_socket}", None
     else:
@@ -1128,6 +1160,94 @@ def workload_jwt(
             return await client.fetch_jwt(list(audiences), int(ttl.total_seconds()) if ttl else 0)
 
     click.echo(_run(go()).token)
+
+
+# --- node agent ----------------------------------------------------------------------------
+
+
+@main.command("agent")
+@click.option("--server", required=True, help="HOST:PORT of the authority's workload endpoint.")
+@click.option(
+    "--trust-bundle",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="PEM roots that verify the authority at first contact.",
+)
+@click.option(
+    "--data-dir",
+    default="authority-agent",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the agent keeps its own SVID (key mode 0600) between runs.",
+)
+@click.option(
+    "--workload-api-socket",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Serve the SPIFFE Workload API here (keep the path short: 107 bytes at most).",
+)
+@click.option("--join-token", help="A join token (or '-' to read it from stdin).")
+@click.option("--x509pop-cert", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--x509pop-key", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--jwt-file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--attestor", help="The attestor instance name, when not the plugin's own.")
+@click.option("--spiffe-id", "hint", default="", help="Pick one of several matching entries.")
+@click.option(
+    "--workload-attestor",
+    default="unix",
+    show_default=True,
+    help="The selector type of local callers in this agent's node entries.",
+)
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
+)
+@command
+def agent(
+    server: str,
+    trust_bundle: Path,
+    data_dir: Path,
+    workload_api_socket: Path,
+    join_token: str | None,
+    x509pop_cert: Path | None,
+    x509pop_key: Path | None,
+    jwt_file: Path | None,
+    attestor: str | None,
+    hint: str,
+    workload_attestor: str,
+    log_level: str,
+) -> None:
+    """Run a node agent: attest this machine to the authority, then serve the SPIFFE Workload
+    API to its local workloads (the node entries whose --parent-id is the agent's SPIFFE ID).
+
+    The first start needs a proof (--join-token, --x509pop-cert/--x509pop-key or --jwt-file);
+    later starts reuse the SVID kept in --data-dir while it is valid.
+    """
+    from authority.agent import AgentConfig, run_agent
+
+    if len(str(workload_api_socket).encode()) > MAX_UNIX_SOCKET_PATH:
+        raise CliError(f"--workload-api-socket must be at most {MAX_UNIX_SOCKET_PATH} bytes")
+    config = AgentConfig(
+        server=server,
+        trust_bundle_pem=trust_bundle.read_bytes(),
+        data_dir=data_dir,
+        socket=workload_api_socket,
+        proof=_attest_proof(join_token, x509pop_cert, x509pop_key, jwt_file, attestor),
+        workload_attestor=workload_attestor,
+        spiffe_id_hint=hint,
+    )
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def main_loop() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_agent(config, stop)
+
+    _run(main_loop())
 
 
 EXIT_PENDING = 3

@@ -34,7 +34,7 @@ from authority.api.admin import AdminService, RefuseAdminHandler
 from authority.api.local import LocalWorkloadService
 from authority.api.revocations import RevocationFeed
 from authority.api.workload import WorkloadService
-from authority.api.workload_api import SpiffeWorkloadApi, UnixSocketServer
+from authority.api.workload_api import AuthoritySource, SpiffeWorkloadApi, UnixSocketServer
 from authority.attestation import AttestorHost
 from authority.ca import CertificateAuthority, Upstream
 from authority.changes import ChangeNotifier
@@ -331,7 +331,9 @@ class AuthorityServer:
         """The SPIFFE Workload API on a Unix socket anyone local may connect to (mode 0666):
         the kernel identifies the caller, the registration entries decide what it gets."""
         _prepare_unix_socket(path)
-        service = SpiffeWorkloadApi(authority, changes, self.config.workload_api_attestor)
+        service = SpiffeWorkloadApi(
+            AuthoritySource(authority, changes, self.config.workload_api_attestor)
+        )
         self._workload_api = UnixSocketServer([service])
         old_umask = os.umask(0o177)
         try:

@@ -77,6 +77,7 @@ class RevocationWatcher:
         backoff_initial: float = 0.05,
         backoff_max: float = 5.0,
         on_event: Callable[[pb.RevocationEvent], None] | None = None,
+        on_snapshot: Callable[[], None] | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._open = open_stream
@@ -84,6 +85,7 @@ class RevocationWatcher:
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         self._on_event = on_event
+        self._on_snapshot = on_snapshot
         self._wall = wall_clock
         self.revoked = RevocationSet()
         self._last_heard: float | None = None
@@ -154,7 +156,11 @@ class RevocationWatcher:
                         self.resyncs += 1
                         break
             except asyncio.CancelledError:
-                raise
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                # The call was cancelled under us (its channel closed): resume.
+                log.info("revocation feed call cancelled; resuming from seq=%d", self.seq)
             except grpc.aio.AioRpcError as exc:
                 log.warning("revocation feed lost: %s", exc.code().name)
             except Exception:
@@ -172,6 +178,8 @@ class RevocationWatcher:
                 self._on_event(message.event)
         elif body == "snapshot":
             self.revoked.replace(message.snapshot)
+            if self._on_snapshot is not None:
+                self._on_snapshot()
         elif body == "heartbeat":
             self._synced.set()
             self.revoked.forget_expired(int(self._wall() * 1_000_000))

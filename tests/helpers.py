@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -15,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from cryptography import x509
 
 from authority._pb import authority_v1_authority_pb2 as pb
+from authority.agent import AgentConfig, AttestProof, NodeAgent
 from authority.client import AdminClient, WorkloadClient, der_chain_to_pem
 from authority.config import Config, Limits
 from authority.server import AuthorityServer
@@ -103,6 +106,56 @@ async def running_authority(config: Config) -> AsyncIterator[Running]:
     finally:
         await running.close_clients()
         await server.stop(grace=0.5)
+
+
+def split_der(der: bytes) -> list[x509.Certificate]:
+    """Concatenated DER certificates, as the Workload API carries chains and bundles."""
+    certs = []
+    while der:
+        if der[0] != 0x30 or len(der) < 2:
+            raise ValueError("not a DER SEQUENCE")
+        size, start = der[1], 2
+        if size & 0x80:  # long form: the next (size & 0x7f) bytes hold the length
+            count = size & 0x7F
+            size, start = int.from_bytes(der[2 : 2 + count], "big"), 2 + count
+        certs.append(x509.load_der_x509_certificate(der[: start + size]))
+        der = der[start + size :]
+    return certs
+
+
+AGENT_ID = "spiffe://example.org/agent/node1"
+
+
+@contextlib.asynccontextmanager
+async def running_agent(
+    running: Running, socket: Path, data_dir: Path, spiffe_id: str = AGENT_ID
+) -> AsyncIterator[NodeAgent]:
+    """A node agent in this process, attested to ``running`` with a join token, serving the
+    Workload API on ``socket``."""
+    token = await running.join_token(spiffe_id)
+    agent = NodeAgent(
+        AgentConfig(
+            server=running.address,
+            trust_bundle_pem=await running.bundle_pem(),
+            data_dir=data_dir,
+            socket=socket,
+            proof=AttestProof("join_token", token.encode()),
+        )
+    )
+    await agent.start()
+    try:
+        yield agent
+    finally:
+        await agent.stop()
+
+
+async def wait_held(agent: NodeAgent, entry_id: str, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+    """Until ``agent`` holds an X.509-SVID for the entry."""
+    with agent.watch() as changed:
+        async with asyncio.timeout(timeout):
+            while entry_id not in agent.held:
+                await changed.wait()
+                changed.clear()
 
 
 # --- the real command, in a subprocess ---------------------------------------------------------

@@ -189,6 +189,9 @@ class AgentState(_message.Message):
 
     ENTRIES_FIELD_NUMBER: _builtins.int
     BUNDLE_FIELD_NUMBER: _builtins.int
+    ACTIVE_X509_AUTHORITY_FIELD_NUMBER: _builtins.int
+    active_x509_authority: _builtins.bytes
+    """The X.509 authority that signs now (DER): SVIDs signed by another are re-issued."""
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___RegistrationEntry]: ...
     @_builtins.property
@@ -198,10 +201,11 @@ class AgentState(_message.Message):
         *,
         entries: _abc.Iterable[Global___RegistrationEntry] | None = ...,
         bundle: Global___Bundle | None = ...,
+        active_x509_authority: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "entries", b"entries"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_x509_authority", b"active_x509_authority", "bundle", b"bundle", "entries", b"entries"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority.audit import AuditRecord, Checkpoint
-from authority.bundle import TrustBundle
+from authority.bundle import TrustBundle, parse_jwks
 from authority.errors import InvalidArgument
 from authority.exchange import AuditContext, ExchangeOutcome
+from authority.ids import TrustDomain
 from authority.models import (
     Approval,
     AttestorInstance,
@@ -42,6 +44,21 @@ def bundle_to_pb(bundle: TrustBundle) -> pb.Bundle:
     message = _bundle_message(bundle)
     _bundle_cache[:] = [(bundle, message)]
     return message
+
+
+def bundle_from_pb(message: pb.Bundle) -> TrustBundle:
+    """A bundle as the authority sent it (a node agent's copy); INVALID_ARGUMENT if malformed."""
+    try:
+        authorities = tuple(x509.load_der_x509_certificate(d) for d in message.x509_authorities)
+    except ValueError as exc:
+        raise InvalidArgument(f"a bundle authority does not parse: {exc}") from None
+    return TrustBundle(
+        trust_domain=TrustDomain(message.trust_domain),
+        x509_authorities=authorities,
+        jwt_authorities=parse_jwks(message.jwks_json),
+        sequence=message.sequence,
+        refresh_hint=dt.timedelta(seconds=message.refresh_hint_seconds),
+    )
 
 
 def _bundle_message(bundle: TrustBundle) -> pb.Bundle:

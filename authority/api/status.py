@@ -35,6 +35,19 @@ CODES: tuple[tuple[type[errors.AuthorityError], grpc.StatusCode], ...] = (
 GENERIC_INTERNAL = "internal error; the server log has the details"
 
 
+def error_from_status(exc: grpc.aio.AioRpcError) -> errors.AuthorityError:
+    """The domain error behind an upstream call's status (a node agent relaying the
+    authority's answer): same family, same message and reason; a code outside the table
+    (deadline, cancelled, unknown) is UNAVAILABLE: the authority could not answer."""
+    trailing: Any = exc.trailing_metadata() or ()
+    reason = next((str(value) for key, value in trailing if key == REASON_KEY), "UPSTREAM")
+    message = exc.details() or exc.code().name
+    for cls, code in CODES:
+        if exc.code() is code and cls is not errors.Internal:
+            return cls(message, reason=reason)
+    return errors.Unavailable(f"the authority did not answer: {message}", reason="UPSTREAM")
+
+
 def code_for(exc: errors.AuthorityError) -> grpc.StatusCode:
     for cls, code in CODES:
         if isinstance(exc, cls):

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from cryptography.hazmat.primitives import serialization
 
 from attestors.api import PeerCredentials
 from authority import __version__
@@ -215,6 +216,9 @@ class WorkloadService(pb_grpc.WorkloadServicer):
                         entry_to_pb(e) for e in self._authority.node_entries(caller.spiffe_id)
                     ],
                     bundle=bundle_to_pb(self._authority.ca.bundle()),
+                    active_x509_authority=self._authority.ca.active_x509_authority().public_bytes(
+                        serialization.Encoding.DER
+                    ),
                 )
                 encoded = state.SerializeToString(deterministic=True)
                 if encoded != sent:

@@ -31,7 +31,7 @@ import os
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpclib.server
 from cryptography import x509
@@ -96,58 +96,68 @@ class UnixSocketServer(grpclib.server.Server):
 
 
 @dataclass(frozen=True, slots=True)
-class _Caller:
+class Caller:
+    """A local process, as the kernel and the unix attestor describe it."""
+
     pid: int
     uid: int
     selectors: frozenset[Selector]
 
 
 @dataclass(frozen=True, slots=True)
-class _Held:
-    """One X.509-SVID a stream holds for one entry, with its key and when to rotate it."""
+class X509Item:
+    """One X.509-SVID as the standard hands it over: DER chain, PKCS#8 DER key."""
 
-    identity: Identity
-    svid: X509Svid
+    spiffe_id: str
+    chain_der: bytes
     key_der: bytes
-    rotate_at: dt.datetime
+    serial: str  # what tells one SVID from the next on a stream
 
 
-class _PeerContext:
-    """The attestation context of a Workload API call: the kernel's word, no challenges."""
+class X509View(Protocol):
+    """One FetchX509SVID stream's view: what to send now, and when to look again."""
 
-    def __init__(self, peer: PeerCredentials) -> None:
-        self._peer = peer
-
-    @property
-    def peer(self) -> PeerCredentials | None:
-        return self._peer
-
-    async def challenge(self, payload: bytes) -> bytes:
-        raise AttestationRefused("NO_CHALLENGE", "the Workload API answers no challenges")
+    async def current(self) -> tuple[list[X509Item], TrustBundle, float]:
+        """The caller's SVIDs (PERMISSION_DENIED when none is left), the bundle, and the
+        seconds until something is due (a rotation)."""
+        ...
 
 
-def _der(certs: Iterable[x509.Certificate]) -> bytes:
-    """Certificates as the standard carries them: ASN.1 DER, concatenated."""
-    return b"".join(c.public_bytes(serialization.Encoding.DER) for c in certs)
+class WorkloadSource(Protocol):
+    """What serves the Workload API: the authority itself, or a node agent."""
+
+    async def identify(self, peer: PeerCredentials) -> Caller: ...
+
+    def open_x509(self, caller: Caller) -> X509View: ...
+
+    def bundle_for(self, caller: Caller) -> TrustBundle:
+        """The bundle, for a caller still entitled to some identity (else PERMISSION_DENIED)."""
+        ...
+
+    async def jwt_svids(
+        self, caller: Caller, spiffe_id: SpiffeId | None, audience: list[str]
+    ) -> list[tuple[str, str]]:
+        """(SPIFFE ID, token) for each of the caller's identities, or the one asked."""
+        ...
+
+    def validate_jwt(self, token: str, audience: str) -> tuple[SpiffeId, dict[str, Any]]: ...
+
+    def watch(self) -> contextlib.AbstractContextManager[asyncio.Event]:
+        """An event set on every change (bundle, entries, revocations) while the block runs."""
+        ...
 
 
-def _x509_bundles(bundle: TrustBundle) -> dict[str, bytes]:
-    """X.509 bundles keyed by trust domain ID: concatenated DER certificates."""
-    return {bundle.trust_domain.id.uri: _der(bundle.x509_authorities)}
-
-
-def _jwt_bundles(bundle: TrustBundle) -> dict[str, bytes]:
-    """JWT bundles keyed by trust domain ID: a JWK Set of the JWT-SVID keys."""
-    jwks = bundle.jwks()
-    jwks["keys"] = [k for k in jwks["keys"] if k.get("use") == "jwt-svid"]
-    return {bundle.trust_domain.id.uri: json.dumps(jwks, separators=(",", ":")).encode()}
+def key_der(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 class SpiffeWorkloadApi(pb_grpclib.SpiffeWorkloadAPIBase):
-    def __init__(self, authority: Authority, notifier: ChangeNotifier, attestor: str) -> None:
-        self._authority = authority
-        self._notifier = notifier
-        self._attestor = attestor
+    """The standard's five calls over a ``WorkloadSource``."""
+
+    def __init__(self, source: WorkloadSource) -> None:
+        self._source = source
 
     # --- the calls -----------------------------------------------------------------------
 
@@ -186,7 +196,7 @@ class SpiffeWorkloadApi(pb_grpclib.SpiffeWorkloadAPIBase):
                 raise InvalidArgument("audience is required", reason="NO_AUDIENCE")
             if not request.svid:
                 raise InvalidArgument("svid is required", reason="JWT_SVID_MISSING")
-            spiffe_id, claims = self._authority.validate_jwt_svid(request.svid, request.audience)
+            spiffe_id, claims = self._source.validate_jwt(request.svid, request.audience)
             response = pb.ValidateJWTSVIDResponse(spiffe_id=spiffe_id.uri)
             response.claims.update(claims)
             await stream.send_message(response)
@@ -198,116 +208,59 @@ class SpiffeWorkloadApi(pb_grpclib.SpiffeWorkloadAPIBase):
 
     # --- the flows -----------------------------------------------------------------------
 
-    async def _x509_svids(self, stream: Stream, caller: _Caller) -> None:
-        held: dict[str, _Held] = {}
+    async def _x509_svids(self, stream: Stream, caller: Caller) -> None:
+        view = self._source.open_x509(caller)
         sent: tuple[object, ...] | None = None
-        with self._notifier.watch() as changed:
+        with self._source.watch() as changed:
             while True:
                 changed.clear()
-                held = await self._refresh(held, self._identities(caller), caller)
-                bundle = self._authority.ca.bundle()
-                state = (bundle, *(h.svid.serial_hex for h in held.values()))
+                items, bundle, due = await view.current()
+                state = (bundle, *(i.serial for i in items))
                 if state != sent:
-                    bundle_der = _der(bundle.x509_authorities)
+                    bundle_der = der_concat(bundle.x509_authorities)
                     await stream.send_message(
                         pb.X509SVIDResponse(
                             svids=[
                                 pb.X509SVID(
-                                    spiffe_id=h.svid.spiffe_id.uri,
-                                    x509_svid=_der(h.svid.chain),
-                                    x509_svid_key=h.key_der,
+                                    spiffe_id=i.spiffe_id,
+                                    x509_svid=i.chain_der,
+                                    x509_svid_key=i.key_der,
                                     bundle=bundle_der,
                                 )
-                                for h in held.values()
+                                for i in items
                             ]
                         )
                     )
                     sent = state
-                now = self._authority.now()
-                due = min(h.rotate_at for h in held.values())
-                wait = min(RESYNC_INTERVAL, max(MIN_WAIT, (due - now).total_seconds()))
-                await _wait(changed, wait)
-
-    async def _refresh(
-        self, held: dict[str, _Held], identities: list[Identity], caller: _Caller
-    ) -> dict[str, _Held]:
-        """The SVIDs to hold now, in the entries' order: a new entry gets one, an SVID past half
-        its life or signed by a key no longer active is re-issued, the rest are kept; what is
-        no longer granted (revoked, entry deleted) is dropped."""
-        active = self._authority.ca.active_x509_authority().subject
-        fresh: dict[str, _Held] = {}
-        for template in identities:
-            if template.entry_id is None:  # Workload API identities all come from entries
-                raise Internal("an identity without an entry")
-            current = held.get(template.entry_id)
-            now = self._authority.now()
-            if (
-                current is not None
-                and now < current.rotate_at
-                and current.svid.certificate.issuer == active
-            ):
-                fresh[template.entry_id] = current
-                continue
-            key = ec.generate_private_key(ec.SECP256R1())
-            identity, svid = await self._authority.issue_workload_x509(
-                template,
-                key.public_key(),
-                previous=current.identity if current else None,
-                details={"pid": caller.pid, "uid": caller.uid},
-            )
-            key_der = key.private_bytes(
-                serialization.Encoding.DER,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-            # Half its life as seen from now (notBefore is backdated for clock skew).
-            rotate_at = now + (svid.expires_at - now) / 2
-            fresh[template.entry_id] = _Held(identity, svid, key_der, rotate_at)
-            log.info(
-                "workload API %s: spiffe_id=%s serial=%s pid=%d",
-                "rotated" if current else "issued",
-                svid.spiffe_id,
-                svid.serial_hex,
-                caller.pid,
-            )
-        return fresh
+                await _wait(changed, min(RESYNC_INTERVAL, max(MIN_WAIT, due)))
 
     async def _bundle_stream(
-        self, stream: Stream, caller: _Caller, message: Callable[[TrustBundle], Any]
+        self, stream: Stream, caller: Caller, message: Callable[[TrustBundle], Any]
     ) -> None:
         sent: bytes | None = None
-        with self._notifier.watch() as changed:
+        with self._source.watch() as changed:
             while True:
                 changed.clear()
-                self._identities(caller)  # still entitled to the bundles?
-                reply = message(self._authority.ca.bundle())
+                reply = message(self._source.bundle_for(caller))
                 encoded = reply.SerializeToString(deterministic=True)
                 if encoded != sent:
                     await stream.send_message(reply)
                     sent = encoded
                 await _wait(changed, RESYNC_INTERVAL)
 
-    async def _jwt_svids(self, stream: Stream, caller: _Caller, request: Any) -> None:
-        identities = self._identities(caller)
-        if request.spiffe_id:
-            wanted = SpiffeId.parse(request.spiffe_id)
-            identities = [i for i in identities if i.spiffe_id == wanted]
-            if not identities:
-                raise PermissionDenied(
-                    f"no identity issued for {wanted}", reason="NO_IDENTITY_ISSUED"
-                )
-        svids = []
-        for identity in identities:
-            svid = await self._authority.fetch_workload_jwt(identity, list(request.audience))
-            svids.append(pb.JWTSVID(spiffe_id=svid.spiffe_id.uri, svid=svid.token))
-        await stream.send_message(pb.JWTSVIDResponse(svids=svids))
+    async def _jwt_svids(self, stream: Stream, caller: Caller, request: Any) -> None:
+        wanted = SpiffeId.parse(request.spiffe_id) if request.spiffe_id else None
+        svids = await self._source.jwt_svids(caller, wanted, list(request.audience))
+        await stream.send_message(
+            pb.JWTSVIDResponse(svids=[pb.JWTSVID(spiffe_id=i, svid=t) for i, t in svids])
+        )
 
     # --- plumbing ------------------------------------------------------------------------
 
     async def _serve(
         self,
         stream: Stream,
-        flow: Callable[[_Caller, Any], Awaitable[None]],
+        flow: Callable[[Caller, Any], Awaitable[None]],
         check: Callable[[Any], None] | None = None,
     ) -> None:
         """Header, request, caller identification, then ``flow``; errors become statuses."""
@@ -320,7 +273,7 @@ class SpiffeWorkloadApi(pb_grpclib.SpiffeWorkloadAPIBase):
             if check is not None:
                 check(request)
             peer = peer_credentials(stream)
-            caller = await self._identify(peer)
+            caller = await self._source.identify(peer)
             _close_pidfd(peer)  # the process is identified: the pin is no longer needed
             peer = None
             await flow(caller, request)
@@ -333,11 +286,48 @@ class SpiffeWorkloadApi(pb_grpclib.SpiffeWorkloadAPIBase):
             if peer is not None:
                 _close_pidfd(peer)
 
-    async def _identify(self, peer: PeerCredentials) -> _Caller:
-        """The caller's selectors, from the kernel's credentials, by the unix attestor."""
+
+async def unix_selectors(attestor: str, peer: PeerCredentials) -> frozenset[Selector]:
+    """The caller's selectors by the built-in unix plugin with its defaults, typed ``attestor``."""
+    try:
+        attested = await _DEFAULT_UNIX.attest(b"", _PeerContext(peer))
+    except AttestationRefused as exc:
+        raise AttestationFailed(f"{attestor}: {exc.message}", reason=exc.reason) from None
+    return frozenset(Selector(attestor, f"{k}:{v}") for k, v in attested.selectors)
+
+
+def no_identity() -> PermissionDenied:
+    return PermissionDenied("no identity issued", reason="NO_IDENTITY_ISSUED")
+
+
+# --- the authority's own Workload API ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """One X.509-SVID a stream holds for one entry, with its key and when to rotate it."""
+
+    identity: Identity
+    svid: X509Svid
+    key_der: bytes
+    rotate_at: dt.datetime
+
+
+class AuthoritySource:
+    """The authority serving local workloads itself: each stream gets SVIDs of its own (key
+    made here), recorded as an attestation is, so renewal checks, revocation cascades and the
+    audit trail cover them."""
+
+    def __init__(self, authority: Authority, changes: ChangeNotifier, attestor: str) -> None:
+        self._authority = authority
+        self._changes = changes
+        self._attestor = attestor
+
+    async def identify(self, peer: PeerCredentials) -> Caller:
+        """By the registered instance named ``attestor`` (it must be a unix one), or the
+        built-in unix plugin with its defaults."""
         host = self._authority.attestors
         name = self._attestor
-        ctx = _PeerContext(peer)
         if host.is_registered(name):
             plugin = host.get(name).plugin
             if plugin != UnixAttestor.plugin_name:
@@ -345,20 +335,136 @@ class SpiffeWorkloadApi(pb_grpclib.SpiffeWorkloadAPIBase):
                     f"workload_api_attestor {name!r} is a {plugin} attestor, not unix",
                     reason="WORKLOAD_API_ATTESTOR",
                 )
-            selectors = (await host.attest(name, b"", ctx)).selectors
+            selectors = (await host.attest(name, b"", _PeerContext(peer))).selectors
         else:
-            try:
-                attested = await _DEFAULT_UNIX.attest(b"", ctx)
-            except AttestationRefused as exc:
-                raise AttestationFailed(f"{name}: {exc.message}", reason=exc.reason) from None
-            selectors = frozenset(Selector(name, f"{k}:{v}") for k, v in attested.selectors)
-        return _Caller(peer.pid, peer.uid, selectors)
+            selectors = await unix_selectors(name, peer)
+        return Caller(peer.pid, peer.uid, selectors)
 
-    def _identities(self, caller: _Caller) -> list[Identity]:
+    def open_x509(self, caller: Caller) -> X509View:
+        return _AuthorityX509View(self, caller)
+
+    def bundle_for(self, caller: Caller) -> TrustBundle:
+        self.identities(caller)  # still entitled?
+        return self._authority.ca.bundle()
+
+    async def jwt_svids(
+        self, caller: Caller, spiffe_id: SpiffeId | None, audience: list[str]
+    ) -> list[tuple[str, str]]:
+        identities = self.identities(caller)
+        if spiffe_id is not None:
+            identities = [i for i in identities if i.spiffe_id == spiffe_id]
+            if not identities:
+                raise PermissionDenied(
+                    f"no identity issued for {spiffe_id}", reason="NO_IDENTITY_ISSUED"
+                )
+        out = []
+        for identity in identities:
+            svid = await self._authority.fetch_workload_jwt(identity, audience)
+            out.append((svid.spiffe_id.uri, svid.token))
+        return out
+
+    def validate_jwt(self, token: str, audience: str) -> tuple[SpiffeId, dict[str, Any]]:
+        return self._authority.validate_jwt_svid(token, audience)
+
+    def watch(self) -> contextlib.AbstractContextManager[asyncio.Event]:
+        return self._changes.watch()
+
+    def identities(self, caller: Caller) -> list[Identity]:
         identities = self._authority.workload_identities(self._attestor, caller.selectors)
         if not identities:
-            raise PermissionDenied("no identity issued", reason="NO_IDENTITY_ISSUED")
+            raise no_identity()
         return identities
+
+    async def refresh(self, held: dict[str, _Held], caller: Caller) -> dict[str, _Held]:
+        """The SVIDs to hold now, in the entries' order: a new entry gets one, an SVID past half
+        its life or signed by a key no longer active is re-issued, the rest are kept; what is
+        no longer granted (revoked, entry deleted) is dropped."""
+        authority = self._authority
+        active = authority.ca.active_x509_authority().subject
+        fresh: dict[str, _Held] = {}
+        for template in self.identities(caller):
+            if template.entry_id is None:  # Workload API identities all come from entries
+                raise Internal("an identity without an entry")
+            current = held.get(template.entry_id)
+            now = authority.now()
+            if (
+                current is not None
+                and now < current.rotate_at
+                and current.svid.certificate.issuer == active
+            ):
+                fresh[template.entry_id] = current
+                continue
+            key = ec.generate_private_key(ec.SECP256R1())
+            identity, svid = await authority.issue_workload_x509(
+                template,
+                key.public_key(),
+                previous=current.identity if current else None,
+                details={"pid": caller.pid, "uid": caller.uid},
+            )
+            # Half its life as seen from now (notBefore is backdated for clock skew).
+            rotate_at = now + (svid.expires_at - now) / 2
+            fresh[template.entry_id] = _Held(identity, svid, key_der(key), rotate_at)
+            log.info(
+                "workload API %s: spiffe_id=%s serial=%s pid=%d",
+                "rotated" if current else "issued",
+                svid.spiffe_id,
+                svid.serial_hex,
+                caller.pid,
+            )
+        return fresh
+
+    def now(self) -> dt.datetime:
+        return self._authority.now()
+
+    def bundle(self) -> TrustBundle:
+        return self._authority.ca.bundle()
+
+
+class _AuthorityX509View:
+    def __init__(self, source: AuthoritySource, caller: Caller) -> None:
+        self._source = source
+        self._caller = caller
+        self._held: dict[str, _Held] = {}
+
+    async def current(self) -> tuple[list[X509Item], TrustBundle, float]:
+        self._held = await self._source.refresh(self._held, self._caller)
+        items = [
+            X509Item(h.svid.spiffe_id.uri, der_concat(h.svid.chain), h.key_der, h.svid.serial_hex)
+            for h in self._held.values()
+        ]
+        due = min(h.rotate_at for h in self._held.values()) - self._source.now()
+        return items, self._source.bundle(), due.total_seconds()
+
+
+class _PeerContext:
+    """The attestation context of a Workload API call: the kernel's word, no challenges."""
+
+    def __init__(self, peer: PeerCredentials) -> None:
+        self._peer = peer
+
+    @property
+    def peer(self) -> PeerCredentials | None:
+        return self._peer
+
+    async def challenge(self, payload: bytes) -> bytes:
+        raise AttestationRefused("NO_CHALLENGE", "the Workload API answers no challenges")
+
+
+def der_concat(certs: Iterable[x509.Certificate]) -> bytes:
+    """Certificates as the standard carries them: ASN.1 DER, concatenated."""
+    return b"".join(c.public_bytes(serialization.Encoding.DER) for c in certs)
+
+
+def _x509_bundles(bundle: TrustBundle) -> dict[str, bytes]:
+    """X.509 bundles keyed by trust domain ID: concatenated DER certificates."""
+    return {bundle.trust_domain.id.uri: der_concat(bundle.x509_authorities)}
+
+
+def _jwt_bundles(bundle: TrustBundle) -> dict[str, bytes]:
+    """JWT bundles keyed by trust domain ID: a JWK Set of the JWT-SVID keys."""
+    jwks = bundle.jwks()
+    jwks["keys"] = [k for k in jwks["keys"] if k.get("use") == "jwt-svid"]
+    return {bundle.trust_domain.id.uri: json.dumps(jwks, separators=(",", ":")).encode()}
 
 
 def _require_header(stream: Stream) -> None:

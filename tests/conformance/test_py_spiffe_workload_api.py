@@ -1,8 +1,11 @@
-"""py-spiffe (``spiffe`` and ``spiffe-tls``) against the authority's SPIFFE Workload API.
+"""py-spiffe (``spiffe`` and ``spiffe-tls``) against the SPIFFE Workload API, as the authority
+serves it and as a node agent serves it.
 
 The clients are the unmodified third-party libraries, on the real socket; this test process is
 the workload the kernel names. py-spiffe's clients block, so they run in threads while the
-authority serves on the test's event loop.
+authority (and the agent) serve on the test's event loop. Every test runs twice: against the
+authority's own Workload API (entries without a parent), and against a node agent attested to it
+with a join token (node entries whose parent is the agent).
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ from spiffetls import ListenOptions, dial, listen
 from spiffetls.tlsconfig.authorize import authorize_id
 
 from authority._pb import authority_v1_authority_pb2 as apb
+from authority.agent import NodeAgent
 from tests.conformance.verifiers import (
     assert_openssl_accepts,
     requires_openssl,
     verify_client,
     write_pem,
 )
-from tests.helpers import Running, running_authority
+from tests.helpers import AGENT_ID, Running, running_agent, running_authority, wait_held
 from tests.helpers import test_config as make_config
 
 TD = "spiffe://example.org"
@@ -50,29 +54,42 @@ SPIFFETLS_DEPRECATIONS = (
 class Api:
     running: Running
     socket: Path
+    agent: NodeAgent | None = None  # set when a node agent serves the API
 
     @property
     def endpoint(self) -> str:
         return f"unix:{self.socket}"
 
     async def entry(self, path: str, *selectors: str, x509_ttl: int = 0) -> None:
-        await self.running.admin().stub.CreateEntry(
+        """Create the entry; with an agent, wait until the agent holds an SVID for it (the
+        entry reaches the agent on its sync stream, then it signs)."""
+        created = await self.running.admin().stub.CreateEntry(
             apb.CreateEntryRequest(
                 spiffe_id=f"{TD}/{path}",
                 selectors=[apb.Selector(type="unix", value=s) for s in selectors],
                 x509_ttl_seconds=x509_ttl,
+                parent_id=AGENT_ID if self.agent else "",
             )
         )
+        if self.agent is not None:
+            await wait_held(self.agent, created.id)
 
 
-@pytest.fixture
-async def api(tmp_path: Path, socket_dir: Path) -> AsyncIterator[Api]:
+@pytest.fixture(params=["authority", "agent"])
+async def api(
+    request: pytest.FixtureRequest, tmp_path: Path, socket_dir: Path
+) -> AsyncIterator[Api]:
     config = dataclasses.replace(
         make_config(tmp_path / "data", socket_dir, min_ttl=dt.timedelta(seconds=4)),
         workload_api_socket=socket_dir / "workload.sock",
     )
     async with running_authority(config) as running:
-        yield Api(running, socket_dir / "workload.sock")
+        if request.param == "authority":
+            yield Api(running, socket_dir / "workload.sock")
+            return
+        agent_socket = socket_dir / "agent.sock"
+        async with running_agent(running, agent_socket, tmp_path / "agent") as agent:
+            yield Api(running, agent_socket, agent)
 
 
 def _picker(spiffe_id: str) -> Callable[[list[X509Svid]], X509Svid]:

@@ -1,5 +1,6 @@
-"""The SPIFFE Workload API on the authority's own socket, driven by a raw gRPC client (grpcio with
-the project's generated stubs). This test process is the workload: the kernel names it.
+"""The SPIFFE Workload API, driven by a raw gRPC client (grpcio with the project's generated
+stubs), on the authority's own socket and on a node agent's (each test that applies to both runs
+twice). This test process is the workload: the kernel names it.
 
 py-spiffe as the client is in ``tests/conformance/test_py_spiffe_workload_api.py``.
 """
@@ -34,8 +35,19 @@ from google.protobuf.message import Message
 from authority._pb import authority_v1_authority_pb2 as apb
 from authority._pb import spiffe_workload_pb2 as wpb
 from authority._pb import spiffe_workload_pb2_grpc as wgrpc
+from authority.agent import NodeAgent
 from authority.client import WorkloadClient
-from tests.helpers import Running, running_authority, serve_process, short_socket_dir
+from authority.config import Config
+from tests.helpers import (
+    AGENT_ID,
+    Running,
+    running_agent,
+    running_authority,
+    serve_process,
+    short_socket_dir,
+    split_der,
+    wait_held,
+)
 from tests.helpers import test_config as make_config
 
 HEADER = (("workload.spiffe.io", "true"),)
@@ -49,21 +61,34 @@ ROOT = Path(__file__).resolve().parents[2]
 class Api:
     running: Running
     socket: Path
+    agent: NodeAgent | None = None  # set when a node agent serves the API
 
     async def entry(self, path: str, *selectors: str, x509_ttl: int = 0) -> str:
+        """Create the entry (a node entry of the agent, with one); with an agent, wait until
+        it holds an SVID for it."""
         created = await self.running.admin().stub.CreateEntry(
             apb.CreateEntryRequest(
                 spiffe_id=f"{TD}/{path}",
                 selectors=[apb.Selector(type="unix", value=s) for s in selectors],
                 x509_ttl_seconds=x509_ttl,
+                parent_id=AGENT_ID if self.agent else "",
             )
         )
+        if self.agent is not None:
+            await wait_held(self.agent, created.id)
         return created.id
 
     async def revoke(self, kind: str, target: str) -> None:
-        await self.running.admin().stub.Revoke(
+        """Revoke; with an agent, return once its feed has the revocation (a relying service
+        sees it as soon, the stream tests time what the workload sees)."""
+        response = await self.running.admin().stub.Revoke(
             apb.RevokeRequest(kind=kind, target=target, reason="test")
         )
+        if self.agent is not None:
+            head = max(r.seq for r in response.revocations)
+            async with asyncio.timeout(2.0):
+                while self.agent.feed_seq < head:  # noqa: ASYNC110 - a counter, no event
+                    await asyncio.sleep(0.005)
 
     async def rotate(self) -> None:
         await self.running.admin().stub.RotateCA(apb.RotateCARequest())
@@ -72,13 +97,30 @@ class Api:
         return grpc.aio.insecure_channel(f"unix:{self.socket}")
 
 
-@pytest.fixture
-async def api(tmp_path: Path, socket_dir: Path) -> AsyncIterator[Api]:
-    config = dataclasses.replace(
+def _config(tmp_path: Path, socket_dir: Path) -> Config:
+    return dataclasses.replace(
         make_config(tmp_path / "data", socket_dir, min_ttl=dt.timedelta(seconds=4)),
         workload_api_socket=socket_dir / "workload.sock",
     )
-    async with running_authority(config) as running:
+
+
+@pytest.fixture(params=["authority", "agent"])
+async def api(
+    request: pytest.FixtureRequest, tmp_path: Path, socket_dir: Path
+) -> AsyncIterator[Api]:
+    async with running_authority(_config(tmp_path, socket_dir)) as running:
+        if request.param == "authority":
+            yield Api(running, socket_dir / "workload.sock")
+            return
+        agent_socket = socket_dir / "agent.sock"
+        async with running_agent(running, agent_socket, tmp_path / "agent") as agent:
+            yield Api(running, agent_socket, agent)
+
+
+@pytest.fixture
+async def own_api(tmp_path: Path, socket_dir: Path) -> AsyncIterator[Api]:
+    """The authority's own Workload API alone (for what concerns its attestor instance)."""
+    async with running_authority(_config(tmp_path, socket_dir)) as running:
         yield Api(running, socket_dir / "workload.sock")
 
 
@@ -87,21 +129,6 @@ async def _next(call: Any, within: float = 3.0) -> Any:
         message = await call.read()
     assert isinstance(message, Message), "the stream ended"
     return message
-
-
-def _chain(der: bytes) -> list[x509.Certificate]:
-    """Concatenated DER certificates, as the Workload API carries chains and bundles."""
-    certs = []
-    while der:
-        if der[0] != 0x30 or len(der) < 2:
-            raise ValueError("not a DER SEQUENCE")
-        size, start = der[1], 2
-        if size & 0x80:  # long form: the next (size & 0x7f) bytes hold the length
-            count = size & 0x7F
-            size, start = int.from_bytes(der[2 : 2 + count], "big"), 2 + count
-        certs.append(x509.load_der_x509_certificate(der[: start + size]))
-        der = der[start + size :]
-    return certs
 
 
 # --- the definition --------------------------------------------------------------------------
@@ -249,9 +276,9 @@ async def test_fetch_x509_svid_by_uid_path_and_hash(api: Api) -> None:
         reply = await _next(call)
         call.cancel()
     assert sorted(s.spiffe_id for s in reply.svids) == [f"{TD}/by-binary", f"{TD}/by-uid"]
-    roots = _chain(reply.svids[0].bundle)
+    roots = split_der(reply.svids[0].bundle)
     for svid in reply.svids:
-        leaf, *intermediates = _chain(svid.x509_svid)
+        leaf, *intermediates = split_der(svid.x509_svid)
         key = serialization.load_der_private_key(svid.x509_svid_key, password=None)
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         assert key.curve.name == "secp256r1"
@@ -266,8 +293,12 @@ async def test_fetch_x509_svid_by_uid_path_and_hash(api: Api) -> None:
     assert api.running.server.authority is not None
     records = await api.running.server.authority.audit_records(limit=10_000)
     attested = [json.loads(r.details_json) for r in records if r.kind == "attest.succeeded"]
+    attested = [d for d in attested if d.get("entry_id")]  # not the agent's own attestation
     assert {d["entry_id"] for d in attested} >= {by_uid}
-    assert all(d["endpoint"] == "workload_api" and d["pid"] == os.getpid() for d in attested)
+    if api.agent is None:
+        assert all(d["endpoint"] == "workload_api" and d["pid"] == os.getpid() for d in attested)
+    else:  # the agent asked for the entry's SVID; the authority never saw the workload
+        assert all(d["endpoint"] == "node_agent" and "pid" not in d for d in attested)
     issued = [r for r in records if r.kind == "x509.issued"]
     assert {r.subject for r in issued} >= {f"{TD}/by-uid", f"{TD}/by-binary"}
 
@@ -283,7 +314,7 @@ async def test_x509_stream_rotates_before_half_life(api: Api) -> None:
         second = await _next(call, within=6.0)
         waited = time.monotonic() - began
         call.cancel()
-    old, new = _chain(first.svids[0].x509_svid)[0], _chain(second.svids[0].x509_svid)[0]
+    old, new = split_der(first.svids[0].x509_svid)[0], split_der(second.svids[0].x509_svid)[0]
     assert new.serial_number != old.serial_number
     assert 2.0 <= waited <= 4.5  # half of 6 s, give or take the scheduler
     assert new.not_valid_after_utc > old.not_valid_after_utc
@@ -301,14 +332,14 @@ async def test_streams_follow_a_ca_rotation(api: Api) -> None:
         x509_bundles = stub.FetchX509Bundles(wpb.X509BundlesRequest(), metadata=HEADER)
         jwt_bundles = stub.FetchJWTBundles(wpb.JWTBundlesRequest(), metadata=HEADER)
         first = await _next(svids)
-        assert len(_chain(first.svids[0].bundle)) == 1
-        assert len(_chain((await _next(x509_bundles)).bundles[TD])) == 1
+        assert len(split_der(first.svids[0].bundle)) == 1
+        assert len(split_der((await _next(x509_bundles)).bundles[TD])) == 1
         assert len(json.loads((await _next(jwt_bundles)).bundles[TD])["keys"]) == 1
 
         await api.rotate()  # prepare: the new keys join the bundle
         began = time.monotonic()
-        assert len(_chain((await _next(svids, 1.0)).svids[0].bundle)) == 2
-        assert len(_chain((await _next(x509_bundles, 1.0)).bundles[TD])) == 2
+        assert len(split_der((await _next(svids, 1.0)).svids[0].bundle)) == 2
+        assert len(split_der((await _next(x509_bundles, 1.0)).bundles[TD])) == 2
         jwks = json.loads((await _next(jwt_bundles, 1.0)).bundles[TD])
         assert len(jwks["keys"]) == 2
         assert all(k["use"] == "jwt-svid" and k["kid"] for k in jwks["keys"])
@@ -316,8 +347,8 @@ async def test_streams_follow_a_ca_rotation(api: Api) -> None:
 
         await api.rotate()  # activate: the SVID is re-issued by the new key
         third = await _next(svids, 2.0)
-        old_leaf = _chain(first.svids[0].x509_svid)[0]
-        new_leaf = _chain(third.svids[0].x509_svid)[0]
+        old_leaf = split_der(first.svids[0].x509_svid)[0]
+        new_leaf = split_der(third.svids[0].x509_svid)[0]
         assert new_leaf.issuer != old_leaf.issuer
         for call in (svids, x509_bundles, jwt_bundles):
             call.cancel()
@@ -373,10 +404,11 @@ async def test_entry_created_while_streaming_is_picked_up(api: Api) -> None:
 
 
 async def test_a_registered_instance_is_used_and_its_svids_work_at_the_authority(
-    api: Api, tmp_path: Path
+    own_api: Api, tmp_path: Path
 ) -> None:
     """With a ``unix`` instance registered under ``workload_api_attestor``, its configuration
     applies, and the SVIDs (recorded as its attestations) authenticate over mutual TLS."""
+    api = own_api
     admin = api.running.admin().stub
     await admin.RegisterAttestor(
         apb.RegisterAttestorRequest(
@@ -396,11 +428,11 @@ async def test_a_registered_instance_is_used_and_its_svids_work_at_the_authority
     svid = reply.svids[0]
     key = serialization.load_der_private_key(svid.x509_svid_key, password=None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
-    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in _chain(svid.x509_svid))
+    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in split_der(svid.x509_svid))
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    bundle = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in _chain(svid.bundle))
+    bundle = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in split_der(svid.bundle))
     async with WorkloadClient(
         api.running.address, bundle, svid_chain_pem=pem, svid_key_pem=key_pem
     ) as holder:
@@ -418,7 +450,8 @@ async def test_a_registered_instance_is_used_and_its_svids_work_at_the_authority
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-async def test_an_instance_of_another_plugin_under_that_name_is_refused(api: Api) -> None:
+async def test_an_instance_of_another_plugin_under_that_name_is_refused(own_api: Api) -> None:
+    api = own_api
     await api.running.admin().stub.RegisterAttestor(
         apb.RegisterAttestorRequest(name="unix", plugin="join_token")
     )
@@ -510,8 +543,13 @@ async def test_fetch_jwt_svid_for_each_identity_or_the_one_asked(api: Api) -> No
     assert api.running.server.authority is not None
     records = await api.running.server.authority.audit_records(limit=10_000)
     jwt_records = [json.loads(r.details_json) for r in records if r.kind == "jwt.issued"]
-    assert len(jwt_records) == 3
-    assert all(d["attestor"] == "unix" and "token" not in d for d in jwt_records)
+    assert all("token" not in d for d in jwt_records)
+    if api.agent is None:
+        assert len(jwt_records) == 3
+        assert all(d["attestor"] == "unix" for d in jwt_records)
+    else:  # the agent answered the second ask for /two from its cache
+        assert len(jwt_records) == 2
+        assert all(d["agent"] == AGENT_ID for d in jwt_records)
 
 
 # --- the command ------------------------------------------------------------------------------

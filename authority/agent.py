@@ -1,0 +1,711 @@
+"""The node agent (``authority agent``): the SPIFFE Workload API on machines other than the
+authority's.
+
+It attests itself once (join token, x509pop or a platform JWT) and keeps its own SVID on disk
+(``<data-dir>/agent``), renewed at half its life, so a restart needs no new join token. Over
+mutual TLS with that SVID it holds three streams and calls open to the authority:
+
+- ``SyncAgent``: the node entries it serves (entries whose ``parent_id`` is its SPIFFE ID) and
+  the bundle, pushed on every change;
+- ``WatchRevocations``: applied at once: an identity whose subject, entry, attestor or agent is
+  revoked is dropped from every open stream (PERMISSION_DENIED when nothing is left), an SVID
+  signed by a revoked key is re-issued;
+- ``SignAgentSVIDs`` (batched) and ``FetchAgentJWTSVID``: SVIDs for the workloads of its
+  entries. Workload keys are generated here and never leave the node.
+
+One X.509-SVID is held per entry, shared by every workload the entry matches, re-issued at
+about half its life and pushed on the open streams at once; JWT-SVIDs are cached per entry
+and audience until half their life. Local callers are identified by the kernel (the ``unix``
+attestor's selectors, typed ``workload_attestor``), as on the authority's own Workload API.
+
+When the authority cannot be reached the agent keeps serving what it holds until it expires
+(availability over freshness, as SPIRE agents do); the revocation feed's silence is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from attestors.api import PeerCredentials
+from authority._pb import authority_v1_authority_pb2 as pb
+from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
+from authority.api.convert import bundle_from_pb
+from authority.api.status import error_from_status
+from authority.api.workload_api import (
+    RESYNC_INTERVAL,
+    Caller,
+    SpiffeWorkloadApi,
+    UnixSocketServer,
+    X509Item,
+    X509View,
+    der_concat,
+    key_der,
+    no_identity,
+    unix_selectors,
+)
+from authority.bundle import TrustBundle, jwk_thumbprint
+from authority.client import (
+    Responder,
+    SvidFiles,
+    WorkloadClient,
+    der_chain_to_pem,
+    make_csr,
+    new_key,
+)
+from authority.errors import FailedPrecondition, PermissionDenied
+from authority.ids import SpiffeId
+from authority.jwt_svid import check_jwt_svid
+from authority.models import Selector
+from authority.watch import RevocationWatcher
+
+log = logging.getLogger(__name__)
+
+SIGN_BATCH = 64  # the authority's max_node_csrs default
+JWT_CACHE_SIZE = 4096
+BACKOFF_INITIAL = 0.05
+BACKOFF_MAX = 5.0
+STALE_FEED = dt.timedelta(seconds=15)  # log when the revocation feed is silent this long
+_AUTH_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+@dataclass(frozen=True, slots=True)
+class AttestProof:
+    """How the agent proves itself: an attestor instance, its evidence, a challenge responder.
+    ``reusable``: whether the proof may be presented again (a join token may not)."""
+
+    attestor: str
+    evidence: bytes
+    respond: Responder | None = None
+    reusable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    server: str  # HOST:PORT of the authority's server-TLS endpoint
+    trust_bundle_pem: bytes  # roots that verify the authority at first contact
+    data_dir: Path
+    socket: Path  # where the Workload API is served
+    proof: AttestProof | None = None  # needed unless a saved SVID is still good
+    workload_attestor: str = "unix"  # the selector type of the local callers
+    spiffe_id_hint: str = ""
+    socket_mode: int = 0o666  # any local process may ask; the kernel says who it is
+
+
+@dataclass(frozen=True, slots=True)
+class NodeEntry:
+    id: str
+    spiffe_id: SpiffeId
+    selectors: frozenset[Selector]
+
+    @classmethod
+    def from_pb(cls, entry: pb.RegistrationEntry) -> NodeEntry:
+        return cls(
+            entry.id,
+            SpiffeId.parse(entry.spiffe_id),
+            frozenset(Selector(s.type, s.value) for s in entry.selectors),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HeldSvid:
+    """The X.509-SVID the agent holds for one entry (its key never leaves this process)."""
+
+    entry: NodeEntry
+    item: X509Item
+    not_after: dt.datetime
+    rotate_at: dt.datetime
+    issuer: x509.Name
+    issuer_kid: str  # the signing key, as revocations of kind ``key`` name it
+
+
+@dataclass(slots=True)
+class AgentStats:
+    signed: int = 0  # X.509-SVIDs received from the authority
+    sign_calls: int = 0
+    jwt_fetched: int = 0
+    jwt_cached: int = 0
+    dropped: int = 0  # held SVIDs dropped for a revocation or a deleted entry
+    own_renewals: int = 0
+    syncs: int = 0
+    attestations: int = 0
+    first_sync_s: float = 0.0
+
+
+class _Changes:
+    """Wakes the agent's open Workload API streams."""
+
+    def __init__(self) -> None:
+        self._waiters: set[asyncio.Event] = set()
+
+    def notify(self) -> None:
+        for event in self._waiters:
+            event.set()
+
+    @contextlib.contextmanager
+    def watch(self) -> Iterator[asyncio.Event]:
+        event = asyncio.Event()
+        self._waiters.add(event)
+        try:
+            yield event
+        finally:
+            self._waiters.discard(event)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class NodeAgent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.stats = AgentStats()
+        self.spiffe_id: SpiffeId | None = None
+        self._attestor = ""  # the instance that attested this agent (revocations name it)
+        self._files = SvidFiles(config.data_dir / "agent")
+        self._meta_path = config.data_dir / "agent" / "agent.json"
+        self._bundle_pem = config.trust_bundle_pem
+        self._bundle: TrustBundle | None = None
+        self._active_issuer: x509.Name | None = None
+        self._synced_changes = False  # a sync brought news the streams have not been told
+        self._client: WorkloadClient | None = None
+        self._stub: pb_grpc.WorkloadAsyncStub | None = None
+        self._own_not_after = _now()
+        self._own_rotate_at = _now()
+        self._entries: dict[str, NodeEntry] = {}
+        self._held: dict[str, HeldSvid] = {}
+        self._refused: dict[str, float] = {}  # entry id -> monotonic time to ask again
+        self._jwts: OrderedDict[tuple[str, tuple[str, ...]], tuple[str, float, float]] = (
+            OrderedDict()
+        )
+        self._changes = _Changes()
+        self._wake = asyncio.Event()
+        self._watcher = RevocationWatcher(
+            self._open_feed,
+            stale_after=STALE_FEED,
+            on_event=lambda _: self._wake.set(),
+            on_snapshot=self._wake.set,
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing: set[asyncio.Task[None]] = set()
+        self._server: UnixSocketServer | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+        """Attest (or reuse the saved SVID), take the first entries and bundle, sign what they
+        need, then open the Workload API socket: a workload never sees a half-started agent."""
+        began = time.monotonic()
+        async with asyncio.timeout(timeout):
+            saved = self._load_saved()
+            if saved:
+                try:
+                    first = await self._first_sync()
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() not in _AUTH_CODES or self.config.proof is None:
+                        raise
+                    log.warning("saved agent SVID refused (%s): attesting again", exc.code().name)
+                    await self._attest()
+                    first = await self._first_sync()
+            else:
+                await self._attest()
+                first = await self._first_sync()
+            self._watcher.start()
+            await self._reconcile()
+            self.stats.first_sync_s = time.monotonic() - began
+        self._tasks = [
+            asyncio.create_task(self._sync_loop(first), name="agent-sync"),
+            asyncio.create_task(self._rotate_loop(), name="agent-rotate"),
+            asyncio.create_task(self._own_renewal_loop(), name="agent-renew"),
+        ]
+        await self._serve()
+        log.info(
+            "agent serving: spiffe_id=%s entries=%d socket=%s",
+            self.spiffe_id,
+            len(self._entries),
+            self.config.socket,
+        )
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+            self.config.socket.unlink(missing_ok=True)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        await self._watcher.close()
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def _serve(self) -> None:
+        path = self.config.socket
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        self._server = UnixSocketServer([SpiffeWorkloadApi(AgentSource(self))])
+        old = os.umask(0o177)
+        try:
+            await self._server.start(path=str(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, self.config.socket_mode)
+
+    # --- the agent's own identity ----------------------------------------------------------
+
+    def _load_saved(self) -> bool:
+        """Use the SVID saved by an earlier run, if it is still valid for a while."""
+        try:
+            chain, key, _ = self._files.read()
+            meta = json.loads(self._meta_path.read_text())
+            leaf = x509.load_pem_x509_certificate(chain)
+        except (OSError, ValueError, KeyError):
+            return False
+        if _now() >= leaf.not_valid_after_utc - dt.timedelta(seconds=5):
+            return False
+        self._use_svid(chain, key, leaf, str(meta["attestor"]))
+        return True
+
+    async def _attest(self) -> None:
+        proof = self.config.proof
+        if proof is None:
+            raise FailedPrecondition(
+                "the agent has no valid saved SVID and no proof to attest with",
+                reason="AGENT_NO_PROOF",
+            )
+        key = new_key()
+        async with WorkloadClient(self.config.server, self._bundle_pem) as client:
+            result = await client.attest(
+                proof.attestor,
+                proof.evidence,
+                key,
+                respond=proof.respond,
+                spiffe_id_hint=self.config.spiffe_id_hint,
+            )
+        if not result.svids:
+            raise FailedPrecondition("the authority returned no SVID", reason="AGENT_NO_SVID")
+        chain = der_chain_to_pem(list(result.svids[0].cert_chain))
+        self._bundle_pem = der_chain_to_pem(list(result.bundle.x509_authorities))
+        key_pem = _key_pem(key)
+        self._save(chain, key, proof.attestor)
+        self._use_svid(chain, key_pem, x509.load_pem_x509_certificate(chain), proof.attestor)
+        self.stats.attestations += 1
+        log.info("agent attested: spiffe_id=%s attestor=%s", self.spiffe_id, proof.attestor)
+
+    def _save(self, chain: bytes, key: ec.EllipticCurvePrivateKey, attestor: str) -> None:
+        self._files.write(chain, key, self._bundle_pem)
+        tmp = self._meta_path.with_name(".agent.json.tmp")
+        tmp.write_text(json.dumps({"attestor": attestor}))
+        os.replace(tmp, self._meta_path)
+
+    def _use_svid(self, chain: bytes, key: bytes, leaf: x509.Certificate, attestor: str) -> None:
+        """Talk to the authority with this SVID from now on. Streams on the previous channel
+        end and reconnect on this one."""
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        (uri,) = san.get_values_for_type(x509.UniformResourceIdentifier)
+        self.spiffe_id = SpiffeId.parse(uri)
+        self._attestor = attestor
+        now = _now()
+        self._own_not_after = leaf.not_valid_after_utc
+        self._own_rotate_at = now + (self._own_not_after - now) / 2
+        old = self._client
+        self._client = WorkloadClient(
+            self.config.server, self._bundle_pem, svid_chain_pem=chain, svid_key_pem=key
+        )
+        self._stub = None
+        if old is not None:  # its streams end and reconnect on the new channel
+            closing = asyncio.get_running_loop().create_task(old.close())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+
+    async def _mtls(self) -> pb_grpc.WorkloadAsyncStub:
+        if self._stub is None:
+            assert self._client is not None
+            self._stub = await self._client.mtls_stub()
+        return self._stub
+
+    async def _own_renewal_loop(self) -> None:
+        delay = BACKOFF_INITIAL
+        while True:
+            wait = (self._own_rotate_at - _now()).total_seconds()
+            await asyncio.sleep(max(0.0, wait))
+            try:
+                await self._renew_own()
+                delay = BACKOFF_INITIAL
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                log.warning("agent SVID renewal failed: %s", exc.code().name)
+                proof = self.config.proof
+                if exc.code() in _AUTH_CODES and proof is not None and proof.reusable:
+                    with contextlib.suppress(Exception):
+                        await self._attest()
+                        continue
+                await asyncio.sleep(random.uniform(0, delay))  # noqa: S311 - jitter
+                delay = min(BACKOFF_MAX, delay * 2)
+            except Exception:
+                log.exception("agent SVID renewal failed")
+                await asyncio.sleep(delay)
+                delay = min(BACKOFF_MAX, delay * 2)
+
+    async def _renew_own(self) -> None:
+        key = new_key()
+        stub = await self._mtls()
+        response = await stub.RenewX509SVID(pb.RenewX509SVIDRequest(csr=make_csr(key)))
+        chain = der_chain_to_pem(list(response.svid.cert_chain))
+        self._save(chain, key, self._attestor)
+        self._use_svid(chain, _key_pem(key), x509.load_pem_x509_certificate(chain), self._attestor)
+        self.stats.own_renewals += 1
+        log.info("agent SVID renewed: spiffe_id=%s", self.spiffe_id)
+
+    # --- entries and bundle ----------------------------------------------------------------
+
+    async def _first_sync(self) -> grpc.aio.UnaryStreamCall[Any, Any]:
+        stub = await self._mtls()
+        call = stub.SyncAgent(pb.SyncAgentRequest())
+        state = await call.read()
+        if not isinstance(state, pb.AgentState):  # grpc.aio.EOF: the stream ended at once
+            raise ConnectionError("the authority closed the sync stream")
+        self._apply(state)
+        return call
+
+    async def _sync_loop(self, first: grpc.aio.UnaryStreamCall[Any, Any]) -> None:
+        call: grpc.aio.UnaryStreamCall[Any, Any] | None = first
+        delay = BACKOFF_INITIAL
+        while True:
+            try:
+                if call is None:
+                    call = (await self._mtls()).SyncAgent(pb.SyncAgentRequest())
+                while isinstance(state := await call.read(), pb.AgentState):
+                    self._apply(state)
+                    delay = BACKOFF_INITIAL
+            except asyncio.CancelledError:
+                if _cancelling():
+                    if call is not None:
+                        call.cancel()
+                    raise
+                # The call was cancelled under us: its channel closed after a renewal.
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is not grpc.StatusCode.CANCELLED:  # a channel swap
+                    log.warning("agent sync stream lost: %s", exc.code().name)
+            except Exception:
+                log.exception("agent sync stream failed")
+            call = None
+            await asyncio.sleep(random.uniform(0, delay))  # noqa: S311 - jitter
+            delay = min(BACKOFF_MAX, delay * 2)
+
+    def _apply(self, state: pb.AgentState) -> None:
+        self.stats.syncs += 1
+        self._entries = {e.id: NodeEntry.from_pb(e) for e in state.entries}
+        bundle = bundle_from_pb(state.bundle)
+        active = x509.load_der_x509_certificate(state.active_x509_authority)
+        self._active_issuer = active.subject
+        if self._bundle is None or bundle.sequence != self._bundle.sequence:
+            self._bundle = bundle
+            self._bundle_pem = bundle.pem()
+            log.info("agent bundle: sequence=%d", bundle.sequence)
+        # The rotator tells the streams, once it has re-signed what the change calls for: a
+        # workload sees the new bundle with the SVIDs that go with it.
+        self._synced_changes = True
+        self._wake.set()
+
+    def _open_feed(self, since: int) -> Any:
+        async def stream() -> Any:
+            stub = await self._mtls()
+            async for message in stub.WatchRevocations(pb.WatchRevocationsRequest(since=since)):
+                yield message
+
+        return stream()
+
+    # --- the SVIDs held for the entries ----------------------------------------------------
+
+    def revoked(self, entry: NodeEntry) -> bool:
+        """Whether ``entry`` may not be served now: its entry, subject, this agent or the
+        attestor behind it is revoked."""
+        has = self._watcher.revoked.has
+        now_us = int(time.time() * 1_000_000)
+        return (
+            has("entry", entry.id, now_us)
+            or has("subject", entry.spiffe_id.uri, now_us)
+            or (self.spiffe_id is not None and has("subject", self.spiffe_id.uri, now_us))
+            or has("attestor", self._attestor, now_us)
+        )
+
+    async def _rotate_loop(self) -> None:
+        while True:
+            self._wake.clear()
+            due = await self._reconcile()
+            staleness = self._watcher.staleness()
+            if staleness is not None and staleness > STALE_FEED.total_seconds():
+                log.warning("revocation feed silent for %.0f s", staleness)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(RESYNC_INTERVAL, max(0.05, due))):
+                    await self._wake.wait()
+
+    async def _reconcile(self) -> float:
+        """Drop what may no longer be served (at once, before any call), then sign what is
+        missing or due. Returns the seconds until the next rotation is due."""
+        now = _now()
+        kept: dict[str, HeldSvid] = {}
+        for entry_id, held in self._held.items():
+            entry = self._entries.get(entry_id)
+            if entry is None or self.revoked(entry) or now >= held.not_after:
+                self.stats.dropped += 1
+                log.info("agent dropped: entry=%s spiffe_id=%s", entry_id, held.entry.spiffe_id)
+                continue
+            kept[entry_id] = held
+        if len(kept) != len(self._held):
+            self._held = kept
+            self._jwts.clear()
+            self._changes.notify()
+        bundle_kids = self._bundle_kids()
+        key_revoked = self._watcher.revoked.has
+        now_us = int(now.timestamp() * 1_000_000)
+        clock = time.monotonic()
+        wanted = [
+            e
+            for e in self._entries.values()
+            if not self.revoked(e)
+            and self._refused.get(e.id, 0.0) <= clock
+            and (
+                e.id not in self._held
+                or now >= self._held[e.id].rotate_at
+                or self._held[e.id].issuer_kid not in bundle_kids
+                or self._held[e.id].issuer != self._active_issuer
+                or key_revoked("key", self._held[e.id].issuer_kid, now_us)
+            )
+        ]
+        if wanted:
+            await self._sign(wanted)
+        if self._synced_changes:
+            self._synced_changes = False
+            self._changes.notify()
+        due = [h.rotate_at for h in self._held.values()]
+        return (min(due) - _now()).total_seconds() if due else RESYNC_INTERVAL
+
+    def _bundle_kids(self) -> set[str]:
+        if self._bundle is None:
+            return set()
+        return {
+            jwk_thumbprint(key)
+            for cert in self._bundle.x509_authorities
+            if isinstance(key := cert.public_key(), ec.EllipticCurvePublicKey)
+        }
+
+    async def _sign(self, entries: list[NodeEntry]) -> None:
+        for start in range(0, len(entries), SIGN_BATCH):
+            batch = entries[start : start + SIGN_BATCH]
+            keys = [new_key() for _ in batch]
+            request = pb.SignAgentSVIDsRequest(
+                csrs=[
+                    pb.AgentCSR(entry_id=e.id, csr=make_csr(k))
+                    for e, k in zip(batch, keys, strict=True)
+                ]
+            )
+            try:
+                self.stats.sign_calls += 1
+                response = await (await self._mtls()).SignAgentSVIDs(request)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is grpc.StatusCode.PERMISSION_DENIED and len(batch) > 1:
+                    for entry in batch:  # find the refused one(s); the batch is all or nothing
+                        await self._sign([entry])
+                    continue
+                log.warning("agent signing failed: %s %s", exc.code().name, exc.details())
+                if exc.code() is grpc.StatusCode.PERMISSION_DENIED:
+                    self._refused[batch[0].id] = time.monotonic() + BACKOFF_MAX
+                continue
+            self._take(batch, keys, list(response.svids))
+
+    def _take(
+        self, batch: list[NodeEntry], keys: list[ec.EllipticCurvePrivateKey], svids: list[Any]
+    ) -> None:
+        now = _now()
+        for entry, key, svid in zip(batch, keys, svids, strict=True):
+            chain = [x509.load_der_x509_certificate(d) for d in svid.cert_chain]
+            leaf = chain[0]
+            if leaf.public_key() != key.public_key():
+                log.error("the authority signed another key for entry %s: dropped", entry.id)
+                continue
+            not_after = leaf.not_valid_after_utc
+            self._held[entry.id] = HeldSvid(
+                entry=entry,
+                item=X509Item(
+                    entry.spiffe_id.uri, der_concat(chain), key_der(key), svid_serial(leaf)
+                ),
+                not_after=not_after,
+                rotate_at=now + (not_after - now) / 2,
+                issuer=leaf.issuer,
+                issuer_kid=self._issuer_kid(leaf),
+            )
+            self._refused.pop(entry.id, None)
+            self.stats.signed += 1
+            log.info(
+                "agent holds: entry=%s spiffe_id=%s serial=%s",
+                entry.id,
+                entry.spiffe_id,
+                svid_serial(leaf),
+            )
+        self._changes.notify()
+
+    def _issuer_kid(self, leaf: x509.Certificate) -> str:
+        for cert in self._bundle.x509_authorities if self._bundle else ():
+            key = cert.public_key()
+            if cert.subject == leaf.issuer and isinstance(key, ec.EllipticCurvePublicKey):
+                return jwk_thumbprint(key)
+        return ""
+
+    # --- what the Workload API asks ---------------------------------------------------------
+
+    def matching(self, caller: Caller) -> list[HeldSvid]:
+        held = [
+            h
+            for h in self._held.values()
+            if h.entry.selectors <= caller.selectors and not self.revoked(h.entry)
+        ]
+        if not held:
+            raise no_identity()
+        held.sort(key=lambda h: (h.entry.spiffe_id, h.entry.id))
+        return held
+
+    def bundle(self) -> TrustBundle:
+        if self._bundle is None:
+            raise no_identity()
+        return self._bundle
+
+    async def jwt_svid(self, entry: NodeEntry, audience: list[str]) -> str:
+        key = (entry.id, tuple(sorted(set(audience))))
+        cached = self._jwts.get(key)
+        now = time.time()
+        if cached is not None and now < cached[1]:
+            self.stats.jwt_cached += 1
+            self._jwts.move_to_end(key)
+            return cached[0]
+        try:
+            response = await (await self._mtls()).FetchAgentJWTSVID(
+                pb.FetchAgentJWTSVIDRequest(entry_id=entry.id, audience=audience)
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_status(exc) from None
+        self.stats.jwt_fetched += 1
+        refresh_at = now + (response.expires_at - now) / 2
+        self._jwts[key] = (response.token, refresh_at, float(response.expires_at))
+        if len(self._jwts) > JWT_CACHE_SIZE:
+            self._jwts.popitem(last=False)
+        return str(response.token)
+
+    def is_subject_revoked(self, subject: str) -> bool:
+        return self._watcher.revoked.has("subject", subject, int(time.time() * 1_000_000))
+
+    def watch(self) -> contextlib.AbstractContextManager[asyncio.Event]:
+        return self._changes.watch()
+
+    @property
+    def held(self) -> dict[str, HeldSvid]:
+        return dict(self._held)
+
+    @property
+    def feed_seq(self) -> int:
+        return self._watcher.seq
+
+
+def _cancelling() -> bool:
+    """Whether the running task is being cancelled (not merely a gRPC call inside it)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def svid_serial(cert: x509.Certificate) -> str:
+    return format(cert.serial_number, "x")
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+class AgentSource:
+    """The agent as a ``WorkloadSource``: what it holds, for the callers its entries select."""
+
+    def __init__(self, agent: NodeAgent) -> None:
+        self._agent = agent
+
+    async def identify(self, peer: PeerCredentials) -> Caller:
+        selectors = await unix_selectors(self._agent.config.workload_attestor, peer)
+        return Caller(peer.pid, peer.uid, selectors)
+
+    def open_x509(self, caller: Caller) -> X509View:
+        return _AgentX509View(self._agent, caller)
+
+    def bundle_for(self, caller: Caller) -> TrustBundle:
+        self._agent.matching(caller)
+        return self._agent.bundle()
+
+    async def jwt_svids(
+        self, caller: Caller, spiffe_id: SpiffeId | None, audience: list[str]
+    ) -> list[tuple[str, str]]:
+        held = self._agent.matching(caller)
+        if spiffe_id is not None:
+            held = [h for h in held if h.entry.spiffe_id == spiffe_id]
+            if not held:
+                raise PermissionDenied(
+                    f"no identity issued for {spiffe_id}", reason="NO_IDENTITY_ISSUED"
+                )
+        tokens = await asyncio.gather(*(self._agent.jwt_svid(h.entry, audience) for h in held))
+        return [(h.entry.spiffe_id.uri, t) for h, t in zip(held, tokens, strict=True)]
+
+    def validate_jwt(self, token: str, audience: str) -> tuple[SpiffeId, dict[str, Any]]:
+        return check_jwt_svid(
+            token, audience, self._agent.bundle(), _now(), self._agent.is_subject_revoked
+        )
+
+    def watch(self) -> contextlib.AbstractContextManager[asyncio.Event]:
+        return self._agent.watch()
+
+
+class _AgentX509View:
+    def __init__(self, agent: NodeAgent, caller: Caller) -> None:
+        self._agent = agent
+        self._caller = caller
+
+    async def current(self) -> tuple[list[X509Item], TrustBundle, float]:
+        held = self._agent.matching(self._caller)
+        return [h.item for h in held], self._agent.bundle(), RESYNC_INTERVAL
+
+
+async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:
+    agent = NodeAgent(config)
+    await agent.start()
+    try:
+        await stop.wait()
+    finally:
+        await agent.stop()
+
+
+__all__ = [
+    "AgentConfig",
+    "AgentSource",
+    "AttestProof",
+    "NodeAgent",
+    "run_agent",
+]

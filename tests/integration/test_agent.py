@@ -1,0 +1,379 @@
+"""The node agent against the real authority: node entries served by their agent alone, the
+agent's own identity (kept across restarts, renewed, revoked), what revoking reaches, and the
+``authority agent`` command as a process of its own.
+
+The Workload API conformance of the agent (py-spiffe, raw gRPC) runs in
+``tests/conformance/test_py_spiffe_workload_api.py`` and ``tests/integration/test_workload_api.py``
+(each test there runs against the authority and against an agent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from google.protobuf.message import Message
+from spiffe import TrustDomain, WorkloadApiClient
+
+from authority._pb import authority_v1_authority_pb2 as apb
+from authority._pb import spiffe_workload_pb2 as wpb
+from authority._pb import spiffe_workload_pb2_grpc as wgrpc
+from authority.agent import AgentConfig, NodeAgent
+from authority.client import WorkloadClient, make_csr, new_key
+from tests.conformance.verifiers import verify_client
+from tests.helpers import (
+    AGENT_ID,
+    Running,
+    authority_command,
+    running_agent,
+    running_authority,
+    serve_process,
+    short_socket_dir,
+    split_der,
+    wait_held,
+)
+from tests.helpers import test_config as make_config
+from tests.security._attack import reason_of
+
+HEADER = (("workload.spiffe.io", "true"),)
+TD = "spiffe://example.org"
+UID = os.getuid()
+
+
+@pytest.fixture
+async def running(tmp_path: Path, socket_dir: Path) -> AsyncIterator[Running]:
+    config = dataclasses.replace(
+        make_config(
+            tmp_path / "data",
+            socket_dir,
+            min_ttl=dt.timedelta(seconds=4),
+            default_x509_ttl=dt.timedelta(seconds=8),  # the agent's own SVID: renewed at 4 s
+        ),
+        workload_api_socket=socket_dir / "workload.sock",
+    )
+    async with running_authority(config) as running:
+        yield running
+
+
+async def node_entry(running: Running, path: str, parent: str = AGENT_ID, **extra: Any) -> str:
+    created = await running.admin().stub.CreateEntry(
+        apb.CreateEntryRequest(
+            spiffe_id=f"{TD}/{path}",
+            selectors=[apb.Selector(type="unix", value=f"uid:{UID}")],
+            parent_id=parent,
+            **extra,
+        )
+    )
+    return created.id
+
+
+async def _next(call: Any, within: float = 3.0) -> Any:
+    async with asyncio.timeout(within):
+        message = await call.read()
+    assert isinstance(message, Message), "the stream ended"
+    return message
+
+
+def _reason(err: pytest.ExceptionInfo[grpc.aio.AioRpcError]) -> str | None:
+    return reason_of(err.value)
+
+
+def _svid_files(reply: wpb.X509SVIDResponse) -> tuple[bytes, bytes, bytes]:
+    """(chain PEM, key PEM, bundle PEM) of the first SVID of a Workload API reply."""
+    svid = reply.svids[0]
+    key = serialization.load_der_private_key(svid.x509_svid_key, password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    chain = split_der(svid.x509_svid)
+    bundle = split_der(svid.bundle)
+    pem = serialization.Encoding.PEM
+    return (
+        b"".join(c.public_bytes(pem) for c in chain),
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        b"".join(c.public_bytes(pem) for c in bundle),
+    )
+
+
+# --- node entries belong to their agent --------------------------------------------------------
+
+
+async def test_node_entries_are_served_by_their_agent_alone(
+    running: Running, tmp_path: Path, socket_dir: Path
+) -> None:
+    entry_id = await node_entry(running, "on-node1")
+    # Not by the authority's own Workload API, though the selectors match this process.
+    async with grpc.aio.insecure_channel(f"unix:{socket_dir / 'workload.sock'}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await wgrpc.SpiffeWorkloadAPIStub(channel).FetchJWTSVID(
+                wpb.JWTSVIDRequest(audience=["a"]), metadata=HEADER
+            )
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # Not to another agent: it cannot sign for, nor fetch a JWT-SVID of, node1's entry.
+    node2 = await running.attested(f"{TD}/agent/node2", tmp_path / "node2")
+    stub = await node2.mtls_stub()
+    sync = stub.SyncAgent(apb.SyncAgentRequest())
+    state = await _next(sync)
+    assert list(state.entries) == []
+    sync.cancel()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.SignAgentSVIDs(
+            apb.SignAgentSVIDsRequest(
+                csrs=[apb.AgentCSR(entry_id=entry_id, csr=make_csr(new_key()))]
+            )
+        )
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert _reason(err) == "NOT_NODE_ENTRY"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.FetchAgentJWTSVID(
+            apb.FetchAgentJWTSVIDRequest(entry_id=entry_id, audience=["a"])
+        )
+    assert _reason(err) == "NOT_NODE_ENTRY"
+    # node1 gets it, and the SVID chains to the bundle under cryptography's verifier.
+    async with running_agent(running, socket_dir / "a.sock", tmp_path / "agent") as agent:
+        held = agent.held[entry_id]
+        async with grpc.aio.insecure_channel(f"unix:{socket_dir / 'a.sock'}") as channel:
+            reply = await _next(
+                wgrpc.SpiffeWorkloadAPIStub(channel).FetchX509SVID(
+                    wpb.X509SVIDRequest(), metadata=HEADER
+                )
+            )
+    assert [s.spiffe_id for s in reply.svids] == [f"{TD}/on-node1"]
+    leaf, *rest = split_der(reply.svids[0].x509_svid)
+    roots = split_der(reply.svids[0].bundle)
+    sans, _ = verify_client(leaf, roots, rest)
+    assert sans == [x509.UniformResourceIdentifier(f"{TD}/on-node1")]
+    assert format(leaf.serial_number, "x") == held.item.serial
+
+
+async def test_admin_node_entries_and_oversized_or_duplicate_batches_are_refused(
+    running: Running, tmp_path: Path
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await node_entry(running, "root-on-node", admin=True)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    entry_id = await node_entry(running, "w")
+    agent = await running.attested(AGENT_ID, tmp_path / "agent")
+    stub = await agent.mtls_stub()
+    cases = {
+        "NO_CSR": [],
+        "DUPLICATE_ENTRY": [(entry_id, make_csr(new_key())), (entry_id, make_csr(new_key()))],
+        "TOO_MANY_CSRS": [(entry_id, make_csr(new_key()))] * 65,
+    }
+    for reason, csrs in cases.items():
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.SignAgentSVIDs(
+                apb.SignAgentSVIDsRequest(csrs=[apb.AgentCSR(entry_id=e, csr=c) for e, c in csrs])
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, reason
+        assert _reason(err) == reason
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.SignAgentSVIDs(
+            apb.SignAgentSVIDsRequest(csrs=[apb.AgentCSR(entry_id=entry_id, csr=b"not a csr")])
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Nothing was issued by the refused calls.
+    assert running.server.authority is not None
+    records = await running.server.authority.audit_records(limit=10_000)
+    assert not [r for r in records if r.kind == "x509.issued" and r.subject == f"{TD}/w"]
+
+
+# --- the agent's own identity -----------------------------------------------------------------
+
+
+async def test_a_restarted_agent_reuses_its_saved_svid(
+    running: Running, tmp_path: Path, socket_dir: Path
+) -> None:
+    entry_id = await node_entry(running, "w")
+    data = tmp_path / "agent"
+    async with running_agent(running, socket_dir / "a.sock", data) as agent:
+        first_id = agent.spiffe_id
+    key_file = data / "agent" / "svid.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    # No proof this time: the join token is spent, the saved SVID is enough.
+    again = NodeAgent(
+        AgentConfig(
+            server=running.address,
+            trust_bundle_pem=await running.bundle_pem(),
+            data_dir=data,
+            socket=socket_dir / "a.sock",
+        )
+    )
+    await again.start()
+    try:
+        assert again.spiffe_id == first_id
+        assert again.stats.attestations == 0
+        assert entry_id in again.held
+    finally:
+        await again.stop()
+
+
+async def test_the_agent_renews_its_svid_at_half_life_and_keeps_its_streams(
+    running: Running, tmp_path: Path, socket_dir: Path
+) -> None:
+    """The agent's SVID lives 8 s here: renewed at about 4 s, the sync and revocation streams
+    move to the new channel, and changes still arrive."""
+    async with running_agent(running, socket_dir / "a.sock", tmp_path / "agent") as agent:
+        before = (tmp_path / "agent" / "agent" / "svid.pem").read_bytes()
+        async with asyncio.timeout(8.0):
+            while agent.stats.own_renewals == 0:  # noqa: ASYNC110 - a counter, no event
+                await asyncio.sleep(0.05)
+        assert (tmp_path / "agent" / "agent" / "svid.pem").read_bytes() != before
+        entry_id = await node_entry(running, "after-renewal")
+        await wait_held(agent, entry_id)
+        began = time.monotonic()
+        await running.admin().stub.Revoke(
+            apb.RevokeRequest(kind="entry", target=entry_id, reason="test")
+        )
+        async with asyncio.timeout(2.0):
+            while entry_id in agent.held:  # noqa: ASYNC110 - a dict, no event
+                await asyncio.sleep(0.005)
+        assert time.monotonic() - began < 1.0
+
+
+# --- what revoking reaches ---------------------------------------------------------------------
+
+
+async def test_revoking_the_agent_drops_its_workloads_everywhere(
+    running: Running, tmp_path: Path, socket_dir: Path
+) -> None:
+    entry_id = await node_entry(running, "w")
+    async with running_agent(running, socket_dir / "a.sock", tmp_path / "agent") as agent:
+        await wait_held(agent, entry_id)
+        async with grpc.aio.insecure_channel(f"unix:{socket_dir / 'a.sock'}") as channel:
+            call = wgrpc.SpiffeWorkloadAPIStub(channel).FetchX509SVID(
+                wpb.X509SVIDRequest(), metadata=HEADER
+            )
+            reply = await _next(call)
+            chain, key, bundle = _svid_files(reply)
+            # The workload's SVID (issued through the agent) is good at the authority.
+            async with WorkloadClient(
+                running.address, bundle, svid_chain_pem=chain, svid_key_pem=key
+            ) as workload:
+                assert (await workload.fetch_jwt(["svc"])).spiffe_id == f"{TD}/w"
+
+                began = time.monotonic()
+                await running.admin().stub.Revoke(
+                    apb.RevokeRequest(kind="subject", target=AGENT_ID, reason="node compromised")
+                )
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await _next(call, 1.0)
+                assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert time.monotonic() - began < 1.0
+                # The authority refuses the workload's SVID too: its agent is revoked.
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await workload.fetch_jwt(["svc"])
+                assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert _reason(err) == "AGENT_REVOKED"
+        assert agent.held == {}
+
+
+async def test_deleting_a_node_entry_removes_it_from_the_stream(
+    running: Running, tmp_path: Path, socket_dir: Path
+) -> None:
+    keep = await node_entry(running, "keep")
+    doomed_entry = await running.admin().stub.CreateEntry(
+        apb.CreateEntryRequest(
+            spiffe_id=f"{TD}/doomed",
+            selectors=[apb.Selector(type="unix", value=f"gid:{os.getgid()}")],
+            parent_id=AGENT_ID,
+        )
+    )
+    async with running_agent(running, socket_dir / "a.sock", tmp_path / "agent") as agent:
+        await wait_held(agent, doomed_entry.id)
+        async with grpc.aio.insecure_channel(f"unix:{socket_dir / 'a.sock'}") as channel:
+            call = wgrpc.SpiffeWorkloadAPIStub(channel).FetchX509SVID(
+                wpb.X509SVIDRequest(), metadata=HEADER
+            )
+            assert len((await _next(call)).svids) == 2
+            await running.admin().stub.DeleteEntry(apb.DeleteEntryRequest(id=doomed_entry.id))
+            after = await _next(call, 1.0)
+            assert [s.spiffe_id for s in after.svids] == [f"{TD}/keep"]
+            call.cancel()
+        assert set(agent.held) == {keep}
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def test_the_agent_command_serves_py_spiffe(tmp_path: Path) -> None:
+    """``authority serve`` and ``authority agent``, each a process of its own; py-spiffe in this
+    process fetches from the agent; SIGTERM stops the agent and removes its socket."""
+    socket_dir = short_socket_dir()
+    socket = socket_dir / "agent.sock"
+    try:
+        with serve_process(tmp_path / "data") as served:
+            bundle = tmp_path / "bundle.pem"
+            bundle.write_text(served.cli("bundle", "show").stdout)
+            token = served.cli("token", "create", "--spiffe-id", AGENT_ID).stdout.strip()
+            served.cli(
+                "entry",
+                "create",
+                "--spiffe-id",
+                f"{TD}/via-agent",
+                "--selector",
+                f"unix:uid:{UID}",
+                "--parent-id",
+                AGENT_ID,
+            )
+            log_path = tmp_path / "agent.log"
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen(
+                    [
+                        *authority_command(),
+                        "agent",
+                        "--server",
+                        served.address,
+                        "--trust-bundle",
+                        str(bundle),
+                        "--data-dir",
+                        str(tmp_path / "agent"),
+                        "--workload-api-socket",
+                        str(socket),
+                        "--join-token",
+                        "-",
+                    ],
+                    stdin=subprocess.PIPE,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+                assert proc.stdin is not None
+                proc.stdin.write(f"{token}\n".encode())
+                proc.stdin.close()
+            try:
+                deadline = time.monotonic() + 30
+                while not socket.exists():
+                    assert proc.poll() is None, log_path.read_text()
+                    assert time.monotonic() < deadline, log_path.read_text()
+                    time.sleep(0.05)
+                assert socket.stat().st_mode & 0o777 == 0o666
+                with WorkloadApiClient(socket_path=f"unix:{socket}", default_timeout=10) as c:
+                    svid = c.fetch_x509_svid()
+                    token_svid = c.fetch_jwt_svid({"svc"})
+                    bundles = c.fetch_x509_bundles()
+                assert str(svid.spiffe_id) == f"{TD}/via-agent"
+                assert str(token_svid.spiffe_id) == f"{TD}/via-agent"
+                roots = bundles.get_bundle_for_trust_domain(TrustDomain("example.org"))
+                assert roots is not None
+                verify_client(svid.leaf, list(roots.x509_authorities), svid.cert_chain[1:])
+            finally:
+                proc.terminate()
+                assert proc.wait(timeout=30) == 0, log_path.read_text()
+            agent_log = log_path.read_text()
+            assert token not in agent_log
+            assert token_svid.token not in agent_log  # tokens are never logged
+            assert "agent serving" in agent_log
+        assert not socket.exists()
+    finally:
+        shutil.rmtree(socket_dir, ignore_errors=True)
