@@ -34,7 +34,9 @@ from authority._pb import authority_v1_authority_pb2 as pb
 from authority.api.status import REASON_KEY
 from authority.client import (
     AdminClient,
+    FetchedX509Svid,
     SvidFiles,
+    WorkloadApiClient,
     WorkloadClient,
     der_chain_to_pem,
     make_csr,
@@ -1160,6 +1162,50 @@ def workload_jwt(
             return await client.fetch_jwt(list(audiences), int(ttl.total_seconds()) if ttl else 0)
 
     click.echo(_run(go()).token)
+
+
+socket_option = click.option(
+    "--socket",
+    default=None,
+    help="The Workload API socket (path or unix:///path); default: $SPIFFE_ENDPOINT_SOCKET.",
+)
+
+
+@workload.command("fetch")
+@socket_option
+@click.option("--spiffe-id", default="", help="Which of the caller's identities (default: first).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@command
+def workload_fetch(socket: str | None, spiffe_id: str, out: Path) -> None:
+    """Fetch an X.509-SVID from a SPIFFE Workload API (the authority's or a node agent's) and
+    write svid.pem, svid.key (0600) and bundle.pem to --out. The kernel identifies the caller."""
+
+    async def go() -> FetchedX509Svid:
+        async with WorkloadApiClient(socket) as client:
+            svids = await client.fetch_x509_svids()
+        chosen = [s for s in svids if not spiffe_id or s.spiffe_id == spiffe_id]
+        if not chosen:
+            raise CliError(f"no X.509-SVID for {spiffe_id}")
+        return chosen[0]
+
+    svid = _run(go())
+    SvidFiles(out).write(svid.chain_pem, svid.key, svid.bundle_pem)
+    click.echo(f"fetched {svid.spiffe_id}; SVID written to {out}", err=True)
+
+
+@workload.command("fetch-jwt")
+@socket_option
+@click.option("--audience", "audiences", required=True, multiple=True)
+@click.option("--spiffe-id", default="", help="Which of the caller's identities (default: first).")
+@command
+def workload_fetch_jwt(socket: str | None, audiences: tuple[str, ...], spiffe_id: str) -> None:
+    """Fetch a JWT-SVID from a SPIFFE Workload API; prints the token alone on stdout."""
+
+    async def go() -> tuple[str, str]:
+        async with WorkloadApiClient(socket) as client:
+            return await client.fetch_jwt_svid(list(audiences), spiffe_id)
+
+    click.echo(_run(go())[1])
 
 
 # --- node agent ----------------------------------------------------------------------------

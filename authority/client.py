@@ -9,7 +9,9 @@ Workload keys are generated here and never leave the process: the authority gets
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
+from authority._pb import spiffe_workload_pb2 as spiffe_pb
+from authority._pb import spiffe_workload_pb2_grpc as spiffe_grpc
 from authority.keyvault import write_private_file
 from authority.relying import (
     StaticKeys,
@@ -35,17 +39,20 @@ from authority.watch import RevocationWatcher, stub_stream
 
 __all__ = [
     "AdminClient",
+    "FetchedX509Svid",
     "RevocationWatcher",
     "StaticKeys",
     "SvidFiles",
     "TaskKeySource",
     "TaskTokenInterceptor",
     "TaskTokenVerifier",
+    "WorkloadApiClient",
     "WorkloadClient",
     "current_task_token",
     "make_csr",
     "new_key",
     "stub_stream",
+    "workload_api_target",
     "x509pop_responder",
 ]
 
@@ -129,6 +136,120 @@ def _write_public(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+ENDPOINT_ENV = "SPIFFE_ENDPOINT_SOCKET"
+
+
+def workload_api_target(socket: str | Path | None = None) -> str:
+    """The gRPC target of a SPIFFE Workload API: ``socket`` (a path, or a URI) when given, else
+    the ``SPIFFE_ENDPOINT_SOCKET`` environment variable, as the SPIFFE Workload Endpoint
+    standard defines it: ``unix:///absolute/path`` (or ``unix:/absolute/path``) or
+    ``tcp://IP:PORT``. ValueError for anything else."""
+    value = str(socket) if socket is not None else os.environ.get(ENDPOINT_ENV, "")
+    if not value:
+        raise ValueError(f"no Workload API socket: give one or set {ENDPOINT_ENV}")
+    if value.startswith("/"):
+        return f"unix:{value}"
+    parsed = urllib.parse.urlsplit(value)
+    if parsed.query or parsed.fragment or parsed.username or parsed.password:
+        raise ValueError(f"{ENDPOINT_ENV} {value!r} may not carry a query, fragment or user")
+    if parsed.scheme == "unix":
+        if parsed.netloc or not parsed.path.startswith("/"):
+            raise ValueError(f"{ENDPOINT_ENV} {value!r}: a unix URI names an absolute path")
+        return f"unix:{parsed.path}"
+    if parsed.scheme == "tcp":
+        try:
+            ipaddress.ip_address(parsed.hostname or "")
+        except ValueError:
+            raise ValueError(f"{ENDPOINT_ENV} {value!r}: a tcp URI names an IP address") from None
+        if parsed.port is None or parsed.path not in ("", "/"):
+            raise ValueError(f"{ENDPOINT_ENV} {value!r}: a tcp URI is tcp://IP:PORT")
+        return parsed.netloc
+    raise ValueError(f"{ENDPOINT_ENV} {value!r} is neither a unix:// nor a tcp:// URI")
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedX509Svid:
+    spiffe_id: str
+    chain_pem: bytes
+    key: ec.EllipticCurvePrivateKey
+    bundle_pem: bytes
+
+
+class WorkloadApiClient:
+    """A client of the SPIFFE Workload API (the authority's or a node agent's), where the kernel
+    identifies the caller: no credential of its own. ``socket`` defaults to
+    ``SPIFFE_ENDPOINT_SOCKET``."""
+
+    HEADER = (("workload.spiffe.io", "true"),)
+
+    def __init__(self, socket: str | Path | None = None) -> None:
+        self._channel = grpc.aio.insecure_channel(workload_api_target(socket))
+        self.stub = spiffe_grpc.SpiffeWorkloadAPIStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def fetch_x509_svids(self) -> list[FetchedX509Svid]:
+        """The caller's X.509-SVIDs now (the first message of the stream)."""
+        call = self.stub.FetchX509SVID(spiffe_pb.X509SVIDRequest(), metadata=self.HEADER)
+        try:
+            reply = await call.read()
+        finally:
+            call.cancel()
+        if not isinstance(reply, spiffe_pb.X509SVIDResponse):
+            raise ConnectionError("the Workload API closed the stream without an answer")
+        out = []
+        for svid in reply.svids:
+            key = serialization.load_der_private_key(svid.x509_svid_key, password=None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise ValueError("the Workload API sent a key that is not EC")
+            out.append(
+                FetchedX509Svid(
+                    svid.spiffe_id, _der_to_pem(svid.x509_svid), key, _der_to_pem(svid.bundle)
+                )
+            )
+        return out
+
+    async def fetch_jwt_svid(self, audience: list[str], spiffe_id: str = "") -> tuple[str, str]:
+        """(SPIFFE ID, token): the caller's first identity's, or ``spiffe_id``'s."""
+        reply = await self.stub.FetchJWTSVID(
+            spiffe_pb.JWTSVIDRequest(audience=audience, spiffe_id=spiffe_id),
+            metadata=self.HEADER,
+        )
+        if not reply.svids:
+            raise ConnectionError("the Workload API returned no JWT-SVID")
+        return reply.svids[0].spiffe_id, reply.svids[0].svid
+
+
+def _der_to_pem(der: bytes) -> bytes:
+    """Concatenated DER certificates (as the Workload API carries them) as PEM."""
+    pem = b""
+    while der:
+        cert = x509.load_der_x509_certificate(der[: _der_length(der)])
+        pem += cert.public_bytes(serialization.Encoding.PEM)
+        der = der[_der_length(der) :]
+    return pem
+
+
+def _der_length(der: bytes) -> int:
+    """The length of the DER SEQUENCE at the start of ``der``, header included."""
+    if len(der) < 2 or der[0] != 0x30:
+        raise ValueError("not a DER certificate")
+    size = der[1]
+    if not size & 0x80:
+        return 2 + size
+    count = size & 0x7F
+    return 2 + count + int.from_bytes(der[2 : 2 + count], "big")
 
 
 def _split(address: str) -> tuple[str, str]:

@@ -38,9 +38,11 @@ from authority._pb import spiffe_workload_pb2_grpc as wgrpc
 from authority.agent import NodeAgent
 from authority.client import WorkloadClient
 from authority.config import Config
+from tests.conformance.verifiers import verify_client
 from tests.helpers import (
     AGENT_ID,
     Running,
+    authority_command,
     running_agent,
     running_authority,
     serve_process,
@@ -573,6 +575,47 @@ def test_serve_option_serves_the_workload_api(tmp_path: Path) -> None:
                 )
             assert [s.spiffe_id for s in reply.svids] == [f"{TD}/cli"]
             assert reply.svids[0].svid not in served.log()  # tokens are never logged
+
+            # The project's own client finds the socket through SPIFFE_ENDPOINT_SOCKET.
+            env = {**served.env(), "SPIFFE_ENDPOINT_SOCKET": f"unix://{socket}"}
+            out = tmp_path / "fetched"
+            fetched = subprocess.run(
+                [*authority_command(), "workload", "fetch", "--out", str(out)],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert fetched.returncode == 0, fetched.stderr
+            leaf, *rest = x509.load_pem_x509_certificates((out / "svid.pem").read_bytes())
+            roots = x509.load_pem_x509_certificates((out / "bundle.pem").read_bytes())
+            sans, _ = verify_client(leaf, roots, rest)
+            assert sans == [x509.UniformResourceIdentifier(f"{TD}/cli")]
+            assert (out / "svid.key").stat().st_mode & 0o777 == 0o600
+            token = subprocess.run(
+                [*authority_command(), "workload", "fetch-jwt", "--audience", "svc"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert token.returncode == 0, token.stderr
+            claims = jwt.decode(token.stdout.strip(), options={"verify_signature": False})
+            assert claims["sub"] == f"{TD}/cli"
+            assert claims["aud"] == ["svc"]
+            unset = {k: v for k, v in env.items() if k != "SPIFFE_ENDPOINT_SOCKET"}
+            missing = subprocess.run(
+                [*authority_command(), "workload", "fetch-jwt", "--audience", "svc"],
+                env=unset,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert missing.returncode != 0
+            assert "SPIFFE_ENDPOINT_SOCKET" in missing.stderr
         assert not socket.exists()
     finally:
         shutil.rmtree(socket_dir, ignore_errors=True)
