@@ -21,9 +21,11 @@ import hashlib
 import os
 import pwd
 import signal
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Self
+from typing import Any, BinaryIO, ClassVar, Self
 
 from attestors.api import (
     MAX_SELECTOR_VALUE_CHARS,
@@ -38,6 +40,9 @@ from attestors.api import (
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _CHUNK = 1 << 20
+_DIGEST_CACHE_SIZE = 1024
+_DIGESTS: OrderedDict[tuple[int, int, int, int, int], str] = OrderedDict()
+_DIGESTS_LOCK = threading.Lock()  # attestations run in worker threads
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +70,40 @@ def _start_time(pid: int) -> float:
     return int(fields[19]) / _CLOCK_TICKS  # field 22 of the whole line
 
 
+def _executable_digest(fh: BinaryIO, max_bytes: int) -> str:
+    """The SHA-256 of the open executable, remembered by the file's identity and version
+    (device, inode, size, mtime and ctime: the kernel sets ctime on every change, and no caller
+    can set it back), so a busy Workload API hashes each binary once, not once a call."""
+    st = os.fstat(fh.fileno())
+    if st.st_size > max_bytes:
+        raise AttestationRefused("UNIX_EXECUTABLE_TOO_LARGE", "the executable is too large to hash")
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    with _DIGESTS_LOCK:
+        known = _DIGESTS.get(key)
+        if known is not None:
+            _DIGESTS.move_to_end(key)
+            return known
+    digest = _hash_file(fh, max_bytes)
+    with _DIGESTS_LOCK:
+        _DIGESTS[key] = digest
+        if len(_DIGESTS) > _DIGEST_CACHE_SIZE:
+            _DIGESTS.popitem(last=False)
+    return digest
+
+
+def _hash_file(fh: BinaryIO, max_bytes: int) -> str:
+    sha = hashlib.sha256()
+    read = 0
+    while chunk := fh.read(_CHUNK):
+        read += len(chunk)
+        if read > max_bytes:
+            raise AttestationRefused(
+                "UNIX_EXECUTABLE_TOO_LARGE", "the executable is too large to hash"
+            )
+        sha.update(chunk)
+    return sha.hexdigest()
+
+
 def _pidfd_alive(pidfd: int) -> bool:
     try:
         signal.pidfd_send_signal(pidfd, 0)
@@ -88,17 +127,8 @@ def inspect_process(
         path = os.readlink(f"/proc/{pid}/exe")
         digest: str | None = None
         if hash_executable:
-            sha = hashlib.sha256()
-            read = 0
             with open(f"/proc/{pid}/exe", "rb") as fh:
-                while chunk := fh.read(_CHUNK):
-                    read += len(chunk)
-                    if read > max_bytes:
-                        raise AttestationRefused(
-                            "UNIX_EXECUTABLE_TOO_LARGE", "the executable is too large to hash"
-                        )
-                    sha.update(chunk)
-            digest = sha.hexdigest()
+                digest = _executable_digest(fh, max_bytes)
         if _start_time(pid) != started:
             raise AttestationRefused("UNIX_PID_REUSED", "the process changed while attesting")
     except (FileNotFoundError, ProcessLookupError):

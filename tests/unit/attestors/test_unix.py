@@ -3,6 +3,7 @@ real process this test starts (its pid pinned with a real pidfd)."""
 
 from __future__ import annotations
 
+import asyncio
 import grp
 import hashlib
 import os
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from attestors import unix as unix_module
 from attestors.api import AttestationRefused, Attestor, ConfigError, PeerCredentials
 from attestors.testing import FakeHost, ScriptedContext
 from attestors.unix import UnixAttestor
@@ -135,6 +137,40 @@ async def test_a_copied_executable_is_named_by_its_own_path(tmp_path: Path) -> N
         attested = await unix().attest(b"", ScriptedContext(peer=peer))
     assert ("path", str(copy)) in attested.selectors
     assert ("sha256", sha256_of(str(copy))) in attested.selectors
+
+
+def _append(path: Path, data: bytes) -> None:
+    with open(path, "ab") as fh:
+        fh.write(data)
+
+
+async def test_an_executable_is_hashed_once_until_it_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The digest is remembered by the file's identity and version: a second caller running the
+    same binary costs no hashing; rewriting the binary in place (same inode) is seen."""
+    hashed: list[int] = []
+    real = unix_module._hash_file
+
+    def counting(fh: Any, max_bytes: int) -> str:
+        hashed.append(1)
+        return real(fh, max_bytes)
+
+    monkeypatch.setattr(unix_module, "_hash_file", counting)
+    copy = tmp_path / "agent"
+    shutil.copy(EXECUTABLE, copy)
+    for _ in range(2):
+        with process(str(copy)) as proc, pinned(proc) as peer:
+            attested = await unix().attest(b"", ScriptedContext(peer=peer))
+        assert ("sha256", sha256_of(str(copy))) in attested.selectors
+    assert len(hashed) == 1
+    inode = copy.stat().st_ino
+    await asyncio.to_thread(_append, copy, b"\0" * 16)  # same inode, new content
+    assert copy.stat().st_ino == inode
+    with process(str(copy)) as proc, pinned(proc) as peer:
+        attested = await unix().attest(b"", ScriptedContext(peer=peer))
+    assert ("sha256", sha256_of(str(copy))) in attested.selectors
+    assert len(hashed) == 2
 
 
 async def test_a_path_no_selector_can_hold_is_left_out(tmp_path: Path) -> None:
