@@ -120,6 +120,26 @@ async def test_node_entries_are_served_by_their_agent_alone(
                 wpb.JWTSVIDRequest(audience=["a"]), metadata=HEADER
             )
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # Not by Attest either: the local socket's unix attestation matches no node entry.
+    await running.admin().stub.RegisterAttestor(
+        apb.RegisterAttestorRequest(name="unix", plugin="unix")
+    )
+    local = WorkloadClient(f"unix:{running.data_dir / 'attest.sock'}", None)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await local.attest("unix", b"", new_key())
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        # ... while the same selectors in an entry of the authority's own attest at once.
+        await running.admin().stub.CreateEntry(
+            apb.CreateEntryRequest(
+                spiffe_id=f"{TD}/local",
+                selectors=[apb.Selector(type="unix", value=f"uid:{UID}")],
+            )
+        )
+        attested = await local.attest("unix", b"", new_key())
+        assert [s.spiffe_id for s in attested.svids] == [f"{TD}/local"]
+    finally:
+        await local.close()
     # Not to another agent: it cannot sign for, nor fetch a JWT-SVID of, node1's entry.
     node2 = await running.attested(f"{TD}/agent/node2", tmp_path / "node2")
     stub = await node2.mtls_stub()
