@@ -33,7 +33,6 @@ import os
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +60,7 @@ from authority.api.workload_api import (
     unix_selectors,
 )
 from authority.bundle import TrustBundle, jwk_thumbprint
+from authority.changes import Waiters
 from authority.client import (
     Responder,
     SvidFiles,
@@ -148,26 +148,6 @@ class AgentStats:
     first_sync_s: float = 0.0
 
 
-class _Changes:
-    """Wakes the agent's open Workload API streams."""
-
-    def __init__(self) -> None:
-        self._waiters: set[asyncio.Event] = set()
-
-    def notify(self) -> None:
-        for event in self._waiters:
-            event.set()
-
-    @contextlib.contextmanager
-    def watch(self) -> Iterator[asyncio.Event]:
-        event = asyncio.Event()
-        self._waiters.add(event)
-        try:
-            yield event
-        finally:
-            self._waiters.discard(event)
-
-
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -194,7 +174,7 @@ class NodeAgent:
         self._jwts: OrderedDict[tuple[str, tuple[str, ...]], tuple[str, float, float]] = (
             OrderedDict()
         )
-        self._changes = _Changes()
+        self._changes = Waiters()
         self._wake = asyncio.Event()
         self._watcher = RevocationWatcher(
             self._open_feed,
@@ -227,6 +207,7 @@ class NodeAgent:
                 await self._attest()
                 first = await self._first_sync()
             self._watcher.start()
+            await self._watcher.wait_synced(timeout)  # what was revoked before we came
             await self._reconcile()
             self.stats.first_sync_s = time.monotonic() - began
         self._tasks = [

@@ -8,20 +8,43 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from authority.revocation import Subscription
-from authority.service import Authority
+if TYPE_CHECKING:
+    from authority.revocation import Subscription
+    from authority.service import Authority
 
 
-class ChangeNotifier:
+class Waiters:
+    """Events of the streams waiting for a change; ``notify`` sets them all."""
+
+    def __init__(self) -> None:
+        self._waiters: set[asyncio.Event] = set()
+
+    def notify(self) -> None:
+        for event in self._waiters:
+            event.set()
+
+    @contextlib.contextmanager
+    def watch(self) -> Iterator[asyncio.Event]:
+        """An event set on every change while the block runs (the caller clears it)."""
+        event = asyncio.Event()
+        self._waiters.add(event)
+        try:
+            yield event
+        finally:
+            self._waiters.discard(event)
+
+
+class ChangeNotifier(Waiters):
     """Wakes every open stream when the bundle changes, an entry is created or deleted, or a
     revocation is published: one listener of each kind for all of them."""
 
     def __init__(self, authority: Authority) -> None:
+        super().__init__()
         self._authority = authority
         self._ca = authority.ca
         self._hub = authority.revocations.hub
-        self._waiters: set[asyncio.Event] = set()
         self._sub: Subscription | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -42,20 +65,6 @@ class ChangeNotifier:
             self._sub = None
         self._authority.remove_entry_listener(self.notify)
         self._waiters.clear()  # the CA keeps the listener; it then wakes no one
-
-    def notify(self) -> None:
-        for event in self._waiters:
-            event.set()
-
-    @contextlib.contextmanager
-    def watch(self) -> Iterator[asyncio.Event]:
-        """An event set on every change while the block runs (the caller clears it)."""
-        event = asyncio.Event()
-        self._waiters.add(event)
-        try:
-            yield event
-        finally:
-            self._waiters.discard(event)
 
     async def _pump(self) -> None:
         while True:

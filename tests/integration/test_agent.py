@@ -299,6 +299,24 @@ async def test_revoking_the_agent_drops_its_workloads_everywhere(
         assert agent.held == {}
 
 
+async def test_what_was_revoked_before_the_agent_started_is_never_served(
+    running: Running, tmp_path: Path, socket_dir: Path
+) -> None:
+    revoked = await node_entry(running, "revoked-earlier")
+    await running.admin().stub.Revoke(
+        apb.RevokeRequest(kind="subject", target=f"{TD}/revoked-earlier", reason="test")
+    )
+    async with running_agent(running, socket_dir / "a.sock", tmp_path / "agent") as agent:
+        assert revoked not in agent.held
+        assert agent.stats.signed == 0
+        async with grpc.aio.insecure_channel(f"unix:{socket_dir / 'a.sock'}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await wgrpc.SpiffeWorkloadAPIStub(channel).FetchJWTSVID(
+                    wpb.JWTSVIDRequest(audience=["a"]), metadata=HEADER
+                )
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
 async def test_deleting_a_node_entry_removes_it_from_the_stream(
     running: Running, tmp_path: Path, socket_dir: Path
 ) -> None:
