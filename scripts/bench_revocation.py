@@ -493,6 +493,10 @@ class RunReport:
     exchange_load_cpu_percent: float  # the Exchange load process
     machine_busy_percent: float  # everything on the machine (100 per core)
     other_cpu_percent: float  # the machine minus all of the above and this process
+    # CPU time per (revocation, stream) delivery during the run: less sensitive than latency to
+    # what else the machine runs. The server's includes the Exchange calls it served meanwhile.
+    server_cpu_us_per_delivery: float
+    subscriber_cpu_us_per_delivery: float
     exchange_per_second: float = 0.0  # filled in once the load process reports
     samples_ms: list[float] = field(default_factory=list)
 
@@ -549,8 +553,11 @@ async def run_one(
         await asyncio.sleep(args.interval)
     window = (wall0, time.monotonic())
     span = window[1] - window[0]
-    cpu = (server.cpu_seconds() - cpu0) / span * 100
-    subs_cpu = (sum(cpu_seconds(p) for p in pids) - subs_cpu0) / span * 100
+    server_cpu = server.cpu_seconds() - cpu0
+    subscribers_cpu = sum(cpu_seconds(p) for p in pids) - subs_cpu0
+    cpu = server_cpu / span * 100
+    subs_cpu = subscribers_cpu / span * 100
+    deliveries = max(1, args.revocations * n)
     busy = (machine_busy_seconds() - busy0) / span * 100
     load_cpu = ((cpu_seconds(load_pid) if load_pid else 0.0) - load_cpu0) / span * 100
     own = (time.process_time() - own0) / span * 100
@@ -602,6 +609,8 @@ async def run_one(
         exchange_load_cpu_percent=load_cpu,
         machine_busy_percent=busy,
         other_cpu_percent=max(0.0, busy - cpu - subs_cpu - load_cpu - own),
+        server_cpu_us_per_delivery=server_cpu / deliveries * 1e6,
+        subscriber_cpu_us_per_delivery=subscribers_cpu / deliveries * 1e6,
         samples_ms=[round(v, 3) for v in latencies],
     )
     return report, window
@@ -714,9 +723,10 @@ def format_table(result: dict[str, Any]) -> str:
     header = (
         "| N | conns | attach s | refused | p50 ms | p99 ms | max ms | p50/p99 from call ms "
         "| Revoke call p50 ms | complete | server RSS MiB before->after | KiB/subscriber "
-        "| CPU % server/subscribers/load/other | Exchange/s |"
+        "| CPU % server/subscribers/load/other | CPU us/delivery server/subscribers "
+        "| Exchange/s |"
     )
-    lines = [header, "|" + "---|" * 14]
+    lines = [header, "|" + "---|" * 15]
     for r in result["runs"]:
         lines.append(
             f"| {r['subscribers']} | {r['connections']} | {r['attach_seconds']:.2f} "
@@ -727,6 +737,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"| {r['kib_per_subscriber']:.1f} | {r['server_cpu_percent']:.0f}/"
             f"{r['subscriber_cpu_percent']:.0f}/{r['exchange_load_cpu_percent']:.0f}/"
             f"{r['other_cpu_percent']:.0f} "
+            f"| {r['server_cpu_us_per_delivery']:.0f}/{r['subscriber_cpu_us_per_delivery']:.0f} "
             f"| {r['exchange_per_second']:.0f} |"
         )
     cores = result["environment"]["cpus"]
