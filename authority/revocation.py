@@ -17,6 +17,7 @@ import base64
 import datetime as dt
 import hashlib
 import logging
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -41,11 +42,67 @@ CREDENTIAL_CHANGE = CAEP + "credential-change"
 DEFAULT_QUEUE = 4096
 
 
+class EventQueue:
+    """A bounded FIFO read by one task: ``asyncio.Queue``'s ``put_nowait``/``get`` without its
+    bookkeeping (``task_done``, blocked putters), which the fan-out pays once per subscriber
+    per event. ``wake`` rouses the reader without an item (a heartbeat is due)."""
+
+    __slots__ = ("_items", "_maxsize", "_waiter")
+
+    def __init__(self, maxsize: int) -> None:
+        if maxsize < 1:
+            raise ValueError("a subscriber's queue holds at least one event")
+        self._items: deque[Revocation] = deque()
+        self._maxsize = maxsize
+        self._waiter: asyncio.Future[None] | None = None
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def put_nowait(self, item: Revocation) -> None:
+        if len(self._items) >= self._maxsize:
+            raise asyncio.QueueFull
+        self._items.append(item)
+        self.wake()
+
+    def get_nowait(self) -> Revocation:
+        if not self._items:
+            raise asyncio.QueueEmpty
+        return self._items.popleft()
+
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait(self) -> None:
+        """Until an item is queued or ``wake`` is called (at once if an item is waiting)."""
+        if self._items:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        try:
+            await waiter
+        finally:
+            if self._waiter is waiter:  # cancelled while waiting
+                self._waiter = None
+
+    async def get(self) -> Revocation:
+        while not self._items:
+            await self.wait()
+        return self._items.popleft()
+
+
 @dataclass(slots=True, eq=False)  # compared and hashed by identity
 class Subscription:
     """One subscriber's bounded queue; on overflow it is told to resync, never blocks others."""
 
-    queue: asyncio.Queue[Revocation] = field(default_factory=lambda: asyncio.Queue(DEFAULT_QUEUE))
+    queue: EventQueue = field(default_factory=lambda: EventQueue(DEFAULT_QUEUE))
     overflowed: bool = False
 
 
@@ -67,7 +124,7 @@ class RevocationHub:
         return len(self._subscribers)
 
     def subscribe(self) -> Subscription:
-        sub = Subscription(asyncio.Queue(self._queue_size))
+        sub = Subscription(EventQueue(self._queue_size))
         self._subscribers.add(sub)
         return sub
 
@@ -80,8 +137,9 @@ class RevocationHub:
         revocations commit concurrently, and heals a publication a cancelled caller missed."""
         async with self._lock:
             events = await self._store.revocations_since(self.head)
+            subscribers = list(self._subscribers)
             for event in events:
-                for sub in list(self._subscribers):
+                for sub in subscribers:
                     if sub.overflowed:
                         continue
                     try:
@@ -337,4 +395,4 @@ def _set_id(issuer: str, revocation: Revocation) -> str:
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
-__all__ = ["RevocationHub", "RevocationService", "RevokedSet", "Subscription"]
+__all__ = ["EventQueue", "RevocationHub", "RevocationService", "RevokedSet", "Subscription"]

@@ -3,6 +3,10 @@
 The subscriber registers with the hub before reading the store, so nothing committed in between
 is missed (duplicates are dropped by sequence number). A subscriber whose bounded queue overflows
 is told to resync and the stream ends; it reconnects from its last sequence number.
+
+Heartbeats run on one clock for all subscribers: it ticks ``HEARTBEAT_TICKS`` times per interval
+and wakes each stream that has sent nothing for most of an interval, so a quiet stream hears a
+heartbeat at least once an interval and a busy one none, without a timer per stream per event.
 """
 
 from __future__ import annotations
@@ -11,20 +15,31 @@ import asyncio
 import datetime as dt
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority.clock import Clock
 from authority.models import Revocation
-from authority.revocation import RevocationService
+from authority.revocation import RevocationService, Subscription
 from authority.store import Store
 
 REPLAY_PAGE = 1000
 SNAPSHOT_PAGE_BYTES = 1024 * 1024  # well under gRPC's 4 MiB message limit
 _SET_CACHE = 4096
+HEARTBEAT_TICKS = 4
 
 
 def _us(when: dt.datetime) -> int:
     return int(when.timestamp() * 1_000_000)
+
+
+@dataclass(slots=True, eq=False)  # compared and hashed by identity
+class _Listener:
+    """A live stream as the heartbeat clock sees it."""
+
+    sub: Subscription
+    sent_at: float  # loop time of the last message it sent
+    beat_due: bool = False
 
 
 class RevocationFeed:
@@ -36,6 +51,8 @@ class RevocationFeed:
         self._clock = clock
         self._heartbeat = heartbeat.total_seconds()
         self._messages: OrderedDict[int, pb.RevocationMessage] = OrderedDict()
+        self._listeners: set[_Listener] = set()
+        self._ticker: asyncio.TimerHandle | None = None
 
     def event(self, revocation: Revocation) -> pb.RevocationEvent:
         return pb.RevocationEvent(
@@ -67,6 +84,31 @@ class RevocationFeed:
                 interval_ms=int(self._heartbeat * 1000),
             )
         )
+
+    def _listen(self, listener: _Listener) -> None:
+        self._listeners.add(listener)
+        if self._ticker is None:
+            self._ticker = asyncio.get_running_loop().call_later(
+                self._heartbeat / HEARTBEAT_TICKS, self._tick
+            )
+
+    def _unlisten(self, listener: _Listener) -> None:
+        self._listeners.discard(listener)
+        if not self._listeners and self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+
+    def _tick(self) -> None:
+        """Wake the streams quiet since before the last (HEARTBEAT_TICKS - 1) ticks: each
+        sends a heartbeat after between (TICKS - 1) / TICKS of an interval and one interval."""
+        loop = asyncio.get_running_loop()
+        step = self._heartbeat / HEARTBEAT_TICKS
+        quiet_since = loop.time() - (self._heartbeat - step)
+        for listener in self._listeners:
+            if listener.sent_at <= quiet_since and not listener.beat_due:
+                listener.beat_due = True
+                listener.sub.queue.wake()
+        self._ticker = loop.call_later(step, self._tick)
 
     async def stream(self, since: int) -> AsyncIterator[pb.RevocationMessage]:
         hub = self._service.hub
@@ -109,21 +151,33 @@ class RevocationFeed:
                     if len(page) < REPLAY_PAGE:
                         break
             yield self._heartbeat_message()
-            while True:
-                if sub.overflowed:
-                    yield pb.RevocationMessage(
-                        resync=pb.RevocationResync(reason="the subscriber fell behind")
-                    )
-                    return
-                try:
-                    async with asyncio.timeout(self._heartbeat):
-                        revocation = await sub.queue.get()
-                except TimeoutError:
-                    yield self._heartbeat_message()
-                    continue
-                if revocation.seq <= last:
-                    continue
-                yield self._message(revocation)
-                last = revocation.seq
+            loop = asyncio.get_running_loop()
+            listener = _Listener(sub, loop.time())
+            self._listen(listener)
+            try:
+                queue = sub.queue
+                while True:
+                    if sub.overflowed:
+                        yield pb.RevocationMessage(
+                            resync=pb.RevocationResync(reason="the subscriber fell behind")
+                        )
+                        return
+                    if queue.empty():
+                        if listener.beat_due:  # everything published so far was sent
+                            yield self._heartbeat_message()
+                            listener.sent_at = loop.time()
+                            listener.beat_due = False
+                        else:
+                            await queue.wait()
+                        continue
+                    revocation = queue.get_nowait()
+                    if revocation.seq <= last:
+                        continue
+                    yield self._message(revocation)
+                    last = revocation.seq
+                    listener.sent_at = loop.time()
+                    listener.beat_due = False
+            finally:
+                self._unlisten(listener)
         finally:
             hub.unsubscribe(sub)

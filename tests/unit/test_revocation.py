@@ -29,6 +29,7 @@ from authority.revocation import (
     CREDENTIAL_CHANGE,
     SESSION_REVOKED,
     SET_TYP,
+    EventQueue,
     RevocationHub,
     RevocationService,
     RevokedSet,
@@ -414,6 +415,78 @@ async def test_a_slow_subscriber_is_told_to_resync_and_others_get_everything() -
     finally:
         await close(slow)
         await close(normal)
+
+
+async def test_a_subscriber_queue_is_bounded_and_woken_by_an_event() -> None:
+    queue = EventQueue(2)
+    first, second, third = (
+        Revocation(
+            RevocationKind.SUBJECT, f"spiffe://example.org/{n}", "r", START, START, "op", seq=n
+        )
+        for n in (1, 2, 3)
+    )
+    reader = asyncio.create_task(queue.get())
+    await asyncio.sleep(0)
+    queue.wake()  # a heartbeat being due is not an item: get() keeps waiting
+    await asyncio.sleep(0)
+    assert not reader.done()
+    queue.put_nowait(first)
+    assert await reader == first
+    queue.put_nowait(second)
+    queue.put_nowait(third)
+    with pytest.raises(asyncio.QueueFull):
+        queue.put_nowait(first)
+    assert [queue.get_nowait(), queue.get_nowait()] == [second, third]
+    assert queue.empty()
+    with pytest.raises(asyncio.QueueEmpty):
+        queue.get_nowait()
+    with pytest.raises(ValueError, match="at least one"):
+        EventQueue(0)
+
+
+async def test_a_quiet_stream_hears_a_heartbeat_about_once_an_interval(world: World) -> None:
+    stream = world.feed.stream(0)
+    try:
+        assert (await anext(stream)).WhichOneof("body") == "heartbeat"  # after the replay
+        started = time.monotonic()
+        beats = await _collect(stream, until_heartbeats=3)
+        elapsed = time.monotonic() - started
+    finally:
+        await close(stream)
+    assert [m.WhichOneof("body") for m in beats] == ["heartbeat"] * 3
+    # One clock ticks four times an interval: a beat after 3/4 to 4/4 of an interval of silence.
+    assert elapsed >= 3 * 0.75 * HEARTBEAT.total_seconds() - 0.005
+    assert world.hub.subscribers == 0
+
+
+async def test_a_busy_stream_gets_events_and_no_heartbeat_in_between() -> None:
+    world = await make_world()
+    interval = dt.timedelta(milliseconds=400)
+    feed = RevocationFeed(world.service, world.store, world.clock, interval)
+    stream = feed.stream(0)
+    received: list[pb.RevocationMessage] = []
+
+    async def read() -> None:
+        async for message in stream:
+            received.append(message)
+
+    assert (await anext(stream)).WhichOneof("body") == "heartbeat"
+    reader = asyncio.create_task(read())
+    try:
+        for i in range(1, 16):  # one every 20 ms for 0.3 s: never quiet for 3/4 of 400 ms
+            await world.revoke_subjects(f"busy-{i}")
+            await asyncio.sleep(0.02)
+        await settle(lambda: len(_seqs(received)) == 15)
+        assert [m.WhichOneof("body") for m in received] == ["event"] * 15
+        # Quiet again: the heartbeat comes back, carrying the last sequence number.
+        await settle(lambda: received[-1].WhichOneof("body") == "heartbeat", within=2.0)
+        assert received[-1].heartbeat.seq == 15
+    finally:
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        await close(stream)
+    assert world.hub.subscribers == 0
 
 
 async def test_a_subscriber_behind_the_pruned_window_gets_a_snapshot(world: World) -> None:
