@@ -3,7 +3,7 @@
 
 ``python scripts/bench_revocation.py [--subscribers 10,100,1000] [--processes 4]
 [--revocations 30] [--interval 0.1] [--streams-per-connection 100] [--exchange-concurrency 4]
-[--json out.json]``
+[--idle 3] [--json out.json]``
 
 Starts ``authority serve`` as a subprocess (temporary data directory, loopback ports, admin socket
 in a short /tmp folder), loads the example agent policy and attests, through join tokens, one SVID
@@ -18,11 +18,14 @@ per subscriber process and one for an Exchange load process. Then:
   server's resident memory (VmRSS from /proc) is read: the difference over the streams added is
   the memory per subscriber. Streams the server refuses while attaching (gRPC core cancels calls
   beyond ``grpc.server.max_pending_requests``) are counted and retried with jittered backoff.
+* Then, for ``--idle`` seconds without any revocation, the server's CPU is read: the cost of
+  keeping N quiet streams (heartbeats), plus the Exchange load if one runs.
 * For each N, the main process issues ``--revocations`` subject revocations over the admin socket,
   one every ``--interval`` seconds, and records when each Revoke call started and returned.
   Latency = (delivery at the last of the N streams) - (Revoke returned); it can be negative when
   the feed delivers before the Revoke reply is back (the hub publishes before the reply is sent).
-  The same figure from the call's start is shown too.
+  The same figure from the call's start is shown too, and the CPU time the server and the
+  subscriber processes spent per delivery (one event reaching one stream) during the run.
 * Throughout, a load process keeps ``--exchange-concurrency`` Exchange calls in flight over
   mutual TLS; its rate is reported alone (before any subscriber) and during each revocation run.
 
@@ -497,6 +500,7 @@ class RunReport:
     # what else the machine runs. The server's includes the Exchange calls it served meanwhile.
     server_cpu_us_per_delivery: float
     subscriber_cpu_us_per_delivery: float
+    server_idle_cpu_percent: float  # N streams, no revocation (heartbeats and Exchange only)
     exchange_per_second: float = 0.0  # filled in once the load process reports
     samples_ms: list[float] = field(default_factory=list)
 
@@ -536,6 +540,10 @@ async def run_one(
     )
     await asyncio.sleep(1.0)  # let the attach settle before reading memory and timing
     rss_after = server.rss_kib()
+    # Idle: no revocation, only heartbeats to the N streams.
+    idle0, idle_wall0 = server.cpu_seconds(), time.monotonic()
+    await asyncio.sleep(args.idle)
+    idle_cpu = (server.cpu_seconds() - idle0) / (time.monotonic() - idle_wall0) * 100
 
     timings: dict[int, tuple[float, float]] = {}
     pids = [w.proc.pid for w in subscribers]
@@ -611,6 +619,7 @@ async def run_one(
         other_cpu_percent=max(0.0, busy - cpu - subs_cpu - load_cpu - own),
         server_cpu_us_per_delivery=server_cpu / deliveries * 1e6,
         subscriber_cpu_us_per_delivery=subscribers_cpu / deliveries * 1e6,
+        server_idle_cpu_percent=idle_cpu,
         samples_ms=[round(v, 3) for v in latencies],
     )
     return report, window
@@ -724,9 +733,9 @@ def format_table(result: dict[str, Any]) -> str:
         "| N | conns | attach s | refused | p50 ms | p99 ms | max ms | p50/p99 from call ms "
         "| Revoke call p50 ms | complete | server RSS MiB before->after | KiB/subscriber "
         "| CPU % server/subscribers/load/other | CPU us/delivery server/subscribers "
-        "| Exchange/s |"
+        "| server idle CPU % | Exchange/s |"
     )
-    lines = [header, "|" + "---|" * 15]
+    lines = [header, "|" + "---|" * 16]
     for r in result["runs"]:
         lines.append(
             f"| {r['subscribers']} | {r['connections']} | {r['attach_seconds']:.2f} "
@@ -738,7 +747,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"{r['subscriber_cpu_percent']:.0f}/{r['exchange_load_cpu_percent']:.0f}/"
             f"{r['other_cpu_percent']:.0f} "
             f"| {r['server_cpu_us_per_delivery']:.0f}/{r['subscriber_cpu_us_per_delivery']:.0f} "
-            f"| {r['exchange_per_second']:.0f} |"
+            f"| {r['server_idle_cpu_percent']:.1f} | {r['exchange_per_second']:.0f} |"
         )
     cores = result["environment"]["cpus"]
     lines.append(
@@ -792,6 +801,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--exchange-concurrency", type=int, default=4, help="Exchange calls in flight (0: none)"
     )
     parser.add_argument("--exchange-alone", type=float, default=3.0, help="seconds measured")
+    parser.add_argument(
+        "--idle", type=float, default=3.0, help="seconds of server CPU measured with no revocation"
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
     if args.subscribers != sorted(args.subscribers) or min(args.subscribers) < args.processes:

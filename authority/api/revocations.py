@@ -26,7 +26,7 @@ from authority.store import Store
 REPLAY_PAGE = 1000
 SNAPSHOT_PAGE_BYTES = 1024 * 1024  # well under gRPC's 4 MiB message limit
 _SET_CACHE = 4096
-HEARTBEAT_TICKS = 4
+HEARTBEAT_TICKS = 8
 
 
 def _us(when: dt.datetime) -> int:
@@ -53,6 +53,7 @@ class RevocationFeed:
         self._messages: OrderedDict[int, pb.RevocationMessage] = OrderedDict()
         self._listeners: set[_Listener] = set()
         self._ticker: asyncio.TimerHandle | None = None
+        self._beat: tuple[int, pb.RevocationMessage] | None = None  # (head, message) this tick
 
     def event(self, revocation: Revocation) -> pb.RevocationEvent:
         return pb.RevocationEvent(
@@ -85,6 +86,13 @@ class RevocationFeed:
             )
         )
 
+    def _tick_heartbeat(self) -> pb.RevocationMessage:
+        """The heartbeat for the streams a tick woke: one message for all of them."""
+        head = self._service.hub.head
+        if self._beat is None or self._beat[0] != head:
+            self._beat = (head, self._heartbeat_message())
+        return self._beat[1]
+
     def _listen(self, listener: _Listener) -> None:
         self._listeners.add(listener)
         if self._ticker is None:
@@ -104,6 +112,7 @@ class RevocationFeed:
         loop = asyncio.get_running_loop()
         step = self._heartbeat / HEARTBEAT_TICKS
         quiet_since = loop.time() - (self._heartbeat - step)
+        self._beat = None  # built again, once, for the streams this tick wakes
         for listener in self._listeners:
             if listener.sent_at <= quiet_since and not listener.beat_due:
                 listener.beat_due = True
@@ -164,7 +173,7 @@ class RevocationFeed:
                         return
                     if queue.empty():
                         if listener.beat_due:  # everything published so far was sent
-                            yield self._heartbeat_message()
+                            yield self._tick_heartbeat()
                             listener.sent_at = loop.time()
                             listener.beat_due = False
                         else:

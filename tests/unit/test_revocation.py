@@ -454,8 +454,8 @@ async def test_a_quiet_stream_hears_a_heartbeat_about_once_an_interval(world: Wo
     finally:
         await close(stream)
     assert [m.WhichOneof("body") for m in beats] == ["heartbeat"] * 3
-    # One clock ticks four times an interval: a beat after 3/4 to 4/4 of an interval of silence.
-    assert elapsed >= 3 * 0.75 * HEARTBEAT.total_seconds() - 0.005
+    # One clock ticks eight times an interval: a beat after 7/8 to 8/8 of an interval of silence.
+    assert elapsed >= 3 * 7 / 8 * HEARTBEAT.total_seconds() - 0.005
     assert world.hub.subscribers == 0
 
 
@@ -473,7 +473,7 @@ async def test_a_busy_stream_gets_events_and_no_heartbeat_in_between() -> None:
     assert (await anext(stream)).WhichOneof("body") == "heartbeat"
     reader = asyncio.create_task(read())
     try:
-        for i in range(1, 16):  # one every 20 ms for 0.3 s: never quiet for 3/4 of 400 ms
+        for i in range(1, 16):  # one every 20 ms for 0.3 s: never quiet for 7/8 of 400 ms
             await world.revoke_subjects(f"busy-{i}")
             await asyncio.sleep(0.02)
         await settle(lambda: len(_seqs(received)) == 15)
