@@ -70,6 +70,7 @@ _HOST_ANNOTATIONS = ("ttl", "approval", "delegation")
 _EVAL_ERROR = re.compile(r"error while evaluating policy `([^`]+)`")
 _POSITIVE_INT = re.compile(r"[1-9][0-9]{0,8}")
 _NON_NEGATIVE_INT = re.compile(r"0|[1-9][0-9]{0,8}")
+_ENTITY_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +218,8 @@ class CedarEngine(EngineBase):
             policy_id=policy_id, policy_version=source_version([s.text for s in sources])
         )
         self._policies, self._metas = _compile(sources)
+        # (principal, resource, environment) -> the entities parsed by Cedar
+        self._entity_cache: dict[tuple[str, str, str], cedarpy.Entities] = {}
 
     @property
     def policies(self) -> Mapping[str, CedarPolicyMeta]:
@@ -230,7 +233,25 @@ class CedarEngine(EngineBase):
             "resource": {"type": RESOURCE_TYPE, "id": inp.resource},
             "context": request_context(inp, facts),
         }
-        entities = [
+        entities, parsed = self._entities(inp, facts)
+        result = cedarpy.is_authorized(request, self._policies, parsed)
+        determining = [str(policy_id) for policy_id in result.diagnostics.reasons]
+        errors = [str(error) for error in result.diagnostics.errors]
+        trace: dict[str, object] = {
+            "request": request,
+            "entities": entities,
+            "cedar_decision": result.decision.value,
+            "matched": sorted(self._name(p) for p in determining),
+            "errors": errors,
+        }
+        return self._verdict(result.allowed, determining, errors), trace
+
+    def _entities(
+        self, inp: PolicyInput, facts: Facts
+    ) -> tuple[list[dict[str, object]], cedarpy.Entities]:
+        """The principal and resource entities; Cedar parses them once per (principal, resource,
+        environment), the three inputs their attributes derive from."""
+        entities: list[dict[str, object]] = [
             {
                 "uid": {"type": PRINCIPAL_TYPE, "id": inp.principal},
                 "attrs": {
@@ -245,17 +266,14 @@ class CedarEngine(EngineBase):
                 "parents": [],
             },
         ]
-        result = cedarpy.is_authorized(request, self._policies, json.dumps(entities))
-        determining = [str(policy_id) for policy_id in result.diagnostics.reasons]
-        errors = [str(error) for error in result.diagnostics.errors]
-        trace: dict[str, object] = {
-            "request": request,
-            "entities": entities,
-            "cedar_decision": result.decision.value,
-            "matched": sorted(self._name(p) for p in determining),
-            "errors": errors,
-        }
-        return self._verdict(result.allowed, determining, errors), trace
+        key = (inp.principal, inp.resource, inp.environment)
+        parsed = self._entity_cache.get(key)
+        if parsed is None:
+            parsed = cedarpy.Entities.from_json_str(json.dumps(entities))
+            if len(self._entity_cache) >= _ENTITY_CACHE_SIZE:
+                self._entity_cache.clear()  # a miss costs one parse, nothing more
+            self._entity_cache[key] = parsed
+        return entities, parsed
 
     def _name(self, policy_id: str) -> str:
         meta = self._metas.get(policy_id)

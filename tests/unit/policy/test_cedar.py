@@ -155,6 +155,36 @@ def test_entities_and_context_carry_the_derived_facts() -> None:
     assert engine.decide(inp).outcome is Outcome.ALLOW
 
 
+def test_entities_parsed_once_still_follow_each_request() -> None:
+    # Cedar parses the entities once per (principal, resource, environment); a request that
+    # differs in any of the three sees its own attributes, a repeated one the same as before.
+    engine = cedar(
+        """
+        @id("sandbox-agents") permit (principal, action, resource) when {
+          principal.path like "/agent/*" && resource.kind == "deploy" &&
+          resource.environment == "sandbox"
+        };
+        """
+    )
+    allowed = make_input(action="deploy", resource="deploy/x", environment="sandbox")
+    outcomes = [
+        engine.decide(inp).outcome
+        for inp in (
+            allowed,
+            make_input(action="deploy", resource="deploy/x", environment="production"),
+            make_input(action="deploy", resource="tickets/x", environment="sandbox"),
+            make_input(
+                action="deploy",
+                resource="deploy/x",
+                environment="sandbox",
+                principal="spiffe://example.org/batch/job",
+            ),
+            allowed,
+        )
+    ]
+    assert outcomes == [Outcome.ALLOW, Outcome.DENY, Outcome.DENY, Outcome.DENY, Outcome.ALLOW]
+
+
 def test_hour_and_weekday_are_utc() -> None:
     engine = cedar(
         '@id("office") permit (principal, action, resource)'
