@@ -79,6 +79,7 @@ log = logging.getLogger(__name__)
 
 SIGN_BATCH = 64  # the authority's max_node_csrs default
 JWT_CACHE_SIZE = 4096
+UPSTREAM_CALLS = 64
 BACKOFF_INITIAL = 0.05
 BACKOFF_MAX = 5.0
 STALE_FEED = dt.timedelta(seconds=15)  # log when the revocation feed is silent this long
@@ -175,6 +176,9 @@ class NodeAgent:
             OrderedDict()
         )
         self._changes = Waiters()
+        self._jwt_flights: dict[tuple[str, tuple[str, ...]], asyncio.Future[str]] = {}
+        # Upstream calls in flight at once: well under the authority's stream limit.
+        self._upstream = asyncio.Semaphore(UPSTREAM_CALLS)
         self._wake = asyncio.Event()
         self._watcher = RevocationWatcher(
             self._open_feed,
@@ -574,20 +578,39 @@ class NodeAgent:
         return self._bundle
 
     async def jwt_svid(self, entry: NodeEntry, audience: list[str]) -> str:
+        """A JWT-SVID for ``entry``: from the cache until half its life, else from the
+        authority, one call per (entry, audience) however many workloads ask at once."""
         key = (entry.id, tuple(sorted(set(audience))))
         cached = self._jwts.get(key)
-        now = time.time()
-        if cached is not None and now < cached[1]:
+        if cached is not None and time.time() < cached[1]:
             self.stats.jwt_cached += 1
             self._jwts.move_to_end(key)
             return cached[0]
-        try:
-            response = await (await self._mtls()).FetchAgentJWTSVID(
-                pb.FetchAgentJWTSVIDRequest(entry_id=entry.id, audience=audience)
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_status(exc) from None
+        flight = self._jwt_flights.get(key)
+        if flight is None:
+            flight = asyncio.ensure_future(self._fetch_jwt(key, entry, audience))
+            self._jwt_flights[key] = flight
+            flight.add_done_callback(lambda done: self._landed(key, done))
+        # Shielded: a workload that hangs up does not cancel the others' answer.
+        return await asyncio.shield(flight)
+
+    def _landed(self, key: tuple[str, tuple[str, ...]], done: asyncio.Future[str]) -> None:
+        self._jwt_flights.pop(key, None)
+        if not done.cancelled():
+            done.exception()  # observed here, whether or not a workload still waits
+
+    async def _fetch_jwt(
+        self, key: tuple[str, tuple[str, ...]], entry: NodeEntry, audience: list[str]
+    ) -> str:
+        async with self._upstream:
+            try:
+                response = await (await self._mtls()).FetchAgentJWTSVID(
+                    pb.FetchAgentJWTSVIDRequest(entry_id=entry.id, audience=audience)
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise error_from_status(exc) from None
         self.stats.jwt_fetched += 1
+        now = time.time()
         refresh_at = now + (response.expires_at - now) / 2
         self._jwts[key] = (response.token, refresh_at, float(response.expires_at))
         if len(self._jwts) > JWT_CACHE_SIZE:

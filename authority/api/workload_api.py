@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import weakref
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -64,6 +65,7 @@ log = logging.getLogger(__name__)
 
 HEADER = "workload.spiffe.io"
 RESYNC_INTERVAL = 5.0  # seconds: the longest a stream sleeps without looking again
+_REPLY_CACHE = 256  # X.509-SVID replies kept for the streams that send the same state
 MIN_WAIT = 1.0  # seconds: never re-issue more often than this, whatever the SVID's life
 # The built-in unix plugin's defaults, used when no instance of that name is registered.
 _DEFAULT_UNIX = UnixAttestor(hash_executable=True, max_bytes=512 * 1024 * 1024)
@@ -158,6 +160,9 @@ class SpiffeWorkloadApi(pb_grpclib.SpiffeWorkloadAPIBase):
 
     def __init__(self, source: WorkloadSource) -> None:
         self._source = source
+        self._x509_replies: OrderedDict[tuple[int, tuple[str, ...]], tuple[TrustBundle, Any]] = (
+            OrderedDict()
+        )
 
     # --- the calls -----------------------------------------------------------------------
 
@@ -217,22 +222,33 @@ class SpiffeWorkloadApi(pb_grpclib.SpiffeWorkloadAPIBase):
                 items, bundle, due = await view.current()
                 state = (bundle, *(i.serial for i in items))
                 if state != sent:
-                    bundle_der = der_concat(bundle.x509_authorities)
-                    await stream.send_message(
-                        pb.X509SVIDResponse(
-                            svids=[
-                                pb.X509SVID(
-                                    spiffe_id=i.spiffe_id,
-                                    x509_svid=i.chain_der,
-                                    x509_svid_key=i.key_der,
-                                    bundle=bundle_der,
-                                )
-                                for i in items
-                            ]
-                        )
-                    )
+                    await stream.send_message(self._x509_reply(items, bundle))
                     sent = state
                 await _wait(changed, min(RESYNC_INTERVAL, max(MIN_WAIT, due)))
+
+    def _x509_reply(self, items: list[X509Item], bundle: TrustBundle) -> Any:
+        """Built once per state, whatever the number of streams that send it (a node agent
+        pushes the same SVIDs to every workload its entry selects)."""
+        key = (bundle.sequence, tuple(i.serial for i in items))
+        cached = self._x509_replies.get(key)
+        if cached is not None and cached[0] is bundle:
+            return cached[1]
+        bundle_der = der_concat(bundle.x509_authorities)
+        reply = pb.X509SVIDResponse(
+            svids=[
+                pb.X509SVID(
+                    spiffe_id=i.spiffe_id,
+                    x509_svid=i.chain_der,
+                    x509_svid_key=i.key_der,
+                    bundle=bundle_der,
+                )
+                for i in items
+            ]
+        )
+        self._x509_replies[key] = (bundle, reply)
+        if len(self._x509_replies) > _REPLY_CACHE:
+            self._x509_replies.popitem(last=False)
+        return reply
 
     async def _bundle_stream(
         self, stream: Stream, caller: Caller, message: Callable[[TrustBundle], Any]

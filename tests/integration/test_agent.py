@@ -209,6 +209,32 @@ async def test_admin_node_entries_and_oversized_or_duplicate_batches_are_refused
     assert not [r for r in records if r.kind == "x509.issued" and r.subject == f"{TD}/w"]
 
 
+async def test_concurrent_asks_for_a_new_jwt_svid_make_one_upstream_call(
+    running: Running, tmp_path: Path, socket_dir: Path
+) -> None:
+    await node_entry(running, "w")
+    async with running_agent(running, socket_dir / "a.sock", tmp_path / "agent") as agent:
+        channels = [grpc.aio.insecure_channel(f"unix:{socket_dir / 'a.sock'}") for _ in range(20)]
+        try:
+            replies = await asyncio.gather(
+                *(
+                    wgrpc.SpiffeWorkloadAPIStub(c).FetchJWTSVID(
+                        wpb.JWTSVIDRequest(audience=["fresh-audience"]), metadata=HEADER
+                    )
+                    for c in channels
+                )
+            )
+        finally:
+            for channel in channels:
+                await channel.close()
+        assert len({r.svids[0].svid for r in replies}) == 1  # one token, shared
+        assert agent.stats.jwt_fetched == 1
+    assert running.server.authority is not None
+    records = await running.server.authority.audit_records(limit=10_000)
+    issued = [r for r in records if r.kind == "jwt.issued" and "fresh-audience" in r.details_json]
+    assert len(issued) == 1
+
+
 # --- the agent's own identity -----------------------------------------------------------------
 
 
