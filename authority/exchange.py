@@ -68,6 +68,11 @@ MAX_PROMPT_CHARS = 64 * 1024
 _EXCHANGE = METRICS.samples("exchange.handler")  # wall time of one Exchange in the authority
 RISK_WINDOW = 600.0  # seconds of denials that raise a principal's risk
 RISK_PER_DENIAL = 10  # eight denials in ten minutes reach 80
+# A task seen open here is taken as open for this long without a store read. A task revoked
+# meanwhile (and so ended) is in the revoked set for longer (HARD_MAX_TTL and more), and a task
+# in it is always read from the store; EndTask here forgets the task at once.
+OPEN_TASK_SECONDS = 60.0
+_OPEN_TASKS_MAX = 10_000
 
 
 class PolicySource(Protocol):
@@ -173,6 +178,8 @@ class ExchangeService:
         self._denials: dict[str, collections.deque[float]] = collections.defaultdict(
             lambda: collections.deque(maxlen=16)
         )
+        # task id -> (its principal, time.monotonic() when it was last known open)
+        self._open_tasks: dict[str, tuple[str, float]] = {}
 
     # --- the decision ------------------------------------------------------------------
 
@@ -327,15 +334,31 @@ class ExchangeService:
     async def _check_task(self, task_id: str, principal: str) -> None:
         """The task is open to this principal: not another's, not ended (EndTask also revokes
         it, but TASK_ENDED says why), not revoked."""
-        task = await self._store.get_task(task_id)
-        if task is not None and task.principal != principal:
+        revoked = self._authority.revocations.revoked.has(
+            RevocationKind.TASK, task_id, self._clock.now()
+        )
+        known = self._open_tasks.get(task_id)
+        if known is not None and not revoked and time.monotonic() - known[1] < OPEN_TASK_SECONDS:
+            owner, ended = known[0], False
+        else:
+            task = await self._store.get_task(task_id)
+            owner = task.principal if task is not None else principal
+            ended = task is not None and task.ended_at is not None
+            if task is not None and not ended:
+                self._task_open(task_id, owner)
+        if owner != principal:
             raise PermissionDenied(
                 f"task {task_id!r} belongs to another principal", reason="TASK_NOT_YOURS"
             )
-        if task is not None and task.ended_at is not None:
+        if ended:
             raise FailedPrecondition(f"task {task_id!r} has ended", reason="TASK_ENDED")
-        if self._authority.revocations.revoked.has(RevocationKind.TASK, task_id, self._clock.now()):
+        if revoked:
             raise FailedPrecondition(f"task {task_id!r} is revoked", reason="TASK_REVOKED")
+
+    def _task_open(self, task_id: str, principal: str) -> None:
+        if len(self._open_tasks) >= _OPEN_TASKS_MAX:
+            self._open_tasks.clear()  # a miss costs one store read, nothing more
+        self._open_tasks[task_id] = (principal, time.monotonic())
 
     async def _issue(
         self,
@@ -428,6 +451,9 @@ class ExchangeService:
         await self._store.record_task_token(
             record, consume_approval=approval.id if approval else "", audit=[*events, issued]
         )
+        if parent is None:
+            # The transaction checked the task open and the subject's: it stays known open.
+            self._task_open(task_id, subject)
         log.info(
             "task token issued: jti=%s task=%s holder=%s scope=%s aud=%s exp=%s decision=%s",
             token.jti,
@@ -678,6 +704,7 @@ class ExchangeService:
             details={"reason": reason[:300]},
         )
         jtis = await self._store.end_task(task_id, now, reason[:300], audit=[event])
+        self._open_tasks.pop(task_id, None)
         await self._authority.revocations.revoke_task_tokens(
             task_id, reason or "task ended", actor=caller.spiffe_id.uri
         )

@@ -428,6 +428,21 @@ async def test_the_relying_service_follows_a_rotation_of_the_task_keys(
         await channel.call(READ_METRICS, "metrics/prod", before)  # the old key is still published
 
 
+async def test_a_task_stays_its_principals_once_known_open(
+    authority: Running, reporter: Agent, tmp_path: Path
+) -> None:
+    # The task is open and known so to the server (a token was just issued for it): another
+    # agent still cannot use it, and its owner still can.
+    other = await attest_agent(authority, "spiffe://example.org/agent/other", tmp_path / "other")
+    await reporter.exchange("read", "metrics/prod", "metrics-api", task_id="shared-name")
+    err = await rpc_error(
+        other.exchange("read", "metrics/prod", "metrics-api", task_id="shared-name")
+    )
+    assert_status(err, grpc.StatusCode.PERMISSION_DENIED, "TASK_NOT_YOURS")
+    again = await reporter.exchange("read", "metrics/prod", "metrics-api", task_id="shared-name")
+    assert again.token.task_id == "shared-name"
+
+
 async def test_exchange_needs_the_callers_svid(authority: Running, reporter: Agent) -> None:
     """On the server-TLS endpoint there is no client certificate: no token, whoever asks."""
     anonymous = await authority.workload()
