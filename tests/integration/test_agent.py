@@ -226,7 +226,7 @@ async def test_concurrent_asks_for_a_new_jwt_svid_make_one_upstream_call(
             )
         finally:
             for channel in channels:
-                await channel.close()
+                await channel.close(None)
         assert len({r.svids[0].svid for r in replies}) == 1  # one token, shared
         assert agent.stats.jwt_fetched == 1
     assert running.server.authority is not None
