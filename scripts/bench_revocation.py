@@ -19,7 +19,8 @@ per subscriber process and one for an Exchange load process. Then:
   the memory per subscriber. Streams the server refuses while attaching (gRPC core cancels calls
   beyond ``grpc.server.max_pending_requests``) are counted and retried with jittered backoff.
 * Then, for ``--idle`` seconds without any revocation, the server's CPU is read: the cost of
-  keeping N quiet streams (heartbeats), plus the Exchange load if one runs.
+  keeping N quiet streams (heartbeats), plus the Exchange load if one runs, whose rate over
+  that window is reported too (N streams attached, none revoking).
 * For each N, the main process issues ``--revocations`` subject revocations over the admin socket,
   one every ``--interval`` seconds, and records when each Revoke call started and returned.
   Latency = (delivery at the last of the N streams) - (Revoke returned); it can be negative when
@@ -502,6 +503,7 @@ class RunReport:
     subscriber_cpu_us_per_delivery: float
     server_idle_cpu_percent: float  # N streams, no revocation (heartbeats and Exchange only)
     exchange_per_second: float = 0.0  # filled in once the load process reports
+    exchange_idle_per_second: float = 0.0  # the same, N streams attached but quiet
     samples_ms: list[float] = field(default_factory=list)
 
 
@@ -525,7 +527,7 @@ async def run_one(
     victims: Iterator[int],
     attached_before: int,
     load_pid: int | None,
-) -> tuple[RunReport, tuple[float, float]]:
+) -> tuple[RunReport, tuple[float, float], tuple[float, float]]:
     """Grow to ``n`` streams (from ``attached_before``), then time the revocations."""
     head = (await admin.Revoke(
         pb.RevokeRequest(kind="subject", target=f"spiffe://{TRUST_DOMAIN}/warm/{n}", reason="w")
@@ -543,7 +545,8 @@ async def run_one(
     # Idle: no revocation, only heartbeats to the N streams.
     idle0, idle_wall0 = server.cpu_seconds(), time.monotonic()
     await asyncio.sleep(args.idle)
-    idle_cpu = (server.cpu_seconds() - idle0) / (time.monotonic() - idle_wall0) * 100
+    idle_window = (idle_wall0, time.monotonic())
+    idle_cpu = (server.cpu_seconds() - idle0) / (idle_window[1] - idle_window[0]) * 100
 
     timings: dict[int, tuple[float, float]] = {}
     pids = [w.proc.pid for w in subscribers]
@@ -622,7 +625,7 @@ async def run_one(
         server_idle_cpu_percent=idle_cpu,
         samples_ms=[round(v, 3) for v in latencies],
     )
-    return report, window
+    return report, window, idle_window
 
 
 # --- orchestration -------------------------------------------------------------------------------
@@ -668,6 +671,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(args.exchange_alone)
 
         windows: list[tuple[float, float]] = []
+        idle_windows: list[tuple[float, float]] = []
         reports: list[RunReport] = []
         victims = iter(range(10**9))
         from authority.client import AdminClient
@@ -675,7 +679,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         async with AdminClient(server.admin_socket) as admin:
             attached = 0
             for n in args.subscribers:
-                report, window = await run_one(
+                report, window, idle_window = await run_one(
                     n,
                     args,
                     server,
@@ -688,6 +692,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 attached = n
                 reports.append(report)
                 windows.append(window)
+                idle_windows.append(idle_window)
                 print(
                     f"  N={n}: p50 {report.p50_ms:.1f} ms, p99 {report.p99_ms:.1f} ms "
                     f"({report.complete}/{report.revocations} complete)",
@@ -701,10 +706,13 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         alone = (
             sum(1 for t in done if alone_window[0] <= t <= alone_window[1]) / args.exchange_alone
         )
-        for report, window in zip(reports, windows, strict=True):
-            report.exchange_per_second = sum(1 for t in done if window[0] <= t <= window[1]) / (
-                window[1] - window[0]
-            )
+
+        def rate(window: tuple[float, float]) -> float:
+            return sum(1 for t in done if window[0] <= t <= window[1]) / (window[1] - window[0])
+
+        for report, window, idle_window in zip(reports, windows, idle_windows, strict=True):
+            report.exchange_per_second = rate(window)
+            report.exchange_idle_per_second = rate(idle_window)
         return {
             "environment": {
                 "python": platform.python_version(),
@@ -733,7 +741,7 @@ def format_table(result: dict[str, Any]) -> str:
         "| N | conns | attach s | refused | p50 ms | p99 ms | max ms | p50/p99 from call ms "
         "| Revoke call p50 ms | complete | server RSS MiB before->after | KiB/subscriber "
         "| CPU % server/subscribers/load/other | CPU us/delivery server/subscribers "
-        "| server idle CPU % | Exchange/s |"
+        "| server idle CPU % | Exchange/s quiet/revoking |"
     )
     lines = [header, "|" + "---|" * 16]
     for r in result["runs"]:
@@ -747,7 +755,8 @@ def format_table(result: dict[str, Any]) -> str:
             f"{r['subscriber_cpu_percent']:.0f}/{r['exchange_load_cpu_percent']:.0f}/"
             f"{r['other_cpu_percent']:.0f} "
             f"| {r['server_cpu_us_per_delivery']:.0f}/{r['subscriber_cpu_us_per_delivery']:.0f} "
-            f"| {r['server_idle_cpu_percent']:.1f} | {r['exchange_per_second']:.0f} |"
+            f"| {r['server_idle_cpu_percent']:.1f} "
+            f"| {r['exchange_idle_per_second']:.0f}/{r['exchange_per_second']:.0f} |"
         )
     cores = result["environment"]["cpus"]
     lines.append(
