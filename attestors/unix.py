@@ -70,7 +70,11 @@ def _start_time(pid: int) -> float:
     return int(fields[19]) / _CLOCK_TICKS  # field 22 of the whole line
 
 
-def _executable_digest(fh: BinaryIO, max_bytes: int) -> str:
+class _NotHashedYet(Exception):
+    """The executable's digest is not remembered: hashing it may take a while."""
+
+
+def _executable_digest(fh: BinaryIO, max_bytes: int, *, remembered_only: bool = False) -> str:
     """The SHA-256 of the open executable, remembered by the file's identity and version
     (device, inode, size, mtime and ctime: the kernel sets ctime on every change, and no caller
     can set it back), so a busy Workload API hashes each binary once, not once a call."""
@@ -83,6 +87,8 @@ def _executable_digest(fh: BinaryIO, max_bytes: int) -> str:
         if known is not None:
             _DIGESTS.move_to_end(key)
             return known
+    if remembered_only:
+        raise _NotHashedYet
     digest = _hash_file(fh, max_bytes)
     with _DIGESTS_LOCK:
         _DIGESTS[key] = digest
@@ -115,8 +121,10 @@ def _pidfd_alive(pidfd: int) -> bool:
 
 
 def inspect_process(
-    peer: PeerCredentials, *, hash_executable: bool, max_bytes: int
+    peer: PeerCredentials, *, hash_executable: bool, max_bytes: int, remembered_only: bool = False
 ) -> ProcessFacts:
+    """The process's facts; with ``remembered_only``, raise ``_NotHashedYet`` rather than hash
+    an executable whose digest is not remembered (the caller then runs it off the loop)."""
     pid = peer.pid
     try:
         started = _start_time(pid)
@@ -128,7 +136,7 @@ def inspect_process(
         digest: str | None = None
         if hash_executable:
             with open(f"/proc/{pid}/exe", "rb") as fh:
-                digest = _executable_digest(fh, max_bytes)
+                digest = _executable_digest(fh, max_bytes, remembered_only=remembered_only)
         if _start_time(pid) != started:
             raise AttestationRefused("UNIX_PID_REUSED", "the process changed while attesting")
     except (FileNotFoundError, ProcessLookupError):
@@ -166,9 +174,16 @@ class UnixAttestor:
             raise AttestationRefused(
                 "UNIX_NO_PEER", "the unix attestor works only on the authority's local socket"
             )
-        facts = await asyncio.to_thread(
-            inspect_process, peer, hash_executable=self._hash, max_bytes=self._max_bytes
-        )
+        # /proc reads take microseconds; only hashing a new executable may take long. A worker
+        # thread costs ~250 us of hand-offs, so it is used only for that.
+        try:
+            facts = inspect_process(
+                peer, hash_executable=self._hash, max_bytes=self._max_bytes, remembered_only=True
+            )
+        except _NotHashedYet:
+            facts = await asyncio.to_thread(
+                inspect_process, peer, hash_executable=self._hash, max_bytes=self._max_bytes
+            )
         selectors: list[tuple[str, str]] = [
             ("uid", str(facts.uid)),
             ("gid", str(facts.gid)),
