@@ -177,16 +177,10 @@ class FetchedX509Svid:
     bundle_pem: bytes
 
 
-class WorkloadApiClient:
-    """A client of the SPIFFE Workload API (the authority's or a node agent's), where the kernel
-    identifies the caller: no credential of its own. ``socket`` defaults to
-    ``SPIFFE_ENDPOINT_SOCKET``."""
+class _OneChannel:
+    """A client over one insecure (Unix socket) channel, usable with ``async with``."""
 
-    HEADER = (("workload.spiffe.io", "true"),)
-
-    def __init__(self, socket: str | Path | None = None) -> None:
-        self._channel = grpc.aio.insecure_channel(workload_api_target(socket))
-        self.stub = spiffe_grpc.SpiffeWorkloadAPIStub(self._channel)
+    _channel: grpc.aio.Channel
 
     async def close(self) -> None:
         await self._channel.close(None)
@@ -198,6 +192,18 @@ class WorkloadApiClient:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+
+class WorkloadApiClient(_OneChannel):
+    """A client of the SPIFFE Workload API (the authority's or a node agent's), where the kernel
+    identifies the caller: no credential of its own. ``socket`` defaults to
+    ``SPIFFE_ENDPOINT_SOCKET``."""
+
+    HEADER = (("workload.spiffe.io", "true"),)
+
+    def __init__(self, socket: str | Path | None = None) -> None:
+        self._channel = grpc.aio.insecure_channel(workload_api_target(socket))
+        self.stub = spiffe_grpc.SpiffeWorkloadAPIStub(self._channel)
 
     async def fetch_x509_svids(self) -> list[FetchedX509Svid]:
         """The caller's X.509-SVIDs now (the first message of the stream)."""
@@ -257,23 +263,12 @@ def _split(address: str) -> tuple[str, str]:
     return host, port
 
 
-class AdminClient:
+class AdminClient(_OneChannel):
     """The operator API over the admin Unix socket."""
 
     def __init__(self, socket_path: str | Path) -> None:
         self._channel = grpc.aio.insecure_channel(f"unix:{socket_path}")
         self.stub: pb_grpc.AdminAsyncStub = pb_grpc.AdminStub(self._channel)
-
-    async def close(self) -> None:
-        await self._channel.close(None)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
 
 class WorkloadClient:
