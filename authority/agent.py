@@ -69,7 +69,8 @@ from authority.client import (
     make_csr,
     new_key,
 )
-from authority.errors import FailedPrecondition, PermissionDenied
+from authority.config import MAX_UNIX_SOCKET_PATH
+from authority.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from authority.ids import SpiffeId
 from authority.jwt_svid import check_jwt_svid
 from authority.models import Selector
@@ -107,6 +108,12 @@ class AgentConfig:
     workload_attestor: str = "unix"  # the selector type of the local callers
     spiffe_id_hint: str = ""
     socket_mode: int = 0o666  # any local process may ask; the kernel says who it is
+
+    def __post_init__(self) -> None:
+        if len(str(self.socket).encode()) > MAX_UNIX_SOCKET_PATH:
+            raise InvalidArgument(
+                f"the Workload API socket path must be at most {MAX_UNIX_SOCKET_PATH} bytes"
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,7 +42,7 @@ from authority.client import (
     make_csr,
     x509pop_responder,
 )
-from authority.config import MAX_UNIX_SOCKET_PATH, Config, format_duration, parse_duration
+from authority.config import Config, format_duration, parse_duration
 from authority.errors import AuthorityError
 
 if TYPE_CHECKING:
@@ -1273,8 +1273,6 @@ def agent(
     """
     from authority.agent import AgentConfig, run_agent
 
-    if len(str(workload_api_socket).encode()) > MAX_UNIX_SOCKET_PATH:
-        raise CliError(f"--workload-api-socket must be at most {MAX_UNIX_SOCKET_PATH} bytes")
     config = AgentConfig(
         server=server,
         trust_bundle_pem=trust_bundle.read_bytes(),

@@ -33,6 +33,7 @@ from authority._pb import spiffe_workload_pb2 as wpb
 from authority._pb import spiffe_workload_pb2_grpc as wgrpc
 from authority.agent import AgentConfig, NodeAgent
 from authority.client import WorkloadClient, make_csr, new_key
+from authority.errors import InvalidArgument
 from tests.conformance.verifiers import verify_client
 from tests.helpers import (
     AGENT_ID,
@@ -233,6 +234,16 @@ async def test_concurrent_asks_for_a_new_jwt_svid_make_one_upstream_call(
     records = await running.server.authority.audit_records(limit=10_000)
     issued = [r for r in records if r.kind == "jwt.issued" and "fresh-audience" in r.details_json]
     assert len(issued) == 1
+
+
+def test_a_socket_path_past_the_kernel_limit_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="107 bytes"):
+        AgentConfig(
+            server="127.0.0.1:1",
+            trust_bundle_pem=b"",
+            data_dir=tmp_path,
+            socket=Path("/tmp/" + "s" * 110),
+        )
 
 
 # --- the agent's own identity -----------------------------------------------------------------
