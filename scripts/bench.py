@@ -34,20 +34,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import json
-import math
-import multiprocessing
 import multiprocessing.connection
 import os
 import platform
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -55,26 +47,46 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from _benchlib import (
+    CHANNEL_OPTIONS,
+    READY_TIMEOUT,
+    RPC_TIMEOUT,
+    TRUST_DOMAIN,
+    AuthorityServer,
+    BenchError,
+    LoadRun,
+    PipeWorker,
+    RequestFailed,
+    add_log_level_argument,
+    attest_join_tokens,
+    authority_version,
+    bench_dirs,
+    bundle_pem,
+    close_all,
+    cpu_percent,
+    cpu_seconds,
+    create_join_tokens,
+    drive,
+    expect_all,
+    load_example_policy,
+    machine_busy_seconds,
+    nearest_rank,
+    require_range,
+    run_bench,
+    serve_commands,
+    start_authority,
+    stop_and_report,
+    usable_cores,
+)
 
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
 
-LOOPBACK = "127.0.0.1"
-TRUST_DOMAIN = "example.org"
 CSR_POOL = 200
 JWT_AUDIENCE = "bench.example"
-RPC_TIMEOUT = 10.0
-READY_TIMEOUT = 30.0
-STOP_TIMEOUT = 15.0
 MAX_DURATION = 30.0
 MAX_ATTEST_TOKENS = 20_000
 TARGETS = {"x509": 0.50, "jwt": 0.60, "exchange": 0.40}
-EXAMPLE_POLICY = Path(__file__).resolve().parent.parent / "examples" / "policies"
-# Every channel: no HTTP proxy (traffic stays on loopback), its own connection.
-CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
-    ("grpc.enable_http_proxy", 0),
-    ("grpc.use_local_subchannel_pool", 1),
-]
 
 # Runs ``authority serve`` under cProfile; argv: [stats file, serve arguments...].
 _PROFILE_BOOTSTRAP = """
@@ -84,10 +96,6 @@ sys.argv = ["authority", *sys.argv[2:]]
 from authority.cli import main
 cProfile.run("main()", out)
 """
-
-
-class BenchError(Exception):
-    """The benchmark could not run (the server did not start, setup failed...)."""
 
 
 # --- what the load processes are given and give back ---------------------------------------
@@ -140,14 +148,8 @@ class RunSpec:
 
 
 @dataclass
-class ClientResult:
-    latencies: list[float]  # seconds, successful calls only
-    errors: dict[str, int]
-    error_samples: dict[str, str]
-    started: float  # time.monotonic(), system-wide on Linux
-    ended: float
-    cpu_seconds: float
-    exhausted: bool  # attest: ran out of tokens before the duration
+class ClientResult(LoadRun):
+    exhausted: bool = False  # attest: ran out of tokens before the duration
 
 
 @dataclass
@@ -211,6 +213,7 @@ class _Load:
         self.index = init.index
         self.tokens: list[bytes] = []
         self.exhausted = False
+        self.spec: RunSpec | None = None
 
     async def connect(self) -> None:
         for channel in (*self.tls, *self.mtls):
@@ -219,6 +222,25 @@ class _Load:
     async def close(self) -> None:
         for channel in (*self.tls, *self.mtls):
             await channel.close(None)
+
+    async def prepare(self, spec: RunSpec) -> None:
+        """Warm up (untimed) and take the run's tokens."""
+        if spec.warmup > 0 and spec.scenario.name != "attest":
+            await self.drive(spec.scenario, spec.warmup)
+        self.tokens = list(spec.tokens)
+        self.exhausted = False
+        self.spec = spec
+
+    async def go(self, _: object) -> ClientResult:
+        """The prepared run."""
+        assert self.spec is not None
+        result = await self.drive(self.spec.scenario, self.spec.duration)
+        self.tokens = []
+        return result
+
+    async def drive(self, scenario: Scenario, seconds: float) -> ClientResult:
+        run = await drive(lambda i: self.request(scenario, i), self.init.concurrency, seconds)
+        return ClientResult(**vars(run), exhausted=self.exhausted)
 
     def request(self, scenario: Scenario, worker: int) -> Callable[[], Awaitable[bool]]:
         """A callable sending one request; False when there is nothing left to send."""
@@ -239,7 +261,7 @@ class _Load:
                 request = renewals[next(self._csr_turn) % len(renewals)]
                 reply = await stub.RenewX509SVID(request, timeout=RPC_TIMEOUT)
                 if not reply.svid.cert_chain:
-                    raise _BadResponse("RenewX509SVID returned no certificate")
+                    raise RequestFailed("BAD_RESPONSE", "RenewX509SVID returned no certificate")
                 return True
 
             return x509
@@ -249,7 +271,7 @@ class _Load:
             async def jwt() -> bool:
                 reply = await stub.FetchJWTSVID(fetch, timeout=RPC_TIMEOUT)
                 if not reply.token:
-                    raise _BadResponse("FetchJWTSVID returned no token")
+                    raise RequestFailed("BAD_RESPONSE", "FetchJWTSVID returned no token")
                 return True
 
             return jwt
@@ -265,7 +287,7 @@ class _Load:
             async def exchange_one() -> bool:
                 reply = await stub.Exchange(exchange, timeout=RPC_TIMEOUT)
                 if not reply.token.token:
-                    raise _BadResponse("Exchange returned no token")
+                    raise RequestFailed("BAD_RESPONSE", "Exchange returned no token")
                 return True
 
             return exchange_one
@@ -286,101 +308,22 @@ class _Load:
         reply = await call.read()
         code = await call.code()
         if code != grpc.StatusCode.OK:
-            raise _BadResponse(f"Attest ended with {code.name}")
+            raise RequestFailed("BAD_RESPONSE", f"Attest ended with {code.name}")
         if not isinstance(reply, pb.AttestResponse) or not reply.result.svids:
-            raise _BadResponse("Attest returned no SVID")
+            raise RequestFailed("BAD_RESPONSE", "Attest returned no SVID")
         return True
-
-
-class _BadResponse(Exception):
-    pass
-
-
-async def _drive(load: _Load, scenario: Scenario, seconds: float) -> ClientResult:
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
-    samples: dict[str, str] = {}
-    clock = time.perf_counter
-    cpu0 = time.process_time()
-    started = time.monotonic()
-    deadline = clock() + seconds
-    last_end = [started]
-
-    def failed(code: str, detail: str) -> None:
-        errors[code] = errors.get(code, 0) + 1
-        samples.setdefault(code, detail[:160])
-
-    async def worker(index: int) -> None:
-        send = load.request(scenario, index)
-        while clock() < deadline:
-            t0 = clock()
-            try:
-                if not await send():
-                    return
-            except grpc.aio.AioRpcError as exc:
-                failed(exc.code().name, exc.details() or "")
-            except _BadResponse as exc:
-                failed("BAD_RESPONSE", str(exc))
-            else:
-                latencies.append(clock() - t0)
-            last_end[0] = time.monotonic()
-
-    await asyncio.gather(*(worker(i) for i in range(load.init.concurrency)))
-    return ClientResult(
-        latencies=latencies,
-        errors=errors,
-        error_samples=samples,
-        started=started,
-        ended=last_end[0],
-        cpu_seconds=time.process_time() - cpu0,
-        exhausted=load.exhausted,
-    )
 
 
 async def _client_loop(conn: multiprocessing.connection.Connection, init: ClientInit) -> None:
     load = _Load(init)
     try:
         await load.connect()
-        conn.send(("ready", None))
-        while True:
-            command, payload = await asyncio.to_thread(conn.recv)
-            if command == "stop":
-                return
-            spec: RunSpec = payload
-            if spec.warmup > 0 and spec.scenario.name != "attest":
-                await _drive(load, spec.scenario, spec.warmup)
-            load.tokens = list(spec.tokens)
-            load.exhausted = False
-            conn.send(("ready", None))
-            command, _ = await asyncio.to_thread(conn.recv)
-            if command == "stop":
-                return
-            result = await _drive(load, spec.scenario, spec.duration)
-            load.tokens = []
-            conn.send(("result", result))
+        await serve_commands(conn, {"prepare": ("ready", load.prepare), "go": ("result", load.go)})
     finally:
         await load.close()
 
 
-def client_main(conn: multiprocessing.connection.Connection, init: ClientInit) -> None:
-    """Entry point of a load process (spawned: no gRPC state is inherited)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles ^C and stops us
-    try:
-        asyncio.run(_client_loop(conn, init))
-    except Exception as exc:
-        with contextlib.suppress(OSError):
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
-    finally:
-        conn.close()
-
-
 # --- the server ------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -397,119 +340,21 @@ class CpuSnapshot:
     def take(cls, server_pid: int) -> CpuSnapshot:
         return cls(
             wall=time.monotonic(),
-            server=_cpu_seconds(server_pid),
-            server_loop=_cpu_seconds(server_pid, main_thread=True),
+            server=cpu_seconds(server_pid, missing_ok=True),
+            server_loop=cpu_seconds(server_pid, main_thread=True, missing_ok=True),
             own=time.process_time(),
-            machine_busy=_machine_busy_seconds(),
+            machine_busy=machine_busy_seconds(missing_ok=True),
         )
 
 
-def _machine_busy_seconds() -> float:
-    """Non-idle CPU seconds of the whole machine since boot, from /proc/stat (0 without)."""
-    try:
-        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    except OSError:
-        return 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in first[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_seconds(pid: int, *, main_thread: bool = False) -> float:
-    """User + system CPU of a process (all threads, or its main thread) from /proc; 0 without."""
-    stat = Path(f"/proc/{pid}/task/{pid}/stat" if main_thread else f"/proc/{pid}/stat")
-    try:
-        fields = stat.read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    tls_address: str
-    mtls_address: str
-    admin_socket: Path
-    log_path: Path
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no server log)"
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(timeout=STOP_TIMEOUT)
-
-
-def _serve_command(profile: Path | None) -> list[str]:
+def start_server(
+    work: Path, socket_dir: Path, profile: Path | None, log_level: str
+) -> AuthorityServer:
+    """``authority serve``, under cProfile when ``profile`` names the stats file."""
+    command = None
     if profile is not None:
-        return [sys.executable, "-c", _PROFILE_BOOTSTRAP, str(profile)]
-    script = Path(sys.executable).parent / "authority"
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-c", "from authority.cli import main; main()"]
-
-
-def start_server(work: Path, socket_dir: Path, profile: Path | None, log_level: str) -> Server:
-    port, mtls_port = _free_port(), _free_port()
-    admin_socket = socket_dir / "admin.sock"
-    log_path = work / "serve.log"
-    command = [
-        *_serve_command(profile),
-        "serve",
-        "--data-dir",
-        str(work / "data"),
-        "--listen",
-        f"{LOOPBACK}:{port}",
-        "--listen-mtls",
-        f"{LOOPBACK}:{mtls_port}",
-        "--admin-socket",
-        str(admin_socket),
-        "--trust-domain",
-        TRUST_DOMAIN,
-        "--log-level",
-        log_level,
-    ]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
-    server = Server(proc, f"{LOOPBACK}:{port}", f"{LOOPBACK}:{mtls_port}", admin_socket, log_path)
-    try:
-        _wait_serving(server)
-    except BaseException:
-        server.stop()
-        raise
-    return server
-
-
-def _wait_serving(server: Server) -> None:
-    """Until the admin socket answers a health check (the workload ports bind before it)."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise BenchError(f"authority serve exited early:\n{server.log_tail()}")
-        if server.admin_socket.exists():
-            with grpc.insecure_channel(f"unix:{server.admin_socket}") as channel:
-                try:
-                    reply = health_pb2_grpc.HealthStub(channel).Check(
-                        health_pb2.HealthCheckRequest(), timeout=1
-                    )
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-        time.sleep(0.05)
-    raise BenchError(f"authority serve did not become ready:\n{server.log_tail()}")
+        command = [sys.executable, "-c", _PROFILE_BOOTSTRAP, str(profile)]
+    return start_authority(work, socket_dir, log_level=log_level, command=command)
 
 
 # --- setup through the admin socket ----------------------------------------------------------
@@ -521,54 +366,23 @@ def make_csr_pool(count: int) -> list[bytes]:
     return [make_csr(new_key()) for _ in range(count)]
 
 
-async def create_tokens(server: Server, spiffe_ids: list[str], parallel: int = 32) -> list[bytes]:
-    from authority.client import AdminClient
-
-    async with AdminClient(server.admin_socket) as admin:
-        queue = iter(spiffe_ids)
-        tokens: list[bytes] = []
-
-        async def one() -> None:
-            for spiffe_id in queue:
-                created = await admin.stub.CreateJoinToken(
-                    pb.CreateJoinTokenRequest(spiffe_id=spiffe_id, ttl_seconds=600),
-                    timeout=RPC_TIMEOUT,
-                )
-                tokens.append(created.token.encode())
-
-        await asyncio.gather(*(one() for _ in range(parallel)))
-    return tokens
-
-
 async def attest_workloads(
-    server: Server, folder: Path, count: int
+    server: AuthorityServer, folder: Path, count: int
 ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     """Attest ``count`` workloads with join tokens; (bundle PEM, [(chain PEM, key PEM)])."""
-    from authority.client import AdminClient, SvidFiles, WorkloadClient, der_chain_to_pem
+    from authority.client import AdminClient, WorkloadClient
 
     async with AdminClient(server.admin_socket) as admin:
-        bundle = await admin.stub.GetBundle(pb.GetBundleRequest(), timeout=RPC_TIMEOUT)
-        # The example agent policy: agents may read metrics (the Exchange scenario).
-        files = [
-            pb.PolicyFile(name=f.name, content=f.read_text())
-            for f in (EXAMPLE_POLICY / "agents.cedar", EXAMPLE_POLICY / "agents.tests.json")
-        ]
-        await admin.stub.LoadPolicy(pb.LoadPolicyRequest(files=files), timeout=RPC_TIMEOUT)
-    bundle_pem = der_chain_to_pem(list(bundle.x509_authorities))
+        roots = await bundle_pem(admin.stub)
+        await load_example_policy(admin.stub)  # agents may read metrics: the Exchange scenario
     ids = [f"spiffe://{TRUST_DOMAIN}/agent/bench-{i}" for i in range(count)]
-    tokens = await create_tokens(server, ids, parallel=4)
-    identities: list[tuple[bytes, bytes]] = []
-    async with WorkloadClient(server.tls_address, bundle_pem, options=CHANNEL_OPTIONS) as client:
+    tokens = await create_join_tokens(server.admin_socket, ids, parallel=4)
+    async with WorkloadClient(server.tls_address, roots, options=CHANNEL_OPTIONS) as client:
         info = await client.tls_stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=RPC_TIMEOUT)
-        advertised_port = info.mtls_address.rpartition(":")[2]
-        if advertised_port != server.mtls_address.rpartition(":")[2]:
-            raise BenchError(f"the server advertises mTLS on {info.mtls_address!r}, not our port")
-        for i, token in enumerate(tokens):
-            target = folder / f"workload-{i}"
-            await client.attest_to_folder("join_token", token, target)
-            chain, key, _ = SvidFiles(target).read()
-            identities.append((chain, key))
-    return bundle_pem, identities
+    advertised_port = info.mtls_address.rpartition(":")[2]
+    if advertised_port != server.mtls_address.rpartition(":")[2]:
+        raise BenchError(f"the server advertises mTLS on {info.mtls_address!r}, not our port")
+    return roots, await attest_join_tokens(server.tls_address, roots, tokens, folder)
 
 
 # --- the orchestration -----------------------------------------------------------------------
@@ -578,69 +392,31 @@ class Clients:
     """The load processes, driven in lock step over pipes."""
 
     def __init__(self, inits: list[ClientInit]) -> None:
-        context = multiprocessing.get_context("spawn")
-        self.procs: list[multiprocessing.process.BaseProcess] = []
-        self.conns: list[multiprocessing.connection.Connection] = []
-        for init in inits:
-            parent, child = context.Pipe()
-            proc = context.Process(
-                target=client_main, args=(child, init), name=f"bench-client-{init.index}"
+        self.workers = [
+            PipeWorker(
+                _client_loop, init, f"bench-client-{init.index}", f"load process {init.index}"
             )
-            proc.start()
-            child.close()
-            self.procs.append(proc)
-            self.conns.append(parent)
-
-    def _expect(self, what: str, timeout: float) -> list[Any]:
-        replies: list[Any] = []
-        deadline = time.monotonic() + timeout
-        for index, conn in enumerate(self.conns):
-            if not conn.poll(max(0.0, deadline - time.monotonic())):
-                raise BenchError(f"load process {index} did not answer within {timeout:.0f}s")
-            try:
-                kind, payload = conn.recv()
-            except EOFError:
-                raise BenchError(f"load process {index} died") from None
-            if kind == "error":
-                raise BenchError(f"load process {index} failed: {payload}")
-            if kind != what:
-                raise BenchError(f"load process {index} sent {kind!r}, expected {what!r}")
-            replies.append(payload)
-        return replies
+            for init in inits
+        ]
 
     async def connected(self) -> None:
-        await asyncio.to_thread(self._expect, "ready", 60.0)
+        await asyncio.to_thread(expect_all, self.workers, "ready", 60.0)
 
     async def prepare(self, specs: list[RunSpec]) -> None:
         """Hand every process its run and let it warm up; returns when all are ready."""
-        for conn, spec in zip(self.conns, specs, strict=True):
-            conn.send(("prepare", spec))
+        for worker, spec in zip(self.workers, specs, strict=True):
+            worker.send("prepare", spec)
         longest = max(s.warmup for s in specs)
-        await asyncio.to_thread(self._expect, "ready", longest + READY_TIMEOUT)
+        await asyncio.to_thread(expect_all, self.workers, "ready", longest + READY_TIMEOUT)
 
     async def go(self, duration: float) -> list[ClientResult]:
         """Start the prepared run in every process at once; their results."""
-        for conn in self.conns:
-            conn.send(("go", None))
-        return await asyncio.to_thread(self._expect, "result", duration + READY_TIMEOUT)
+        for worker in self.workers:
+            worker.send("go")
+        return await asyncio.to_thread(expect_all, self.workers, "result", duration + READY_TIMEOUT)
 
     def close(self) -> None:
-        for conn in self.conns:
-            with contextlib.suppress(OSError):
-                conn.send(("stop", None))
-        for proc in self.procs:
-            proc.join(timeout=STOP_TIMEOUT)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(timeout=STOP_TIMEOUT)
-        for conn in self.conns:
-            conn.close()
-
-
-def _percentile(ordered: list[float], q: float) -> float:
-    if not ordered:
-        return math.nan
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+        close_all(self.workers)
 
 
 def summarize(
@@ -652,17 +428,14 @@ def summarize(
     for r in results:
         for code, n in r.errors.items():
             errors[code] = errors.get(code, 0) + n
-        for code, text in r.error_samples.items():
-            samples.setdefault(code, text)
+        for code, text in r.samples.items():
+            samples.setdefault(code, text[:160])
     seconds = max(r.ended for r in results) - min(r.started for r in results)
     rate = len(latencies) / seconds if seconds > 0 else 0.0
     wall = after.wall - before.wall  # from just before "go" to the last result in
     client_cpu = sum(r.cpu_seconds for r in results)
     ours = (after.server - before.server) + (after.own - before.own) + client_cpu
     other = max(0.0, (after.machine_busy - before.machine_busy) - ours)
-
-    def percent(cpu: float, over: float) -> float:
-        return round(100 * cpu / over, 1) if over > 0 else 0.0
 
     note = "ran out of join tokens before the duration" if any(r.exhausted for r in results) else ""
     return ScenarioReport(
@@ -673,15 +446,15 @@ def summarize(
         errors=sum(errors.values()),
         seconds=round(seconds, 3),
         rate=round(rate, 1),
-        p50_ms=round(_percentile(latencies, 0.50) * 1000, 2),
-        p99_ms=round(_percentile(latencies, 0.99) * 1000, 2),
+        p50_ms=round(nearest_rank(latencies, 0.50) * 1000, 2),
+        p99_ms=round(nearest_rank(latencies, 0.99) * 1000, 2),
         ratio=None,
         target=TARGETS.get(scenario.name) if scenario.transport == "mtls" else None,
         verdict="",
-        client_cpu_percent=percent(client_cpu, seconds),
-        server_cpu_percent=percent(after.server - before.server, wall),
-        server_loop_cpu_percent=percent(after.server_loop - before.server_loop, wall),
-        other_cpu_percent=percent(other, wall),
+        client_cpu_percent=cpu_percent(client_cpu, seconds),
+        server_cpu_percent=cpu_percent(after.server - before.server, wall),
+        server_loop_cpu_percent=cpu_percent(after.server_loop - before.server_loop, wall),
+        other_cpu_percent=cpu_percent(other, wall),
         error_codes=errors,
         error_samples=samples,
         note=note,
@@ -707,12 +480,12 @@ def _split(items: list[bytes], parts: int) -> Iterator[list[bytes]]:
 
 
 async def run_scenarios(
-    args: argparse.Namespace, server: Server, work: Path
+    args: argparse.Namespace, server: AuthorityServer, work: Path
 ) -> list[ScenarioReport]:
     channels = args.channels
     t0 = time.monotonic()
     csrs = make_csr_pool(CSR_POOL)
-    bundle_pem, identities = await attest_workloads(
+    roots, identities = await attest_workloads(
         server, work / "svids", max(4, channels * args.clients)
     )
     print(
@@ -725,7 +498,7 @@ async def run_scenarios(
             index=i,
             tls_address=server.tls_address,
             mtls_address=server.mtls_address,
-            bundle_pem=bundle_pem,
+            bundle_pem=roots,
             identities=[identities[(i * channels + c) % len(identities)] for c in range(channels)],
             csrs=csrs,
             concurrency=args.concurrency,
@@ -748,9 +521,9 @@ async def run_scenarios(
             ]
             await clients.prepare(specs)
             await server_metrics(server, reset=True)
-            before = CpuSnapshot.take(server.proc.pid)
+            before = CpuSnapshot.take(server.pid)
             results = await clients.go(args.duration)
-            report = summarize(scenario, results, before, CpuSnapshot.take(server.proc.pid))
+            report = summarize(scenario, results, before, CpuSnapshot.take(server.pid))
             report.server_metrics = await server_metrics(server, reset=False)
             report.rpc += " (end)" if scenario.closing else ""
             reports.append(report)
@@ -765,7 +538,7 @@ async def run_scenarios(
 
 
 async def _attest_tokens(
-    args: argparse.Namespace, server: Server, reports: list[ScenarioReport]
+    args: argparse.Namespace, server: AuthorityServer, reports: list[ScenarioReport]
 ) -> list[bytes]:
     """Enough single-use tokens for the attest scenario, estimated from the renewal rate."""
     x509 = next((r for r in reports if r.scenario == "x509"), None)
@@ -774,7 +547,7 @@ async def _attest_tokens(
     count = min(count, MAX_ATTEST_TOKENS)
     ids = [f"spiffe://{TRUST_DOMAIN}/bench/attest-{i}" for i in range(count)]
     t0 = time.monotonic()
-    tokens = await create_tokens(server, ids)
+    tokens = await create_join_tokens(server.admin_socket, ids)
     print(f"setup: {len(tokens)} join tokens created in {time.monotonic() - t0:.1f}s", flush=True)
     return tokens
 
@@ -786,16 +559,10 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
     import cryptography
     import google.protobuf
 
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 0
-    import authority
-
     return {
-        "authority": f"{authority.__version__} from {Path(authority.__file__).parent}",
+        "authority": authority_version(),
         "cores": os.cpu_count(),
-        "usable_cores": usable,
+        "usable_cores": usable_cores(),
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
         "grpc": grpc.__version__,
@@ -838,7 +605,7 @@ def format_table(reports: list[ScenarioReport]) -> str:
     return "\n".join(lines)
 
 
-async def server_metrics(server: Server, *, reset: bool) -> dict[str, Any]:
+async def server_metrics(server: AuthorityServer, *, reset: bool) -> dict[str, Any]:
     """The authority's own measurements (GetMetrics), read over the admin socket."""
     from authority.client import AdminClient
 
@@ -936,49 +703,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--only", nargs="+", choices=sorted({s.name for s in SCENARIOS}), help="run only these"
     )
-    parser.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="the server's log level (INFO: its default)",
-    )
+    add_log_level_argument(parser)
     parser.add_argument(
         "--profile-server", type=Path, help="run the server under cProfile; stats here"
     )
     args = parser.parse_args(argv)
     if not 0 < args.duration <= MAX_DURATION:
         parser.error(f"--duration must be in (0, {MAX_DURATION:.0f}]")
-    if not 0 <= args.warmup <= 10:
-        parser.error("--warmup must be in [0, 10]")
-    if not 1 <= args.concurrency <= 1000:
-        parser.error("--concurrency must be in [1, 1000]")
-    if not 1 <= args.clients <= 16:
-        parser.error("--clients must be in [1, 16]")
-    if not 1 <= args.channels <= 16:
-        parser.error("--channels must be in [1, 16]")
+    require_range(parser, "--warmup", args.warmup, 0, 10)
+    require_range(parser, "--concurrency", args.concurrency, 1, 1000)
+    require_range(parser, "--clients", args.clients, 1, 16)
+    require_range(parser, "--channels", args.channels, 1, 16)
     return args
 
 
 async def bench(args: argparse.Namespace, env: dict[str, Any]) -> list[ScenarioReport]:
-    work = Path(tempfile.mkdtemp(prefix="authority-bench-"))
-    socket_dir = Path(tempfile.mkdtemp(prefix="aub-", dir="/tmp"))
     profile = args.profile_server.resolve() if args.profile_server else None
-    server: Server | None = None
-    try:
+    with bench_dirs("authority-bench-", "aub-") as (work, socket_dir):
         server = start_server(work, socket_dir, profile, args.log_level)
-        print(
-            f"server: pid {server.proc.pid}, tls {server.tls_address}, mtls {server.mtls_address}"
-        )
-        return await run_scenarios(args, server, work)
-    finally:
-        if server is not None:
-            code = server.stop()
-            if code not in (0, None):
-                print(
-                    f"warning: the server exited with {code}:\n{server.log_tail()}", file=sys.stderr
-                )
-        shutil.rmtree(socket_dir, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
+        try:
+            print(f"server: pid {server.pid}, tls {server.tls_address}, mtls {server.mtls_address}")
+            return await run_scenarios(args, server, work)
+        finally:
+            stop_and_report(server)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -994,14 +741,7 @@ def main(argv: list[str] | None = None) -> int:
         f"channel(s); {args.duration:g}s per scenario after {args.warmup:g}s warm-up"
     )
     started = time.monotonic()
-    try:
-        reports = asyncio.run(bench(args, env))
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    reports = run_bench(bench(args, env))
     print()
     baseline = apply_baseline(reports)
     print(format_table(reports))

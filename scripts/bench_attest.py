@@ -33,21 +33,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
 import itertools
 import json
-import math
-import multiprocessing
 import multiprocessing.connection
 import os
 import platform
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -56,16 +48,38 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from _benchlib import (
+    CHANNEL_OPTIONS,
+    READY_TIMEOUT,
+    RPC_TIMEOUT,
+    TRUST_DOMAIN,
+    AuthorityServer,
+    BenchError,
+    LoadRun,
+    PipeWorker,
+    RequestFailed,
+    add_log_level_argument,
+    authority_version,
+    bench_dirs,
+    bundle_pem,
+    cpu_percent,
+    cpu_seconds,
+    create_join_tokens,
+    drive,
+    machine_busy_seconds,
+    nearest_rank,
+    require_range,
+    run_bench,
+    serve_commands,
+    start_authority,
+    stop_and_report,
+    usable_cores,
+)
 
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
 
-LOOPBACK = "127.0.0.1"
-TRUST_DOMAIN = "example.org"
 CSR_POOL = 100
-RPC_TIMEOUT = 10.0
-READY_TIMEOUT = 30.0
-STOP_TIMEOUT = 15.0
 MAX_DURATION = 30.0
 MAX_TOKENS = 20_000  # join tokens or JWTs made for one scenario
 TOKEN_CREATION_BUDGET = 15.0  # seconds of CreateJoinToken calls at most
@@ -74,15 +88,6 @@ JWT_AUDIENCE = "agent-authority"
 JWT_KID = "bench-es256"
 JWT_NAMESPACE = "agents"
 NODE_CN = "node-0"
-# Every channel: no HTTP proxy (traffic stays on loopback), its own connection.
-CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
-    ("grpc.enable_http_proxy", 0),
-    ("grpc.use_local_subchannel_pool", 1),
-]
-
-
-class BenchError(Exception):
-    """The benchmark could not run (the server did not start, setup failed...)."""
 
 
 # --- scenarios and what the load process is given and gives back -----------------------------
@@ -156,14 +161,9 @@ class RunSpec:
 
 
 @dataclass
-class ClientResult:
-    latencies: list[float]  # seconds, successful calls only
-    errors: dict[str, int]
-    first_error: str
-    started: float  # time.monotonic(), system-wide on Linux
-    ended: float
-    cpu_seconds: float
-    exhausted: bool  # ran out of tokens before the duration
+class ClientResult(LoadRun):
+    first_error: str = ""  # "code: detail", the detail cut to 300 characters
+    exhausted: bool = False  # ran out of tokens before the duration
     warmup_errors: int = 0
 
 
@@ -188,13 +188,6 @@ class Row:
 
 
 # --- the load process ------------------------------------------------------------------------
-
-
-class _Failed(Exception):
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(f"{code}: {detail}")
-        self.code = code
-        self.detail = detail
 
 
 class _Load:
@@ -227,6 +220,8 @@ class _Load:
         self._csr_turn = itertools.count()
         self.evidence: list[bytes] = []
         self.exhausted = False
+        self.spec: RunSpec | None = None
+        self.warm: ClientResult | None = None
 
     async def connect(self) -> None:
         for channels in self.channels.values():
@@ -237,6 +232,42 @@ class _Load:
         for channels in self.channels.values():
             for channel in channels:
                 await channel.close(None)
+
+    async def prepare(self, spec: RunSpec) -> None:
+        """Take the run's evidence and send its warm-up requests."""
+        self.evidence = list(spec.evidence)
+        self.exhausted = False
+        self.spec = spec
+        self.warm = None
+        if spec.warmup > 0:
+            self.warm = await self.drive(spec.scenario, READY_TIMEOUT, spec.warmup)
+
+    async def go(self, _: object) -> ClientResult:
+        """The prepared run; the warm-up's errors count too."""
+        assert self.spec is not None
+        result = await self.drive(self.spec.scenario, self.spec.duration)
+        self.evidence = []
+        warm = self.warm
+        if warm is not None and warm.errors:
+            result.warmup_errors = sum(warm.errors.values())
+            for code, n in warm.errors.items():
+                result.errors[code] = result.errors.get(code, 0) + n
+            result.first_error = f"(warm-up) {warm.first_error}"
+        return result
+
+    async def drive(
+        self, scenario: Scenario, seconds: float, max_requests: int | None = None
+    ) -> ClientResult:
+        run = await drive(
+            lambda i: self.request(scenario, i),
+            self.init.concurrency,
+            seconds,
+            max_requests=max_requests,
+            catch_all=True,
+        )
+        return ClientResult(
+            **vars(run), first_error=run.first_failure(300), exhausted=self.exhausted
+        )
 
     def request(self, scenario: Scenario, worker: int) -> Callable[[], Awaitable[bool]]:
         """A callable sending one request; False when there is nothing left to send."""
@@ -273,17 +304,17 @@ class _Load:
             reply = await call.read()
             if not isinstance(reply, pb.AttestResponse) or reply.WhichOneof("step") != "challenge":
                 await _raise_status(call, "x509pop: no challenge")
-                raise _Failed("BAD_RESPONSE", "x509pop: expected a challenge")
+                raise RequestFailed("BAD_RESPONSE", "x509pop: expected a challenge")
             answer = sign_challenge(self.node_key, reply.challenge)
             await call.write(pb.AttestRequest(challenge_response=answer))
         await call.done_writing()
         reply = await call.read()
         await _raise_status(call, "Attest")
         if not isinstance(reply, pb.AttestResponse) or not reply.result.svids:
-            raise _Failed("BAD_RESPONSE", "Attest returned no SVID")
+            raise RequestFailed("BAD_RESPONSE", "Attest returned no SVID")
         spiffe_id = reply.result.svids[0].spiffe_id
         if not spiffe_id.startswith(EXPECTED_ID[scenario.name]):
-            raise _Failed("BAD_RESPONSE", f"unexpected SPIFFE ID {spiffe_id}")
+            raise RequestFailed("BAD_RESPONSE", f"unexpected SPIFFE ID {spiffe_id}")
         return True
 
 
@@ -291,265 +322,41 @@ async def _raise_status(call: grpc.aio.Call, what: str) -> None:
     code = await call.code()
     if code != grpc.StatusCode.OK:
         details = await call.details()
-        raise _Failed(code.name, f"{what}: {details}")
-
-
-async def _drive(
-    load: _Load, scenario: Scenario, seconds: float, max_requests: int | None = None
-) -> ClientResult:
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
-    first: list[str] = []
-    clock = time.perf_counter
-    cpu0 = time.process_time()
-    started = time.monotonic()
-    deadline = clock() + seconds
-    last_end = [started]
-    budget = itertools.count() if max_requests is None else iter(range(max_requests))
-
-    def failed(code: str, detail: str) -> None:
-        errors[code] = errors.get(code, 0) + 1
-        if not first:
-            first.append(f"{code}: {detail[:300]}")
-
-    async def worker(index: int) -> None:
-        send = load.request(scenario, index)
-        while clock() < deadline and next(budget, None) is not None:
-            t0 = clock()
-            try:
-                if not await send():
-                    return
-            except grpc.aio.AioRpcError as exc:
-                failed(exc.code().name, exc.details() or "")
-            except _Failed as exc:
-                failed(exc.code, exc.detail)
-            except Exception as exc:  # anything else is an error of this request too
-                failed(type(exc).__name__, str(exc))
-            else:
-                latencies.append(clock() - t0)
-            last_end[0] = time.monotonic()
-
-    await asyncio.gather(*(worker(i) for i in range(load.init.concurrency)))
-    return ClientResult(
-        latencies=latencies,
-        errors=errors,
-        first_error=first[0] if first else "",
-        started=started,
-        ended=last_end[0],
-        cpu_seconds=time.process_time() - cpu0,
-        exhausted=load.exhausted,
-    )
+        raise RequestFailed(code.name, f"{what}: {details}")
 
 
 async def _client_loop(conn: multiprocessing.connection.Connection, init: ClientInit) -> None:
     load = _Load(init)
     try:
         await load.connect()
-        conn.send(("ready", None))
-        while True:
-            command, payload = await asyncio.to_thread(conn.recv)
-            if command == "stop":
-                return
-            spec: RunSpec = payload
-            load.evidence = list(spec.evidence)
-            load.exhausted = False
-            warm = None
-            if spec.warmup > 0:
-                warm = await _drive(load, spec.scenario, READY_TIMEOUT, spec.warmup)
-            conn.send(("ready", None))
-            command, _ = await asyncio.to_thread(conn.recv)
-            if command == "stop":
-                return
-            result = await _drive(load, spec.scenario, spec.duration)
-            load.evidence = []
-            if warm is not None and warm.errors:
-                result.warmup_errors = sum(warm.errors.values())
-                for code, n in warm.errors.items():
-                    result.errors[code] = result.errors.get(code, 0) + n
-                result.first_error = f"(warm-up) {warm.first_error}"
-            conn.send(("result", result))
+        await serve_commands(conn, {"prepare": ("ready", load.prepare), "go": ("result", load.go)})
     finally:
         await load.close()
-
-
-def client_main(conn: multiprocessing.connection.Connection, init: ClientInit) -> None:
-    """Entry point of the load process (spawned: no gRPC state is inherited)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles ^C and stops us
-    try:
-        asyncio.run(_client_loop(conn, init))
-    except Exception as exc:
-        with contextlib.suppress(OSError):
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
-    finally:
-        conn.close()
 
 
 class LoadProcess:
     """The load process, driven in lock step over a pipe."""
 
     def __init__(self, init: ClientInit) -> None:
-        context = multiprocessing.get_context("spawn")
-        self.conn, child = context.Pipe()
-        self.proc = context.Process(target=client_main, args=(child, init), name="bench-load")
-        self.proc.start()
-        child.close()
-
-    def _expect(self, what: str, timeout: float) -> Any:
-        if not self.conn.poll(timeout):
-            raise BenchError(f"the load process did not answer within {timeout:.0f}s")
-        try:
-            kind, payload = self.conn.recv()
-        except EOFError:
-            raise BenchError("the load process died") from None
-        if kind == "error":
-            raise BenchError(f"the load process failed: {payload}")
-        if kind != what:
-            raise BenchError(f"the load process sent {kind!r}, expected {what!r}")
-        return payload
+        self.worker = PipeWorker(_client_loop, init, "bench-load", "the load process")
 
     async def connected(self) -> None:
-        await asyncio.to_thread(self._expect, "ready", 60.0)
+        await asyncio.to_thread(self.worker.expect, "ready", 60.0)
 
     async def prepare(self, spec: RunSpec) -> None:
-        self.conn.send(("prepare", spec))
-        await asyncio.to_thread(self._expect, "ready", 2 * READY_TIMEOUT)
+        await self.worker.ask("prepare", spec, "ready", 2 * READY_TIMEOUT)
 
     async def go(self, duration: float) -> ClientResult:
-        self.conn.send(("go", None))
-        result: ClientResult = await asyncio.to_thread(
-            self._expect, "result", duration + 2 * READY_TIMEOUT
+        result: ClientResult = await self.worker.ask(
+            "go", None, "result", duration + 2 * READY_TIMEOUT
         )
         return result
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.conn.send(("stop", None))
-        self.proc.join(timeout=STOP_TIMEOUT)
-        if self.proc.is_alive():
-            self.proc.terminate()
-            self.proc.join(timeout=STOP_TIMEOUT)
-        self.conn.close()
-
-
-# --- the server ------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    tls_address: str
-    admin_socket: Path
-    local_socket: Path
-    log_path: Path
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no server log)"
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(timeout=STOP_TIMEOUT)
-
-
-def _serve_command() -> list[str]:
-    script = Path(sys.executable).parent / "authority"
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-c", "from authority.cli import main; main()"]
-
-
-def start_server(work: Path, socket_dir: Path, log_level: str) -> Server:
-    port, mtls_port = _free_port(), _free_port()
-    admin_socket = socket_dir / "admin.sock"
-    local_socket = socket_dir / "local.sock"
-    config = work / "authority.toml"
-    config.write_text(f"local_socket = {json.dumps(str(local_socket))}\n")
-    log_path = work / "serve.log"
-    command = [
-        *_serve_command(),
-        "serve",
-        "--config",
-        str(config),
-        "--data-dir",
-        str(work / "data"),
-        "--listen",
-        f"{LOOPBACK}:{port}",
-        "--listen-mtls",
-        f"{LOOPBACK}:{mtls_port}",
-        "--admin-socket",
-        str(admin_socket),
-        "--trust-domain",
-        TRUST_DOMAIN,
-        "--log-level",
-        log_level,
-    ]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
-    server = Server(proc, f"{LOOPBACK}:{port}", admin_socket, local_socket, log_path)
-    try:
-        _wait_serving(server)
-    except BaseException:
-        server.stop()
-        raise
-    return server
-
-
-def _wait_serving(server: Server) -> None:
-    """Until the admin socket answers a health check and the local socket exists."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise BenchError(f"authority serve exited early:\n{server.log_tail()}")
-        if server.admin_socket.exists() and server.local_socket.exists():
-            with grpc.insecure_channel(f"unix:{server.admin_socket}") as channel:
-                try:
-                    reply = health_pb2_grpc.HealthStub(channel).Check(
-                        health_pb2.HealthCheckRequest(), timeout=1
-                    )
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-        time.sleep(0.05)
-    raise BenchError(f"authority serve did not become ready:\n{server.log_tail()}")
+        self.worker.close()
 
 
 # --- CPU accounting (Linux /proc; zeros elsewhere) -------------------------------------------
-
-
-def _cpu_seconds(pid: int) -> float:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
-def _machine_busy_seconds() -> float:
-    try:
-        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    except OSError:
-        return 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in first[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -562,7 +369,10 @@ class CpuSnapshot:
     @classmethod
     def take(cls, server_pid: int) -> CpuSnapshot:
         return cls(
-            time.monotonic(), _cpu_seconds(server_pid), time.process_time(), _machine_busy_seconds()
+            time.monotonic(),
+            cpu_seconds(server_pid, missing_ok=True),
+            time.process_time(),
+            machine_busy_seconds(missing_ok=True),
         )
 
 
@@ -693,38 +503,18 @@ def mint_jwts(key_pem: bytes, count: int) -> list[bytes]:
     return tokens
 
 
-async def create_tokens(server: Server, count: int, budget: float) -> list[bytes]:
+async def create_tokens(server: AuthorityServer, count: int, budget: float) -> list[bytes]:
     """Up to ``count`` single-use join tokens, for at most ``budget`` seconds of creation."""
-    from authority.client import AdminClient
-
-    deadline = time.monotonic() + budget
-    tokens: list[bytes] = []
-    async with AdminClient(server.admin_socket) as admin:
-        numbers = iter(range(count))
-
-        async def one() -> None:
-            for _ in numbers:
-                if time.monotonic() > deadline:
-                    return
-                created = await admin.stub.CreateJoinToken(
-                    pb.CreateJoinTokenRequest(
-                        spiffe_id=f"{EXPECTED_ID['join_token']}{next(_JOIN_IDS)}",
-                        ttl_seconds=600,
-                    ),
-                    timeout=RPC_TIMEOUT,
-                )
-                tokens.append(created.token.encode())
-
-        await asyncio.gather(*(one() for _ in range(32)))
-    return tokens
+    ids = (f"{EXPECTED_ID['join_token']}{next(_JOIN_IDS)}" for _ in range(count))
+    return await create_join_tokens(server.admin_socket, ids, budget=budget)
 
 
 _JOIN_IDS = itertools.count()  # every join token for its own SPIFFE ID
 
 
-async def setup(server: Server) -> Material:
+async def setup(server: AuthorityServer) -> Material:
     """Attestor instances and entries (admin socket), keys, CSRs and certificates."""
-    from authority.client import AdminClient, der_chain_to_pem, make_csr, new_key
+    from authority.client import AdminClient, make_csr, new_key
 
     ca_pem, node_pem, node_key_pem = _make_node_pki()
     jwt_key_pem, jwks = _jwt_keys()
@@ -751,7 +541,7 @@ async def setup(server: Server) -> Material:
         (EXPECTED_ID["unix-nohash"], "local-nohash", f"uid:{UID}"),
     ]
     async with AdminClient(server.admin_socket) as admin:
-        bundle = await admin.stub.GetBundle(pb.GetBundleRequest(), timeout=RPC_TIMEOUT)
+        roots = await bundle_pem(admin.stub)
         for name, plugin, config in instances:
             await admin.stub.RegisterAttestor(
                 pb.RegisterAttestorRequest(
@@ -768,7 +558,7 @@ async def setup(server: Server) -> Material:
             )
     csrs = [make_csr(new_key()) for _ in range(CSR_POOL)]
     return Material(
-        bundle_pem=der_chain_to_pem(list(bundle.x509_authorities)),
+        bundle_pem=roots,
         csrs=csrs,
         node_chain_pem=node_pem,
         node_key_pem=node_key_pem,
@@ -776,7 +566,7 @@ async def setup(server: Server) -> Material:
     )
 
 
-async def smoke_test(server: Server, material: Material) -> None:
+async def smoke_test(server: AuthorityServer, material: Material) -> None:
     """One attestation per attestor with the client SDK, before timing: setup errors show here
     with a clear message, not as a table of failures."""
     from authority.client import WorkloadClient, new_key, x509pop_responder
@@ -814,12 +604,6 @@ async def smoke_test(server: Server, material: Material) -> None:
 # --- the run ---------------------------------------------------------------------------------
 
 
-def _percentile(ordered: list[float], q: float) -> float:
-    if not ordered:
-        return math.nan
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
-
-
 def summarize(
     scenario: Scenario, result: ClientResult, before: CpuSnapshot, after: CpuSnapshot
 ) -> Row:
@@ -829,9 +613,6 @@ def summarize(
     server_cpu = after.server - before.server
     ours = server_cpu + (after.own - before.own) + result.cpu_seconds
     other = max(0.0, (after.machine_busy - before.machine_busy) - ours)
-
-    def percent(cpu: float, over: float) -> float:
-        return round(100 * cpu / over, 1) if over > 0 else 0.0
 
     notes = []
     if result.exhausted:
@@ -846,12 +627,12 @@ def summarize(
         errors=sum(result.errors.values()),
         seconds=round(seconds, 3),
         rate=round(len(latencies) / seconds, 1) if seconds > 0 else 0.0,
-        p50_ms=round(_percentile(latencies, 0.50) * 1000, 2),
-        p99_ms=round(_percentile(latencies, 0.99) * 1000, 2),
+        p50_ms=round(nearest_rank(latencies, 0.50) * 1000, 2),
+        p99_ms=round(nearest_rank(latencies, 0.99) * 1000, 2),
         ratio=None,
-        load_cpu_percent=percent(result.cpu_seconds, seconds),
-        server_cpu_percent=percent(server_cpu, wall),
-        other_cpu_percent=percent(other, wall),
+        load_cpu_percent=cpu_percent(result.cpu_seconds, seconds),
+        server_cpu_percent=cpu_percent(server_cpu, wall),
+        other_cpu_percent=cpu_percent(other, wall),
         error_codes=dict(result.errors),
         first_error=result.first_error,
         note="; ".join(notes),
@@ -866,7 +647,7 @@ def _needed(rate: float, args: argparse.Namespace) -> int:
 
 async def evidence_for(
     scenario: Scenario,
-    server: Server,
+    server: AuthorityServer,
     material: Material,
     rates: dict[str, float],
     args: argparse.Namespace,
@@ -887,7 +668,7 @@ async def evidence_for(
     return tokens
 
 
-async def run_scenarios(args: argparse.Namespace, server: Server) -> list[Row]:
+async def run_scenarios(args: argparse.Namespace, server: AuthorityServer) -> list[Row]:
     t0 = time.monotonic()
     material = await setup(server)
     await smoke_test(server, material)
@@ -917,9 +698,9 @@ async def run_scenarios(args: argparse.Namespace, server: Server) -> list[Row]:
                 continue
             evidence = await evidence_for(scenario, server, material, rates, args)
             await load.prepare(RunSpec(scenario, args.duration, args.warmup, evidence))
-            before = CpuSnapshot.take(server.proc.pid)
+            before = CpuSnapshot.take(server.pid)
             result = await load.go(args.duration)
-            row = summarize(scenario, result, before, CpuSnapshot.take(server.proc.pid))
+            row = summarize(scenario, result, before, CpuSnapshot.take(server.pid))
             rows.append(row)
             rates[scenario.name] = row.rate
             print(
@@ -950,17 +731,11 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
     import cryptography
     import jwt
 
-    import authority
-
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 0
     executable = Path(sys.executable).resolve()
     return {
-        "authority": f"{authority.__version__} from {Path(authority.__file__).parent}",
+        "authority": authority_version(),
         "cores": os.cpu_count(),
-        "usable_cores": usable,
+        "usable_cores": usable_cores(),
         "python": platform.python_version(),
         "grpc": grpc.__version__,
         "cryptography": cryptography.__version__,
@@ -1054,43 +829,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=sorted({s.name for s in SCENARIOS} - {"null"}),
         help="run only these (and the null baseline)",
     )
-    parser.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="the server's log level (INFO: its default)",
-    )
+    add_log_level_argument(parser)
     args = parser.parse_args(argv)
     if not 0 < args.duration <= MAX_DURATION:
         parser.error(f"--duration must be in (0, {MAX_DURATION:.0f}]")
-    if not 1 <= args.concurrency <= 1000:
-        parser.error("--concurrency must be in [1, 1000]")
-    if not 1 <= args.channels <= 16:
-        parser.error("--channels must be in [1, 16]")
-    if not 0 <= args.warmup <= 10_000:
-        parser.error("--warmup must be in [0, 10000]")
+    require_range(parser, "--concurrency", args.concurrency, 1, 1000)
+    require_range(parser, "--channels", args.channels, 1, 16)
+    require_range(parser, "--warmup", args.warmup, 0, 10_000)
     return args
 
 
 async def bench(args: argparse.Namespace) -> list[Row]:
-    work = Path(tempfile.mkdtemp(prefix="authority-bench-attest-"))
-    socket_dir = Path(tempfile.mkdtemp(prefix="aba-", dir="/tmp"))
-    server: Server | None = None
-    try:
-        server = start_server(work, socket_dir, args.log_level)
-        print(
-            f"server: pid {server.proc.pid}, tls {server.tls_address}, local {server.local_socket}"
-        )
-        return await run_scenarios(args, server)
-    finally:
-        if server is not None:
-            code = server.stop()
-            if code not in (0, None):
-                print(
-                    f"warning: the server exited with {code}:\n{server.log_tail()}", file=sys.stderr
-                )
-        shutil.rmtree(socket_dir, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
+    with bench_dirs("authority-bench-attest-", "aba-") as (work, socket_dir):
+        server = start_authority(work, socket_dir, log_level=args.log_level, local_socket=True)
+        try:
+            print(
+                f"server: pid {server.pid}, tls {server.tls_address}, local {server.local_socket}"
+            )
+            return await run_scenarios(args, server)
+        finally:
+            stop_and_report(server)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1108,14 +866,7 @@ def main(argv: list[str] | None = None) -> int:
         f"endpoint; {args.duration:g}s per scenario after {args.warmup} warm-up requests"
     )
     started = time.monotonic()
-    try:
-        rows = asyncio.run(bench(args))
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    rows = run_bench(bench(args))
     print()
     baseline = apply_baseline(rows)
     print(format_table(rows))
