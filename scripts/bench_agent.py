@@ -59,18 +59,12 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import multiprocessing
 import multiprocessing.connection
 import os
-import platform
 import random
-import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -82,14 +76,35 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
+from _benchlib import (  # noqa: E402
+    RECONNECTING_CHANNEL_OPTIONS,
+    TRUST_DOMAIN,
+    AuthorityServer,
+    BenchError,
+    ChildProcess,
+    PipeWorker,
+    RequestFailed,
+    authority_command,
+    bench_dirs,
+    bundle_pem,
+    close_all,
+    cpu_seconds,
+    machine_busy_seconds,
+    percentile,
+    rss_kib,
+    run_bench,
+    serve_commands,
+    short_environment,
+    spawn,
+    split_evenly,
+    start_authority,
+)
 from cryptography import x509  # noqa: E402
 
 from authority._pb import authority_v1_authority_pb2 as pb  # noqa: E402
 from authority._pb import spiffe_workload_pb2 as wpb  # noqa: E402
 from authority._pb import spiffe_workload_pb2_grpc as wgrpc  # noqa: E402
 
-LOOPBACK = "127.0.0.1"
-TRUST_DOMAIN = "example.org"
 AGENT_ID = f"spiffe://{TRUST_DOMAIN}/agent/node1"
 HEADER = (("workload.spiffe.io", "true"),)
 MIN_TTL = 5  # seconds: the server's limits.min_ttl, so --rotation-ttl may be short
@@ -97,17 +112,7 @@ READY_TIMEOUT = 60.0
 RPC_TIMEOUT = 30.0
 SETTLE_TIMEOUT = 30.0  # for every stream to hold a new state
 PUSH_TIMEOUT = 15.0  # for a push to reach every stream
-CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
-    ("grpc.enable_http_proxy", 0),
-    ("grpc.use_local_subchannel_pool", 1),  # a connection per channel, really
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
 RATE_SCENARIOS = ("baseline", "jwt-cached", "jwt-new", "x509-once", "baseline")
-
-
-class BenchError(Exception):
-    pass
 
 
 # --- what a stream received -----------------------------------------------------------------------
@@ -186,13 +191,6 @@ class RateSpec:
     end_at: float
 
 
-class _Failed(Exception):
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(code)
-        self.code = code
-        self.detail = detail[:200]  # the agent's messages name no token; kept short anyway
-
-
 if TYPE_CHECKING:  # the async stub exists in the type stubs only
     Stub = wgrpc.SpiffeWorkloadAPIAsyncStub
 
@@ -207,8 +205,8 @@ async def _validate_malformed(stub: Stub, _: str) -> None:
     except grpc.aio.AioRpcError as exc:
         if exc.code() is grpc.StatusCode.INVALID_ARGUMENT:
             return
-        raise _Failed(exc.code().name, exc.details() or "") from None
-    raise _Failed("ACCEPTED", "the malformed token was accepted")
+        raise RequestFailed(exc.code().name, exc.details() or "") from None
+    raise RequestFailed("ACCEPTED", "the malformed token was accepted")
 
 
 async def _fetch_jwt(stub: Stub, audience: str) -> None:
@@ -217,9 +215,9 @@ async def _fetch_jwt(stub: Stub, audience: str) -> None:
             wpb.JWTSVIDRequest(audience=[audience]), metadata=HEADER, timeout=RPC_TIMEOUT
         )
     except grpc.aio.AioRpcError as exc:
-        raise _Failed(exc.code().name, exc.details() or "") from None
+        raise RequestFailed(exc.code().name, exc.details() or "") from None
     if not reply.svids or not all(s.svid for s in reply.svids):
-        raise _Failed("NO_SVID", "an empty reply")
+        raise RequestFailed("NO_SVID", "an empty reply")
 
 
 async def _fetch_x509_once(stub: Stub, _: str) -> None:
@@ -227,11 +225,11 @@ async def _fetch_x509_once(stub: Stub, _: str) -> None:
     try:
         reply = await call.read()
     except grpc.aio.AioRpcError as exc:
-        raise _Failed(exc.code().name, exc.details() or "") from None
+        raise RequestFailed(exc.code().name, exc.details() or "") from None
     finally:
         call.cancel()
     if not isinstance(reply, wpb.X509SVIDResponse) or not reply.svids:
-        raise _Failed("NO_SVID", "the stream ended or was empty")
+        raise RequestFailed("NO_SVID", "the stream ended or was empty")
 
 
 class _Load:
@@ -240,7 +238,7 @@ class _Load:
     def __init__(self, init: LoadInit) -> None:
         self.init = init
         self.channels = [
-            grpc.aio.insecure_channel(f"unix:{init.socket}", CHANNEL_OPTIONS)
+            grpc.aio.insecure_channel(f"unix:{init.socket}", RECONNECTING_CHANNEL_OPTIONS)
             for _ in range(init.workloads)
         ]
         self.stubs: list[Stub] = [wgrpc.SpiffeWorkloadAPIStub(c) for c in self.channels]
@@ -273,9 +271,10 @@ class _Load:
                 n += 1
                 try:
                     await call(stub, f"new-{spec.tag}-{self.init.index}-{i}-{n}")
-                except _Failed as exc:
+                except RequestFailed as exc:
                     errors[exc.code] += 1
-                    samples.setdefault(exc.code, exc.detail)
+                    # The agent's messages name no token; kept short anyway.
+                    samples.setdefault(exc.code, exc.detail[:200])
                     await asyncio.sleep(0.01)
                     continue
                 done = time.monotonic()
@@ -293,7 +292,7 @@ class _Load:
         async def one(stub: Stub) -> None:
             try:
                 await _fetch_jwt(stub, audience)
-            except _Failed as exc:
+            except RequestFailed as exc:
                 errors[exc.code] += 1
 
         await asyncio.gather(*(one(stub) for stub in self.stubs))
@@ -409,87 +408,26 @@ async def _load_loop(conn: multiprocessing.connection.Connection, init: LoadInit
     load = _Load(init)
     try:
         await load.connect()
-        conn.send(("ready", None))
-        while True:
-            command, payload = await asyncio.to_thread(conn.recv)
-            if command == "stop":
-                return
-            if command == "rate":
-                conn.send(("rated", await load.rate(payload)))
-            elif command == "burst":
-                conn.send(("burst", await load.burst(payload)))
-            elif command == "attach":
-                conn.send(("attached", await load.attach()))
-            elif command == "detach":
-                conn.send(("detached", await load.detach()))
-            elif command == "state":
-                conn.send(("state", load.state()))
-            elif command == "first":
-                conn.send(("first", load.first(*payload)))
-            elif command == "serials":
-                conn.send(("serials", load.serials(*payload)))
-            else:
-                raise ValueError(f"unknown command {command!r}")
+        await serve_commands(
+            conn,
+            {
+                "rate": ("rated", load.rate),
+                "burst": ("burst", load.burst),
+                "attach": ("attached", lambda _: load.attach()),
+                "detach": ("detached", lambda _: load.detach()),
+                "state": ("state", lambda _: load.state()),
+                "first": ("first", lambda payload: load.first(*payload)),
+                "serials": ("serials", lambda payload: load.serials(*payload)),
+            },
+        )
     finally:
         await load.close()
 
 
-def load_main(conn: multiprocessing.connection.Connection, init: LoadInit) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process stops it
-    try:
-        asyncio.run(_load_loop(conn, init))
-    except Exception as exc:
-        with contextlib.suppress(OSError):
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
-    finally:
-        conn.close()
-
-
-class Worker:
-    """A load process, driven over a pipe."""
-
-    def __init__(self, init: LoadInit) -> None:
-        context = multiprocessing.get_context("spawn")
-        parent, child = context.Pipe()
-        self.name = f"load-{init.index}"
-        self.proc = context.Process(target=load_main, args=(child, init), name=self.name)
-        self.proc.start()
-        child.close()
-        self.conn = parent
-
-    @property
-    def pid(self) -> int:
-        assert self.proc.pid is not None
-        return self.proc.pid
-
-    def expect(self, what: str, timeout: float) -> Any:
-        if not self.conn.poll(timeout):
-            raise BenchError(f"{self.name} did not answer within {timeout:.0f}s")
-        try:
-            kind, payload = self.conn.recv()
-        except EOFError:
-            raise BenchError(f"{self.name} died") from None
-        if kind == "error":
-            raise BenchError(f"{self.name} failed: {payload}")
-        if kind != what:
-            raise BenchError(f"{self.name} sent {kind!r}, expected {what!r}")
-        return payload
-
-    async def ask(self, command: str, payload: Any, reply: str, within: float = 60.0) -> Any:
-        self.conn.send((command, payload))
-        return await asyncio.to_thread(self.expect, reply, within)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.conn.send(("stop", None))
-        self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(5)
-
-
 class Loads:
-    def __init__(self, workers: list[Worker]) -> None:
+    """The load processes, asked together."""
+
+    def __init__(self, workers: list[PipeWorker]) -> None:
         self.workers = workers
 
     async def all(self, command: str, payload: Any, reply: str, within: float = 60.0) -> list[Any]:
@@ -530,27 +468,7 @@ class Loads:
             await asyncio.sleep(0.05)
 
 
-# --- /proc ----------------------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise BenchError(f"no VmRSS for pid {pid}")
-
-
-def machine_busy_seconds() -> float:
-    """Non-idle CPU seconds of the whole machine since boot, from /proc/stat."""
-    first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in first[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+# --- CPU -----------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -577,99 +495,19 @@ class CpuSnapshot:
 # --- the authority and the agent ------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
-
-
-def authority_command() -> list[str]:
-    script = Path(sys.executable).parent / "authority"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "authority"]
-
-
-@dataclass
-class Process:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log_tail(self, lines: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return "(no log)"
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise BenchError(f"{self.name} exited ({self.proc.returncode}):\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=15)
-
-
-@dataclass
-class Authority:
-    process: Process
-    tls_address: str
-    admin_socket: Path
-
-
-def start_server(work: Path, socket_dir: Path) -> Authority:
-    port, mtls_port = _free_port(), _free_port()
-    admin_socket = socket_dir / "admin.sock"
-    config = work / "authority.toml"
-    config.write_text(f'[limits]\nmin_ttl = "{MIN_TTL}s"\n')
-    log_path = work / "serve.log"
-    command = [
-        *authority_command(),
-        "serve",
-        "--config", str(config),
-        "--data-dir", str(work / "data"),
-        "--listen", f"{LOOPBACK}:{port}",
-        "--listen-mtls", f"{LOOPBACK}:{mtls_port}",
-        "--admin-socket", str(admin_socket),
-        "--trust-domain", TRUST_DOMAIN,
-        "--log-level", "WARNING",
-    ]  # fmt: skip
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    served = Authority(
-        Process("authority serve", proc, log_path), f"{LOOPBACK}:{port}", admin_socket
+def start_server(work: Path, socket_dir: Path) -> AuthorityServer:
+    """``authority serve`` allowing X.509 TTLs down to MIN_TTL."""
+    return start_authority(
+        work,
+        socket_dir,
+        config=f'[limits]\nmin_ttl = "{MIN_TTL}s"\n',
+        ready_timeout=READY_TIMEOUT,
     )
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        served.process.check_alive()
-        if admin_socket.exists():
-            with (
-                grpc.insecure_channel(f"unix:{admin_socket}") as channel,
-                contextlib.suppress(grpc.RpcError),
-            ):
-                reply = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=1
-                )
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return served
-        time.sleep(0.05)
-    served.process.stop()
-    raise BenchError(f"authority serve did not become ready:\n{served.process.log_tail()}")
 
 
 def start_agent(
-    work: Path, socket_path: Path, server: Authority, bundle: Path, token: str
-) -> Process:
-    log_path = work / "agent.log"
+    work: Path, socket_path: Path, server: AuthorityServer, bundle: Path, token: str
+) -> ChildProcess:
     command = [
         *authority_command(),
         "agent",
@@ -680,14 +518,7 @@ def start_agent(
         "--join-token", "-",  # on stdin: never on a command line
         "--log-level", "WARNING",
     ]  # fmt: skip
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT
-        )
-    assert proc.stdin is not None
-    proc.stdin.write(f"{token}\n".encode())
-    proc.stdin.close()
-    agent = Process("authority agent", proc, log_path)
+    agent = spawn("authority agent", command, work / "agent.log", stdin=f"{token}\n".encode())
     deadline = time.monotonic() + READY_TIMEOUT
     while not socket_path.exists():
         agent.check_alive()
@@ -700,7 +531,9 @@ def start_agent(
 
 async def agent_serves(socket_path: Path) -> set[str]:
     """The SPIFFE IDs the agent hands this process now (one FetchX509SVID message)."""
-    async with grpc.aio.insecure_channel(f"unix:{socket_path}", CHANNEL_OPTIONS) as channel:
+    async with grpc.aio.insecure_channel(
+        f"unix:{socket_path}", RECONNECTING_CHANNEL_OPTIONS
+    ) as channel:
         call = wgrpc.SpiffeWorkloadAPIStub(channel).FetchX509SVID(
             wpb.X509SVIDRequest(), metadata=HEADER, timeout=RPC_TIMEOUT
         )
@@ -767,17 +600,6 @@ async def audit_head(admin: Admin) -> int:
     return int(info.head_seq)
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
-def split(total: int, parts: int) -> list[int]:
-    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
-
-
 @dataclass
 class RateReport:
     scenario: str
@@ -812,7 +634,7 @@ async def run_rate(
     now = time.monotonic()
     spec = RateSpec(scenario, tag, now + 0.3 + args.warmup, now + 0.3 + args.warmup + args.duration)
     for w in loads.workers:
-        w.conn.send(("rate", spec))
+        w.send("rate", spec)
     await asyncio.sleep(max(0.0, spec.start_at - time.monotonic()))
     c0 = CpuSnapshot.take(pids["agent"], pids["server"], pids["loads"])
     await asyncio.sleep(max(0.0, spec.end_at - time.monotonic()))
@@ -1044,21 +866,27 @@ async def run_revocations(
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
-    from authority.client import AdminClient, der_chain_to_pem
-
-    work = Path(tempfile.mkdtemp(prefix="bench-agent-"))
-    socket_dir = Path(tempfile.mkdtemp(prefix="ba-", dir="/tmp"))
-    agent_socket = socket_dir / "agent.sock"
-    workers: list[Worker] = []
-    server: Authority | None = None
-    agent: Process | None = None
-    try:
+    with bench_dirs("bench-agent-", "ba-") as (work, socket_dir):
         server = start_server(work, socket_dir)
+        try:
+            return await measure(args, server, work, socket_dir / "agent.sock")
+        finally:
+            server.stop()
+
+
+async def measure(
+    args: argparse.Namespace, server: AuthorityServer, work: Path, agent_socket: Path
+) -> dict[str, Any]:
+    """Start the agent and the load processes, then run every scenario."""
+    from authority.client import AdminClient
+
+    workers: list[PipeWorker] = []
+    agent: ChildProcess | None = None
+    try:
         async with AdminClient(server.admin_socket) as client:
             admin = Admin(client.stub, os.getuid())
-            bundle = await admin.stub.GetBundle(pb.GetBundleRequest(), timeout=RPC_TIMEOUT)
             bundle_path = work / "bundle.pem"
-            bundle_path.write_bytes(der_chain_to_pem(list(bundle.x509_authorities)))
+            bundle_path.write_bytes(await bundle_pem(admin.stub))
             token = (
                 await admin.stub.CreateJoinToken(
                     pb.CreateJoinTokenRequest(spiffe_id=AGENT_ID), timeout=RPC_TIMEOUT
@@ -1072,8 +900,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             rss_idle = rss_kib(agent.pid)
 
             workers.extend(
-                Worker(LoadInit(i, str(agent_socket), share))
-                for i, share in enumerate(split(args.workloads, args.processes))
+                PipeWorker(_load_loop, LoadInit(i, str(agent_socket), share), f"load-{i}")
+                for i, share in enumerate(split_evenly(args.workloads, args.processes))
             )
             loads = Loads(workers)
             for w in workers:
@@ -1091,7 +919,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
             pids = {
                 "agent": agent.pid,
-                "server": server.process.pid,
+                "server": server.pid,
                 "loads": [w.pid for w in workers],
             }
             rates: list[RateReport] = []
@@ -1134,12 +962,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 stream_errors.update(d)
 
         return {
-            "environment": {
-                "python": platform.python_version(),
-                "grpcio": grpc.__version__,
-                "cpus": os.cpu_count(),
-                "platform": platform.platform(),
-            },
+            "environment": short_environment(),
             "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "baseline_per_second": baseline,
             "rates": [asdict(r) for r in rates],
@@ -1156,14 +979,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "stream_errors": dict(stream_errors),
         }
     finally:
-        for w in workers:
-            w.close()
+        close_all(workers)
         if agent is not None:
             agent.stop()
-        if server is not None:
-            server.process.stop()
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(socket_dir, ignore_errors=True)
 
 
 def format_tables(result: dict[str, Any]) -> str:
@@ -1286,14 +1104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up as on Ctrl-C
     started = time.monotonic()
-    try:
-        result = asyncio.run(bench(args))
-    except BenchError as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    result = run_bench(bench(args), failed="benchmark failed")
     result["wall_seconds"] = time.monotonic() - started
     print(format_tables(result))
     print(f"(whole run {result['wall_seconds']:.0f} s)")

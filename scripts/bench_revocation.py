@@ -41,17 +41,9 @@ import argparse
 import asyncio
 import contextlib
 import json
-import multiprocessing
 import multiprocessing.connection
-import os
-import platform
 import random
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -63,29 +55,36 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
+from _benchlib import (  # noqa: E402
+    READY_TIMEOUT,
+    RECONNECTING_CHANNEL_OPTIONS,
+    RPC_TIMEOUT,
+    TRUST_DOMAIN,
+    AuthorityServer,
+    PipeWorker,
+    attest_join_tokens,
+    bench_dirs,
+    bundle_pem,
+    close_all,
+    cpu_seconds,
+    create_join_tokens,
+    load_example_policy,
+    machine_busy_seconds,
+    percentile,
+    run_bench,
+    serve_commands,
+    short_environment,
+    split_evenly,
+    start_authority,
+)
 
 from authority._pb import authority_v1_authority_pb2 as pb  # noqa: E402
 from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc  # noqa: E402
 
-LOOPBACK = "127.0.0.1"
-TRUST_DOMAIN = "example.org"
-EXAMPLE_POLICY = ROOT / "examples" / "policies"
-READY_TIMEOUT = 30.0
-RPC_TIMEOUT = 10.0
 ATTACH_TIMEOUT = 60.0
 DRAIN_TIMEOUT = 10.0
-CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
-    ("grpc.enable_http_proxy", 0),
-    ("grpc.use_local_subchannel_pool", 1),  # a connection per channel, really
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
 TARGET_P99_MS_AT_1000 = 100.0
 TARGET_P50_MS_AT_10 = 10.0
-
-
-class BenchError(Exception):
-    pass
 
 
 # --- subscriber processes ----------------------------------------------------------------------
@@ -122,7 +121,7 @@ class _Subscribers:
         wanted = stream // self.init.streams_per_connection
         while len(self.stubs) <= wanted:
             channel = grpc.aio.secure_channel(
-                self.init.mtls_address, self.credentials, CHANNEL_OPTIONS
+                self.init.mtls_address, self.credentials, RECONNECTING_CHANNEL_OPTIONS
             )
             self.channels.append(channel)
             self.stubs.append(pb_grpc.WorkloadStub(channel))
@@ -212,31 +211,16 @@ async def _subscriber_loop(
 ) -> None:
     subs = _Subscribers(init)
     try:
-        conn.send(("ready", None))
-        while True:
-            command, payload = await asyncio.to_thread(conn.recv)
-            if command == "stop":
-                return
-            if command == "attach":
-                total, since = payload
-                conn.send(("attached", await subs.attach(total, since)))
-            elif command == "reached":
-                conn.send(("reached", subs.reached(payload)))
-            elif command == "report":
-                conn.send(("report", subs.report(payload)))
+        await serve_commands(
+            conn,
+            {
+                "attach": ("attached", lambda payload: subs.attach(*payload)),
+                "reached": ("reached", subs.reached),
+                "report": ("report", subs.report),
+            },
+        )
     finally:
         await subs.close()
-
-
-def subscriber_main(conn: multiprocessing.connection.Connection, init: SubscriberInit) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        asyncio.run(_subscriber_loop(conn, init))
-    except Exception as exc:
-        with contextlib.suppress(OSError):
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
-    finally:
-        conn.close()
 
 
 # --- the Exchange load process -----------------------------------------------------------------
@@ -257,7 +241,7 @@ async def _exchange_loop(conn: multiprocessing.connection.Connection, init: Exch
         private_key=init.key_pem,
         certificate_chain=init.chain_pem,
     )
-    channel = grpc.aio.secure_channel(init.mtls_address, credentials, CHANNEL_OPTIONS)
+    channel = grpc.aio.secure_channel(init.mtls_address, credentials, RECONNECTING_CHANNEL_OPTIONS)
     stub: pb_grpc.WorkloadAsyncStub = pb_grpc.WorkloadStub(channel)
     done: list[float] = []
     errors: dict[str, int] = {}
@@ -293,181 +277,20 @@ async def _exchange_loop(conn: multiprocessing.connection.Connection, init: Exch
         await channel.close(None)
 
 
-def exchange_main(conn: multiprocessing.connection.Connection, init: ExchangeInit) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        asyncio.run(_exchange_loop(conn, init))
-    except Exception as exc:
-        with contextlib.suppress(OSError):
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
-    finally:
-        conn.close()
-
-
-# --- processes, driven over pipes ---------------------------------------------------------------
-
-
-class Worker:
-    def __init__(self, target: Any, init: Any, name: str) -> None:
-        context = multiprocessing.get_context("spawn")
-        parent, child = context.Pipe()
-        self.proc = context.Process(target=target, args=(child, init), name=name)
-        self.proc.start()
-        child.close()
-        self.conn = parent
-        self.name = name
-
-    def send(self, command: str, payload: Any = None) -> None:
-        self.conn.send((command, payload))
-
-    def expect(self, what: str, timeout: float) -> Any:
-        if not self.conn.poll(timeout):
-            raise BenchError(f"{self.name} did not answer within {timeout:.0f}s")
-        try:
-            kind, payload = self.conn.recv()
-        except EOFError:
-            raise BenchError(f"{self.name} died") from None
-        if kind == "error":
-            raise BenchError(f"{self.name} failed: {payload}")
-        if kind != what:
-            raise BenchError(f"{self.name} sent {kind!r}, expected {what!r}")
-        return payload
-
-    async def ask(self, command: str, payload: Any, reply: str, within: float) -> Any:
-        self.send(command, payload)
-        return await asyncio.to_thread(self.expect, reply, within)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.send("stop")
-        self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(5)
-
-
-# --- the server ---------------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU of a process (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy_seconds() -> float:
-    """Non-idle CPU seconds of the whole machine since boot, from /proc/stat."""
-    first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in first[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    tls_address: str
-    mtls_address: str
-    admin_socket: Path
-    log_path: Path
-
-    def rss_kib(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise BenchError("no VmRSS for the server")
-
-    def cpu_seconds(self) -> float:
-        return cpu_seconds(self.proc.pid)
-
-    def log_tail(self, lines: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return "(no log)"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=15)
-
-
-def start_server(work: Path, socket_dir: Path) -> Server:
-    port, mtls_port = _free_port(), _free_port()
-    admin_socket = socket_dir / "admin.sock"
-    log_path = work / "serve.log"
-    script = Path(sys.executable).parent / "authority"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "authority"]
-    command += [
-        "serve",
-        "--data-dir", str(work / "data"),
-        "--listen", f"{LOOPBACK}:{port}",
-        "--listen-mtls", f"{LOOPBACK}:{mtls_port}",
-        "--admin-socket", str(admin_socket),
-        "--trust-domain", TRUST_DOMAIN,
-        "--log-level", "WARNING",
-    ]  # fmt: skip
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    server = Server(proc, f"{LOOPBACK}:{port}", f"{LOOPBACK}:{mtls_port}", admin_socket, log_path)
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(f"authority serve exited:\n{server.log_tail()}")
-        if admin_socket.exists():
-            with (
-                grpc.insecure_channel(f"unix:{admin_socket}") as channel,
-                contextlib.suppress(grpc.RpcError),
-            ):
-                reply = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=1
-                )
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return server
-        time.sleep(0.05)
-    server.stop()
-    raise BenchError(f"authority serve did not become ready:\n{server.log_tail()}")
-
-
 async def setup(
-    server: Server, work: Path, subscribers: int
+    server: AuthorityServer, work: Path, subscribers: int
 ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     """Load the example policy; attest one SVID per subscriber process and one for the
     Exchange load (the last). Returns (bundle PEM, [(chain PEM, key PEM)])."""
-    from authority.client import AdminClient, SvidFiles, WorkloadClient, der_chain_to_pem
+    from authority.client import AdminClient
 
     ids = [f"spiffe://{TRUST_DOMAIN}/service/bench-subscriber-{i}" for i in range(subscribers)]
     ids.append(f"spiffe://{TRUST_DOMAIN}/agent/bench-exchange")
     async with AdminClient(server.admin_socket) as admin:
-        files = [
-            pb.PolicyFile(name=f.name, content=f.read_text())
-            for f in (EXAMPLE_POLICY / "agents.cedar", EXAMPLE_POLICY / "agents.tests.json")
-        ]
-        await admin.stub.LoadPolicy(pb.LoadPolicyRequest(files=files), timeout=RPC_TIMEOUT)
-        bundle = await admin.stub.GetBundle(pb.GetBundleRequest(), timeout=RPC_TIMEOUT)
-        tokens = [
-            (await admin.stub.CreateJoinToken(pb.CreateJoinTokenRequest(spiffe_id=i))).token
-            for i in ids
-        ]
-    bundle_pem = der_chain_to_pem(list(bundle.x509_authorities))
-    identities = []
-    async with WorkloadClient(server.tls_address, bundle_pem, options=CHANNEL_OPTIONS) as client:
-        for n, token in enumerate(tokens):
-            folder = work / f"svid-{n}"
-            await client.attest_to_folder("join_token", token.encode(), folder)
-            chain, key, _ = SvidFiles(folder).read()
-            identities.append((chain, key))
-    return bundle_pem, identities
+        await load_example_policy(admin.stub)
+        roots = await bundle_pem(admin.stub)
+    tokens = await create_join_tokens(server.admin_socket, ids)
+    return roots, await attest_join_tokens(server.tls_address, roots, tokens, work)
 
 
 # --- one N ---------------------------------------------------------------------------------------
@@ -507,23 +330,12 @@ class RunReport:
     samples_ms: list[float] = field(default_factory=list)
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
-def split(total: int, parts: int) -> list[int]:
-    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
-
-
 async def run_one(
     n: int,
     args: argparse.Namespace,
-    server: Server,
+    server: AuthorityServer,
     admin: pb_grpc.AdminAsyncStub,
-    subscribers: list[Worker],
+    subscribers: list[PipeWorker],
     victims: Iterator[int],
     attached_before: int,
     load_pid: int | None,
@@ -533,7 +345,7 @@ async def run_one(
         pb.RevokeRequest(kind="subject", target=f"spiffe://{TRUST_DOMAIN}/warm/{n}", reason="w")
     )).revocations[0].seq  # fmt: skip
     rss_before = server.rss_kib()
-    shares = split(n, len(subscribers))
+    shares = split_evenly(n, len(subscribers))
     attached = await asyncio.gather(
         *(
             w.ask("attach", (share, head), "attached", ATTACH_TIMEOUT + 10)
@@ -549,7 +361,7 @@ async def run_one(
     idle_cpu = (server.cpu_seconds() - idle0) / (idle_window[1] - idle_window[0]) * 100
 
     timings: dict[int, tuple[float, float]] = {}
-    pids = [w.proc.pid for w in subscribers]
+    pids = [w.pid for w in subscribers]
     cpu0, wall0 = server.cpu_seconds(), time.monotonic()
     subs_cpu0, busy0 = sum(cpu_seconds(p) for p in pids), machine_busy_seconds()
     load_cpu0, own0 = (cpu_seconds(load_pid) if load_pid else 0.0), time.process_time()
@@ -632,30 +444,36 @@ async def run_one(
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix="bench-revocation-"))
-    socket_dir = Path(tempfile.mkdtemp(prefix="br-", dir="/tmp"))
-    workers: list[Worker] = []
-    server: Server | None = None
+    with bench_dirs("bench-revocation-", "br-") as (work, socket_dir):
+        server = start_authority(work, socket_dir)
+        try:
+            return await measure(args, server, work)
+        finally:
+            server.stop()
+
+
+async def measure(args: argparse.Namespace, server: AuthorityServer, work: Path) -> dict[str, Any]:
+    """Start the subscriber and Exchange processes, then grow N and time the revocations."""
+    workers: list[PipeWorker] = []
     try:
-        server = start_server(work, socket_dir)
-        bundle_pem, identities = await setup(server, work, args.processes)
+        roots, identities = await setup(server, work, args.processes)
         subscribers = [
-            Worker(
-                subscriber_main,
+            PipeWorker(
+                _subscriber_loop,
                 SubscriberInit(
-                    i, server.mtls_address, bundle_pem, *identities[i], args.streams_per_connection
+                    i, server.mtls_address, roots, *identities[i], args.streams_per_connection
                 ),
                 f"subscribers-{i}",
             )
             for i in range(args.processes)
         ]
         workers.extend(subscribers)
-        exchange: Worker | None = None
+        exchange: PipeWorker | None = None
         if args.exchange_concurrency > 0:
-            exchange = Worker(
-                exchange_main,
+            exchange = PipeWorker(
+                _exchange_loop,
                 ExchangeInit(
-                    server.mtls_address, bundle_pem, *identities[-1], args.exchange_concurrency
+                    server.mtls_address, roots, *identities[-1], args.exchange_concurrency
                 ),
                 "exchange-load",
             )
@@ -687,7 +505,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     subscribers,
                     victims,
                     attached,
-                    exchange.proc.pid if exchange is not None else None,
+                    exchange.pid if exchange is not None else None,
                 )
                 attached = n
                 reports.append(report)
@@ -714,12 +532,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             report.exchange_per_second = rate(window)
             report.exchange_idle_per_second = rate(idle_window)
         return {
-            "environment": {
-                "python": platform.python_version(),
-                "grpcio": grpc.__version__,
-                "cpus": os.cpu_count(),
-                "platform": platform.platform(),
-            },
+            "environment": short_environment(),
             "settings": {
                 k: (v if not isinstance(v, Path) else str(v)) for k, v in vars(args).items()
             },
@@ -728,12 +541,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "runs": [asdict(r) for r in reports],
         }
     finally:
-        for w in workers:
-            w.close()
-        if server is not None:
-            server.stop()
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(socket_dir, ignore_errors=True)
+        close_all(workers)
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -823,11 +631,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
-    try:
-        result = asyncio.run(bench(args))
-    except BenchError as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        return 1
+    result = run_bench(bench(args), failed="benchmark failed")
     result["wall_seconds"] = time.monotonic() - started
     print(format_table(result))
     for line in verdicts(result):
