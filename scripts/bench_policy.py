@@ -27,6 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _benchlib import percentile  # noqa: E402
+
 from authority.policy import PolicyEngine, PolicyInput, load_policy_set  # noqa: E402
 from authority.policy.loader import load_policy_tests  # noqa: E402
 from authority.policy.rego import rego_available  # noqa: E402
@@ -34,11 +36,6 @@ from authority.policy.rego import rego_available  # noqa: E402
 EXAMPLES = ROOT / "examples" / "policies"
 CORPUS = ROOT / "tests" / "policy_corpus" / "corpus.json"
 TARGET_MEDIAN_MS = 0.5
-
-
-def _percentile(sorted_ns: list[int], fraction: float) -> float:
-    index = min(len(sorted_ns) - 1, max(0, round(fraction * (len(sorted_ns) - 1))))
-    return sorted_ns[index] / 1e6
 
 
 def _first_decision_on_new_thread_ms(engine: PolicyEngine, inp: PolicyInput) -> float:
@@ -76,7 +73,7 @@ def bench(policy: Path, inputs: list[PolicyInput], rounds: int) -> dict[str, obj
         "policy": policy.name,
         "decisions": len(samples),
         "median_ms": round(median_ms, 4),
-        "p99_ms": round(_percentile(samples, 0.99), 4),
+        "p99_ms": round(percentile(samples, 0.99) / 1e6, 4),
         "mean_ms": round(statistics.fmean(samples) / 1e6, 4),
         "max_ms": round(samples[-1] / 1e6, 4),
         "decisions_per_s": round(len(samples) / total_s),
