@@ -281,7 +281,12 @@ class RevocationService:
             return [make(kind, target, now + HARD_MAX_TTL + dt.timedelta(minutes=1))]
         if kind is RevocationKind.SUBJECT:
             SpiffeId.parse(target)
-            return [make(kind, target, horizon)]
+            plan = [make(kind, target, horizon)]
+            # A node agent's workloads: their SVIDs' keys were in its keeping.
+            for subject in await self._store.subjects_issued_through(target, now):
+                if subject != target:
+                    plan.append(make(RevocationKind.SUBJECT, subject, horizon))
+            return plan
         if kind is RevocationKind.ENTRY:
             entry = await self._store.get_entry(target)
             plan = [make(kind, target, horizon)]

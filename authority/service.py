@@ -463,6 +463,12 @@ class Authority:
 
     def _check_not_revoked(self, identity: Identity, now: dt.datetime) -> None:
         revoked = self.revocations.revoked
+        # The agent first: its revocation is the cause when it cascades to its workloads.
+        if identity.parent_id and revoked.has(RevocationKind.SUBJECT, identity.parent_id.uri, now):
+            raise PermissionDenied(
+                f"the node agent {identity.parent_id} behind this SVID is revoked",
+                reason="AGENT_REVOKED",
+            )
         if revoked.has(RevocationKind.SUBJECT, identity.spiffe_id.uri, now):
             raise PermissionDenied(f"{identity.spiffe_id} is revoked", reason="SUBJECT_REVOKED")
         if identity.entry_id and revoked.has(RevocationKind.ENTRY, identity.entry_id, now):
@@ -470,11 +476,6 @@ class Authority:
         if revoked.has(RevocationKind.ATTESTOR, identity.attestor, now):
             raise PermissionDenied(
                 "the attestor behind this SVID is revoked", reason="ATTESTOR_REVOKED"
-            )
-        if identity.parent_id and revoked.has(RevocationKind.SUBJECT, identity.parent_id.uri, now):
-            raise PermissionDenied(
-                f"the node agent {identity.parent_id} behind this SVID is revoked",
-                reason="AGENT_REVOKED",
             )
 
     async def _lookup_peer(self, peer_pem: bytes) -> tuple[x509.Certificate, IssuedX509, Identity]:

@@ -183,6 +183,10 @@ class Store(Protocol):
 
     async def subjects_attested_by(self, attestor: str, now: dt.datetime) -> list[str]: ...
 
+    async def subjects_issued_through(self, agent: str, now: dt.datetime) -> list[str]:
+        """SPIFFE IDs holding a live X.509-SVID issued through the node agent ``agent``."""
+        ...
+
     async def task_tokens_of_subject(self, subject: str, now: dt.datetime) -> list[str]: ...
 
     # --- the audit chain ---

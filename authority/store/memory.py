@@ -453,6 +453,17 @@ class MemoryStore:
             }
         )
 
+    async def subjects_issued_through(self, agent: str, now: dt.datetime) -> list[str]:
+        self._check_open()
+        live = {s.identity_id for s in self._issued.values() if s.not_after > now}
+        return sorted(
+            {
+                i.spiffe_id.uri
+                for k, i in self._identities.items()
+                if i.parent_id is not None and i.parent_id.uri == agent and k in live
+            }
+        )
+
     async def task_tokens_of_subject(self, subject: str, now: dt.datetime) -> list[str]:
         self._check_open()
         return sorted(

@@ -1453,6 +1453,20 @@ class SqliteStore:
 
         return await self._run(job)
 
+    async def subjects_issued_through(self, agent: str, now: dt.datetime) -> list[str]:
+        now_us = _instant(now)
+
+        def job(db: Database) -> list[str]:
+            rows = db.query(
+                "SELECT DISTINCT i.spiffe_id FROM identities i JOIN issued_x509 x"
+                " ON x.identity_id = i.id WHERE i.parent_id = ? AND x.not_after_us > ?"
+                " ORDER BY i.spiffe_id",
+                [agent, now_us],
+            )
+            return [row["spiffe_id"] for row in rows]
+
+        return await self._run(job)
+
     async def task_tokens_of_subject(self, subject: str, now: dt.datetime) -> list[str]:
         """Live task tokens a SPIFFE ID holds or delegated (its own tasks'), by jti."""
         now_us = _instant(now)

@@ -321,9 +321,14 @@ async def test_revoking_the_agent_drops_its_workloads_everywhere(
                 assert (await workload.fetch_jwt(["svc"])).spiffe_id == f"{TD}/w"
 
                 began = time.monotonic()
-                await running.admin().stub.Revoke(
+                revoked = await running.admin().stub.Revoke(
                     apb.RevokeRequest(kind="subject", target=AGENT_ID, reason="node compromised")
                 )
+                # The cascade names the workloads too, so relying services drop them as well.
+                assert {(r.kind, r.target) for r in revoked.revocations} == {
+                    ("subject", AGENT_ID),
+                    ("subject", f"{TD}/w"),
+                }
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await _next(call, 1.0)
                 assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED

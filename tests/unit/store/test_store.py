@@ -318,6 +318,20 @@ async def test_deleted_entry_frees_its_id_and_key(store: Store) -> None:
     assert [e.id for e in await store.list_entries()] == ["e1"]
 
 
+async def test_node_identities_round_trip_and_are_found_by_their_agent(store: Store) -> None:
+    agent = SpiffeId.parse("spiffe://example.org/agent/node1")
+    node = dataclasses.replace(make_identity("node-ident"), parent_id=agent)
+    await store.record_issuance(node, [make_svid("0b", "node-ident")])
+    await store.record_issuance(make_identity(), [make_svid("0c")])
+    found = await store.find_issued_x509("0b")
+    assert found is not None
+    assert found[1] == node
+    assert await store.subjects_issued_through(agent.uri, NOW) == [APP.uri]
+    assert await store.subjects_issued_through("spiffe://example.org/agent/other", NOW) == []
+    # Only live SVIDs count.
+    assert await store.subjects_issued_through(agent.uri, NOW + 2 * HOUR) == []
+
+
 # --- contract: join tokens ---------------------------------------------------------------------
 
 
