@@ -247,6 +247,7 @@ class NodeAgent:
                 await task
         self._tasks = []
         await self._watcher.close()
+        await asyncio.gather(*self._closing, return_exceptions=True)
         if self._client is not None:
             await self._client.close()
             self._client = None
