@@ -1,8 +1,9 @@
 """The node agent (``authority agent``): the SPIFFE Workload API on machines other than the
 authority's.
 
-It attests itself once (join token, x509pop or a platform JWT) and keeps its own SVID on disk
-(``<data-dir>/agent``), renewed at half its life, so a restart needs no new join token. Over
+It attests itself once (join token, x509pop or a platform JWT) and keeps its own SVID and key on
+disk (``<data-dir>/agent/identity.pem``, 0600, one file replaced atomically), renewed at half its
+life, so a restart needs no new join token. Over
 mutual TLS with that SVID it holds three streams and calls open to the authority:
 
 - ``SyncAgent``: the node entries it serves (entries whose ``parent_id`` is its SPIFFE ID) and
@@ -63,7 +64,6 @@ from authority.bundle import TrustBundle, jwk_thumbprint
 from authority.changes import Waiters
 from authority.client import (
     Responder,
-    SvidFiles,
     WorkloadClient,
     der_chain_to_pem,
     make_csr,
@@ -73,6 +73,7 @@ from authority.config import MAX_UNIX_SOCKET_PATH
 from authority.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from authority.ids import SpiffeId
 from authority.jwt_svid import check_jwt_svid
+from authority.keyvault import write_private_file
 from authority.models import Selector
 from authority.watch import RevocationWatcher
 
@@ -166,7 +167,7 @@ class NodeAgent:
         self.stats = AgentStats()
         self.spiffe_id: SpiffeId | None = None
         self._attestor = ""  # the instance that attested this agent (revocations name it)
-        self._files = SvidFiles(config.data_dir / "agent")
+        self._identity_path = config.data_dir / "agent" / "identity.pem"
         self._meta_path = config.data_dir / "agent" / "agent.json"
         self._bundle_pem = config.trust_bundle_pem
         self._bundle: TrustBundle | None = None
@@ -267,16 +268,22 @@ class NodeAgent:
     # --- the agent's own identity ----------------------------------------------------------
 
     def _load_saved(self) -> bool:
-        """Use the SVID saved by an earlier run, if it is still valid for a while."""
+        """Use the SVID saved by an earlier run, if it is whole and valid for a while."""
         try:
-            chain, key, _ = self._files.read()
+            data = self._identity_path.read_bytes()
             meta = json.loads(self._meta_path.read_text())
+            chain, _, key_block = data.partition(_KEY_BEGIN)
+            key_pem = _KEY_BEGIN + key_block
             leaf = x509.load_pem_x509_certificate(chain)
-        except (OSError, ValueError, KeyError):
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if key.public_key() != leaf.public_key():
+            log.warning("the saved agent SVID and key do not match: ignored")
             return False
         if _now() >= leaf.not_valid_after_utc - dt.timedelta(seconds=5):
             return False
-        self._use_svid(chain, key, leaf, str(meta["attestor"]))
+        self._use_svid(chain, key_pem, leaf, str(meta["attestor"]))
         return True
 
     async def _attest(self) -> None:
@@ -299,17 +306,18 @@ class NodeAgent:
             raise FailedPrecondition("the authority returned no SVID", reason="AGENT_NO_SVID")
         chain = der_chain_to_pem(list(result.svids[0].cert_chain))
         self._bundle_pem = der_chain_to_pem(list(result.bundle.x509_authorities))
-        key_pem = _key_pem(key)
         self._save(chain, key, proof.attestor)
-        self._use_svid(chain, key_pem, x509.load_pem_x509_certificate(chain), proof.attestor)
+        self._use_svid(chain, _key_pem(key), x509.load_pem_x509_certificate(chain), proof.attestor)
         self.stats.attestations += 1
         log.info("agent attested: spiffe_id=%s attestor=%s", self.spiffe_id, proof.attestor)
 
     def _save(self, chain: bytes, key: ec.EllipticCurvePrivateKey, attestor: str) -> None:
-        self._files.write(chain, key, self._bundle_pem)
-        tmp = self._meta_path.with_name(".agent.json.tmp")
-        tmp.write_text(json.dumps({"attestor": attestor}))
-        os.replace(tmp, self._meta_path)
+        """The SVID and its key in one file (0600, fsync'd, replaced atomically): a crash
+        leaves the old pair or the new one, never a key beside another's certificate."""
+        folder = self._identity_path.parent
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_private_file(self._meta_path, json.dumps({"attestor": attestor}).encode())
+        write_private_file(self._identity_path, chain + _key_pem(key))
 
     def _use_svid(self, chain: bytes, key: bytes, leaf: x509.Certificate, attestor: str) -> None:
         """Talk to the authority with this SVID from now on. Streams on the previous channel
@@ -648,6 +656,9 @@ def _cancelling() -> bool:
 
 def svid_serial(cert: x509.Certificate) -> str:
     return format(cert.serial_number, "x")
+
+
+_KEY_BEGIN = b"-----BEGIN PRIVATE KEY-----"
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -256,8 +256,9 @@ async def test_a_restarted_agent_reuses_its_saved_svid(
     data = tmp_path / "agent"
     async with running_agent(running, socket_dir / "a.sock", data) as agent:
         first_id = agent.spiffe_id
-    key_file = data / "agent" / "svid.key"
-    assert key_file.stat().st_mode & 0o777 == 0o600
+    saved = data / "agent" / "identity.pem"
+    assert saved.stat().st_mode & 0o777 == 0o600
+    assert (data / "agent").stat().st_mode & 0o777 == 0o700
     # No proof this time: the join token is spent, the saved SVID is enough.
     again = NodeAgent(
         AgentConfig(
@@ -276,17 +277,39 @@ async def test_a_restarted_agent_reuses_its_saved_svid(
         await again.stop()
 
 
+async def test_a_saved_svid_beside_another_key_is_not_used(
+    running: Running, tmp_path: Path, socket_dir: Path
+) -> None:
+    data = tmp_path / "agent"
+    async with running_agent(running, socket_dir / "a.sock", data):
+        pass
+    saved = data / "agent" / "identity.pem"
+    chain, _, _ = saved.read_bytes().partition(b"-----BEGIN PRIVATE KEY-----")
+    other = new_key().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    saved.write_bytes(chain + other)
+    # The mismatched pair is ignored: the agent attests again with the proof it was given.
+    async with running_agent(running, socket_dir / "a.sock", data) as agent:
+        assert agent.stats.attestations == 1
+    leaf, *_ = x509.load_pem_x509_certificates(saved.read_bytes().partition(b"-----BEGIN PRIV")[0])
+    key = serialization.load_pem_private_key(
+        b"-----BEGIN PRIV" + saved.read_bytes().partition(b"-----BEGIN PRIV")[2], password=None
+    )
+    assert key.public_key() == leaf.public_key()
+
+
 async def test_the_agent_renews_its_svid_at_half_life_and_keeps_its_streams(
     running: Running, tmp_path: Path, socket_dir: Path
 ) -> None:
     """The agent's SVID lives 8 s here: renewed at about 4 s, the sync and revocation streams
     move to the new channel, and changes still arrive."""
     async with running_agent(running, socket_dir / "a.sock", tmp_path / "agent") as agent:
-        before = (tmp_path / "agent" / "agent" / "svid.pem").read_bytes()
+        before = (tmp_path / "agent" / "agent" / "identity.pem").read_bytes()
         async with asyncio.timeout(8.0):
             while agent.stats.own_renewals == 0:  # noqa: ASYNC110 - a counter, no event
                 await asyncio.sleep(0.05)
-        assert (tmp_path / "agent" / "agent" / "svid.pem").read_bytes() != before
+        assert (tmp_path / "agent" / "agent" / "identity.pem").read_bytes() != before
         entry_id = await node_entry(running, "after-renewal")
         await wait_held(agent, entry_id)
         began = time.monotonic()
