@@ -26,7 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf.message import Message
-from spiffe import TrustDomain, WorkloadApiClient
+from spiffe import JwtSvid, TrustDomain, WorkloadApiClient, X509BundleSet, X509Svid
 
 from authority._pb import authority_v1_authority_pb2 as apb
 from authority._pb import spiffe_workload_pb2 as wpb
@@ -38,6 +38,7 @@ from tests.conformance.verifiers import verify_client
 from tests.helpers import (
     AGENT_ID,
     Running,
+    ServeProcess,
     authority_command,
     running_agent,
     running_authority,
@@ -410,9 +411,55 @@ async def test_deleting_a_node_entry_removes_it_from_the_stream(
 # --- the command --------------------------------------------------------------------------------
 
 
-def test_the_agent_command_serves_py_spiffe(tmp_path: Path) -> None:
+def _start_agent(
+    served: ServeProcess,
+    bundle: Path,
+    data: Path,
+    socket: Path,
+    log_path: Path,
+    token: str | None,
+) -> subprocess.Popen[bytes]:
+    """``authority agent`` as a process of its own, once its socket is there."""
+    proof = ["--join-token", "-"] if token is not None else []
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [
+                *authority_command(),
+                "agent",
+                "--server",
+                served.address,
+                "--trust-bundle",
+                str(bundle),
+                "--data-dir",
+                str(data),
+                "--workload-api-socket",
+                str(socket),
+                *proof,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    assert proc.stdin is not None
+    proc.stdin.write(f"{token}\n".encode() if token is not None else b"")
+    proc.stdin.close()
+    deadline = time.monotonic() + 30
+    while not socket.exists() or proc.poll() is not None:
+        assert proc.poll() is None, log_path.read_text()
+        assert time.monotonic() < deadline, log_path.read_text()
+        time.sleep(0.05)
+    return proc
+
+
+def _fetch(socket: Path) -> tuple[X509Svid, JwtSvid, X509BundleSet]:
+    with WorkloadApiClient(socket_path=f"unix:{socket}", default_timeout=10) as client:
+        return client.fetch_x509_svid(), client.fetch_jwt_svid({"svc"}), client.fetch_x509_bundles()
+
+
+def test_the_agent_command_serves_py_spiffe_and_survives_kill_9(tmp_path: Path) -> None:
     """``authority serve`` and ``authority agent``, each a process of its own; py-spiffe in this
-    process fetches from the agent; SIGTERM stops the agent and removes its socket."""
+    process fetches from the agent. Killed with SIGKILL, the agent starts again without a new
+    join token (its saved SVID); SIGTERM stops it and removes its socket."""
     socket_dir = short_socket_dir()
     socket = socket_dir / "agent.sock"
     try:
@@ -430,53 +477,31 @@ def test_the_agent_command_serves_py_spiffe(tmp_path: Path) -> None:
                 "--parent-id",
                 AGENT_ID,
             )
-            log_path = tmp_path / "agent.log"
-            with open(log_path, "wb") as log:
-                proc = subprocess.Popen(
-                    [
-                        *authority_command(),
-                        "agent",
-                        "--server",
-                        served.address,
-                        "--trust-bundle",
-                        str(bundle),
-                        "--data-dir",
-                        str(tmp_path / "agent"),
-                        "--workload-api-socket",
-                        str(socket),
-                        "--join-token",
-                        "-",
-                    ],
-                    stdin=subprocess.PIPE,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-                assert proc.stdin is not None
-                proc.stdin.write(f"{token}\n".encode())
-                proc.stdin.close()
+            data, log_path = tmp_path / "agent", tmp_path / "agent.log"
+            proc = _start_agent(served, bundle, data, socket, log_path, token)
             try:
-                deadline = time.monotonic() + 30
-                while not socket.exists():
-                    assert proc.poll() is None, log_path.read_text()
-                    assert time.monotonic() < deadline, log_path.read_text()
-                    time.sleep(0.05)
                 assert socket.stat().st_mode & 0o777 == 0o666
-                with WorkloadApiClient(socket_path=f"unix:{socket}", default_timeout=10) as c:
-                    svid = c.fetch_x509_svid()
-                    token_svid = c.fetch_jwt_svid({"svc"})
-                    bundles = c.fetch_x509_bundles()
+                svid, token_svid, bundles = _fetch(socket)
                 assert str(svid.spiffe_id) == f"{TD}/via-agent"
                 assert str(token_svid.spiffe_id) == f"{TD}/via-agent"
                 roots = bundles.get_bundle_for_trust_domain(TrustDomain("example.org"))
                 assert roots is not None
                 verify_client(svid.leaf, list(roots.x509_authorities), svid.cert_chain[1:])
+                proc.kill()
+                proc.wait(timeout=30)
+                socket.unlink()  # left by the killed agent; the new one must make its own
+                proc = _start_agent(served, bundle, data, socket, log_path, None)
+                again, _, _ = _fetch(socket)
+                assert str(again.spiffe_id) == f"{TD}/via-agent"
+                assert again.leaf.serial_number != svid.leaf.serial_number  # a new key, signed
             finally:
                 proc.terminate()
                 assert proc.wait(timeout=30) == 0, log_path.read_text()
             agent_log = log_path.read_text()
             assert token not in agent_log
             assert token_svid.token not in agent_log  # tokens are never logged
-            assert "agent serving" in agent_log
+            assert agent_log.count("agent serving") == 2
+            assert agent_log.count("agent attested") == 1
         assert not socket.exists()
     finally:
         shutil.rmtree(socket_dir, ignore_errors=True)
