@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from authority.audit import GENESIS, AuditEvent, AuditRecord, Checkpoint, chain
@@ -443,25 +443,18 @@ class MemoryStore:
         return low, self._revocation_seq
 
     async def subjects_attested_by(self, attestor: str, now: dt.datetime) -> list[str]:
-        self._check_open()
-        live = {s.identity_id for s in self._issued.values() if s.not_after > now}
-        return sorted(
-            {
-                i.spiffe_id.uri
-                for k, i in self._identities.items()
-                if i.attestor == attestor and k in live
-            }
-        )
+        return self._live_subjects(lambda i: i.attestor == attestor, now)
 
     async def subjects_issued_through(self, agent: str, now: dt.datetime) -> list[str]:
+        return self._live_subjects(
+            lambda i: i.parent_id is not None and i.parent_id.uri == agent, now
+        )
+
+    def _live_subjects(self, wanted: Callable[[Identity], bool], now: dt.datetime) -> list[str]:
         self._check_open()
         live = {s.identity_id for s in self._issued.values() if s.not_after > now}
         return sorted(
-            {
-                i.spiffe_id.uri
-                for k, i in self._identities.items()
-                if i.parent_id is not None and i.parent_id.uri == agent and k in live
-            }
+            {i.spiffe_id.uri for k, i in self._identities.items() if k in live and wanted(i)}
         )
 
     async def task_tokens_of_subject(self, subject: str, now: dt.datetime) -> list[str]:

@@ -27,7 +27,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Final, TypeAlias, TypeVar
+from typing import Any, Final, Literal, TypeAlias, TypeVar
 
 from sqlite_utils import Database
 
@@ -453,6 +453,14 @@ def _migration_7(db: Database) -> None:
         index_name="entries_by_id_selectors_parent",
         unique=True,
     )
+
+
+_LIVE_SUBJECTS: Final = {
+    "attestor": "SELECT DISTINCT i.spiffe_id FROM identities i JOIN issued_x509 x"
+    " ON x.identity_id = i.id WHERE i.attestor = ? AND x.not_after_us > ? ORDER BY i.spiffe_id",
+    "parent_id": "SELECT DISTINCT i.spiffe_id FROM identities i JOIN issued_x509 x"
+    " ON x.identity_id = i.id WHERE i.parent_id = ? AND x.not_after_us > ? ORDER BY i.spiffe_id",
+}
 
 
 # MIGRATIONS[n] takes the schema from version n to n + 1. Append only; never edit a shipped one.
@@ -1440,29 +1448,19 @@ class SqliteStore:
         return await self._run(job)
 
     async def subjects_attested_by(self, attestor: str, now: dt.datetime) -> list[str]:
-        now_us = _instant(now)
-
-        def job(db: Database) -> list[str]:
-            rows = db.query(
-                "SELECT DISTINCT i.spiffe_id FROM identities i JOIN issued_x509 x"
-                " ON x.identity_id = i.id WHERE i.attestor = ? AND x.not_after_us > ?"
-                " ORDER BY i.spiffe_id",
-                [attestor, now_us],
-            )
-            return [row["spiffe_id"] for row in rows]
-
-        return await self._run(job)
+        return await self._live_subjects("attestor", attestor, now)
 
     async def subjects_issued_through(self, agent: str, now: dt.datetime) -> list[str]:
+        return await self._live_subjects("parent_id", agent, now)
+
+    async def _live_subjects(
+        self, column: Literal["attestor", "parent_id"], value: str, now: dt.datetime
+    ) -> list[str]:
+        """SPIFFE IDs with a live X.509-SVID whose identity has ``column`` = ``value``."""
         now_us = _instant(now)
 
         def job(db: Database) -> list[str]:
-            rows = db.query(
-                "SELECT DISTINCT i.spiffe_id FROM identities i JOIN issued_x509 x"
-                " ON x.identity_id = i.id WHERE i.parent_id = ? AND x.not_after_us > ?"
-                " ORDER BY i.spiffe_id",
-                [agent, now_us],
-            )
+            rows = db.query(_LIVE_SUBJECTS[column], [value, now_us])
             return [row["spiffe_id"] for row in rows]
 
         return await self._run(job)

@@ -557,6 +557,17 @@ async def test_fetch_jwt_svid_for_each_identity_or_the_one_asked(api: Api) -> No
 # --- the command ------------------------------------------------------------------------------
 
 
+def _workload_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*authority_command(), "workload", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def test_serve_option_serves_the_workload_api(tmp_path: Path) -> None:
     """``authority serve --workload-api-socket``, a process of its own: the kernel names this
     (another) process to it."""
@@ -579,41 +590,20 @@ def test_serve_option_serves_the_workload_api(tmp_path: Path) -> None:
             # The project's own client finds the socket through SPIFFE_ENDPOINT_SOCKET.
             env = {**served.env(), "SPIFFE_ENDPOINT_SOCKET": f"unix://{socket}"}
             out = tmp_path / "fetched"
-            fetched = subprocess.run(
-                [*authority_command(), "workload", "fetch", "--out", str(out)],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
+            fetched = _workload_cli(env, "fetch", "--out", str(out))
             assert fetched.returncode == 0, fetched.stderr
             leaf, *rest = x509.load_pem_x509_certificates((out / "svid.pem").read_bytes())
             roots = x509.load_pem_x509_certificates((out / "bundle.pem").read_bytes())
             sans, _ = verify_client(leaf, roots, rest)
             assert sans == [x509.UniformResourceIdentifier(f"{TD}/cli")]
             assert (out / "svid.key").stat().st_mode & 0o777 == 0o600
-            token = subprocess.run(
-                [*authority_command(), "workload", "fetch-jwt", "--audience", "svc"],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
+            token = _workload_cli(env, "fetch-jwt", "--audience", "svc")
             assert token.returncode == 0, token.stderr
             claims = jwt.decode(token.stdout.strip(), options={"verify_signature": False})
             assert claims["sub"] == f"{TD}/cli"
             assert claims["aud"] == ["svc"]
             unset = {k: v for k, v in env.items() if k != "SPIFFE_ENDPOINT_SOCKET"}
-            missing = subprocess.run(
-                [*authority_command(), "workload", "fetch-jwt", "--audience", "svc"],
-                env=unset,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
+            missing = _workload_cli(unset, "fetch-jwt", "--audience", "svc")
             assert missing.returncode != 0
             assert "SPIFFE_ENDPOINT_SOCKET" in missing.stderr
         assert not socket.exists()
