@@ -39,9 +39,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import grpclib.const
+import grpclib.exceptions
+import grpclib.server
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from grpc_health.v1 import health_pb2
 
 from attestors.api import PeerCredentials
 from authority._pb import authority_v1_authority_pb2 as pb
@@ -257,7 +261,7 @@ class NodeAgent:
         path = self.config.socket
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)
-        self._server = UnixSocketServer([SpiffeWorkloadApi(AgentSource(self))])
+        self._server = UnixSocketServer([SpiffeWorkloadApi(AgentSource(self)), AgentHealth(self)])
         old = os.umask(0o177)
         try:
             await self._server.start(path=str(path))
@@ -633,6 +637,16 @@ class NodeAgent:
             self._jwts.popitem(last=False)
         return str(response.token)
 
+    def healthy(self) -> bool:
+        """Its own SVID valid, its revocation feed fresh, a bundle in hand."""
+        staleness = self._watcher.staleness()
+        return (
+            _now() < self._own_not_after
+            and staleness is not None
+            and staleness <= STALE_FEED.total_seconds()
+            and self._bundle is not None
+        )
+
     def is_subject_revoked(self, subject: str) -> bool:
         return self._watcher.revoked.has("subject", subject, int(time.time() * 1_000_000))
 
@@ -665,6 +679,39 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
+
+
+class AgentHealth:
+    """``grpc.health.v1.Health`` on the agent's socket (grpclib), with grpcio-health-checking's
+    messages: grpclib's own health module registers the same protobuf names, and both cannot
+    live in one process. SERVING for the whole server ("") and for "SpiffeWorkloadAPI" while the
+    agent's SVID is valid, its revocation feed is fresh and it has a bundle; else NOT_SERVING.
+    Check only: probes poll."""
+
+    def __init__(self, agent: NodeAgent) -> None:
+        self._agent = agent
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        return {
+            "/grpc.health.v1.Health/Check": grpclib.const.Handler(
+                self.Check,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                health_pb2.HealthCheckRequest,
+                health_pb2.HealthCheckResponse,
+            )
+        }
+
+    async def Check(self, stream: grpclib.server.Stream[Any, Any]) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        if request.service not in ("", "SpiffeWorkloadAPI"):
+            raise grpclib.exceptions.GRPCError(grpclib.const.Status.NOT_FOUND, "unknown service")
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self._agent.healthy()
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await stream.send_message(health_pb2.HealthCheckResponse(status=status))
 
 
 class AgentSource:

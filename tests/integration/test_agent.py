@@ -26,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from spiffe import JwtSvid, TrustDomain, WorkloadApiClient, X509BundleSet, X509Svid
 
 from authority._pb import authority_v1_authority_pb2 as apb
@@ -235,6 +236,29 @@ async def test_concurrent_asks_for_a_new_jwt_svid_make_one_upstream_call(
     records = await running.server.authority.audit_records(limit=10_000)
     issued = [r for r in records if r.kind == "jwt.issued" and "fresh-audience" in r.details_json]
     assert len(issued) == 1
+
+
+async def test_the_agent_answers_health_checks_on_its_socket(
+    running: Running, tmp_path: Path, socket_dir: Path
+) -> None:
+    """grpc.health.v1 with grpcio's own client (what grpc_health_probe speaks)."""
+    async with (
+        running_agent(running, socket_dir / "a.sock", tmp_path / "agent") as agent,
+        grpc.aio.insecure_channel(f"unix:{socket_dir / 'a.sock'}") as channel,
+    ):
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "SpiffeWorkloadAPI"):
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Check(health_pb2.HealthCheckRequest(service="authority.v1.Admin"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        # Cut the feed as a dead link would, and let its silence outlast the bound.
+        watcher = agent._watcher
+        await watcher.close()
+        watcher._last_heard = time.monotonic() - 3600
+        reply = await stub.Check(health_pb2.HealthCheckRequest())
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def test_a_socket_path_past_the_kernel_limit_is_refused(tmp_path: Path) -> None:
