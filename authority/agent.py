@@ -20,7 +20,8 @@ and audience until half their life. Local callers are identified by the kernel (
 attestor's selectors, typed ``workload_attestor``), as on the authority's own Workload API.
 
 When the authority cannot be reached the agent keeps serving what it holds until it expires
-(availability over freshness, as SPIRE agents do); the revocation feed's silence is logged.
+(availability over freshness, as SPIRE agents do) and logs the revocation feed's silence; with
+``fail_closed`` it serves nothing (UNAVAILABLE) while the feed is silent past ``stale_after``.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ from authority.client import (
     new_key,
 )
 from authority.config import MAX_UNIX_SOCKET_PATH
-from authority.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from authority.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unavailable
 from authority.ids import SpiffeId
 from authority.jwt_svid import check_jwt_svid
 from authority.keyvault import write_private_file
@@ -88,7 +89,7 @@ JWT_CACHE_SIZE = 4096
 UPSTREAM_CALLS = 64
 BACKOFF_INITIAL = 0.05
 BACKOFF_MAX = 5.0
-STALE_FEED = dt.timedelta(seconds=15)  # log when the revocation feed is silent this long
+STALE_FEED = dt.timedelta(seconds=15)  # the revocation feed's silence that counts as stale
 _AUTH_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
@@ -113,6 +114,9 @@ class AgentConfig:
     workload_attestor: str = "unix"  # the selector type of the local callers
     spiffe_id_hint: str = ""
     socket_mode: int = 0o666  # any local process may ask; the kernel says who it is
+    # Serve nothing (UNAVAILABLE) while the revocation feed is stale, instead of what is held.
+    fail_closed: bool = False
+    stale_after: dt.timedelta = STALE_FEED
 
     def __post_init__(self) -> None:
         if len(str(self.socket).encode()) > MAX_UNIX_SOCKET_PATH:
@@ -194,7 +198,7 @@ class NodeAgent:
         self._wake = asyncio.Event()
         self._watcher = RevocationWatcher(
             self._open_feed,
-            stale_after=STALE_FEED,
+            stale_after=config.stale_after,
             on_event=lambda _: self._wake.set(),
             on_snapshot=self._wake.set,
         )
@@ -461,7 +465,7 @@ class NodeAgent:
             self._wake.clear()
             due = await self._reconcile()
             staleness = self._watcher.staleness()
-            if staleness is not None and staleness > STALE_FEED.total_seconds():
+            if staleness is not None and staleness > self.config.stale_after.total_seconds():
                 log.warning("revocation feed silent for %.0f s", staleness)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(RESYNC_INTERVAL, max(0.05, due))):
@@ -582,6 +586,11 @@ class NodeAgent:
     # --- what the Workload API asks ---------------------------------------------------------
 
     def matching(self, caller: Caller) -> list[HeldSvid]:
+        if self.config.fail_closed and not self._watcher.fresh():
+            raise Unavailable(
+                "the agent's revocation feed is stale: serving nothing until it returns",
+                reason="AGENT_FEED_STALE",
+            )
         held = [
             h
             for h in self._held.values()
@@ -643,7 +652,7 @@ class NodeAgent:
         return (
             _now() < self._own_not_after
             and staleness is not None
-            and staleness <= STALE_FEED.total_seconds()
+            and staleness <= self.config.stale_after.total_seconds()
             and self._bundle is not None
         )
 

@@ -1245,6 +1245,19 @@ def workload_fetch_jwt(socket: str | None, audiences: tuple[str, ...], spiffe_id
     help="The selector type of local callers in this agent's node entries.",
 )
 @click.option(
+    "--fail-closed",
+    is_flag=True,
+    help="Serve nothing (UNAVAILABLE) while the revocation feed is silent past --stale-after "
+    "(default: keep serving what is held until it expires).",
+)
+@click.option(
+    "--stale-after",
+    type=DURATION,
+    default="15s",
+    show_default=True,
+    help="How long a silent revocation feed counts as fresh.",
+)
+@click.option(
     "--log-level",
     default="INFO",
     show_default=True,
@@ -1263,6 +1276,8 @@ def agent(
     attestor: str | None,
     hint: str,
     workload_attestor: str,
+    fail_closed: bool,
+    stale_after: dt.timedelta,
     log_level: str,
 ) -> None:
     """Run a node agent: attest this machine to the authority, then serve the SPIFFE Workload
@@ -1281,6 +1296,8 @@ def agent(
         proof=_attest_proof(join_token, x509pop_cert, x509pop_key, jwt_file, attestor),
         workload_attestor=workload_attestor,
         spiffe_id_hint=hint,
+        fail_closed=fail_closed,
+        stale_after=stale_after,
     )
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

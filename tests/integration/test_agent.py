@@ -32,7 +32,7 @@ from spiffe import JwtSvid, TrustDomain, WorkloadApiClient, X509BundleSet, X509S
 from authority._pb import authority_v1_authority_pb2 as apb
 from authority._pb import spiffe_workload_pb2 as wpb
 from authority._pb import spiffe_workload_pb2_grpc as wgrpc
-from authority.agent import AgentConfig, NodeAgent
+from authority.agent import AgentConfig, AttestProof, NodeAgent
 from authority.client import WorkloadClient, make_csr, new_key
 from authority.errors import InvalidArgument
 from tests.conformance.verifiers import verify_client
@@ -259,6 +259,42 @@ async def test_the_agent_answers_health_checks_on_its_socket(
         watcher._last_heard = time.monotonic() - 3600
         reply = await stub.Check(health_pb2.HealthCheckRequest())
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.mark.parametrize("fail_closed", [False, True])
+async def test_a_silent_feed_keeps_serving_or_fails_closed_as_configured(
+    running: Running, tmp_path: Path, socket_dir: Path, fail_closed: bool
+) -> None:
+    await node_entry(running, "w")
+    token = await running.join_token(AGENT_ID)
+    agent = NodeAgent(
+        AgentConfig(
+            server=running.address,
+            trust_bundle_pem=await running.bundle_pem(),
+            data_dir=tmp_path / "agent",
+            socket=socket_dir / "a.sock",
+            proof=AttestProof("join_token", token.encode()),
+            fail_closed=fail_closed,
+        )
+    )
+    await agent.start()
+    try:
+        async with grpc.aio.insecure_channel(f"unix:{socket_dir / 'a.sock'}") as channel:
+            stub = wgrpc.SpiffeWorkloadAPIStub(channel)
+            ask = wpb.JWTSVIDRequest(audience=["a"])
+            assert (await stub.FetchJWTSVID(ask, metadata=HEADER)).svids
+            watcher = agent._watcher  # cut the feed as a dead link would, past its bound
+            await watcher.close()
+            watcher._last_heard = time.monotonic() - 3600
+            if not fail_closed:  # availability: what is held is still served
+                assert (await stub.FetchJWTSVID(ask, metadata=HEADER)).svids
+                return
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.FetchJWTSVID(ask, metadata=HEADER)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert _reason(err) == "AGENT_FEED_STALE"
+    finally:
+        await agent.stop()
 
 
 def test_a_socket_path_past_the_kernel_limit_is_refused(tmp_path: Path) -> None:
