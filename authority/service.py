@@ -355,19 +355,7 @@ class Authority:
             await self._store.record_issuance(
                 identity,
                 [_issued(svid, identity)],
-                audit=[
-                    self._event(
-                        "attest.succeeded",
-                        actor=attestor,
-                        subject=identity.spiffe_id.uri,
-                        details={
-                            "identity_id": identity.id,
-                            "entry_id": identity.entry_id,
-                            "selectors": sorted(str(s) for s in outcome.selectors),
-                        },
-                    ),
-                    self._x509_event("x509.issued", svid, identity),
-                ],
+                audit=self._attested_events(identity, svid, actor=attestor),
             )
             svids.append(svid)
             log.info(
@@ -612,21 +600,13 @@ class Authority:
         if identity.id in self._node_identities:
             await self._store.record_issuance(None, [_issued(svid, identity)], audit=renewal)
             return
-        first = [
-            self._event(
-                "attest.succeeded",
-                actor=agent.spiffe_id.uri,
-                subject=identity.spiffe_id.uri,
-                details={
-                    "identity_id": identity.id,
-                    "entry_id": identity.entry_id,
-                    "selectors": sorted(str(s) for s in identity.selectors),
-                    "endpoint": "node_agent",
-                    "agent_identity_id": agent.identity.id,
-                },
-            ),
-            self._x509_event("x509.issued", svid, identity, caller=agent),
-        ]
+        first = self._attested_events(
+            identity,
+            svid,
+            actor=agent.spiffe_id.uri,
+            caller=agent,
+            details={"endpoint": "node_agent", "agent_identity_id": agent.identity.id},
+        )
         try:
             await self._store.record_issuance(identity, [_issued(svid, identity)], audit=first)
         except AlreadyExists as exc:  # recorded before a restart of the authority
@@ -690,21 +670,12 @@ class Authority:
             identity.spiffe_id, public_key, identity.x509_ttl, identity.dns_names
         )
         if previous is None:
-            audit = [
-                self._event(
-                    "attest.succeeded",
-                    actor=identity.attestor,
-                    subject=identity.spiffe_id.uri,
-                    details={
-                        "identity_id": identity.id,
-                        "entry_id": identity.entry_id,
-                        "selectors": sorted(str(s) for s in identity.selectors),
-                        "endpoint": "workload_api",
-                        **(details or {}),
-                    },
-                ),
-                self._x509_event("x509.issued", svid, identity),
-            ]
+            audit = self._attested_events(
+                identity,
+                svid,
+                actor=identity.attestor,
+                details={"endpoint": "workload_api", **(details or {})},
+            )
             await self._store.record_issuance(identity, [_issued(svid, identity)], audit=audit)
         else:
             await self._store.record_issuance(
@@ -810,6 +781,31 @@ class Authority:
             decision_id=decision_id,
             details=dict(details or {}),
         )
+
+    def _attested_events(
+        self,
+        identity: Identity,
+        svid: X509Svid,
+        *,
+        actor: str,
+        caller: Caller | None = None,
+        details: Mapping[str, object] | None = None,
+    ) -> list[AuditEvent]:
+        """An identity's first SVID: its attestation, then the issuance."""
+        return [
+            self._event(
+                "attest.succeeded",
+                actor=actor,
+                subject=identity.spiffe_id.uri,
+                details={
+                    "identity_id": identity.id,
+                    "entry_id": identity.entry_id,
+                    "selectors": sorted(str(s) for s in identity.selectors),
+                    **(details or {}),
+                },
+            ),
+            self._x509_event("x509.issued", svid, identity, caller=caller),
+        ]
 
     def _x509_event(
         self, kind: str, svid: X509Svid, identity: Identity, caller: Caller | None = None

@@ -22,7 +22,7 @@ from authority.models import (
 )
 from authority.policy_admin import PolicyState
 from authority.service import AttestResult
-from authority.svid import X509Svid
+from authority.svid import JwtSvid, X509Svid
 from authority.tokens import Intent, TaskToken
 
 
@@ -86,6 +86,12 @@ def selector_to_pb(selector: Selector) -> pb.Selector:
 
 def selectors_from_pb(selectors: list[pb.Selector]) -> list[Selector]:
     return [Selector(s.type, s.value) for s in selectors]
+
+
+def jwt_svid_to_pb(svid: JwtSvid) -> pb.FetchJWTSVIDResponse:
+    return pb.FetchJWTSVIDResponse(
+        spiffe_id=svid.spiffe_id.uri, token=svid.token, expires_at=ts(svid.expires_at)
+    )
 
 
 def entry_to_pb(entry: RegistrationEntry) -> pb.RegistrationEntry:

@@ -25,6 +25,7 @@ from authority.api.convert import (
     entry_to_pb,
     exchange_response,
     intent_from_pb,
+    jwt_svid_to_pb,
     seconds,
     svid_to_pb,
     task_token_to_pb,
@@ -135,11 +136,7 @@ class WorkloadService(pb_grpc.WorkloadServicer):
         svid = await self._authority.fetch_jwt(
             caller, list(request.audience), seconds(request.ttl_seconds)
         )
-        return pb.FetchJWTSVIDResponse(
-            spiffe_id=svid.spiffe_id.uri,
-            token=svid.token,
-            expires_at=int(svid.expires_at.timestamp()),
-        )
+        return jwt_svid_to_pb(svid)
 
     @rpc
     async def GetBundle(self, request: pb.GetBundleRequest, context: Context) -> pb.Bundle:
@@ -246,11 +243,7 @@ class WorkloadService(pb_grpc.WorkloadServicer):
         svid = await self._authority.fetch_node_jwt(
             caller, request.entry_id, list(request.audience)
         )
-        return pb.FetchJWTSVIDResponse(
-            spiffe_id=svid.spiffe_id.uri,
-            token=svid.token,
-            expires_at=int(svid.expires_at.timestamp()),
-        )
+        return jwt_svid_to_pb(svid)
 
     @rpc
     async def GetTaskKeys(self, request: pb.GetTaskKeysRequest, context: Context) -> pb.TaskKeys:
