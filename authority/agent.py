@@ -78,8 +78,9 @@ from authority.config import MAX_UNIX_SOCKET_PATH
 from authority.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unavailable
 from authority.ids import SpiffeId
 from authority.jwt_svid import check_jwt_svid
-from authority.keyvault import write_private_file
+from authority.keyvault import private_key_pem, write_private_file
 from authority.models import Selector
+from authority.tasks import cancel_and_wait
 from authority.watch import RevocationWatcher
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,8 @@ class NodeAgent:
         self._bundle_pem = config.trust_bundle_pem
         self._bundle: TrustBundle | None = None
         self._active_issuer: x509.Name | None = None
+        # The bundle's X.509 authorities' key ids, by subject (what revocations of keys name).
+        self._authority_kids: dict[x509.Name, str] = {}
         self._synced_changes = False  # a sync brought news the streams have not been told
         self._client: WorkloadClient | None = None
         self._stub: pb_grpc.WorkloadAsyncStub | None = None
@@ -249,11 +252,7 @@ class NodeAgent:
             await self._server.wait_closed()
             self._server = None
             self.config.socket.unlink(missing_ok=True)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         await self._watcher.close()
         await asyncio.gather(*self._closing, return_exceptions=True)
@@ -314,10 +313,15 @@ class NodeAgent:
             raise FailedPrecondition("the authority returned no SVID", reason="AGENT_NO_SVID")
         chain = der_chain_to_pem(list(result.svids[0].cert_chain))
         self._bundle_pem = der_chain_to_pem(list(result.bundle.x509_authorities))
-        self._save(chain, key, proof.attestor)
-        self._use_svid(chain, _key_pem(key), x509.load_pem_x509_certificate(chain), proof.attestor)
+        self._adopt(chain, key, proof.attestor)
         self.stats.attestations += 1
         log.info("agent attested: spiffe_id=%s attestor=%s", self.spiffe_id, proof.attestor)
+
+    def _adopt(self, chain: bytes, key: ec.EllipticCurvePrivateKey, attestor: str) -> None:
+        """A new SVID of the agent's own: on disk first, then in use."""
+        self._save(chain, key, attestor)
+        leaf = x509.load_pem_x509_certificate(chain)
+        self._use_svid(chain, private_key_pem(key), leaf, attestor)
 
     def _save(self, chain: bytes, key: ec.EllipticCurvePrivateKey, attestor: str) -> None:
         """The SVID and its key in one file (0600, fsync'd, replaced atomically): a crash
@@ -325,7 +329,7 @@ class NodeAgent:
         folder = self._identity_path.parent
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_private_file(self._meta_path, json.dumps({"attestor": attestor}).encode())
-        write_private_file(self._identity_path, chain + _key_pem(key))
+        write_private_file(self._identity_path, chain + private_key_pem(key))
 
     def _use_svid(self, chain: bytes, key: bytes, leaf: x509.Certificate, attestor: str) -> None:
         """Talk to the authority with this SVID from now on. Streams on the previous channel
@@ -382,8 +386,7 @@ class NodeAgent:
         stub = await self._mtls()
         response = await stub.RenewX509SVID(pb.RenewX509SVIDRequest(csr=make_csr(key)))
         chain = der_chain_to_pem(list(response.svid.cert_chain))
-        self._save(chain, key, self._attestor)
-        self._use_svid(chain, _key_pem(key), x509.load_pem_x509_certificate(chain), self._attestor)
+        self._adopt(chain, key, self._attestor)
         self.stats.own_renewals += 1
         log.info("agent SVID renewed: spiffe_id=%s", self.spiffe_id)
 
@@ -432,6 +435,11 @@ class NodeAgent:
         if self._bundle is None or bundle.sequence != self._bundle.sequence:
             self._bundle = bundle
             self._bundle_pem = bundle.pem()
+            self._authority_kids = {
+                cert.subject: jwk_thumbprint(key)
+                for cert in bundle.x509_authorities
+                if isinstance(key := cert.public_key(), ec.EllipticCurvePublicKey)
+            }
             log.info("agent bundle: sequence=%d", bundle.sequence)
         # The rotator tells the streams, once it has re-signed what the change calls for: a
         # workload sees the new bundle with the SVIDs that go with it.
@@ -487,7 +495,7 @@ class NodeAgent:
             self._held = kept
             self._jwts.clear()
             self._changes.notify()
-        bundle_kids = self._bundle_kids()
+        bundle_kids = self._authority_kids.values()
         key_revoked = self._watcher.revoked.has
         now_us = int(now.timestamp() * 1_000_000)
         clock = time.monotonic()
@@ -511,15 +519,6 @@ class NodeAgent:
             self._changes.notify()
         due = [h.rotate_at for h in self._held.values()]
         return (min(due) - _now()).total_seconds() if due else RESYNC_INTERVAL
-
-    def _bundle_kids(self) -> set[str]:
-        if self._bundle is None:
-            return set()
-        return {
-            jwk_thumbprint(key)
-            for cert in self._bundle.x509_authorities
-            if isinstance(key := cert.public_key(), ec.EllipticCurvePublicKey)
-        }
 
     async def _sign(self, entries: list[NodeEntry]) -> None:
         for start in range(0, len(entries), SIGN_BATCH):
@@ -564,7 +563,7 @@ class NodeAgent:
                 not_after=not_after,
                 rotate_at=now + (not_after - now) / 2,
                 issuer=leaf.issuer,
-                issuer_kid=self._issuer_kid(leaf),
+                issuer_kid=self._authority_kids.get(leaf.issuer, ""),
             )
             self._refused.pop(entry.id, None)
             self.stats.signed += 1
@@ -575,13 +574,6 @@ class NodeAgent:
                 svid_serial(leaf),
             )
         self._changes.notify()
-
-    def _issuer_kid(self, leaf: x509.Certificate) -> str:
-        for cert in self._bundle.x509_authorities if self._bundle else ():
-            key = cert.public_key()
-            if cert.subject == leaf.issuer and isinstance(key, ec.EllipticCurvePublicKey):
-                return jwk_thumbprint(key)
-        return ""
 
     # --- what the Workload API asks ---------------------------------------------------------
 
@@ -648,13 +640,7 @@ class NodeAgent:
 
     def healthy(self) -> bool:
         """Its own SVID valid, its revocation feed fresh, a bundle in hand."""
-        staleness = self._watcher.staleness()
-        return (
-            _now() < self._own_not_after
-            and staleness is not None
-            and staleness <= self.config.stale_after.total_seconds()
-            and self._bundle is not None
-        )
+        return _now() < self._own_not_after and self._watcher.fresh() and self._bundle is not None
 
     def is_subject_revoked(self, subject: str) -> bool:
         return self._watcher.revoked.has("subject", subject, int(time.time() * 1_000_000))
@@ -682,12 +668,6 @@ def svid_serial(cert: x509.Certificate) -> str:
 
 
 _KEY_BEGIN = b"-----BEGIN PRIVATE KEY-----"
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
 
 
 class AgentHealth:

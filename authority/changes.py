@@ -10,6 +10,8 @@ import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from authority.tasks import cancel_and_wait
+
 if TYPE_CHECKING:
     from authority.revocation import Subscription
     from authority.service import Authority
@@ -55,11 +57,8 @@ class ChangeNotifier(Waiters):
         self._task = asyncio.create_task(self._pump(), name="workload-api-revocations")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait([self._task])
+        self._task = None
         if self._sub is not None:
             self._hub.unsubscribe(self._sub)
             self._sub = None

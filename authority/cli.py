@@ -31,7 +31,7 @@ from google.protobuf.message import Message
 
 from authority import audit_cli
 from authority._pb import authority_v1_authority_pb2 as pb
-from authority.api.status import REASON_KEY
+from authority.api.status import status_reason
 from authority.client import (
     AdminClient,
     FetchedX509Svid,
@@ -66,8 +66,7 @@ def _run(coro: Coroutine[Any, Any, _T]) -> _T:
     try:
         return asyncio.run(coro)
     except grpc.aio.AioRpcError as exc:
-        metadata: dict[str, object] = dict(exc.trailing_metadata() or ())  # type: ignore[arg-type]
-        reason = metadata.get(REASON_KEY)
+        reason = status_reason(exc)
         suffix = f" [{reason}]" if reason else ""
         raise CliError(f"{exc.code().name}: {exc.details()}{suffix}") from None
 

@@ -27,7 +27,7 @@ from authority._pb import authority_v1_authority_pb2 as pb
 from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
 from authority._pb import spiffe_workload_pb2 as spiffe_pb
 from authority._pb import spiffe_workload_pb2_grpc as spiffe_grpc
-from authority.keyvault import write_private_file
+from authority.keyvault import private_key_pem, write_private_file
 from authority.relying import (
     StaticKeys,
     TaskKeySource,
@@ -114,11 +114,7 @@ class SvidFiles:
 
     def write(self, chain_pem: bytes, key: ec.EllipticCurvePrivateKey, bundle_pem: bytes) -> None:
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        key_pem = private_key_pem(key)
         write_private_file(self.key_path, key_pem)
         _write_public(self.cert_path, chain_pem)
         _write_public(self.bundle_path, bundle_pem)

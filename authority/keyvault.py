@@ -33,6 +33,13 @@ def _check_name(name: str) -> None:
         raise Internal(f"invalid key name {name!r}")
 
 
+def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """PKCS#8 PEM, unencrypted: for a 0600 file or a TLS credential, never for a log."""
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
 def write_private_file(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically, mode 0600 from the first byte, fsync'd."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -66,11 +73,7 @@ class FileKeyVault:
         return self._folder / f"{name}.pem"
 
     def save(self, name: str, key: ec.EllipticCurvePrivateKey) -> None:
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        pem = private_key_pem(key)
         write_private_file(self._path(name), pem)
 
     def load(self, name: str) -> ec.EllipticCurvePrivateKey:

@@ -10,7 +10,6 @@ The workload listeners present the authority's own X.509-SVID, reloaded on rotat
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import ipaddress
 import logging
@@ -43,12 +42,13 @@ from authority.config import Config, split_host_port
 from authority.errors import FailedPrecondition
 from authority.exchange import ExchangeService
 from authority.ids import SpiffeId
-from authority.keyvault import FileKeyVault
+from authority.keyvault import FileKeyVault, private_key_pem
 from authority.policy_admin import PolicyAdmin
 from authority.revocation import RevocationHub, RevocationService
 from authority.service import Authority
 from authority.store.sqlite import SqliteStore
 from authority.svid import X509Svid
+from authority.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +95,7 @@ class _TlsIdentity:
             dns_names=self._config.server_dns_names,
             ip_addresses=self._addresses(),
         )
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        key_pem = private_key_pem(key)
         chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in svid.chain)
         roots = self._ca.bundle().pem()
         with self._lock:
@@ -397,11 +393,7 @@ class AuthorityServer:
                 log.exception("store prune failed; will retry")
 
     async def stop(self, grace: float = 5.0) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         if self._store is not None and self.authority is not None:
             try:
                 await self._checkpoint_once()

@@ -11,7 +11,6 @@ the verifier fails closed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import random
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from authority._pb import authority_v1_authority_pb2 as pb
+from authority.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +138,8 @@ class RevocationWatcher:
             await self._synced.wait()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait([self._task])
+        self._task = None
 
     async def _run(self) -> None:
         delay = self._backoff_initial

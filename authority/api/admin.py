@@ -26,7 +26,7 @@ from authority.api.convert import (
     ts,
 )
 from authority.api.revocations import RevocationFeed
-from authority.api.status import rpc
+from authority.api.status import REASON_KEY, rpc
 from authority.attestation import parse_config
 from authority.errors import FailedPrecondition, InvalidArgument
 from authority.exchange import ExchangeService
@@ -290,7 +290,7 @@ class RefuseAdminHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 "operator calls are served only on the admin Unix socket",
-                trailing_metadata=(("authority-reason", "ADMIN_ON_WORKLOAD_ENDPOINT"),),
+                trailing_metadata=((REASON_KEY, "ADMIN_ON_WORKLOAD_ENDPOINT"),),
             )
             return b""
 

@@ -35,12 +35,17 @@ CODES: tuple[tuple[type[errors.AuthorityError], grpc.StatusCode], ...] = (
 GENERIC_INTERNAL = "internal error; the server log has the details"
 
 
+def status_reason(exc: grpc.aio.AioRpcError) -> str | None:
+    """The stable reason a failed call carried in its trailing metadata, if any."""
+    trailing: Any = exc.trailing_metadata() or ()
+    return next((str(value) for key, value in trailing if key == REASON_KEY), None)
+
+
 def error_from_status(exc: grpc.aio.AioRpcError) -> errors.AuthorityError:
     """The domain error behind an upstream call's status (a node agent relaying the
     authority's answer): same family, same message and reason; a code outside the table
     (deadline, cancelled, unknown) is UNAVAILABLE: the authority could not answer."""
-    trailing: Any = exc.trailing_metadata() or ()
-    reason = next((str(value) for key, value in trailing if key == REASON_KEY), "UPSTREAM")
+    reason = status_reason(exc) or "UPSTREAM"
     message = exc.details() or exc.code().name
     for cls, code in CODES:
         if exc.code() is code and cls is not errors.Internal:
