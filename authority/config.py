@@ -78,6 +78,25 @@ class Limits:
     approval_wait: dt.timedelta = dt.timedelta(minutes=15)  # a pending approval expires
     default_approval_grant: dt.timedelta = dt.timedelta(minutes=15)
     max_approval_grant: dt.timedelta = dt.timedelta(hours=1)
+    # Input bounds: every string a request can put into the store or the audit, every integer
+    # of a request, every JSON document the server parses, checked before parsing or storing.
+    max_name_chars: int = 64  # attestor and plugin names (the selector-type rule)
+    max_reason_chars: int = 500  # revocation, denial and end-task reasons, approval notes
+    max_request_seconds: int = 366 * 86400  # any *_seconds of a request (TTLs, grants): 0..this
+    max_json_bytes: int = 64 * 1024  # attestor configurations, policy inputs, policy tests
+    max_json_depth: int = 32
+    # Refused attestations in the audit: each field cut to max_refusal_field_chars (then a
+    # marker and its SHA-256); per refusal_window, at most refusals_per_caller records per
+    # caller and refusals_per_window in all, then one summary record of those suppressed.
+    max_refusal_field_chars: int = 256
+    refusals_per_caller: int = 10
+    refusals_per_window: int = 100
+    refusal_window: dt.timedelta = dt.timedelta(minutes=1)
+    # Audit export: a page ends at whichever bound comes first; a record larger than one
+    # message (written by an older version) travels in fragments of audit_fragment_bytes.
+    audit_page_records: int = 1000
+    audit_page_bytes: int = 1024 * 1024
+    audit_fragment_bytes: int = 1024 * 1024
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -90,6 +109,8 @@ class Limits:
             raise InvalidArgument("default TTLs must not exceed the maximum TTLs")
         if self.min_ttl > min(self.default_x509_ttl, self.default_jwt_ttl):
             raise InvalidArgument("limits.min_ttl must not exceed the default TTLs")
+        if self.audit_fragment_bytes > 3 * 1024 * 1024:
+            raise InvalidArgument("limits.audit_fragment_bytes must leave room in a 4 MiB message")
 
 
 @dataclass(frozen=True, slots=True)
