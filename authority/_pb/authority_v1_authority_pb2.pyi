@@ -1073,6 +1073,7 @@ class AuditRecord(_message.Message):
     DETAILS_JSON_FIELD_NUMBER: _builtins.int
     PREV_HASH_FIELD_NUMBER: _builtins.int
     HASH_FIELD_NUMBER: _builtins.int
+    CONTINUED_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     time_us: _builtins.int
     kind: _builtins.str
@@ -1083,6 +1084,11 @@ class AuditRecord(_message.Message):
     details_json: _builtins.str
     prev_hash: _builtins.str
     hash: _builtins.str
+    continued: _builtins.bool
+    """A record too large for one message (kept from an older version) travels in fragments:
+    each but the last has continued = true, and the next message (same seq) continues its
+    text fields; the client joins them (authority.api.convert.AuditRecordAssembler).
+    """
     def __init__(
         self,
         *,
@@ -1096,10 +1102,11 @@ class AuditRecord(_message.Message):
         details_json: _builtins.str = ...,
         prev_hash: _builtins.str = ...,
         hash: _builtins.str = ...,
+        continued: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "decision_id", b"decision_id", "details_json", b"details_json", "hash", b"hash", "kind", b"kind", "prev_hash", b"prev_hash", "seq", b"seq", "subject", b"subject", "task_id", b"task_id", "time_us", b"time_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "continued", b"continued", "decision_id", b"decision_id", "details_json", b"details_json", "hash", b"hash", "kind", b"kind", "prev_hash", b"prev_hash", "seq", b"seq", "subject", b"subject", "task_id", b"task_id", "time_us", b"time_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
