@@ -50,6 +50,13 @@ def peer_certificate_pem(context: Context) -> bytes | None:
     return certs[0] if certs else None
 
 
+def peer_host(context: Context) -> str:
+    """The caller's network address without its port ("ipv4:127.0.0.1"): whom a refusal
+    budget counts (a new connection gets a new port, not a new budget)."""
+    peer: str = context.peer() or ""
+    return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+
+
 class _StreamChallenger:
     """Carries attestor challenges over the Attest stream (a network peer: no kernel creds)."""
 
@@ -117,6 +124,7 @@ class WorkloadService(pb_grpc.WorkloadServicer):
             csr=params.csr,
             challenger=_StreamChallenger(requests, context),
             spiffe_id_hint=params.spiffe_id_hint,
+            origin=peer_host(context),
         )
         await context.write(attest_response(result, self._authority.ca.bundle()))
 
@@ -134,7 +142,7 @@ class WorkloadService(pb_grpc.WorkloadServicer):
     ) -> pb.FetchJWTSVIDResponse:
         caller = await self._caller(context)
         svid = await self._authority.fetch_jwt(
-            caller, list(request.audience), seconds(request.ttl_seconds)
+            caller, list(request.audience), seconds(request.ttl_seconds, self._authority.limits)
         )
         return jwt_svid_to_pb(svid)
 
@@ -159,7 +167,7 @@ class WorkloadService(pb_grpc.WorkloadServicer):
             ExchangeRequest(
                 intent=intent_from_pb(request.intent),
                 audience=request.audience,
-                ttl=seconds(request.ttl_seconds),
+                ttl=seconds(request.ttl_seconds, self._authority.limits),
                 task_id=request.task_id,
                 approval_id=request.approval_id,
                 context=audit_context_from_pb(request.context),
@@ -176,7 +184,7 @@ class WorkloadService(pb_grpc.WorkloadServicer):
             delegate_certificate_der=request.delegate_svid,
             action=request.action,
             resource=request.resource,
-            ttl=seconds(request.ttl_seconds),
+            ttl=seconds(request.ttl_seconds, self._authority.limits),
             context=audit_context_from_pb(request.context),
         )
         return pb.ExchangeResponse(token=task_token_to_pb(token), decision_id=token.decision_id)
