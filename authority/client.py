@@ -9,7 +9,9 @@ Workload keys are generated here and never leave the process: the authority gets
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import ipaddress
+import logging
 import os
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,6 +29,8 @@ from authority._pb import authority_v1_authority_pb2 as pb
 from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
 from authority._pb import spiffe_workload_pb2 as spiffe_pb
 from authority._pb import spiffe_workload_pb2_grpc as spiffe_grpc
+from authority.backoff import DEFAULT_CAP, DEFAULT_INITIAL, Backoff, LinkState
+from authority.errors import FailedPrecondition, InvalidArgument
 from authority.keyvault import private_key_pem, write_private_file
 from authority.relying import (
     StaticKeys,
@@ -48,6 +52,7 @@ __all__ = [
     "TaskTokenVerifier",
     "WorkloadApiClient",
     "WorkloadClient",
+    "check_svid_current",
     "current_task_token",
     "make_csr",
     "new_key",
@@ -57,6 +62,21 @@ __all__ = [
 ]
 
 Responder = Callable[[bytes], Awaitable[bytes]]
+log = logging.getLogger(__name__)
+
+# gRPC's own reconnect backoff (1 s doubling up to 120 s by default) would outlast ours: a call
+# made on a channel in its backoff fails at once. Aligned with ``authority.backoff``'s defaults.
+RECONNECT_OPTIONS: dict[str, int | str] = {
+    "grpc.initial_reconnect_backoff_ms": int(DEFAULT_INITIAL * 1000),
+    "grpc.max_reconnect_backoff_ms": int(DEFAULT_CAP * 1000),
+}
+
+
+def channel_options(
+    options: list[tuple[str, int | str]] | None = None,
+) -> list[tuple[str, int | str]]:
+    """``RECONNECT_OPTIONS``, then ``options`` (which win)."""
+    return list({**RECONNECT_OPTIONS, **dict(options or [])}.items())
 
 
 def new_key() -> ec.EllipticCurvePrivateKey:
@@ -134,6 +154,35 @@ def _write_public(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def check_svid_current(chain_pem: bytes, now: dt.datetime | None = None) -> x509.Certificate:
+    """The leaf of ``chain_pem`` (PEM, leaf first) if it is valid at ``now`` (default: the
+    system clock); else ``FailedPrecondition`` SVID_EXPIRED or SVID_NOT_YET_VALID, saying when
+    and what to do. A server would refuse the handshake without saying why."""
+    try:
+        leaf = x509.load_pem_x509_certificates(chain_pem)[0]
+    except ValueError:
+        raise InvalidArgument(
+            "the SVID file holds no PEM certificate", reason="SVID_MALFORMED"
+        ) from None
+    now = now or dt.datetime.now(dt.UTC)
+    if now > leaf.not_valid_after_utc:
+        raise FailedPrecondition(
+            f"SVID expired at {_utc(leaf.not_valid_after_utc)}, attest again",
+            reason="SVID_EXPIRED",
+        )
+    if now < leaf.not_valid_before_utc:
+        raise FailedPrecondition(
+            f"SVID not valid until {_utc(leaf.not_valid_before_utc)} (is this machine's clock "
+            "behind?)",
+            reason="SVID_NOT_YET_VALID",
+        )
+    return leaf
+
+
+def _utc(when: dt.datetime) -> str:
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 ENDPOINT_ENV = "SPIFFE_ENDPOINT_SOCKET"
 
 
@@ -198,7 +247,7 @@ class WorkloadApiClient(_OneChannel):
     HEADER = (("workload.spiffe.io", "true"),)
 
     def __init__(self, socket: str | Path | None = None) -> None:
-        self._channel = grpc.aio.insecure_channel(workload_api_target(socket))
+        self._channel = grpc.aio.insecure_channel(workload_api_target(socket), channel_options())
         self.stub = spiffe_grpc.SpiffeWorkloadAPIStub(self._channel)
 
     async def fetch_x509_svids(self) -> list[FetchedX509Svid]:
@@ -210,6 +259,37 @@ class WorkloadApiClient(_OneChannel):
             call.cancel()
         if not isinstance(reply, spiffe_pb.X509SVIDResponse):
             raise ConnectionError("the Workload API closed the stream without an answer")
+        return self._svids(reply)
+
+    async def watch_x509_svids(
+        self, *, backoff: Backoff | None = None
+    ) -> AsyncIterator[list[FetchedX509Svid]]:
+        """The caller's X.509-SVIDs, then each update, for as long as the caller iterates.
+
+        A lost stream (the agent or authority restarting) is reopened after a ``backoff`` delay
+        (full jitter; default 0.5 s doubling up to 30 s); its first message is the current
+        state, so nothing is missed. The loss and the recovery are logged once each, with the
+        outage's duration. INVALID_ARGUMENT (a request the API will never accept) is raised."""
+        backoff = backoff or Backoff()
+        link = LinkState("Workload API X.509-SVID stream", log)
+        while True:
+            call = self.stub.FetchX509SVID(spiffe_pb.X509SVIDRequest(), metadata=self.HEADER)
+            try:
+                async for reply in call:
+                    link.restored()
+                    backoff.reset()
+                    yield self._svids(reply)
+                link.lost("the stream ended")
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                link.lost(f"{exc.code().name}: {exc.details()}")
+            finally:
+                call.cancel()
+            await asyncio.sleep(backoff.next_delay())
+
+    @staticmethod
+    def _svids(reply: spiffe_pb.X509SVIDResponse) -> list[FetchedX509Svid]:
         out = []
         for svid in reply.svids:
             key = serialization.load_der_private_key(svid.x509_svid_key, password=None)
@@ -263,7 +343,7 @@ class AdminClient(_OneChannel):
     """The operator API over the admin Unix socket."""
 
     def __init__(self, socket_path: str | Path) -> None:
-        self._channel = grpc.aio.insecure_channel(f"unix:{socket_path}")
+        self._channel = grpc.aio.insecure_channel(f"unix:{socket_path}", channel_options())
         self.stub: pb_grpc.AdminAsyncStub = pb_grpc.AdminStub(self._channel)
 
 
@@ -287,7 +367,7 @@ class WorkloadClient:
     ) -> None:
         self._server = server
         self._bundle = trust_bundle_pem
-        self._options = options or []
+        self._options = channel_options(options)
         if server.startswith("unix:"):
             self._tls = grpc.aio.insecure_channel(server, self._options)
         else:
@@ -303,7 +383,11 @@ class WorkloadClient:
 
     @classmethod
     def from_svid_dir(cls, server: str, folder: Path, trust_bundle: Path | None = None) -> Self:
+        """A client holding the SVID saved in ``folder``: refused before anything is dialed
+        (``FailedPrecondition``) when that SVID has expired or is not valid yet, which the
+        mutual-TLS endpoint would otherwise answer with a bare closed socket."""
         chain, key, bundle = SvidFiles(folder).read()
+        check_svid_current(chain)
         if trust_bundle is not None:
             bundle = trust_bundle.read_bytes()
         return cls(server, bundle, svid_chain_pem=chain, svid_key_pem=key)

@@ -50,6 +50,7 @@ from authority._pb import authority_v1_authority_pb2 as pb
 from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
 from authority.api.status import abort
 from authority.audit import digest
+from authority.backoff import Backoff, LinkState
 from authority.clock import Clock, SystemClock
 from authority.errors import (
     AuthorityError,
@@ -73,7 +74,6 @@ DEFAULT_LEEWAY = tokens.DEFAULT_LEEWAY
 DEFAULT_REFRESH_INTERVAL = dt.timedelta(minutes=5)
 DEFAULT_MIN_REFRESH_INTERVAL = dt.timedelta(seconds=30)
 DEFAULT_FETCH_TIMEOUT = 5.0
-_EMPTY_RETRY = dt.timedelta(seconds=1)
 _CURVE_FOR_ALG = {"ES256": "secp256r1", "ES384": "secp384r1"}
 
 
@@ -190,6 +190,9 @@ class TaskKeySource:
     when a token names an unknown ``kid`` — at most once per ``min_refresh_interval``, so
     tokens with made-up key ids cannot turn the service into a flood of calls to the authority.
     A failed fetch keeps the keys already held; with none held, verification is UNAVAILABLE.
+    After a failure the next attempt waits a ``Backoff`` delay (full jitter, doubling from
+    ``backoff.initial`` up to its cap), besides ``min_refresh_interval`` while keys are held; the
+    loss and the recovery are logged once each (with the outage's duration), not every retry.
     The authority must answer for ``issuer``: keys of another trust domain are refused.
 
     ``stub`` is any Workload stub, typically ``WorkloadClient.tls_stub`` (server TLS: the keys
@@ -204,6 +207,7 @@ class TaskKeySource:
         refresh_interval: dt.timedelta = DEFAULT_REFRESH_INTERVAL,
         min_refresh_interval: dt.timedelta = DEFAULT_MIN_REFRESH_INTERVAL,
         fetch_timeout: float = DEFAULT_FETCH_TIMEOUT,
+        backoff: Backoff | None = None,
     ) -> None:
         if not dt.timedelta(0) <= min_refresh_interval <= refresh_interval:
             raise InvalidArgument("need 0 <= min_refresh_interval <= refresh_interval")
@@ -219,13 +223,19 @@ class TaskKeySource:
         self._fetched_at: dt.datetime | None = None  # last successful fetch
         self._attempted_at: dt.datetime | None = None  # last attempt, successful or not
         self._unknown_at: dt.datetime | None = None  # last fetch caused by an unknown kid
+        self._backoff = backoff or Backoff()
+        self._retry_gap = dt.timedelta(0)  # after a failure: the backoff's delay
+        self._link = LinkState(
+            "task-token keys from the authority", log, monotonic=self._clock_seconds
+        )
         self._lock = asyncio.Lock()
         self.fetches = 0  # successful fetches, for operators' metrics
 
     async def keys(self) -> PublicKeys:
         now = self._clock.now()
-        # Without keys, retry often (but not on every call); with keys, on schedule.
-        retry = min(self._min_interval, _EMPTY_RETRY) if self._keys is None else self._min_interval
+        # Without keys, retry after the backoff only; with keys, on schedule, never more often
+        # than min_refresh_interval, and after a failure not before the backoff's delay.
+        retry = max(self._retry_gap, dt.timedelta(0) if self._keys is None else self._min_interval)
         if self._due(now) and _since(self._attempted_at, now) >= retry:
             await self._refresh(reason="periodic", only_if=lambda: self._due(now))
         elif self._keys is None:
@@ -247,6 +257,9 @@ class TaskKeySource:
         """Fetch now, whatever the schedule (an operator announced a rotation, say)."""
         await self._refresh(reason="explicit", only_if=lambda: True)
         return self._held()
+
+    def _clock_seconds(self) -> float:
+        return self._clock.now().timestamp()
 
     def _due(self, now: dt.datetime) -> bool:
         return self._keys is None or _since(self._fetched_at, now) >= self._refresh_interval
@@ -273,9 +286,17 @@ class TaskKeySource:
                     )
                 keys = parse_task_jwks(reply.jwks_json)
             except (grpc.aio.AioRpcError, InvalidArgument) as exc:
-                detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc.message
-                log.warning("task-token keys not refreshed (%s): %s", reason, detail)
+                detail = (
+                    f"{exc.code().name}: {exc.details()}"
+                    if isinstance(exc, grpc.aio.AioRpcError)
+                    else exc.message
+                )
+                self._retry_gap = dt.timedelta(seconds=self._backoff.next_delay())
+                self._link.lost(f"{reason} refresh: {detail}")
                 return
+            self._link.restored()
+            self._backoff.reset()
+            self._retry_gap = dt.timedelta(0)
             added = sorted(set(keys) - set(self._keys or {}))
             self._keys, self._fetched_at = keys, self._clock.now()
             self.fetches += 1

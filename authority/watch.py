@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from authority._pb import authority_v1_authority_pb2 as pb
+from authority.backoff import Backoff, LinkState
 from authority.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,13 @@ StreamFactory = Callable[[int], AsyncIterator[pb.RevocationMessage]]
 class RevocationWatcher:
     """Keeps a ``RevocationSet`` fed by ``WatchRevocations``.
 
-    ``open_stream(since)`` returns the message stream (see ``mtls_stream`` / ``admin_stream``).
+    ``open_stream(since)`` returns the message stream (see ``stub_stream``), from ``since`` at
+    first and from the last sequence number applied after that. A lost stream is reopened after
+    a ``Backoff`` delay (full jitter, ``backoff_initial`` doubling up to ``backoff_max``; kept
+    short by default because a service fails closed while the feed is stale); the loss and the
+    recovery are logged once each, with the outage's duration, never each retry.
+    ``on_message`` sees every message before it is applied (``seq`` is still the position
+    before it); ``on_event`` and ``on_snapshot`` after.
     """
 
     def __init__(
@@ -76,18 +83,23 @@ class RevocationWatcher:
         stale_after: dt.timedelta = dt.timedelta(seconds=3),
         backoff_initial: float = 0.05,
         backoff_max: float = 5.0,
+        rng: random.Random | None = None,
+        since: int = 0,
         on_event: Callable[[pb.RevocationEvent], None] | None = None,
         on_snapshot: Callable[[], None] | None = None,
+        on_message: Callable[[pb.RevocationMessage], None] | None = None,
         wall_clock: Callable[[], float] = time.time,
+        name: str = "revocation feed",
     ) -> None:
         self._open = open_stream
         self._stale_after = stale_after.total_seconds()
-        self._backoff_initial = backoff_initial
-        self._backoff_max = backoff_max
+        self._backoff = Backoff(backoff_initial, backoff_max, rng=rng)
+        self._link = LinkState(name, log)
         self._on_event = on_event
         self._on_snapshot = on_snapshot
+        self._on_message = on_message
         self._wall = wall_clock
-        self.revoked = RevocationSet()
+        self.revoked = RevocationSet(seq=since)
         self._last_heard: float | None = None
         self._task: asyncio.Task[None] | None = None
         self.connects = 0
@@ -137,37 +149,43 @@ class RevocationWatcher:
         async with asyncio.timeout(timeout):
             await self._synced.wait()
 
+    async def run(self) -> None:
+        """Follow the feed in the calling task, until it is cancelled."""
+        await self._run()
+
     async def close(self) -> None:
         await cancel_and_wait([self._task])
         self._task = None
 
     async def _run(self) -> None:
-        delay = self._backoff_initial
         while True:
             try:
                 self.connects += 1
                 async for message in self._open(self.revoked.seq):
+                    self._link.restored()
+                    self._backoff.reset()
                     self._handle(message)
-                    delay = self._backoff_initial
                     if message.WhichOneof("body") == "resync":
                         self.resyncs += 1
                         break
+                else:
+                    self._link.lost("the stream ended")
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     raise
-                # The call was cancelled under us (its channel closed): resume.
+                # The call was cancelled under us (its channel closed): resume, not an outage.
                 log.info("revocation feed call cancelled; resuming from seq=%d", self.seq)
             except grpc.aio.AioRpcError as exc:
-                log.warning("revocation feed lost: %s", exc.code().name)
-            except Exception:
-                log.exception("revocation feed failed")
-            # Full jitter: a reconnect storm of thousands of subscribers spreads out.
-            await asyncio.sleep(random.uniform(0, delay))  # noqa: S311 - jitter, not security
-            delay = min(self._backoff_max, delay * 2)
+                self._link.lost(f"{exc.code().name}: {exc.details()}")
+            except Exception as exc:
+                self._link.lost(f"{type(exc).__name__}: {exc}", exc_info=exc)
+            await asyncio.sleep(self._backoff.next_delay())
 
     def _handle(self, message: pb.RevocationMessage) -> None:
         self._last_heard = time.monotonic()
+        if self._on_message is not None:
+            self._on_message(message)
         body = message.WhichOneof("body")
         if body == "event":
             self.revoked.apply(message.event)
