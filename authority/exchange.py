@@ -46,8 +46,21 @@ from authority.errors import (
     PermissionDenied,
 )
 from authority.metrics import METRICS
-from authority.models import Approval, ApprovalState, RevocationKind, TaskTokenRecord
-from authority.policy import Decision, Outcome, PolicyEngine, PolicyInput
+from authority.models import (
+    Approval,
+    ApprovalState,
+    RevocationKind,
+    TaskTokenRecord,
+    check_length,
+)
+from authority.policy import (
+    Decision,
+    Outcome,
+    PolicyEngine,
+    PolicyInput,
+    Requested,
+    resource_environment,
+)
 from authority.service import OPERATOR, Authority, Caller
 from authority.store import Store
 from authority.tokens import (
@@ -144,12 +157,21 @@ class ExchangeOutcome:
     approval: Approval | None = None
 
 
+ENVIRONMENT_MISMATCH = "ENVIRONMENT_MISMATCH"
+
+
 def _environment(intent: Intent) -> str:
-    """The environment a policy sees: the one given, else the resource's second segment."""
-    if intent.environment:
-        return intent.environment
-    parts = intent.resource.split("/")
-    return parts[1] if len(parts) > 1 else ""
+    """The environment of the intent's resource, derived from its name (its second segment):
+    what a policy sees and the token carries. A caller may name it, but only that one."""
+    derived = resource_environment(intent.resource)
+    if intent.environment and intent.environment != derived:
+        raise InvalidArgument(
+            f"environment {intent.environment!r} is not that of resource {intent.resource!r}: "
+            f"the environment is derived from the resource name ({derived!r}); "
+            "leave it empty or name that one",
+            reason=ENVIRONMENT_MISMATCH,
+        )
+    return derived
 
 
 def _check_audience(audience: str) -> str:
@@ -189,6 +211,43 @@ class ExchangeService:
         recent = [t for t in self._denials.get(principal, ()) if t >= cutoff]
         return min(100, RISK_PER_DENIAL * len(recent) + 10 * depth)
 
+    async def _derived_intent(
+        self, caller: Caller, request: ExchangeRequest, audience: str, task_id: str
+    ) -> Intent:
+        """The intent with its resource's environment; one that names another is refused, and
+        the refusal recorded (nothing else is: no decision was made)."""
+        try:
+            environment = _environment(request.intent)
+        except InvalidArgument as exc:
+            refused = AuditEvent(
+                "exchange.refused",
+                self._clock.now(),
+                actor=caller.spiffe_id.uri,
+                subject=request.intent.resource,
+                task_id=task_id,
+                details={
+                    "reason": exc.reason,
+                    "message": exc.message,
+                    "intent": request.intent.as_claim(),  # as the caller gave it
+                    "derived": {"environment": resource_environment(request.intent.resource)},
+                    "audience": audience,
+                    "context": request.context.as_details(),
+                    "caller": {
+                        "identity_id": caller.identity.id,
+                        "svid_serial": format(caller.certificate.serial_number, "x"),
+                    },
+                },
+            )
+            await self._store.append_audit([refused])
+            log.info(
+                "exchange refused: principal=%s resource=%s reason=%s",
+                caller.spiffe_id.uri,
+                request.intent.resource,
+                exc.reason,
+            )
+            raise
+        return dataclasses.replace(request.intent, environment=environment)
+
     def _decide(
         self,
         caller: Caller,
@@ -197,25 +256,32 @@ class ExchangeService:
         *,
         depth: int,
         approved: bool,
+        named_environment: str = "",
     ) -> tuple[Decision, PolicyInput]:
+        """Every fact in the input is the authority's (the caller's identity and attestation,
+        time, risk, depth, approval; the resource's kind and environment follow from its name);
+        what the caller only says (purpose, parameters, the environment it named) goes under
+        ``requested``."""
         identity = caller.identity
         inp = PolicyInput(
             principal=caller.spiffe_id.uri,
             action=intent.action,
             resource=intent.resource,
-            purpose=intent.purpose,
             audience=audience,
-            environment=_environment(intent),
             time=self._clock.now(),
             risk=self._risk(caller.spiffe_id.uri, depth),
             delegation_depth=depth,
             approved=approved,
-            parameters=dict(intent.parameters),
             attributes={
                 "attestor": identity.attestor,
                 "entry_id": identity.entry_id or "",
                 "admin": "true" if identity.admin else "false",
             },
+            requested=Requested(
+                purpose=intent.purpose,
+                environment=named_environment,
+                parameters=dict(intent.parameters),
+            ),
         )
         decision = self._policy.current.decide(inp)
         if decision.outcome is Outcome.DENY:
@@ -239,19 +305,12 @@ class ExchangeService:
             task_id=task_id,
             decision_id=decision.decision_id,
             details={
-                "input": {
-                    "principal": inp.principal,
-                    "action": inp.action,
-                    "resource": inp.resource,
-                    "purpose": inp.purpose,
-                    "audience": inp.audience,
-                    "environment": inp.environment,
-                    "time": inp.time.isoformat(),
-                    "risk": inp.risk,
-                    "delegation_depth": inp.delegation_depth,
-                    "approved": inp.approved,
-                    "parameters": dict(inp.parameters),
-                    "attributes": dict(inp.attributes),
+                # The input as `authority policy explain --input` takes it, and what the
+                # authority derived from the resource name.
+                "input": inp.to_json(),
+                "resource_facts": {
+                    "kind": inp.resource_kind,
+                    "environment": inp.resource_environment,
                 },
                 "context": context.as_details(
                     with_prompt=self._authority.records_prompts(caller.identity)
@@ -284,10 +343,11 @@ class ExchangeService:
 
     async def _exchange(self, caller: Caller, request: ExchangeRequest) -> ExchangeOutcome:
         audience = _check_audience(request.audience)
-        # The intent as decided and frozen into the token: with the environment the policy sees.
-        intent = dataclasses.replace(request.intent, environment=_environment(request.intent))
-        request = dataclasses.replace(request, intent=intent)
         task_id = check_task_id(request.task_id) if request.task_id else f"task-{uuid.uuid4()}"
+        named_environment = request.intent.environment  # the caller's word, for the policy
+        # The intent as decided and frozen into the token: with the resource's own environment.
+        intent = await self._derived_intent(caller, request, audience, task_id)
+        request = dataclasses.replace(request, intent=intent)
         if request.ttl is not None and request.ttl <= dt.timedelta(0):
             raise InvalidArgument("ttl must be positive", reason="BAD_TTL")
         approval = await self._approval_for(caller, request) if request.approval_id else None
@@ -297,7 +357,12 @@ class ExchangeService:
         if approval is not None and approval.state is ApprovalState.PENDING:
             return ExchangeOutcome(None, approval=approval)  # still waiting for the operator
         decision, inp = self._decide(
-            caller, intent, audience, depth=0, approved=approval is not None
+            caller,
+            intent,
+            audience,
+            depth=0,
+            approved=approval is not None,
+            named_environment=named_environment,
         )
         event = self._decision_event(caller, task_id, decision, inp, request.context)
         if decision.outcome is Outcome.DENY:
@@ -543,6 +608,7 @@ class ExchangeService:
     async def approve(
         self, approval_id: str, *, grant: dt.timedelta | None, note: str, by: str = OPERATOR
     ) -> Approval:
+        check_length(note, self._limits.max_reason_chars, "the note")
         grant = grant or self._limits.default_approval_grant
         if not dt.timedelta(seconds=1) <= grant <= self._limits.max_approval_grant:
             raise InvalidArgument(
@@ -554,6 +620,7 @@ class ExchangeService:
     async def deny(self, approval_id: str, *, reason: str, by: str = OPERATOR) -> Approval:
         if not reason.strip():
             raise InvalidArgument("a denial needs a reason", reason="NO_REASON")
+        check_length(reason, self._limits.max_reason_chars, "the reason")
         return await self._decide_approval(approval_id, ApprovalState.DENIED, None, reason, by)
 
     async def _decide_approval(
@@ -656,7 +723,7 @@ class ExchangeService:
             action=action,
             resource=resource,
             purpose=parent.intent.purpose,
-            environment=parent.intent.environment,
+            environment=resource_environment(resource),  # the child's resource's own
             parameters=dict(parent.intent.parameters),
         )
         depth = parent.depth + 1
@@ -691,6 +758,7 @@ class ExchangeService:
     # --- end of a task ------------------------------------------------------------------
 
     async def end_task(self, caller: Caller, task_id: str, reason: str = "") -> list[str]:
+        check_length(reason, self._limits.max_reason_chars, "the reason")
         task = await self._store.get_task(check_task_id(task_id))
         if task is None or task.principal != caller.spiffe_id.uri:
             raise NotFound(f"no task {task_id!r}", reason="TASK_NOT_FOUND")
@@ -701,9 +769,9 @@ class ExchangeService:
             actor=caller.spiffe_id.uri,
             subject=task_id,
             task_id=task_id,
-            details={"reason": reason[:300]},
+            details={"reason": reason},
         )
-        jtis = await self._store.end_task(task_id, now, reason[:300], audit=[event])
+        jtis = await self._store.end_task(task_id, now, reason, audit=[event])
         self._open_tasks.pop(task_id, None)
         await self._authority.revocations.revoke_task_tokens(
             task_id, reason or "task ended", actor=caller.spiffe_id.uri

@@ -3,6 +3,7 @@
 ``PolicyEngine.decide(PolicyInput) -> Decision`` answers allow / deny / require-approval with the
 granted scope (exactly the requested action), a TTL cap, the further delegations allowed, the
 reasons, and the policy id and version. Undefined or an error means deny; ``decide`` never raises.
+Facts come from the authority; what the caller only says is kept apart, under ``requested``.
 
 Backends: Cedar (default, :mod:`authority.policy.cedar`, annotations resolved by the host) and Rego
 (optional extra, :mod:`authority.policy.rego`). Loading, policy tests and safe reloads live in
@@ -30,6 +31,9 @@ from authority.policy.model import (
     Outcome,
     PolicyEngine,
     PolicyInput,
+    Requested,
+    resource_environment,
+    resource_kind,
 )
 
 __all__ = [
@@ -44,10 +48,13 @@ __all__ = [
     "PolicyInput",
     "PolicyManager",
     "PolicySource",
+    "Requested",
     "TestResult",
     "compile_policy_set",
     "explain",
     "load_default_policy",
     "load_policy_set",
+    "resource_environment",
+    "resource_kind",
     "run_policy_tests",
 ]

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from authority.errors import InvalidArgument
 from authority.ids import SpiffeId
 from authority.policy.model import DEFAULT_DENY_REASON, Decision, Outcome, PolicyInput
 
@@ -35,6 +37,37 @@ def source_version(texts: Sequence[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+# Where each field of an older input shape went: facts the caller only says moved under
+# ``requested``; the resource's environment is derived from its name.
+_MOVED_FIELDS = ("purpose", "environment", "parameters")
+
+
+def refuse_moved_fields(
+    source: PolicySource, *, root: str, comment: str, resource_env: str
+) -> None:
+    """Refuse a policy that reads ``<root>.purpose``, ``<root>.environment`` or
+    ``<root>.parameters``: those fields are gone (a Cedar policy reading one would fail at each
+    decision; a Rego one would silently never match, and a forbid written so would never fire).
+    Comments are skipped; a comment marker inside a string only hides a match."""
+    pattern = re.compile(
+        rf"\b{re.escape(root)}\s*(?:\.\s*({'|'.join(_MOVED_FIELDS)})\b"
+        rf"|\[\s*\"({'|'.join(_MOVED_FIELDS)})\"\s*\])"
+    )
+    for number, line in enumerate(source.text.splitlines(), start=1):
+        match = pattern.search(line.split(comment, 1)[0])
+        if match is None:
+            continue
+        name = match.group(1) or match.group(2)
+        instead = f"{root}.requested.{name}"
+        if name == "environment":
+            instead = f"{resource_env} (derived from the resource name) or {instead}"
+        raise InvalidArgument(
+            f"{source.name}: line {number}: {root}.{name} is no longer in the input; use "
+            f"{instead} (what the caller says is under {root}.requested)",
+            reason=POLICY_INVALID,
+        )
+
+
 def error_text(exc: BaseException) -> str:
     """An engine's error message, trimmed of the Rust backtrace some builds append."""
     text = str(exc).split(_BACKTRACE_MARKER, 1)[0].strip()
@@ -51,6 +84,7 @@ class Facts:
     principal_trust_domain: str
     principal_path: str
     resource_kind: str
+    resource_environment: str
     time: str
     hour: int
     weekday: int
@@ -63,7 +97,8 @@ def derive_facts(inp: PolicyInput) -> Facts:
     return Facts(
         principal_trust_domain=sid.trust_domain.name,
         principal_path=sid.path,
-        resource_kind=inp.resource.split("/", 1)[0],
+        resource_kind=inp.resource_kind,
+        resource_environment=inp.resource_environment,
         # Millisecond precision and a literal Z: the form Cedar's datetime() and Rego's
         # time.parse_rfc3339_ns() both accept.
         time=utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z",
@@ -74,19 +109,19 @@ def derive_facts(inp: PolicyInput) -> Facts:
 
 def request_context(inp: PolicyInput, facts: Facts) -> dict[str, object]:
     """What both backends give a policy beside principal, action and resource: Cedar as its
-    ``context`` record, Rego in its input document."""
+    ``context`` record, Rego in its input document. ``audience`` is asked for (a granted token
+    is bound to it); ``requested`` is what the caller says (purpose, environment, parameters);
+    every other key is the authority's own fact."""
     return {
-        "purpose": inp.purpose,
         "audience": inp.audience,
-        "environment": inp.environment,
         "time": facts.time,
         "hour": facts.hour,
         "weekday": facts.weekday,
         "risk": inp.risk,
         "delegation_depth": inp.delegation_depth,
         "approved": inp.approved,
-        "parameters": dict(inp.parameters),
         "attributes": dict(inp.attributes),
+        "requested": inp.requested.to_json(),
     }
 
 

@@ -2,17 +2,38 @@
 
 The request the host builds
 ---------------------------
-- principal ``Workload::"<spiffe id>"`` with attributes ``trust_domain`` (``example.org``) and
-  ``path`` (``/agent/reporter``), so policies match ``principal.trust_domain == "example.org"`` or
-  ``principal.path like "/agent/*"``;
+Facts come from the authority, never from the requester. What the caller merely says is kept
+under ``context.requested`` so that no policy can take it for a fact.
+
+Derived by the authority:
+
+- principal ``Workload::"<spiffe id>"`` (authenticated by the caller's X.509-SVID) with
+  attributes ``trust_domain`` (``example.org``) and ``path`` (``/agent/reporter``), so policies
+  match ``principal.trust_domain == "example.org"`` or ``principal.path like "/agent/*"``;
+- resource attributes ``kind`` (the resource name's first segment, or the whole name when it has
+  none: ``metrics`` for ``metrics/prod``) and ``environment`` (its second segment, or ``""``:
+  ``prod`` for ``metrics/prod/cpu``). Both come from the resource name; a request that names
+  another environment than its resource's is refused before any policy runs;
+- ``context.time`` (UTC as ``YYYY-MM-DDThh:mm:ss.SSSZ``, usable with Cedar's ``datetime()``),
+  ``context.hour`` (0-23, UTC) and ``context.weekday`` (0 = Monday), from the authority's clock;
+- ``context.risk`` (0..100: the caller's recent denials and the delegation depth),
+  ``context.delegation_depth`` (0 for a direct exchange), ``context.approved`` (true only when an
+  operator's approval of exactly this intent is presented) and ``context.attributes`` (a record
+  of strings about the caller's attestation: ``attestor``, ``entry_id``, ``admin``).
+
+Asked for (what a granted token is bound to):
+
 - action ``Action::"<action>"`` (exactly one: ``read``, ``write``, ``deploy``, ...);
-- resource ``Resource::"<resource>"`` with attributes ``kind`` (the text before the first ``/``,
-  or the whole resource when it has none: ``metrics`` for ``metrics/prod``) and ``environment``;
-- context ``{purpose, audience, environment, time, hour, weekday, risk, delegation_depth, approved,
-  parameters, attributes}``: ``time`` is UTC as ``YYYY-MM-DDThh:mm:ss.SSSZ`` (usable with Cedar's
-  ``datetime()``), ``hour`` (0-23, UTC) and ``weekday`` (0 = Monday) are integers, ``risk`` is
-  0..100, ``approved`` is true when an operator approval for exactly this intent is presented,
-  ``parameters`` and ``attributes`` are records of strings (test with ``has`` before reading one).
+- resource ``Resource::"<resource>"``;
+- ``context.audience``.
+
+Said by the caller, checked against nothing (``context.requested``):
+
+- ``context.requested.purpose`` (never empty from an Exchange),
+  ``context.requested.environment`` (the environment the caller named, ``""`` when none: it is
+  the resource's or the request was refused) and ``context.requested.parameters`` (a record of
+  strings: test with ``has`` before reading one). A parameter named ``approved`` or
+  ``environment`` is only ever ``context.requested.parameters.<name>``, never a fact.
 
 Annotations the host resolves (validated at load: a bad value refuses the whole policy set)
 -----------------------------------------------------------------------------------------
@@ -57,6 +78,7 @@ from authority.policy._host import (
     PolicySource,
     Verdict,
     error_text,
+    refuse_moved_fields,
     request_context,
     source_version,
 )
@@ -175,6 +197,9 @@ def _compile(
 ) -> tuple[cedarpy.PolicySet, dict[str, CedarPolicyMeta]]:
     counts: list[int] = []
     for source in sources:
+        refuse_moved_fields(
+            source, root="context", comment="//", resource_env="resource.environment"
+        )
         try:
             counts.append(len(cedarpy.PolicySet.from_str(source.text)))
         except ValueError as exc:
@@ -218,8 +243,8 @@ class CedarEngine(EngineBase):
             policy_id=policy_id, policy_version=source_version([s.text for s in sources])
         )
         self._policies, self._metas = _compile(sources)
-        # (principal, resource, environment) -> the entities parsed by Cedar
-        self._entity_cache: dict[tuple[str, str, str], cedarpy.Entities] = {}
+        # (principal, resource) -> the entities parsed by Cedar
+        self._entity_cache: dict[tuple[str, str], cedarpy.Entities] = {}
 
     @property
     def policies(self) -> Mapping[str, CedarPolicyMeta]:
@@ -249,8 +274,8 @@ class CedarEngine(EngineBase):
     def _entities(
         self, inp: PolicyInput, facts: Facts
     ) -> tuple[list[dict[str, object]], cedarpy.Entities]:
-        """The principal and resource entities; Cedar parses them once per (principal, resource,
-        environment), the three inputs their attributes derive from."""
+        """The principal and resource entities; Cedar parses them once per (principal, resource),
+        the two inputs their attributes derive from."""
         entities: list[dict[str, object]] = [
             {
                 "uid": {"type": PRINCIPAL_TYPE, "id": inp.principal},
@@ -262,11 +287,14 @@ class CedarEngine(EngineBase):
             },
             {
                 "uid": {"type": RESOURCE_TYPE, "id": inp.resource},
-                "attrs": {"kind": facts.resource_kind, "environment": inp.environment},
+                "attrs": {
+                    "kind": facts.resource_kind,
+                    "environment": facts.resource_environment,
+                },
                 "parents": [],
             },
         ]
-        key = (inp.principal, inp.resource, inp.environment)
+        key = (inp.principal, inp.resource)
         parsed = self._entity_cache.get(key)
         if parsed is None:
             parsed = cedarpy.Entities.from_json_str(json.dumps(entities))

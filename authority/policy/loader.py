@@ -9,15 +9,17 @@ read a file.
 
       {"cases": [{"name": "reader reads metrics",
                   "input": {"principal": "spiffe://example.org/agent/r", "action": "read",
-                            "resource": "metrics/prod", "purpose": "report",
-                            "time": "2026-01-05T10:00:00+00:00"},
+                            "resource": "metrics/prod", "time": "2026-01-05T10:00:00+00:00",
+                            "requested": {"purpose": "report"}},
                   "expect": {"outcome": "allow", "ttl_cap_seconds": 300,
                              "max_delegation_depth": 1, "reasons": ["agents-read-metrics"]}}]}
 
   ``input`` takes the :class:`PolicyInput` fields (``time`` in ISO 8601 with an offset; omitted
-  optional fields default to empty / 0 / false). In ``expect``, ``outcome`` is required; the other
-  keys are checked only when present (``"ttl_cap_seconds": null`` expects no cap; ``reasons`` is
-  compared as a set).
+  optional fields default to empty / 0 / false): the authority's facts at the top level, what the
+  caller says under ``requested`` (``purpose``, ``environment``, ``parameters``). The resource's
+  kind and environment are derived from its name, never given. In ``expect``, ``outcome`` is
+  required; the other keys are checked only when present (``"ttl_cap_seconds": null`` expects no
+  cap; ``reasons`` is compared as a set).
 - :class:`PolicyManager` holds the running engine and replaces it only with one that compiled and
   passed its tests.
 """

@@ -4,6 +4,12 @@ A :class:`PolicyInput` checks its own invariants on construction (a malformed in
 error, raised at the edge as :class:`~authority.errors.InvalidArgument`); a :class:`Decision` checks
 its own (scopes only on ALLOW, reasons always on DENY). Engines never raise from ``decide``: any
 error inside evaluation becomes a DENY that carries the error text as its reason.
+
+Facts come from the authority, never from the requester. Every field a policy can test is either
+derived by the authority (the caller's identity and attestation, time, risk, delegation depth,
+approval, the resource's kind and environment from its name) or what the caller merely says,
+kept apart in :class:`Requested`, so that no policy can take a claim for a fact. Action, resource
+and audience are what is asked for, and a granted token is bound to them.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import dataclasses
 import datetime as dt
 import types
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
@@ -23,24 +29,27 @@ INPUT_INVALID = "POLICY_INPUT_INVALID"
 DEFAULT_DENY_REASON = "default-deny: no policy permits this request"
 
 _INPUT_REQUIRED = ("principal", "action", "resource", "time")
-_INPUT_DEFAULTS: Mapping[str, object] = types.MappingProxyType(
-    {
-        "purpose": "",
-        "audience": "",
-        "environment": "",
-        "risk": 0,
-        "delegation_depth": 0,
-        "approved": False,
-        "parameters": {},
-        "attributes": {},
-    }
-)
+# Fields of the JSON form before caller-supplied facts moved under ``requested``: named in the
+# error so that an old tests file says how to fix itself.
+_MOVED_TO_REQUESTED = frozenset({"purpose", "environment", "parameters"})
 
 
 class Outcome(StrEnum):
     ALLOW = "allow"
     DENY = "deny"
     REQUIRE_APPROVAL = "require_approval"
+
+
+def resource_kind(resource: str) -> str:
+    """A resource's kind: its first segment (``metrics`` for ``metrics/prod``)."""
+    return resource.split("/", 1)[0]
+
+
+def resource_environment(resource: str) -> str:
+    """A resource's environment: its second segment (``prod`` for ``metrics/prod/cpu``), or
+    empty when it has none. The authority derives it; a requester never sets it."""
+    parts = resource.split("/")
+    return parts[1] if len(parts) > 1 else ""
 
 
 def _frozen_str_map(name: str, value: object) -> Mapping[str, str]:
@@ -56,25 +65,75 @@ def _frozen_str_map(name: str, value: object) -> Mapping[str, str]:
     return types.MappingProxyType(copy)
 
 
+def _json_object(
+    name: str, obj: object, known: frozenset[str], hint: str = ""
+) -> Mapping[str, Any]:
+    if not isinstance(obj, Mapping):
+        raise InvalidArgument(f"{name} must be a JSON object", reason=INPUT_INVALID)
+    unknown = sorted(map(str, set(obj) - known))
+    if unknown:
+        raise InvalidArgument(
+            f"unknown {name} field(s): {', '.join(unknown)}{hint}", reason=INPUT_INVALID
+        )
+    return obj
+
+
+@dataclass(frozen=True, slots=True)
+class Requested:
+    """What the caller says about its intent beyond the action, resource and audience it asks
+    for. The authority checks none of it against anything, so a policy sees it apart from the
+    facts the authority derives: under ``context.requested`` (Cedar) or ``input.requested``
+    (Rego). ``environment`` is the one the caller named (empty when it named none); the
+    resource's own environment is derived from the resource name."""
+
+    purpose: str = ""
+    environment: str = ""
+    parameters: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("purpose", "environment"):
+            if not isinstance(getattr(self, name), str):
+                raise InvalidArgument(f"requested {name} must be a string", reason=INPUT_INVALID)
+        object.__setattr__(
+            self, "parameters", _frozen_str_map("requested parameters", self.parameters)
+        )
+
+    @classmethod
+    def from_json(cls, obj: object) -> Requested:
+        values = _json_object("requested", obj, frozenset(f.name for f in dataclasses.fields(cls)))
+        return cls(**values)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "purpose": self.purpose,
+            "environment": self.environment,
+            "parameters": dict(self.parameters),
+        }
+
+
 @dataclass(frozen=True, slots=True)
 class PolicyInput:
-    """One intent to decide on. Time is passed in; nothing here reads a clock."""
+    """One intent to decide on. Time is passed in; nothing here reads a clock.
+
+    What is asked for: ``principal`` (the caller, authenticated by its SVID), ``action``,
+    ``resource`` and ``audience``: what a granted token is bound to. The authority's facts:
+    ``time``, ``risk``, ``delegation_depth``, ``approved`` and ``attributes`` (of the caller's
+    attestation), and the resource's kind and environment, derived from its name (properties,
+    never given). What the caller merely says: ``requested``."""
 
     principal: str
     action: str
     resource: str
-    purpose: str
-    audience: str
-    environment: str
     time: dt.datetime
-    risk: int
-    delegation_depth: int
-    approved: bool
-    parameters: Mapping[str, str]
-    attributes: Mapping[str, str]
+    audience: str = ""
+    risk: int = 0
+    delegation_depth: int = 0
+    approved: bool = False
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    requested: Requested = field(default_factory=Requested)
 
     def __post_init__(self) -> None:
-        for name in ("principal", "action", "resource", "purpose", "audience", "environment"):
+        for name in ("principal", "action", "resource", "audience"):
             if not isinstance(getattr(self, name), str):
                 raise InvalidArgument(f"{name} must be a string", reason=INPUT_INVALID)
         for name in ("principal", "action", "resource"):
@@ -93,31 +152,46 @@ class PolicyInput:
             )
         if not isinstance(self.approved, bool):
             raise InvalidArgument("approved must be a boolean", reason=INPUT_INVALID)
-        object.__setattr__(self, "parameters", _frozen_str_map("parameters", self.parameters))
         object.__setattr__(self, "attributes", _frozen_str_map("attributes", self.attributes))
+        if not isinstance(self.requested, Requested):
+            raise InvalidArgument("requested must be a Requested", reason=INPUT_INVALID)
+
+    @property
+    def resource_kind(self) -> str:
+        return resource_kind(self.resource)
+
+    @property
+    def resource_environment(self) -> str:
+        return resource_environment(self.resource)
 
     # JSON form: used by policy tests, the shared corpus and `authority policy explain --input`.
 
     @classmethod
     def from_json(cls, obj: object) -> PolicyInput:
         """Build from a JSON object. ``principal``, ``action``, ``resource`` and ``time`` (ISO 8601
-        with an offset) are required; the other fields default to empty / 0 / false. Unknown keys
-        are refused so that a misspelt field cannot silently take its default."""
-        if not isinstance(obj, Mapping):
-            raise InvalidArgument("policy input must be a JSON object", reason=INPUT_INVALID)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(obj) - known)
-        if unknown:
-            raise InvalidArgument(
-                f"unknown policy input field(s): {', '.join(map(str, unknown))}",
-                reason=INPUT_INVALID,
+        with an offset) are required; the other fields default to empty / 0 / false, and
+        ``requested`` (``purpose``, ``environment``, ``parameters``) to empty. Unknown keys are
+        refused so that a misspelt field cannot silently take its default; the resource's kind
+        and environment are derived, never given."""
+        known = frozenset(f.name for f in dataclasses.fields(cls))
+        values: dict[str, Any] = dict(
+            _json_object(
+                "policy input",
+                obj,
+                known,
+                hint=(
+                    " (what the caller says goes under requested: purpose, environment, "
+                    "parameters; the resource's environment is derived from its name)"
+                    if isinstance(obj, Mapping) and _MOVED_TO_REQUESTED & set(obj)
+                    else ""
+                ),
             )
-        missing = [name for name in _INPUT_REQUIRED if name not in obj]
+        )
+        missing = [name for name in _INPUT_REQUIRED if name not in values]
         if missing:
             raise InvalidArgument(
                 f"policy input lacks required field(s): {', '.join(missing)}", reason=INPUT_INVALID
             )
-        values: dict[str, Any] = {**_INPUT_DEFAULTS, **obj}
         raw_time = values["time"]
         if not isinstance(raw_time, str):
             raise InvalidArgument("time must be an ISO 8601 string", reason=INPUT_INVALID)
@@ -125,6 +199,8 @@ class PolicyInput:
             values["time"] = dt.datetime.fromisoformat(raw_time)
         except ValueError as exc:
             raise InvalidArgument(f"time is not ISO 8601: {exc}", reason=INPUT_INVALID) from exc
+        if "requested" in values:
+            values["requested"] = Requested.from_json(values["requested"])
         return cls(**values)
 
     def to_json(self) -> dict[str, object]:
@@ -132,15 +208,13 @@ class PolicyInput:
             "principal": self.principal,
             "action": self.action,
             "resource": self.resource,
-            "purpose": self.purpose,
             "audience": self.audience,
-            "environment": self.environment,
             "time": self.time.isoformat(),
             "risk": self.risk,
             "delegation_depth": self.delegation_depth,
             "approved": self.approved,
-            "parameters": dict(self.parameters),
             "attributes": dict(self.attributes),
+            "requested": self.requested.to_json(),
         }
 
 

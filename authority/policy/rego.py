@@ -18,11 +18,26 @@ Unknown keys are refused (a misspelt ``ttl`` must not silently lift a cap).
 
 The input document
 ------------------
-``principal`` (the SPIFFE ID), ``principal_trust_domain``, ``principal_path``, ``action``,
-``resource``, ``resource_kind`` (text before the first ``/``), ``purpose``, ``audience``,
-``environment``, ``time`` (UTC, ``YYYY-MM-DDThh:mm:ss.SSSZ``), ``hour`` (UTC), ``weekday``
-(0 = Monday), ``risk``, ``delegation_depth``, ``approved``, ``parameters`` and ``attributes``
-(objects of strings): the same facts the Cedar backend gives its policies.
+The same facts the Cedar backend gives its policies. Facts come from the authority, never from
+the requester; what the caller merely says is kept under ``input.requested``.
+
+Derived by the authority: ``principal`` (the SPIFFE ID of the caller's X.509-SVID),
+``principal_trust_domain``, ``principal_path``, ``resource_kind`` (the resource name's first
+segment) and ``resource_environment`` (its second segment, or ``""``; a request that names another
+environment is refused before any policy runs), ``time`` (UTC, ``YYYY-MM-DDThh:mm:ss.SSSZ``),
+``hour`` (UTC), ``weekday`` (0 = Monday), ``risk``, ``delegation_depth``, ``approved`` and
+``attributes`` (an object of strings about the caller's attestation).
+
+Asked for (what a granted token is bound to): ``action``, ``resource``, ``audience``.
+
+Said by the caller, checked against nothing: ``input.requested.purpose``,
+``input.requested.environment`` (the one the caller named, ``""`` when none) and
+``input.requested.parameters`` (an object of strings). A parameter named ``approved`` is
+``input.requested.parameters.approved``, never ``input.approved``.
+
+Rego treats a missing field as undefined, so a ``forbid``-style rule that reads a field this
+document does not have never fires. Loading refuses policies that read the fields moved under
+``requested`` (``input.purpose``, ``input.environment``, ``input.parameters``) for that reason.
 
 Semantics (the same as Cedar's)
 -------------------------------
@@ -56,6 +71,7 @@ from authority.policy._host import (
     Verdict,
     derive_facts,
     error_text,
+    refuse_moved_fields,
     request_context,
     source_version,
 )
@@ -95,6 +111,7 @@ def input_document(inp: PolicyInput, facts: Facts) -> dict[str, object]:
         "action": inp.action,
         "resource": inp.resource,
         "resource_kind": facts.resource_kind,
+        "resource_environment": facts.resource_environment,
         **request_context(inp, facts),
     }
 
@@ -106,7 +123,7 @@ _PROBE = PolicyInput.from_json(
         "principal": "spiffe://example.org/probe",
         "action": "read",
         "resource": "probe/policy-load",
-        "purpose": "policy load check",
+        "requested": {"purpose": "policy load check"},
         "time": "2000-01-03T00:00:00+00:00",
     }
 )
@@ -180,6 +197,10 @@ class RegoEngine(EngineBase):
         super().__init__(
             policy_id=policy_id, policy_version=source_version([s.text for s in sources])
         )
+        for source in sources:
+            refuse_moved_fields(
+                source, root="input", comment="#", resource_env="input.resource_environment"
+            )
         self._sources = tuple(sources)
         engine = self._build()
         probe = engine.clone()

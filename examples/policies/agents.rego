@@ -3,6 +3,11 @@
 # Agents are workloads of the trust domain example.org whose SPIFFE ID path is under /agent/.
 # Edit the trust domain to yours. agents.tests.json holds the tests both policies must pass.
 #
+# Facts come from the authority: input.principal*, input.resource_kind and
+# input.resource_environment (the first and second segments of the resource name), time, risk,
+# delegation_depth, approved, attributes. input.requested.{purpose, environment, parameters} is
+# what the caller says, checked against nothing: never grant on it alone.
+#
 # The host reads data.authority.decision:
 #   {"allow", "require_approval", "ttl_seconds" (optional), "delegation" (optional), "reasons"}
 # This file builds it the way the Cedar backend resolves annotations: any forbid denies; no permit
@@ -31,11 +36,13 @@ permits contains {"id": "agents-open-ticket", "ttl": 120, "approval": false} if 
 	input.resource_kind == "tickets"
 }
 
-# Deploy to the sandbox.
+# Deploy to the sandbox (deploy/sandbox, deploy/sandbox/web, ...): the environment derived from
+# the resource name, never one the caller names.
 permits contains {"id": "agents-deploy-sandbox", "ttl": 120, "approval": false} if {
 	is_agent
 	input.action == "deploy"
-	input.resource == "deploy/sandbox"
+	input.resource_kind == "deploy"
+	input.resource_environment == "sandbox"
 }
 
 # Deploy to production, only once an operator approved this very intent.
@@ -57,7 +64,7 @@ forbids contains "metrics-read-only" if {
 forbids contains "high-risk" if input.risk >= 80
 
 # Every request states its purpose.
-forbids contains "purpose-required" if input.purpose == ""
+forbids contains "purpose-required" if input.requested.purpose == ""
 
 # Only metric reads may be delegated, and only one level deep.
 forbids contains "delegation-only-metric-reads" if {

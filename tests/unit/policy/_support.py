@@ -8,7 +8,13 @@ from typing import Any
 
 import pytest
 
-from authority.policy import PolicyEngine, PolicyInput, PolicySource, compile_policy_set
+from authority.policy import (
+    PolicyEngine,
+    PolicyInput,
+    PolicySource,
+    Requested,
+    compile_policy_set,
+)
 from authority.policy.rego import rego_available
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -24,20 +30,30 @@ requires_rego = pytest.mark.skipif(
 )
 
 
-def make_input(**overrides: Any) -> PolicyInput:
+def make_input(
+    *,
+    purpose: str = "weekly report",
+    requested_environment: str = "",
+    parameters: Any = None,
+    **overrides: Any,
+) -> PolicyInput:
+    """An agent's metric read on Monday at 10:00 UTC; ``purpose``, ``requested_environment`` and
+    ``parameters`` go under ``requested``, what the caller says."""
     values: dict[str, Any] = {
         "principal": AGENT,
         "action": "read",
         "resource": "metrics/prod",
-        "purpose": "weekly report",
         "audience": "metrics-api",
-        "environment": "",
         "time": MONDAY_10,
         "risk": 0,
         "delegation_depth": 0,
         "approved": False,
-        "parameters": {},
         "attributes": {},
+        "requested": Requested(
+            purpose=purpose,
+            environment=requested_environment,
+            parameters={} if parameters is None else parameters,
+        ),
     }
     values.update(overrides)
     return PolicyInput(**values)

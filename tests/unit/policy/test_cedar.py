@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
+from typing import Any
 
 import pytest
 
@@ -134,9 +135,10 @@ def test_entities_and_context_carry_the_derived_facts() -> None:
         @id("shape") permit (principal, action, resource) when {
           principal.trust_domain == "example.org" && principal.path like "/agent/*" &&
           resource.kind == "deploy" && resource.environment == "sandbox" &&
-          context.environment == "sandbox" && context.audience == "deployer" &&
-          context.purpose == "ship it" && context.delegation_depth == 1 &&
-          context.parameters.version == "1.2" && context.attributes["unix:uid"] == "1000" &&
+          context.requested.environment == "sandbox" && context.audience == "deployer" &&
+          context.requested.purpose == "ship it" && context.delegation_depth == 1 &&
+          context.requested.parameters.version == "1.2" &&
+          context.attributes["unix:uid"] == "1000" &&
           context.time == "2026-01-05T10:00:00.000Z" &&
           datetime(context.time) > datetime("2026-01-01")
         };
@@ -144,8 +146,8 @@ def test_entities_and_context_carry_the_derived_facts() -> None:
     )
     inp = make_input(
         action="deploy",
-        resource="deploy/sandbox",
-        environment="sandbox",
+        resource="deploy/sandbox/web",
+        requested_environment="sandbox",
         audience="deployer",
         purpose="ship it",
         delegation_depth=1,
@@ -156,8 +158,8 @@ def test_entities_and_context_carry_the_derived_facts() -> None:
 
 
 def test_entities_parsed_once_still_follow_each_request() -> None:
-    # Cedar parses the entities once per (principal, resource, environment); a request that
-    # differs in any of the three sees its own attributes, a repeated one the same as before.
+    # Cedar parses the entities once per (principal, resource); a request that differs in either
+    # sees its own attributes, a repeated one the same as before.
     engine = cedar(
         """
         @id("sandbox-agents") permit (principal, action, resource) when {
@@ -166,23 +168,101 @@ def test_entities_parsed_once_still_follow_each_request() -> None:
         };
         """
     )
-    allowed = make_input(action="deploy", resource="deploy/x", environment="sandbox")
+    allowed = make_input(action="deploy", resource="deploy/sandbox")
     outcomes = [
         engine.decide(inp).outcome
         for inp in (
             allowed,
-            make_input(action="deploy", resource="deploy/x", environment="production"),
-            make_input(action="deploy", resource="tickets/x", environment="sandbox"),
+            make_input(action="deploy", resource="deploy/production"),
+            make_input(action="deploy", resource="tickets/sandbox"),
             make_input(
                 action="deploy",
-                resource="deploy/x",
-                environment="sandbox",
+                resource="deploy/sandbox",
                 principal="spiffe://example.org/batch/job",
             ),
             allowed,
         )
     ]
     assert outcomes == [Outcome.ALLOW, Outcome.DENY, Outcome.DENY, Outcome.DENY, Outcome.ALLOW]
+
+
+def test_the_resource_environment_is_the_resource_names_not_the_callers() -> None:
+    """The bypass of issue 11: a permit on ``resource.environment == "sandbox"`` granted a
+    production deploy to a caller that named the sandbox. The resource's environment is now
+    derived from its name; what the caller named is only ``context.requested.environment``."""
+    engine = cedar(
+        '@id("sandbox") permit (principal, action == Action::"deploy", resource)'
+        ' when { resource.environment == "sandbox" };'
+    )
+    claimed = make_input(
+        action="deploy", resource="deploy/production", requested_environment="sandbox"
+    )
+    decision = engine.decide(claimed)
+    assert decision.outcome is Outcome.DENY
+    assert decision.reasons == (DEFAULT_DENY_REASON,)
+    shown = explain(engine, claimed)
+    entities = shown["entities"]
+    assert isinstance(entities, list)
+    assert entities[1]["attrs"] == {"kind": "deploy", "environment": "production"}
+    request = shown["request"]
+    assert isinstance(request, dict)
+    assert request["context"]["requested"]["environment"] == "sandbox"
+    assert "environment" not in request["context"]
+    bare = make_input(action="deploy", resource="deploy", requested_environment="sandbox")
+    assert engine.decide(bare).outcome is Outcome.DENY
+    legit = make_input(action="deploy", resource="deploy/sandbox")
+    assert engine.decide(legit).outcome is Outcome.ALLOW
+
+
+# What a caller might put in its parameters (or purpose) to pass for the authority's facts.
+CLAIMED_FACTS = {
+    "approved": "true",
+    "risk": "0",
+    "delegation_depth": "0",
+    "admin": "true",
+    "attributes": "admin=true",
+    "environment": "sandbox",
+}
+FACT_CASES = [
+    ("context.approved", {}, {"approved": True}),
+    ("context.risk == 0", {"risk": 50}, {}),
+    ("context.delegation_depth == 0", {"delegation_depth": 1}, {}),
+    (
+        'context.attributes has admin && context.attributes.admin == "true"',
+        {},
+        {"attributes": {"admin": "true"}},
+    ),
+    ('resource.environment == "sandbox"', {}, {"resource": "metrics/sandbox"}),
+]
+
+
+@pytest.mark.parametrize(("condition", "attacked", "real"), FACT_CASES)
+def test_parameters_named_like_a_fact_stay_parameters(
+    condition: str, attacked: dict[str, Any], real: dict[str, Any]
+) -> None:
+    """A parameter (or the purpose) is only ever under ``context.requested``: one named
+    ``approved``, ``risk``, ``attributes`` or ``environment`` sets none of those facts, while the
+    fact itself, set by the authority, does grant."""
+    engine = cedar(f'@id("fact") permit (principal, action, resource) when {{ {condition} }};')
+    claimed = make_input(purpose="approved=true", parameters=CLAIMED_FACTS, **attacked)
+    assert engine.decide(claimed).outcome is Outcome.DENY
+    request = explain(engine, claimed)["request"]
+    assert isinstance(request, dict)
+    assert request["context"]["requested"]["parameters"] == CLAIMED_FACTS
+    assert engine.decide(make_input(parameters=CLAIMED_FACTS, **real)).outcome is Outcome.ALLOW
+
+
+@pytest.mark.parametrize("field", ["purpose", "environment", "parameters"])
+def test_a_policy_reading_a_field_moved_under_requested_is_refused(field: str) -> None:
+    """A policy written for the older input would fail on every decision; loading refuses it
+    and names the field to read instead."""
+    with pytest.raises(InvalidArgument, match=f"context.requested.{field}") as info:
+        cedar(READ_METRICS, f"forbid (principal, action, resource) when {{ context.{field} }};")
+    assert info.value.reason == "POLICY_INVALID"
+    assert "p1.cedar: line 1" in info.value.message
+    with pytest.raises(InvalidArgument, match=r"resource\.environment"):
+        cedar('permit (principal, action, resource) when { context["environment"] == "x" };')
+    cedar(READ_METRICS + f"// context.{field} moved under context.requested\n")  # a comment
 
 
 def test_hour_and_weekday_are_utc() -> None:
@@ -206,7 +286,7 @@ def test_an_erroring_forbid_denies() -> None:
     engine = cedar(
         READ_METRICS,
         '@id("no-batch") forbid (principal, action, resource)'
-        ' when { context.parameters.batch == "yes" };',
+        ' when { context.requested.parameters.batch == "yes" };',
     )
     # Cedar would skip the erroring forbid and allow; the host fails closed.
     decision = engine.decide(make_input())
@@ -219,14 +299,14 @@ def test_an_erroring_forbid_denies() -> None:
 def test_an_erroring_permit_does_not_grant() -> None:
     engine = cedar(
         '@id("needs-ticket") permit (principal, action, resource)'
-        ' when { context.parameters.ticket like "CHG-*" };'
+        ' when { context.requested.parameters.ticket like "CHG-*" };'
     )
     assert engine.decide(make_input()).outcome is Outcome.DENY
     assert engine.decide(make_input(parameters={"ticket": "CHG-1"})).outcome is Outcome.ALLOW
     both = cedar(
         READ_METRICS,
         '@id("t") @ttl("10") permit (principal, action, resource)'
-        ' when { context.parameters.t == "1" };',
+        ' when { context.requested.parameters.t == "1" };',
     )
     decision = both.decide(make_input())
     assert decision.outcome is Outcome.ALLOW
@@ -236,7 +316,7 @@ def test_an_erroring_permit_does_not_grant() -> None:
 
 def test_type_errors_in_policies_do_not_raise() -> None:
     engine = cedar(
-        '@id("bad") permit (principal, action, resource) when { context.purpose > 3 };',
+        '@id("bad") permit (principal, action, resource) when { context.requested.purpose > 3 };',
         '@id("bad-forbid") forbid (principal, action, resource) when { context.risk like "x" };',
     )
     decision = engine.decide(make_input())
@@ -325,7 +405,8 @@ def test_a_semicolon_inside_a_string_or_comment_does_not_confuse_the_locator() -
 def test_explain_shows_matches_errors_and_context() -> None:
     engine = cedar(
         READ_METRICS,
-        '@id("t") permit (principal, action, resource) when { context.parameters.t == "1" };',
+        '@id("t") permit (principal, action, resource)'
+        ' when { context.requested.parameters.t == "1" };',
     )
     shown = explain(engine, make_input())
     decision = shown["decision"]

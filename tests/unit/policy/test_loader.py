@@ -54,8 +54,8 @@ def write_tests(path: Path, *cases: tuple[str, str, str, int | None]) -> Path:
                     "principal": "spiffe://example.org/agent/a",
                     "action": action,
                     "resource": "metrics/prod",
-                    "purpose": "p",
                     "time": "2026-01-05T10:00:00Z",
+                    "requested": {"purpose": "p"},
                 },
                 "expect": {"outcome": outcome, "ttl_cap_seconds": ttl},
             }

@@ -129,7 +129,7 @@ def test_an_evaluation_error_denies_and_does_not_raise() -> None:
     engine = rego(
         policy(
             'decision := {"allow": true, "require_approval": false, "ttl_seconds": n} if {\n'
-            "  n := 300 / to_number(input.parameters.divisor)\n}\n"
+            "  n := 300 / to_number(input.requested.parameters.divisor)\n}\n"
             'else := {"allow": false, "require_approval": false}'
         )
     )
@@ -147,7 +147,7 @@ def test_a_builtin_type_error_denies() -> None:
     engine = rego(
         policy(
             'decision := {"allow": true, "require_approval": false} if {\n'
-            "  input.risk == 7\n  x := input.purpose + 1\n  x > 0\n}"
+            "  input.risk == 7\n  x := input.requested.purpose + 1\n  x > 0\n}"
         )
     )
     decision = engine.decide(make_input(risk=7))
@@ -171,11 +171,12 @@ def test_the_input_document_carries_the_facts() -> None:
             '  input.principal_trust_domain == "example.org"\n'
             '  input.principal_path == "/agent/reporter"\n'
             '  input.action == "deploy"\n'
-            '  input.resource == "deploy/sandbox"\n'
+            '  input.resource == "deploy/sandbox/web"\n'
             '  input.resource_kind == "deploy"\n'
-            '  input.environment == "sandbox"\n'
+            '  input.resource_environment == "sandbox"\n'
             '  input.audience == "deployer"\n'
-            '  input.purpose == "ship it"\n'
+            '  input.requested.purpose == "ship it"\n'
+            '  input.requested.environment == "sandbox"\n'
             '  input.time == "2026-01-05T10:00:00.000Z"\n'
             '  time.parse_rfc3339_ns(input.time) > time.parse_rfc3339_ns("2026-01-01T00:00:00Z")\n'
             "  input.hour == 10\n"
@@ -183,15 +184,15 @@ def test_the_input_document_carries_the_facts() -> None:
             "  input.risk == 7\n"
             "  input.delegation_depth == 1\n"
             "  input.approved == false\n"
-            '  input.parameters.version == "1.2"\n'
+            '  input.requested.parameters.version == "1.2"\n'
             '  input.attributes["unix:uid"] == "1000"\n'
             "}"
         )
     )
     inp = make_input(
         action="deploy",
-        resource="deploy/sandbox",
-        environment="sandbox",
+        resource="deploy/sandbox/web",
+        requested_environment="sandbox",
         audience="deployer",
         purpose="ship it",
         risk=7,
@@ -200,6 +201,41 @@ def test_the_input_document_carries_the_facts() -> None:
         attributes={"unix:uid": "1000"},
     )
     assert engine.decide(inp).outcome is Outcome.ALLOW
+
+
+def test_the_resource_environment_is_the_resource_names_not_the_callers() -> None:
+    """The Rego form of the issue 11 bypass: the environment a policy tests is derived from the
+    resource name; the one the caller named is only ``input.requested.environment``."""
+    engine = rego(
+        policy(
+            'decision := {"allow": true, "require_approval": false} if {\n'
+            '  input.action == "deploy"\n  input.resource_environment == "sandbox"\n}'
+        )
+    )
+    claimed = make_input(
+        action="deploy", resource="deploy/production", requested_environment="sandbox"
+    )
+    assert engine.decide(claimed).outcome is Outcome.DENY
+    document = explain(engine, claimed)["rego_input"]
+    assert isinstance(document, dict)
+    assert document["resource_environment"] == "production"
+    assert document["requested"]["environment"] == "sandbox"
+    assert "environment" not in document
+    legit = make_input(action="deploy", resource="deploy/sandbox")
+    assert engine.decide(legit).outcome is Outcome.ALLOW
+
+
+@pytest.mark.parametrize("field", ["purpose", "environment", "parameters"])
+def test_a_policy_reading_a_field_moved_under_requested_is_refused(field: str) -> None:
+    """Rego reads a missing field as undefined: a forbid on ``input.purpose == ""`` would never
+    fire once purpose moved under ``requested``. Loading refuses such a policy, naming the fix."""
+    forbid = f'forbids contains "x" if input.{field} == ""\n'
+    with pytest.raises(InvalidArgument, match=f"input.requested.{field}") as info:
+        rego(READ_METRICS + forbid)
+    assert info.value.reason == "POLICY_INVALID"
+    with pytest.raises(InvalidArgument, match="line"):
+        rego(READ_METRICS + f'x if input["{field}"]\n')
+    rego(READ_METRICS + f"# input.{field} moved under input.requested\n")  # a comment is fine
 
 
 def test_hour_and_weekday_are_utc() -> None:
@@ -231,7 +267,10 @@ def test_policy_version_follows_the_source() -> None:
 
 def test_concurrent_decisions_do_not_share_input() -> None:
     engine = rego(
-        policy('decision := {"allow": true, "require_approval": false, "reasons": [input.purpose]}')
+        policy(
+            'decision := {"allow": true, "require_approval": false,'
+            ' "reasons": [input.requested.purpose]}'
+        )
     )
     mismatches: list[str] = []
 
