@@ -13,7 +13,6 @@ import asyncio
 import contextvars
 import datetime as dt
 import importlib
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from authority.errors import (
     Unauthenticated,
 )
 from authority.ids import SpiffeId
-from authority.models import AttestorInstance, Selector, canonical_config
+from authority.models import AttestorInstance, Selector, canonical_config, parse_json
 from authority.store import Store
 
 log = logging.getLogger(__name__)
@@ -142,13 +141,16 @@ class _Running:
     plugin: Attestor
 
 
-def parse_config(config_json: str) -> dict[str, Any]:
+def parse_config(config_json: str, limits: Limits) -> dict[str, Any]:
+    """An attestor's configuration from a request: a JSON object, bounded in size and depth."""
     if not config_json.strip():
         return {}
-    try:
-        value = json.loads(config_json)
-    except ValueError as exc:
-        raise InvalidArgument(f"the configuration is not JSON: {exc}") from None
+    value = parse_json(
+        config_json,
+        max_bytes=limits.max_json_bytes,
+        max_depth=limits.max_json_depth,
+        what="the configuration",
+    )
     if not isinstance(value, dict):
         raise InvalidArgument("the configuration must be a JSON object")
     return value
@@ -189,7 +191,7 @@ class AttestorHost:
     def get(self, name: str) -> AttestorInstance:
         running = self._running.get(name)
         if running is None:
-            raise NotFound(f"no attestor named {name!r}", reason="ATTESTOR_NOT_FOUND")
+            raise NotFound(f"no attestor named {name[:64]!r}", reason="ATTESTOR_NOT_FOUND")
         return running.record
 
     def is_registered(self, name: str) -> bool:
@@ -203,7 +205,8 @@ class AttestorHost:
             cls = self._plugins.get(plugin)
         if cls is None:
             raise NotFound(
-                f"no attestor plugin {plugin!r} is installed (have: {', '.join(self.plugins())})",
+                f"no attestor plugin {plugin[:64]!r} is installed "
+                f"(have: {', '.join(self.plugins())})",
                 reason="PLUGIN_NOT_FOUND",
             )
         return cls
@@ -276,7 +279,7 @@ class AttestorHost:
             )
         running = self._running.get(name)
         if running is None:
-            raise InvalidArgument(f"no attestor named {name!r}", reason="UNKNOWN_ATTESTOR")
+            raise InvalidArgument(f"no attestor named {name[:64]!r}", reason="UNKNOWN_ATTESTOR")
         bounded = _BoundedContext(ctx, self._limits)
         bound: set[str] = set()
         token = _bound_by_host.set(bound)

@@ -41,6 +41,15 @@ def canonical(value: Mapping[str, Any]) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def bounded(value: str, limit: int) -> str:
+    """``value`` as the audit keeps an untrusted field: whole when it has at most ``limit``
+    characters, else its first ``limit``, a marker, its length and its SHA-256 (so the record
+    still says what was sent, in bounded space)."""
+    if len(value) <= limit:
+        return value
+    return f"{value[:limit]}...[truncated: {len(value)} chars, sha256 {digest(value)}]"
+
+
 @dataclass(frozen=True, slots=True)
 class AuditEvent:
     """What happened, before it has a place in the chain."""
@@ -82,6 +91,23 @@ class AuditRecord:
     @property
     def time(self) -> dt.datetime:
         return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=self.time_us)
+
+    @property
+    def size(self) -> int:
+        """Characters of its text fields: what a page of an export is bounded by."""
+        return sum(
+            len(f)
+            for f in (
+                self.kind,
+                self.actor,
+                self.subject,
+                self.task_id,
+                self.decision_id,
+                self.details_json,
+                self.prev_hash,
+                self.hash,
+            )
+        )
 
     @property
     def details(self) -> dict[str, Any]:
@@ -185,6 +211,103 @@ def chain(event: AuditEvent, seq: int, prev_hash: str) -> AuditRecord:
             details_json,
         ),
     )
+
+
+# --- refusals -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Suppressed:
+    """Refusals left out of the audit in one window: how many, and from whom (the most
+    frequent callers first, at most ``RefusalBudget.SUMMARY_CALLERS`` of them)."""
+
+    window_start: dt.datetime
+    window_end: dt.datetime
+    count: int
+    callers: tuple[tuple[str, int], ...]
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "suppressed": self.count,
+            "window_start": self.window_start.isoformat(),
+            "window_end": self.window_end.isoformat(),
+            "callers": {caller: n for caller, n in self.callers},
+        }
+
+
+class RefusalBudget:
+    """How many refusals reach the audit, so that hostile calls cannot grow it without bound.
+
+    Time is cut into windows of ``window`` (aligned to the epoch, read from the injected
+    clock's time passed in). In one window at most ``per_caller`` refusals of one caller and
+    ``total`` in all are recorded; the rest are only counted. The first call after a window
+    with suppressed refusals hands back its ``Suppressed`` summary, to be written as one
+    record. Callers are counted in at most ``MAX_CALLERS`` slots a window; the rest share one.
+    """
+
+    MAX_CALLERS = 4096
+    SUMMARY_CALLERS = 16
+    OTHERS = "(others)"
+
+    def __init__(self, *, per_caller: int, total: int, window: dt.timedelta) -> None:
+        if per_caller <= 0 or total <= 0 or window <= dt.timedelta(0):
+            raise InvalidArgument("a refusal budget needs positive bounds")
+        self._per_caller = per_caller
+        self._total = total
+        self._window = window
+        self._index: int | None = None
+        self._recorded: dict[str, int] = {}
+        self._recorded_total = 0
+        self._suppressed: dict[str, int] = {}
+
+    def _window_of(self, now: dt.datetime) -> int:
+        return (now - _EPOCH) // self._window
+
+    def _close(self, now: dt.datetime) -> Suppressed | None:
+        """Start the window of ``now`` if it is a new one; the summary of the one closed."""
+        index = self._window_of(now)
+        if index == self._index:
+            return None
+        summary = None
+        if self._index is not None and self._suppressed:
+            ranked = sorted(self._suppressed.items(), key=lambda item: (-item[1], item[0]))
+            start = _EPOCH + self._window * self._index
+            summary = Suppressed(
+                start,
+                start + self._window,
+                sum(self._suppressed.values()),
+                tuple(ranked[: self.SUMMARY_CALLERS]),
+            )
+        self._index = index
+        self._recorded.clear()
+        self._recorded_total = 0
+        self._suppressed.clear()
+        return summary
+
+    def admit(self, caller: str, now: dt.datetime) -> tuple[bool, Suppressed | None]:
+        """Whether this refusal is recorded, and the summary of a window just closed (if any
+        refusal was suppressed in it), to be written first."""
+        summary = self._close(now)
+        if (
+            self._recorded.get(caller, 0) < self._per_caller
+            and self._recorded_total < self._total
+            and (caller in self._recorded or len(self._recorded) < self.MAX_CALLERS)
+        ):
+            self._recorded[caller] = self._recorded.get(caller, 0) + 1
+            self._recorded_total += 1
+            return True, summary
+        slot = caller
+        if caller not in self._suppressed and len(self._suppressed) >= self.MAX_CALLERS:
+            slot = self.OTHERS
+        self._suppressed[slot] = self._suppressed.get(slot, 0) + 1
+        return False, summary
+
+    def flush(self, now: dt.datetime) -> Suppressed | None:
+        """The summary of a window that has closed by ``now`` with refusals suppressed."""
+        return self._close(now)
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 # --- checkpoints ------------------------------------------------------------------------------

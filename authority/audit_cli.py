@@ -12,7 +12,7 @@ from typing import Any, TextIO
 import click
 
 from authority._pb import authority_v1_authority_pb2 as pb
-from authority.api.convert import audit_record_from_pb, checkpoint_from_pb
+from authority.api.convert import AuditRecordAssembler, checkpoint_from_pb
 from authority.audit import AuditRecord, Checkpoint, Verification, verify_chain
 from authority.bundle import parse_jwks
 from authority.client import AdminClient
@@ -49,8 +49,15 @@ async def stream_records(
     request = pb.ExportAuditRequest(
         after_seq=after_seq, task_ids=list(task_ids), follow=follow, since_time_us=since_time_us
     )
-    async for message in client.stub.ExportAudit(request):
-        yield audit_record_from_pb(message)
+    assembler = AuditRecordAssembler()  # a record too large for one message comes in parts
+    try:
+        async for message in client.stub.ExportAudit(request):
+            record = assembler.add(message)
+            if record is not None:
+                yield record
+        assembler.finish()
+    except ValueError as exc:
+        raise click.ClickException(f"the audit export is malformed: {exc}") from None
 
 
 async def verify_live(client: AdminClient) -> Verification:

@@ -33,7 +33,7 @@ class Selector:
 
     def __post_init__(self) -> None:
         if not _SELECTOR_TYPE.fullmatch(self.type):
-            raise InvalidArgument(f"selector type {self.type!r} is not a valid attestor name")
+            raise InvalidArgument(f"selector type {self.type[:64]!r} is not a valid attestor name")
         if not self.value or len(self.value) > MAX_SELECTOR_VALUE:
             raise InvalidArgument(f"selector value must be 1..{MAX_SELECTOR_VALUE} characters")
         if any(ch in "*?\x7f" or ch < " " for ch in self.value):
@@ -45,7 +45,7 @@ class Selector:
     def parse(cls, text: str) -> Selector:
         kind, sep, value = text.partition(":")
         if not sep:
-            raise InvalidArgument(f"selector {text!r} must be TYPE:VALUE")
+            raise InvalidArgument(f"selector {text[:64]!r} must be TYPE:VALUE")
         return cls(kind, value)
 
     def __str__(self) -> str:
@@ -197,10 +197,11 @@ class AttestorInstance:
     def __post_init__(self) -> None:
         if not _SELECTOR_TYPE.fullmatch(self.name):
             raise InvalidArgument(
-                f"attestor name {self.name!r} must be lower-case letters, digits, '_', '.', '-'"
+                f"attestor name {self.name[:64]!r} must be 1..64 lower-case letters, digits, "
+                "'_', '.', '-'"
             )
         if not _SELECTOR_TYPE.fullmatch(self.plugin):
-            raise InvalidArgument(f"plugin name {self.plugin!r} is not valid")
+            raise InvalidArgument(f"plugin name {self.plugin[:64]!r} is not valid")
         if canonical_config(self.config) != self.config_json:
             raise InvalidArgument("config_json must be canonical JSON (use canonical_config)")
 
@@ -209,6 +210,54 @@ class AttestorInstance:
         value = json.loads(self.config_json)
         assert isinstance(value, dict)
         return value
+
+
+def check_length(value: str, limit: int, what: str) -> str:
+    """``value`` if it has at most ``limit`` characters; else INVALID_ARGUMENT (TOO_LONG),
+    whose message names the length, never the value."""
+    if len(value) > limit:
+        raise InvalidArgument(
+            f"{what} has {len(value)} characters; at most {limit} are allowed", reason="TOO_LONG"
+        )
+    return value
+
+
+# A JSON string (escapes and all) or one bracket: what ``json_depth`` counts with.
+_JSON_TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+
+
+def json_depth(text: str) -> int:
+    """How deep arrays and objects nest in ``text``, counted without parsing it."""
+    depth = deepest = 0
+    for match in _JSON_TOKENS.finditer(text):
+        part = match.group()
+        if part in ("[", "{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif part in ("]", "}"):
+            depth -= 1
+    return deepest
+
+
+def check_json(text: str, *, max_bytes: int, max_depth: int, what: str) -> str:
+    """A JSON document from a request, its size and nesting checked before anything parses
+    it (a deep one would exhaust the parser's recursion, a large one memory)."""
+    if len(text) > max_bytes or len(text.encode()) > max_bytes:
+        raise InvalidArgument(f"{what} exceeds {max_bytes} bytes", reason="JSON_TOO_LARGE")
+    if json_depth(text) > max_depth:
+        raise InvalidArgument(
+            f"{what} nests deeper than {max_depth} levels", reason="JSON_TOO_DEEP"
+        )
+    return text
+
+
+def parse_json(text: str, *, max_bytes: int, max_depth: int, what: str) -> Any:
+    """``check_json``, then the document parsed."""
+    check_json(text, max_bytes=max_bytes, max_depth=max_depth, what=what)
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument(f"{what} is not JSON: {exc}") from None
 
 
 def canonical_config(config: object) -> str:

@@ -29,7 +29,7 @@ from authority.clock import Clock
 from authority.config import Limits
 from authority.errors import InvalidArgument, NotFound
 from authority.ids import SpiffeId
-from authority.models import Revocation, RevocationKind
+from authority.models import Revocation, RevocationKind, check_length
 from authority.store import Store
 from authority.tokens import HARD_MAX_TTL, TaskToken
 
@@ -209,7 +209,8 @@ class RevocationService:
     ) -> list[Revocation]:
         """Revoke ``target`` and what cascades from it; durable before this returns."""
         now = self._clock.now()
-        reason = reason.strip()[:500] or "revoked"
+        reason = check_length(reason.strip(), self._limits.max_reason_chars, "the reason")
+        reason = reason or "revoked"
         planned = await self._plan(kind, target, reason, actor, now)
         tasks = await self._tasks_of(planned)
         events = [

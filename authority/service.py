@@ -19,7 +19,15 @@ from cryptography import x509
 
 from attestors.api import AttestContext
 from authority.attestation import AttestorHost
-from authority.audit import AuditEvent, AuditRecord, Checkpoint, digest
+from authority.audit import (
+    AuditEvent,
+    AuditRecord,
+    Checkpoint,
+    RefusalBudget,
+    Suppressed,
+    bounded,
+    digest,
+)
 from authority.ca import CertificateAuthority
 from authority.clock import Clock
 from authority.config import Limits
@@ -43,11 +51,13 @@ from authority.models import (
     RevocationKind,
     Selector,
     check_dns_name,
+    check_length,
     token_digest,
 )
 from authority.revocation import RevocationService
 from authority.store import Store
 from authority.svid import JwtSvid, WorkloadPublicKey, X509Svid, parse_csr
+from authority.tokens import check_task_id
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +113,21 @@ class Authority:
         self._peers: OrderedDict[bytes, tuple[x509.Certificate, IssuedX509, Identity]] = (
             OrderedDict()
         )
+        self._refusals = RefusalBudget(
+            per_caller=limits.refusals_per_caller,
+            total=limits.refusals_per_window,
+            window=limits.refusal_window,
+        )
 
     async def start(self) -> None:
         self._entries = {e.id: e for e in await self._store.list_entries()}
 
     def now(self) -> dt.datetime:
         return self._clock.now()
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
 
     @property
     def trust_domain(self) -> str:
@@ -299,8 +318,12 @@ class Authority:
         csr: bytes,
         challenger: AttestContext,
         spiffe_id_hint: str = "",
+        origin: str = "",
     ) -> AttestResult:
+        """Attest a workload. ``origin`` names a network caller (its address) for the refusal
+        budget; a local caller is known by the kernel's credentials instead."""
         try:
+            check_length(attestor, self._limits.max_name_chars, "the attestor name")
             # The CSR is checked before any proof (a join token) is spent.
             public_key = parse_csr(csr, self._limits.max_csr_bytes)
             hint = SpiffeId.parse(spiffe_id_hint) if spiffe_id_hint else None
@@ -326,13 +349,7 @@ class Authority:
                     reason="NO_MATCHING_ENTRY",
                 )
         except AuthorityError as exc:
-            peer = challenger.peer
-            details: dict[str, object] = {"reason": exc.reason, "message": exc.message[:300]}
-            if peer is not None:
-                details.update(pid=peer.pid, uid=peer.uid, gid=peer.gid)
-            await self._store.append_audit(
-                [self._event("attest.refused", actor=attestor, details=details)]
-            )
+            await self._record_refusal(attestor, challenger, origin, exc)
             raise
         now = self._clock.now()
         svids: list[X509Svid] = []
@@ -366,6 +383,47 @@ class Authority:
                 identity.entry_id,
             )
         return AttestResult(tuple(svids), outcome.selectors, tuple(t.entry_id for t in identities))
+
+    async def _record_refusal(
+        self, attestor: str, challenger: AttestContext, origin: str, exc: AuthorityError
+    ) -> None:
+        """``attest.refused``, its untrusted fields cut to a bounded size, within the refusal
+        budget of the caller (its uid on the local socket, its address on the network); past
+        it, only counted, and summed up in one record when the window closes."""
+        peer = challenger.peer
+        caller = f"uid:{peer.uid}" if peer is not None else bounded(origin or "network", 64)
+        now = self._clock.now()
+        admitted, summary = self._refusals.admit(caller, now)
+        events = [] if summary is None else [self._suppressed_event(summary)]
+        if admitted:
+            cap = self._limits.max_refusal_field_chars
+            details: dict[str, object] = {
+                "reason": exc.reason,
+                "message": bounded(exc.message, cap),
+            }
+            if peer is not None:
+                details.update(pid=peer.pid, uid=peer.uid, gid=peer.gid)
+            else:
+                details["origin"] = caller
+            events.append(
+                self._event("attest.refused", actor=bounded(attestor, cap), details=details)
+            )
+        if events:
+            await self._store.append_audit(events)
+
+    def _suppressed_event(self, summary: Suppressed) -> AuditEvent:
+        log.warning(
+            "attestation refusals left out of the audit: %d in the window from %s",
+            summary.count,
+            summary.window_start.isoformat(),
+        )
+        return self._event("attest.refusals_suppressed", actor=AUTHORITY, details=summary.details())
+
+    async def flush_refusals(self) -> None:
+        """Write the summary of a closed window of suppressed refusals, if one is due."""
+        summary = self._refusals.flush(self._clock.now())
+        if summary is not None:
+            await self._store.append_audit([self._suppressed_event(summary)])
 
     def _identities_for(
         self,
@@ -712,6 +770,7 @@ class Authority:
 
     async def checkpoint(self, seq: int | None = None) -> Checkpoint | None:
         """Sign the chain at ``seq`` (default: the head); None when the chain is empty."""
+        await self.flush_refusals()
         head_seq, head_hash = await self._store.audit_head()
         if seq is None or seq == head_seq:
             seq, record_hash = head_seq, head_hash
@@ -728,9 +787,21 @@ class Authority:
         return checkpoint
 
     async def audit_records(
-        self, *, after_seq: int = 0, task_ids: Sequence[str] = (), limit: int = 1000
+        self, *, after_seq: int = 0, task_ids: Sequence[str] = ()
     ) -> list[AuditRecord]:
-        return await self._store.audit_records(after_seq=after_seq, task_ids=task_ids, limit=limit)
+        """One page of the chain after ``after_seq``, bounded in records and in bytes."""
+        if len(task_ids) > self._limits.max_export_task_ids:
+            raise InvalidArgument(
+                f"at most {self._limits.max_export_task_ids} task ids", reason="TOO_MANY_TASKS"
+            )
+        for task_id in task_ids:
+            check_task_id(task_id)
+        return await self._store.audit_records(
+            after_seq=after_seq,
+            task_ids=task_ids,
+            limit=self._limits.audit_page_records,
+            max_bytes=self._limits.audit_page_bytes,
+        )
 
     async def audit_info(self) -> tuple[tuple[int, str], tuple[int, str], list[Checkpoint]]:
         """(anchor, head, checkpoints)."""

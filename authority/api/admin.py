@@ -15,7 +15,7 @@ from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
 from authority.api.convert import (
     approval_to_pb,
     attestor_to_pb,
-    audit_record_to_pb,
+    audit_record_messages,
     authority_to_pb,
     bundle_to_pb,
     checkpoint_to_pb,
@@ -23,15 +23,16 @@ from authority.api.convert import (
     policy_info,
     seconds,
     selectors_from_pb,
+    sequence,
     ts,
 )
 from authority.api.revocations import RevocationFeed
-from authority.api.status import REASON_KEY, rpc
+from authority.api.status import REASON_KEY, rpc, rpc_stream
 from authority.attestation import parse_config
 from authority.errors import FailedPrecondition, InvalidArgument
 from authority.exchange import ExchangeService
 from authority.metrics import METRICS
-from authority.models import RevocationKind
+from authority.models import RevocationKind, check_json
 from authority.policy_admin import PolicyAdmin
 from authority.service import Authority
 
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 ADMIN_SERVICE = "authority.v1.Admin"
-AUDIT_PAGE = 1000
 FOLLOW_POLL_SECONDS = 0.2
 
 
@@ -55,6 +55,7 @@ class AdminService(pb_grpc.AdminServicer):
         self._exchange = exchange
         self._policy = policy
         self._feed = feed
+        self._limits = authority.limits
 
     @rpc
     async def CreateEntry(
@@ -63,8 +64,8 @@ class AdminService(pb_grpc.AdminServicer):
         entry = await self._authority.create_entry(
             spiffe_id=request.spiffe_id,
             selectors=selectors_from_pb(list(request.selectors)),
-            x509_ttl=seconds(request.x509_ttl_seconds),
-            jwt_ttl=seconds(request.jwt_ttl_seconds),
+            x509_ttl=seconds(request.x509_ttl_seconds, self._limits, "x509_ttl_seconds"),
+            jwt_ttl=seconds(request.jwt_ttl_seconds, self._limits, "jwt_ttl_seconds"),
             dns_names=list(request.dns_names),
             admin=request.admin,
             record_prompts=request.record_prompts,
@@ -96,7 +97,7 @@ class AdminService(pb_grpc.AdminServicer):
         self, request: pb.CreateJoinTokenRequest, context: Context
     ) -> pb.CreateJoinTokenResponse:
         secret, token = await self._authority.create_join_token(
-            request.spiffe_id, seconds(request.ttl_seconds)
+            request.spiffe_id, seconds(request.ttl_seconds, self._limits)
         )
         return pb.CreateJoinTokenResponse(
             token=secret, token_id=token.token_id, expires_at=ts(token.expires_at)
@@ -117,7 +118,7 @@ class AdminService(pb_grpc.AdminServicer):
         self, request: pb.RegisterAttestorRequest, context: Context
     ) -> pb.AttestorInstance:
         record = await self._authority.attestors.register(
-            request.name, request.plugin, parse_config(request.config_json)
+            request.name, request.plugin, parse_config(request.config_json, self._limits)
         )
         return attestor_to_pb(record)
 
@@ -126,7 +127,7 @@ class AdminService(pb_grpc.AdminServicer):
         self, request: pb.UpdateAttestorRequest, context: Context
     ) -> pb.AttestorInstance:
         record = await self._authority.attestors.update(
-            request.name, parse_config(request.config_json)
+            request.name, parse_config(request.config_json, self._limits)
         )
         return attestor_to_pb(record)
 
@@ -152,18 +153,23 @@ class AdminService(pb_grpc.AdminServicer):
         await self._authority.unregister_attestor(request.name)
         return pb.UnregisterAttestorResponse()
 
+    @rpc_stream
     async def ExportAudit(
         self, request: pb.ExportAuditRequest, context: Context
     ) -> AsyncIterator[pb.AuditRecord]:
-        after = request.after_seq
+        """The chain in pages bounded in records and bytes; a record larger than
+        limits.audit_fragment_bytes goes out in fragments (``continued``)."""
+        after = sequence(request.after_seq, "after_seq")
         tasks = list(request.task_ids)
+        fragment = self._limits.audit_fragment_bytes
         while True:
             batch = await self._authority.audit_records(after_seq=after, task_ids=tasks)
             for record in batch:
                 after = record.seq
                 if record.time_us >= request.since_time_us:
-                    yield audit_record_to_pb(record)
-            if len(batch) < AUDIT_PAGE:
+                    for message in audit_record_messages(record, fragment):
+                        yield message
+            if not batch:
                 if not request.follow:
                     return
                 await asyncio.sleep(FOLLOW_POLL_SECONDS)
@@ -188,7 +194,7 @@ class AdminService(pb_grpc.AdminServicer):
     async def CheckpointAudit(
         self, request: pb.CheckpointAuditRequest, context: Context
     ) -> pb.AuditCheckpoint:
-        checkpoint = await self._authority.checkpoint(request.seq or None)
+        checkpoint = await self._authority.checkpoint(sequence(request.seq, "seq") or None)
         if checkpoint is None:
             raise FailedPrecondition("the audit chain is empty", reason="AUDIT_EMPTY")
         return checkpoint_to_pb(checkpoint)
@@ -197,7 +203,8 @@ class AdminService(pb_grpc.AdminServicer):
     async def PruneAudit(
         self, request: pb.PruneAuditRequest, context: Context
     ) -> pb.PruneAuditResponse:
-        return pb.PruneAuditResponse(removed=await self._authority.prune_audit(request.through_seq))
+        through = sequence(request.through_seq, "through_seq")
+        return pb.PruneAuditResponse(removed=await self._authority.prune_audit(through))
 
     @rpc
     async def ListApprovals(
@@ -212,7 +219,9 @@ class AdminService(pb_grpc.AdminServicer):
     @rpc
     async def Approve(self, request: pb.ApproveRequest, context: Context) -> pb.ApprovalInfo:
         approval = await self._exchange.approve(
-            request.id, grant=seconds(request.grant_seconds), note=request.note
+            request.id,
+            grant=seconds(request.grant_seconds, self._limits, "grant_seconds"),
+            note=request.note,
         )
         return approval_to_pb(approval, self._authority.now())
 
@@ -224,6 +233,11 @@ class AdminService(pb_grpc.AdminServicer):
     @rpc
     async def LoadPolicy(self, request: pb.LoadPolicyRequest, context: Context) -> pb.PolicyInfo:
         files = {f.name: f.content for f in request.files}
+        for name, content in files.items():
+            if name.endswith(".json"):  # policy tests: the loader parses them
+                self._check_json(
+                    content, f"policy file {name[:64]!r}", self._limits.max_message_bytes
+                )
         return policy_info(await self._policy.load(files))
 
     @rpc
@@ -234,6 +248,7 @@ class AdminService(pb_grpc.AdminServicer):
     async def ExplainPolicy(
         self, request: pb.ExplainPolicyRequest, context: Context
     ) -> pb.ExplainPolicyResponse:
+        self._check_json(request.input_json, "input_json")
         return pb.ExplainPolicyResponse(explanation_json=self._policy.explain(request.input_json))
 
     @rpc
@@ -252,10 +267,11 @@ class AdminService(pb_grpc.AdminServicer):
         )
         return pb.RevokeResponse(revocations=[self._feed.event(r) for r in stored])
 
+    @rpc_stream
     async def WatchRevocations(
         self, request: pb.WatchRevocationsRequest, context: Context
     ) -> AsyncIterator[pb.RevocationMessage]:
-        async for message in self._feed.stream(request.since):
+        async for message in self._feed.stream(sequence(request.since, "since")):
             yield message
 
     @rpc
@@ -273,6 +289,14 @@ class AdminService(pb_grpc.AdminServicer):
     ) -> pb.ListAuthoritiesResponse:
         return pb.ListAuthoritiesResponse(
             authorities=[authority_to_pb(i) for i in self._authority.ca.authorities()]
+        )
+
+    def _check_json(self, text: str, what: str, max_bytes: int | None = None) -> None:
+        check_json(
+            text,
+            max_bytes=max_bytes or self._limits.max_json_bytes,
+            max_depth=self._limits.max_json_depth,
+            what=what,
         )
 
 

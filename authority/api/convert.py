@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -10,6 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority.audit import AuditRecord, Checkpoint
 from authority.bundle import TrustBundle, parse_jwks
+from authority.config import Limits
 from authority.errors import InvalidArgument
 from authority.exchange import AuditContext, ExchangeOutcome
 from authority.ids import TrustDomain
@@ -30,8 +32,25 @@ def ts(when: dt.datetime) -> int:
     return int(when.timestamp())
 
 
-def seconds(value: int) -> dt.timedelta | None:
+# The largest sequence number a request may name: SQLite's INTEGER is a signed 64-bit int.
+MAX_SEQ = 2**63 - 1
+
+
+def seconds(value: int, limits: Limits, field: str = "ttl_seconds") -> dt.timedelta | None:
+    """A request's ``*_seconds`` (0: unset) as a duration, within 0..max_request_seconds (the
+    use case then applies its own, narrower bounds)."""
+    if not 0 <= value <= limits.max_request_seconds:
+        raise InvalidArgument(
+            f"{field} must be between 0 and {limits.max_request_seconds}", reason="OUT_OF_RANGE"
+        )
     return dt.timedelta(seconds=value) if value else None
+
+
+def sequence(value: int, field: str) -> int:
+    """A request's sequence number (``after_seq``, ``through_seq``, ``since``...), 0..MAX_SEQ."""
+    if not 0 <= value <= MAX_SEQ:
+        raise InvalidArgument(f"{field} must be between 0 and {MAX_SEQ}", reason="OUT_OF_RANGE")
+    return value
 
 
 _bundle_cache: list[tuple[TrustBundle, pb.Bundle]] = []
@@ -130,34 +149,59 @@ def attestor_to_pb(record: AttestorInstance) -> pb.AttestorInstance:
     )
 
 
-def audit_record_to_pb(record: AuditRecord) -> pb.AuditRecord:
-    return pb.AuditRecord(
-        seq=record.seq,
-        time_us=record.time_us,
-        kind=record.kind,
-        actor=record.actor,
-        subject=record.subject,
-        task_id=record.task_id,
-        decision_id=record.decision_id,
-        details_json=record.details_json,
-        prev_hash=record.prev_hash,
-        hash=record.hash,
-    )
+# An audit record's text fields, in the order a fragmented record fills its messages.
+_AUDIT_TEXT = ("kind", "actor", "subject", "task_id", "decision_id", "details_json")
 
 
-def audit_record_from_pb(msg: pb.AuditRecord) -> AuditRecord:
-    return AuditRecord(
-        seq=msg.seq,
-        time_us=msg.time_us,
-        kind=msg.kind,
-        actor=msg.actor,
-        subject=msg.subject,
-        task_id=msg.task_id,
-        decision_id=msg.decision_id,
-        details_json=msg.details_json,
-        prev_hash=msg.prev_hash,
-        hash=msg.hash,
-    )
+def audit_record_messages(record: AuditRecord, fragment_bytes: int) -> Iterator[pb.AuditRecord]:
+    """The messages that carry ``record``: one, or for a record whose text exceeds
+    ``fragment_bytes`` (UTF-8 takes at most 4 bytes a character) several, its text fields cut
+    in order, each message but the last marked ``continued`` (see AuditRecordAssembler)."""
+    budget = max(1, fragment_bytes // 4)
+    remaining = {name: str(getattr(record, name)) for name in _AUDIT_TEXT}
+    while True:
+        left = budget
+        text: dict[str, str] = {}
+        for name in _AUDIT_TEXT:
+            text[name], remaining[name] = remaining[name][:left], remaining[name][left:]
+            left -= len(text[name])
+        continued = any(remaining.values())
+        yield pb.AuditRecord(
+            seq=record.seq,
+            time_us=record.time_us,
+            prev_hash=record.prev_hash,
+            hash=record.hash,
+            continued=continued,
+            **text,
+        )
+        if not continued:
+            return
+
+
+class AuditRecordAssembler:
+    """Joins the messages of an ExportAudit stream back into records (a large one arrives in
+    fragments: the text fields of each continue in the next)."""
+
+    def __init__(self) -> None:
+        self._parts: list[pb.AuditRecord] = []
+
+    def add(self, msg: pb.AuditRecord) -> AuditRecord | None:
+        """The record ``msg`` completes, or None while its fragments are still coming."""
+        if self._parts and self._parts[0].seq != msg.seq:
+            raise ValueError(f"record {self._parts[0].seq} ended without its last fragment")
+        self._parts.append(msg)
+        if msg.continued:
+            return None
+        parts, self._parts = self._parts, []
+        text = {name: "".join(getattr(m, name) for m in parts) for name in _AUDIT_TEXT}
+        return AuditRecord(
+            seq=msg.seq, time_us=msg.time_us, prev_hash=msg.prev_hash, hash=msg.hash, **text
+        )
+
+    def finish(self) -> None:
+        """At the end of the stream: a record left incomplete is an error."""
+        if self._parts:
+            raise ValueError(f"the export ended inside record {self._parts[0].seq}")
 
 
 def checkpoint_to_pb(checkpoint: Checkpoint) -> pb.AuditCheckpoint:

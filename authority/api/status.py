@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -85,6 +85,35 @@ def rpc(fn: _F) -> _F:
     ) -> Any:
         try:
             return await fn(self, request, context)
+        except errors.AuthorityError as exc:
+            await abort(context, exc)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("unhandled error in %s", fn.__qualname__)
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                GENERIC_INTERNAL,
+                trailing_metadata=((REASON_KEY, errors.Internal.reason),),
+            )
+
+    return wrapper  # type: ignore[return-value]
+
+
+_G = TypeVar("_G", bound=Callable[..., AsyncIterator[Any]])
+
+
+def rpc_stream(fn: _G) -> _G:
+    """``rpc`` for a servicer method that yields its responses (a server stream): an error
+    raised before or between messages ends the stream with its status, never UNKNOWN."""
+
+    @functools.wraps(fn)
+    async def wrapper(
+        self: object, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        try:
+            async for message in fn(self, request, context):
+                yield message
         except errors.AuthorityError as exc:
             await abort(context, exc)
         except grpc.aio.AbortError:

@@ -14,7 +14,7 @@ whose schema is newer than the code: ``FailedPrecondition`` (STORE_SCHEMA_TOO_NE
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from authority.audit import AuditEvent, AuditRecord, Checkpoint
@@ -31,6 +31,24 @@ from authority.models import (
     TaskRecord,
     TaskTokenRecord,
 )
+
+
+def audit_page(
+    records: Iterable[AuditRecord], limit: int, max_bytes: int | None
+) -> list[AuditRecord]:
+    """The first records of ``records``: at most ``limit``, ending with the one whose text
+    (``AuditRecord.size``) brings the page to ``max_bytes`` (None: no byte bound). Reads no
+    further than it keeps, so a backend can pass a cursor."""
+    page: list[AuditRecord] = []
+    total = 0
+    for record in records:
+        if len(page) >= limit:
+            break
+        page.append(record)
+        total += record.size
+        if max_bytes is not None and total >= max_bytes:
+            break
+    return page
 
 
 class Store(Protocol):
@@ -195,8 +213,17 @@ class Store(Protocol):
         ...
 
     async def audit_records(
-        self, *, after_seq: int = 0, limit: int = 10_000, task_ids: Sequence[str] = ()
-    ) -> list[AuditRecord]: ...
+        self,
+        *,
+        after_seq: int = 0,
+        limit: int = 10_000,
+        task_ids: Sequence[str] = (),
+        max_bytes: int | None = None,
+    ) -> list[AuditRecord]:
+        """Records after ``after_seq`` in order: at most ``limit``, and no more once their text
+        reaches ``max_bytes`` (the record that reaches it included: a page is never empty
+        while records remain, however large one is). See ``audit_page``."""
+        ...
 
     async def audit_head(self) -> tuple[int, str]:
         """(seq, hash) of the last record; (anchor seq - 1, anchor hash) when there is none."""

@@ -37,6 +37,7 @@ from authority.models import (
     TaskRecord,
     TaskTokenRecord,
 )
+from authority.store import audit_page
 
 PRUNE_GRACE: Final = dt.timedelta(days=1)
 
@@ -472,14 +473,19 @@ class MemoryStore:
         return self._append(events)
 
     async def audit_records(
-        self, *, after_seq: int = 0, limit: int = 10_000, task_ids: Sequence[str] = ()
+        self,
+        *,
+        after_seq: int = 0,
+        limit: int = 10_000,
+        task_ids: Sequence[str] = (),
+        max_bytes: int | None = None,
     ) -> list[AuditRecord]:
         self._check_open()
         wanted = set(task_ids)
-        found = [
+        found = (
             r for r in self._audit if r.seq > after_seq and (not wanted or r.task_id in wanted)
-        ]
-        return found[:limit]
+        )
+        return audit_page(found, limit, max_bytes)
 
     async def audit_head(self) -> tuple[int, str]:
         self._check_open()

@@ -62,6 +62,7 @@ from authority.models import (
     TaskRecord,
     TaskTokenRecord,
 )
+from authority.store import audit_page
 
 T = TypeVar("T")
 
@@ -1167,7 +1168,12 @@ class SqliteStore:
         return await self._run(lambda db: _append(db, events))
 
     async def audit_records(
-        self, *, after_seq: int = 0, limit: int = 10_000, task_ids: Sequence[str] = ()
+        self,
+        *,
+        after_seq: int = 0,
+        limit: int = 10_000,
+        task_ids: Sequence[str] = (),
+        max_bytes: int | None = None,
     ) -> list[AuditRecord]:
         def job(db: Database) -> list[AuditRecord]:
             if task_ids:
@@ -1181,7 +1187,7 @@ class SqliteStore:
                 rows = db.query(
                     "SELECT * FROM audit WHERE seq > ? ORDER BY seq LIMIT ?", [after_seq, limit]
                 )
-            return [_audit_from_row(row) for row in rows]
+            return audit_page((_audit_from_row(row) for row in rows), limit, max_bytes)
 
         return await self._run(job)
 
