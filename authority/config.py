@@ -95,6 +95,7 @@ class Limits:
     # Audit export: a page ends at whichever bound comes first; a record larger than one
     # message (written by an older version) travels in fragments of audit_fragment_bytes.
     audit_page_records: int = 1000
+    max_export_task_ids: int = 256  # task ids one ExportAudit request may name
     audit_page_bytes: int = 1024 * 1024
     audit_fragment_bytes: int = 1024 * 1024
 
