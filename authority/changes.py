@@ -15,6 +15,7 @@ from authority.tasks import cancel_and_wait
 if TYPE_CHECKING:
     from authority.revocation import Subscription
     from authority.service import Authority
+    from authority.supervisor import Supervisor
 
 
 class Waiters:
@@ -50,11 +51,17 @@ class ChangeNotifier(Waiters):
         self._sub: Subscription | None = None
         self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
+    def start(
+        self, supervisor: Supervisor | None = None, name: str = "workload-api-changes"
+    ) -> None:
+        """Listen; the revocation pump runs under ``supervisor`` (as ``name``) when given."""
         self._ca.add_listener(self.notify)
         self._authority.add_entry_listener(self.notify)
         self._sub = self._hub.subscribe()
-        self._task = asyncio.create_task(self._pump(), name="workload-api-revocations")
+        if supervisor is not None:
+            supervisor.start(name, self._pump)
+        else:
+            self._task = asyncio.create_task(self._pump(), name=name)
 
     async def close(self) -> None:
         await cancel_and_wait([self._task])
@@ -66,6 +73,10 @@ class ChangeNotifier(Waiters):
         self._waiters.clear()  # the CA keeps the listener; it then wakes no one
 
     async def _pump(self) -> None:
+        if self._sub is None or self._sub.overflowed:  # restarted: a subscription afresh
+            if self._sub is not None:
+                self._hub.unsubscribe(self._sub)
+            self._sub = self._hub.subscribe()
         while True:
             assert self._sub is not None
             await self._sub.queue.get()

@@ -39,7 +39,7 @@ from authority.ca import CertificateAuthority, Upstream
 from authority.changes import ChangeNotifier
 from authority.clock import Clock, SystemClock
 from authority.config import Config, split_host_port
-from authority.errors import FailedPrecondition
+from authority.errors import AuthorityError, FailedPrecondition
 from authority.exchange import ExchangeService
 from authority.ids import SpiffeId
 from authority.keyvault import FileKeyVault, private_key_pem
@@ -47,14 +47,22 @@ from authority.policy_admin import PolicyAdmin
 from authority.revocation import RevocationHub, RevocationService
 from authority.service import Authority
 from authority.store.sqlite import SqliteStore
+from authority.supervisor import Sleep, Supervisor
 from authority.svid import X509Svid
-from authority.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
 SERVER_SVID_TTL = dt.timedelta(hours=1)
 MAINTENANCE_INTERVAL = 10.0
 PRUNE_INTERVAL = 3600.0
+# The scheduled jobs, each supervised alone and named so in the admin socket's health service.
+# While a critical one fails, the overall health ("") is NOT_SERVING too.
+POLICY_JOB = "policy-reload"
+CA_JOB = "ca-maintenance"
+SERVER_CERT_JOB = "server-certificate"
+PRUNE_JOB = "store-prune"
+CHECKPOINT_JOB = "audit-checkpoints"
+CHANGES_JOB = "workload-api-changes"
 
 
 def server_spiffe_id(config: Config) -> SpiffeId:
@@ -160,12 +168,19 @@ def _prepare_unix_socket(path: Path) -> None:
 class AuthorityServer:
     """Everything, wired. ``start`` binds and serves; ``stop`` drains and closes."""
 
-    def __init__(self, config: Config, clock: Clock | None = None) -> None:
+    def __init__(
+        self, config: Config, clock: Clock | None = None, *, sleep: Sleep = asyncio.sleep
+    ) -> None:
+        """``sleep``: how the scheduled jobs wait between runs (tests shorten it)."""
         self.config = config
         self.clock = clock or SystemClock()
         self.port = 0
         self.mtls_port = 0
-        self._tasks: list[asyncio.Task[None]] = []
+        self.supervisor = Supervisor(
+            sleep=sleep, expected=(AuthorityError, OSError), on_change=self._job_changed
+        )
+        self._admin_health: health.aio.HealthServicer | None = None  # type: ignore[name-defined]
+        self._health_updates: set[asyncio.Task[None]] = set()
         self._servers: list[grpc.aio.Server] = []
         self._store: SqliteStore | None = None
         self._local: grpclib.server.Server | None = None
@@ -263,7 +278,7 @@ class AuthorityServer:
         )
         mtls_address = config.advertise_mtls or f":{self.mtls_port}"
         changes = ChangeNotifier(authority)
-        changes.start()
+        changes.start(self.supervisor, CHANGES_JOB)
         self._changes = changes
         pb_grpc.add_WorkloadServicer_to_server(
             WorkloadService(
@@ -283,7 +298,7 @@ class AuthorityServer:
         finally:
             os.umask(old_umask)
         pb_grpc.add_AdminServicer_to_server(AdminService(authority, exchange, policy, feed), admin)
-        await self._add_health_and_reflection(admin, "authority.v1.Admin")
+        self._admin_health = await self._add_health_and_reflection(admin, "authority.v1.Admin")
 
         await workload.start()
         await admin.start()
@@ -307,11 +322,7 @@ class AuthorityServer:
         os.chmod(local_path, config.local_socket_mode)
         if config.workload_api_socket is not None:
             await self._start_workload_api(config.workload_api_socket, authority, changes)
-        self._tasks = [
-            asyncio.create_task(self._maintenance(), name="ca-maintenance"),
-            asyncio.create_task(self._prune(), name="store-prune"),
-            asyncio.create_task(self._checkpoints(), name="audit-checkpoints"),
-        ]
+        await self._schedule()
         log.info(
             "authority serving: trust_domain=%s tls=%s mtls=%s admin=%s local=%s",
             config.trust_domain,
@@ -340,7 +351,9 @@ class AuthorityServer:
         log.info("SPIFFE Workload API serving: socket=%s", path)
 
     @staticmethod
-    async def _add_health_and_reflection(server: grpc.aio.Server, service: str) -> None:
+    async def _add_health_and_reflection(
+        server: grpc.aio.Server, service: str
+    ) -> health.aio.HealthServicer:  # type: ignore[name-defined]
         servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
         for name in ("", service):
@@ -351,18 +364,50 @@ class AuthorityServer:
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(names, server)
+        return servicer
 
-    async def _maintenance(self) -> None:
+    # --- scheduled jobs: each fails alone, is logged once per change, and shows in health ------
+
+    async def _schedule(self) -> None:
+        """Start the scheduled jobs, each under the supervisor, each SERVING to begin with."""
+        if self._admin_health is not None:
+            for name in (POLICY_JOB, CA_JOB, SERVER_CERT_JOB, PRUNE_JOB, CHECKPOINT_JOB):
+                await self._admin_health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        supervisor = self.supervisor
+        checkpoints = self.config.audit_checkpoint_interval.total_seconds()
+        supervisor.every(POLICY_JOB, MAINTENANCE_INTERVAL, self._reload_policy, critical=False)
+        supervisor.every(CA_JOB, MAINTENANCE_INTERVAL, self._maintain_ca)
+        supervisor.every(SERVER_CERT_JOB, MAINTENANCE_INTERVAL, self._refresh_server_certificate)
+        supervisor.every(PRUNE_JOB, PRUNE_INTERVAL, self._prune_once, critical=False)
+        supervisor.every(CHECKPOINT_JOB, checkpoints, self._checkpoint_once, critical=False)
+
+    def _job_changed(self, name: str, up: bool) -> None:
+        """A job failing or recovered: its health, and the whole server's when it is critical."""
+        servicer = self._admin_health
+        if servicer is None:
+            return
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        overall = serving if self.supervisor.healthy() else not_serving
+
+        async def update() -> None:
+            await servicer.set(name, serving if up else not_serving)
+            await servicer.set("", overall)
+
+        task = asyncio.get_running_loop().create_task(update())
+        self._health_updates.add(task)
+        task.add_done_callback(self._health_updates.discard)
+
+    async def _reload_policy(self) -> None:
+        await self.policy.reload_if_changed()
+
+    async def _maintain_ca(self) -> None:
         assert self.authority is not None
-        while True:
-            await asyncio.sleep(MAINTENANCE_INTERVAL)
-            try:
-                await self.policy.reload_if_changed()
-                changed = await self.authority.ca.maintain()
-                if not changed and self._tls.due(self.clock.now()):
-                    self._tls.refresh()
-            except Exception:
-                log.exception("CA maintenance failed; will retry")
+        await self.authority.ca.maintain()  # a change re-issues the server SVID (a listener)
+
+    async def _refresh_server_certificate(self) -> None:
+        if self._tls.due(self.clock.now()):
+            self._tls.refresh()
 
     async def _checkpoint_once(self) -> None:
         assert self.authority is not None
@@ -374,26 +419,13 @@ class AuthorityServer:
                 self._checkpointed = checkpoint.seq
                 log.info("audit checkpoint: seq=%d hash=%s", checkpoint.seq, checkpoint.hash[:16])
 
-    async def _checkpoints(self) -> None:
-        interval = self.config.audit_checkpoint_interval.total_seconds()
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self._checkpoint_once()
-            except Exception:
-                log.exception("audit checkpoint failed; will retry")
-
-    async def _prune(self) -> None:
+    async def _prune_once(self) -> None:
         assert self._store is not None
-        while True:
-            await asyncio.sleep(PRUNE_INTERVAL)
-            try:
-                await self._store.prune(self.clock.now())
-            except Exception:
-                log.exception("store prune failed; will retry")
+        await self._store.prune(self.clock.now())
 
     async def stop(self, grace: float = 5.0) -> None:
-        await cancel_and_wait(self._tasks)
+        await self.supervisor.stop()
+        await asyncio.gather(*self._health_updates, return_exceptions=True)
         if self._store is not None and self.authority is not None:
             try:
                 await self._checkpoint_once()
