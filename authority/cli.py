@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import tomllib
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from functools import wraps
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -29,15 +29,17 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import grpc
 from google.protobuf.message import Message
 
-from authority import audit_cli
+from authority import audit_cli, backoff
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority.api.status import status_reason
 from authority.client import (
     AdminClient,
     FetchedX509Svid,
+    RevocationWatcher,
     SvidFiles,
     WorkloadApiClient,
     WorkloadClient,
+    check_svid_current,
     der_chain_to_pem,
     make_csr,
     x509pop_responder,
@@ -812,19 +814,39 @@ def watch(
     trust_bundle: Path | None,
     admin_socket: str,
 ) -> None:
-    """Print revocations as they arrive (replaying from --since), until interrupted."""
+    """Print revocations as they arrive (replaying from --since), until interrupted.
 
-    def show(message: pb.RevocationMessage) -> None:
+    A lost stream (the authority restarting, say) is resumed from the last revocation printed,
+    after a backoff with jitter; the loss and the recovery are logged once each on stderr."""
+    if server and svid_dir is None:
+        raise CliError("--server needs --svid-dir (the subscriber's SVID)")
+    if not server and not Path(admin_socket).exists():
+        raise CliError(
+            f"no admin socket at {admin_socket} (is the authority running? see --admin-socket)"
+        )
+    if server and svid_dir is not None:
+        check_svid_current(SvidFiles(svid_dir).cert_path.read_bytes())
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    def show(message: pb.RevocationMessage, last: int) -> None:
+        """``last``: the position before ``message``; what is at or below it was printed."""
         body = message.WhichOneof("body")
         if body == "event":
             event = message.event
+            if event.seq <= last:
+                return
             if fmt == "json":
                 click.echo(json.dumps(_event_json(event)))
             else:
                 click.echo(f"{event.seq:>6} {event.kind:8} {event.target}  reason={event.reason!r}")
         elif body == "snapshot":
+            # Below our position: the authority's store was restored (another history), so
+            # all of it is news; otherwise what we printed already is skipped.
+            floor = 0 if message.snapshot.seq < last else last
             for event in message.snapshot.revocations:
-                show(pb.RevocationMessage(event=event))
+                show(pb.RevocationMessage(event=event), floor)
         elif body == "heartbeat" and heartbeats:
             click.echo(
                 json.dumps({"heartbeat": message.heartbeat.seq})
@@ -834,39 +856,33 @@ def watch(
         elif body == "resync":
             click.echo("resync: reconnecting", err=True)
 
+    async def mtls_stream(last: int) -> AsyncIterator[pb.RevocationMessage]:
+        assert server is not None
+        assert svid_dir is not None
+        # Read again on each connection: the SVID in the folder may have been renewed.
+        async with WorkloadClient.from_svid_dir(server, svid_dir, trust_bundle) as client:
+            stub = await client.mtls_stub()
+            async for message in stub.WatchRevocations(pb.WatchRevocationsRequest(since=last)):
+                yield message
+
+    async def admin_stream(last: int) -> AsyncIterator[pb.RevocationMessage]:
+        async with AdminClient(admin_socket) as admin_client:
+            stream = admin_client.stub.WatchRevocations(pb.WatchRevocationsRequest(since=last))
+            async for message in stream:
+                yield message
+
     async def go() -> None:
-        last = since
-        while True:
-            if server:
-                if svid_dir is None:
-                    raise CliError("--server needs --svid-dir (the subscriber's SVID)")
-                async with WorkloadClient.from_svid_dir(server, svid_dir, trust_bundle) as client:
-                    stub = await client.mtls_stub()
-                    stream = stub.WatchRevocations(pb.WatchRevocationsRequest(since=last))
-                    async for message in stream:
-                        show(message)
-                        last = _last_seq(message, last)
-            else:
-                async with AdminClient(admin_socket) as admin_client:
-                    stream = admin_client.stub.WatchRevocations(
-                        pb.WatchRevocationsRequest(since=last)
-                    )
-                    async for message in stream:
-                        show(message)
-                        last = _last_seq(message, last)
-            await asyncio.sleep(0.2)
+        watcher = RevocationWatcher(
+            mtls_stream if server else admin_stream,
+            since=since,
+            backoff_initial=backoff.DEFAULT_INITIAL,
+            backoff_max=backoff.DEFAULT_CAP,
+            on_message=lambda message: show(message, watcher.seq),
+        )
+        await watcher.run()
 
     with contextlib.suppress(KeyboardInterrupt):
         _run(go())
-
-
-def _last_seq(message: pb.RevocationMessage, last: int) -> int:
-    body = message.WhichOneof("body")
-    if body == "event":
-        return max(last, message.event.seq)
-    if body == "snapshot":
-        return max(last, message.snapshot.seq)
-    return last
 
 
 # --- audit -------------------------------------------------------------------------------

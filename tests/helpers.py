@@ -213,9 +213,27 @@ class ServeProcess:
 
 
 def start_serve(data_dir: Path, socket_dir: Path, *extra: str) -> ServeProcess:
-    port, mtls_port = free_port(), free_port()
+    return start_serve_on(data_dir, socket_dir, free_port(), free_port(), *extra)
+
+
+def restart_serve(served: ServeProcess, *extra: str, sig: int = signal.SIGTERM) -> ServeProcess:
+    """Stop ``served`` with ``sig`` and serve its data directory again on the same ports and
+    admin socket (``extra``: the options it was started with, if any)."""
+    served.stop(sig)
+    port, mtls_port = (int(a.rpartition(":")[2]) for a in (served.address, served.mtls_address))
+    return start_serve_on(served.data_dir, served.admin_socket.parent, port, mtls_port, *extra)
+
+
+def start_serve_on(
+    data_dir: Path, socket_dir: Path, port: int, mtls_port: int, *extra: str
+) -> ServeProcess:
+    """``authority serve`` on these ports; its output in a log file of its own."""
     admin_socket = socket_dir / "admin.sock"
     log_path = data_dir.parent / f"serve-{port}.log"
+    runs = 1
+    while log_path.exists():  # a restart on the same port: keep the earlier run's log
+        runs += 1
+        log_path = data_dir.parent / f"serve-{port}.{runs}.log"
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
