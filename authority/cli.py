@@ -46,6 +46,7 @@ from authority.client import (
 )
 from authority.config import Config, format_duration, parse_duration
 from authority.errors import AuthorityError
+from authority.watch import unseen
 
 if TYPE_CHECKING:
     from authority.agent import AttestProof
@@ -832,22 +833,13 @@ def watch(
 
     def show(message: pb.RevocationMessage, last: int) -> None:
         """``last``: the position before ``message``; what is at or below it was printed."""
-        body = message.WhichOneof("body")
-        if body == "event":
-            event = message.event
-            if event.seq <= last:
-                return
+        for event in unseen(message, last):
             if fmt == "json":
                 click.echo(json.dumps(_event_json(event)))
             else:
                 click.echo(f"{event.seq:>6} {event.kind:8} {event.target}  reason={event.reason!r}")
-        elif body == "snapshot":
-            # Below our position: the authority's store was restored (another history), so
-            # all of it is news; otherwise what we printed already is skipped.
-            floor = 0 if message.snapshot.seq < last else last
-            for event in message.snapshot.revocations:
-                show(pb.RevocationMessage(event=event), floor)
-        elif body == "heartbeat" and heartbeats:
+        body = message.WhichOneof("body")
+        if body == "heartbeat" and heartbeats:
             click.echo(
                 json.dumps({"heartbeat": message.heartbeat.seq})
                 if fmt == "json"

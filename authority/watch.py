@@ -200,6 +200,20 @@ class RevocationWatcher:
             self.revoked.forget_expired(int(self._wall() * 1_000_000))
 
 
+def unseen(message: pb.RevocationMessage, last: int) -> list[pb.RevocationEvent]:
+    """The revocations in ``message`` that a follower at position ``last`` has not had: an
+    event numbered above it; a snapshot's events numbered above it, or all of them when the
+    snapshot stands below it (the authority's store was restored: its numbers are of another
+    history). Heartbeats and resyncs carry none."""
+    body = message.WhichOneof("body")
+    if body == "event":
+        return [message.event] if message.event.seq > last else []
+    if body == "snapshot":
+        floor = 0 if message.snapshot.seq < last else last
+        return [e for e in message.snapshot.revocations if e.seq > floor]
+    return []
+
+
 def stub_stream(stub: object) -> StreamFactory:
     """A stream factory over a Workload (mTLS) or Admin stub's WatchRevocations."""
 

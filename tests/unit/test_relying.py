@@ -11,6 +11,7 @@ import datetime as dt
 import ipaddress
 import json
 import logging
+import random
 import secrets
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from jwt.algorithms import ECAlgorithm
 
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
+from authority.backoff import Backoff
 from authority.clock import FakeClock
 from authority.errors import (
     AuthorityError,
@@ -613,6 +615,53 @@ async def test_no_keys_at_all_is_unavailable(key_endpoint: KeyEndpoint, clock: F
     key_endpoint.state.failing = False
     clock.advance(dt.timedelta(seconds=1))
     assert await source.keys()
+
+
+class TopOfWindow(random.Random):
+    """Backoff delays at the top of each window: the schedule is known."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+async def test_an_unreachable_authority_is_retried_with_backoff_and_logged_once(
+    key_endpoint: KeyEndpoint, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="authority.relying")
+    key_endpoint.state.failing = True
+    source = source_for(key_endpoint, clock, backoff=Backoff(1.0, 8.0, rng=TopOfWindow()))
+    calls = []
+    for step in [0.0, 0.9, 0.1, 1.9, 0.1, 3.9, 0.1]:  # waits of 1 s, 2 s, 4 s between calls
+        clock.advance(dt.timedelta(seconds=step))
+        with pytest.raises(Unavailable):
+            await source.keys()
+        calls.append(key_endpoint.state.calls)
+    assert calls == [1, 1, 2, 2, 3, 3, 4]
+    key_endpoint.state.failing = False
+    clock.advance(dt.timedelta(seconds=8))
+    assert await source.keys()
+    said = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in said] == [logging.WARNING, logging.INFO, logging.INFO]
+    assert said[0][1].startswith("task-token keys from the authority lost (periodic refresh: ")
+    assert "UNAVAILABLE: down for the test" in said[0][1]
+    assert said[1][1] == "task-token keys from the authority restored after 15.0s"
+    assert said[2][1].startswith("task-token keys fetched")
+
+
+async def test_with_keys_held_a_failing_authority_is_asked_no_more_than_the_interval(
+    key_endpoint: KeyEndpoint, signer: Signer, clock: FakeClock
+) -> None:
+    source = source_for(key_endpoint, clock, backoff=Backoff(1.0, 8.0, rng=TopOfWindow()))
+    await source.keys()
+    key_endpoint.state.failing = True
+    clock.advance(dt.timedelta(minutes=5))
+    for _ in range(3):
+        assert set(await source.keys()) == {signer.kid}  # the keys held still serve
+        clock.advance(dt.timedelta(seconds=10))
+    assert key_endpoint.state.calls == 2  # the backoff is short, the interval is not
+    clock.advance(dt.timedelta(seconds=1))
+    await source.keys()
+    assert key_endpoint.state.calls == 3
 
 
 async def test_keys_of_another_trust_domain_are_refused(

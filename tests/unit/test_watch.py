@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -15,7 +17,7 @@ import grpc
 import pytest
 
 from authority._pb import authority_v1_authority_pb2 as pb
-from authority.watch import KINDS, RevocationSet, RevocationWatcher
+from authority.watch import KINDS, RevocationSet, RevocationWatcher, unseen
 
 NOW_US = 1_800_000_000 * 1_000_000
 LATER_US = NOW_US + 60_000_000
@@ -307,3 +309,95 @@ def test_a_snapshot_sets_the_position_even_below_the_old_one() -> None:
     revoked.replace(snapshot(450, event(449)).snapshot)
     assert revoked.seq == 450
     assert set(revoked.targets["subject"]) == {"spiffe://example.org/v/449"}
+
+
+# --- reconnects: backoff, one log line each way, the position resumed -------------------------
+
+
+class Windows(random.Random):
+    """Records each backoff window drawn from and waits nothing, so retries run at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.windows: list[float] = []
+
+    def uniform(self, a: float, b: float) -> float:
+        self.windows.append(b)
+        return 0.0
+
+
+async def test_retries_back_off_and_a_message_resets_the_backoff() -> None:
+    feed = FakeFeed()
+    rng = Windows()
+    watcher = RevocationWatcher(feed, backoff_initial=0.01, backoff_max=0.04, rng=rng)
+    watcher.start()
+    try:
+        for n in range(1, 6):
+            (await feed.connected(n)).put_nowait(unavailable())
+        stream = await feed.connected(6)
+        assert rng.windows == [0.01, 0.02, 0.04, 0.04, 0.04]  # doubling, capped
+        stream.put_nowait(heartbeat(0))
+        stream.put_nowait(unavailable())
+        await feed.connected(7)
+        assert rng.windows[-1] == 0.01  # heard again: the next loss starts over
+    finally:
+        await watcher.close()
+
+
+async def test_an_outage_is_logged_once_each_way(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="authority.watch")
+    feed = FakeFeed()
+    watcher = RevocationWatcher(feed, rng=Windows())
+    watcher.start()
+    try:
+        (await feed.connected(1)).put_nowait(heartbeat(0))
+        await watcher.wait_synced()
+        feed.streams[0].put_nowait(unavailable())
+        for n in range(2, 52):  # fifty failed reconnects
+            (await feed.connected(n)).put_nowait(unavailable() if n % 2 else None)
+        (await feed.connected(52)).put_nowait(heartbeat(0))
+        await settle(lambda: any("restored" in r.getMessage() for r in caplog.records))
+    finally:
+        await watcher.close()
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(said) == 2, said
+    assert said[0][0] == logging.WARNING
+    assert said[0][1].startswith("revocation feed lost (UNAVAILABLE: gone)")
+    assert said[1][0] == logging.INFO
+    assert said[1][1].startswith("revocation feed restored after ")
+    assert feed.since == [0] * 52
+
+
+async def test_a_watcher_starts_from_the_position_given_and_shows_each_message_first() -> None:
+    feed = FakeFeed()
+    shown: list[tuple[str | None, int]] = []
+    watcher = RevocationWatcher(
+        feed,
+        since=41,
+        on_message=lambda m: shown.append((m.WhichOneof("body"), watcher.seq)),
+    )
+    watcher.start()
+    try:
+        stream = await feed.connected(1)
+        stream.put_nowait(as_message(event(42)))
+        stream.put_nowait(heartbeat(42))
+        await watcher.wait_synced()
+    finally:
+        await watcher.close()
+    assert feed.since == [41]
+    assert shown == [("event", 41), ("heartbeat", 42)]  # before each is applied
+
+
+def test_unseen_is_what_a_follower_has_not_had() -> None:
+    def seqs(message: pb.RevocationMessage, last: int) -> list[int]:
+        return [e.seq for e in unseen(message, last)]
+
+    assert seqs(as_message(event(5)), 4) == [5]
+    assert seqs(as_message(event(5)), 5) == []  # a duplicate
+    assert seqs(heartbeat(9), 0) == []
+    assert seqs(resync(), 0) == []
+    pruned = snapshot(12, event(3), event(8), event(12))
+    assert seqs(pruned, 0) == [3, 8, 12]
+    assert seqs(pruned, 8) == [12]  # what was had already is not had twice
+    restored = snapshot(6, event(2), event(6))  # below the follower: another history
+    assert seqs(restored, 40) == [2, 6]
