@@ -303,7 +303,9 @@ async def test_the_workload_api_stream_carries_on_across_a_restart(
 
 
 def _svid_dir(folder: Path, not_before: dt.datetime, not_after: dt.datetime) -> Path:
-    ca = make_ca()
+    ca = make_ca(
+        not_before=not_before - dt.timedelta(hours=1), not_after=not_after + dt.timedelta(days=1)
+    )
     key = ec_key()
     leaf = make_leaf(ca, key.public_key(), not_before=not_before, not_after=not_after)
     pem = serialization.Encoding.PEM
@@ -311,16 +313,19 @@ def _svid_dir(folder: Path, not_before: dt.datetime, not_after: dt.datetime) -> 
     return folder
 
 
-WORKLOAD_COMMANDS = {
-    "renew": [],
-    "jwt": ["--audience", "svc"],
-    "exchange": ["--action", "read", "--resource", "r", "--audience", "svc", "--purpose", "p"],
-    "delegate": ["--token", "t", "--to-svid", "SVID"],
-    "end-task": ["--task", "t1"],
-}
+SVID_COMMANDS = {
+    "workload renew": [],
+    "workload jwt": ["--audience", "svc"],
+    "workload exchange": [
+        "--action", "read", "--resource", "r", "--audience", "svc", "--purpose", "p",
+    ],
+    "workload delegate": ["--token", "t", "--to-svid", "SVID"],
+    "workload end-task": ["--task", "t1"],
+    "watch": [],  # a relying service's subscription, over mutual TLS
+}  # fmt: skip
 
 
-@pytest.mark.parametrize("command", sorted(WORKLOAD_COMMANDS))
+@pytest.mark.parametrize("command", sorted(SVID_COMMANDS))
 @pytest.mark.parametrize("when", ["expired", "not-yet-valid"])
 def test_a_workload_command_on_an_svid_out_of_its_life_says_so_before_dialing(
     tmp_path: Path, command: str, when: str
@@ -333,14 +338,14 @@ def test_a_workload_command_on_an_svid_out_of_its_life_says_so_before_dialing(
         window = (now + dt.timedelta(minutes=5), now + dt.timedelta(minutes=10))
         expected = f"SVID not valid until {window[0]:%Y-%m-%d %H:%M:%S} UTC"
     folder = _svid_dir(tmp_path / "svid", *window)
-    args = [a.replace("SVID", str(folder / "svid.pem")) for a in WORKLOAD_COMMANDS[command]]
+    args = [a.replace("SVID", str(folder / "svid.pem")) for a in SVID_COMMANDS[command]]
     with socket.socket() as listener:  # where the command would dial: it must not
         listener.bind(("127.0.0.1", 0))
         listener.listen(8)
         listener.setblocking(False)
         server = f"127.0.0.1:{listener.getsockname()[1]}"
         result = subprocess.run(
-            [*authority_command(), "workload", command, "--server", server,
+            [*authority_command(), *command.split(), "--server", server,
              "--svid-dir", str(folder), *args],
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
