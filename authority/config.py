@@ -73,6 +73,18 @@ class Limits:
     default_join_token_ttl: dt.timedelta = dt.timedelta(minutes=10)
     max_join_token_ttl: dt.timedelta = dt.timedelta(days=7)
     max_concurrent_streams: int = 1000
+    # The gRPC listeners (authority.api.listeners): connections each TCP listener (server-TLS,
+    # mutual-TLS) and the admin socket hold at once (more are accepted and closed at once), calls
+    # one peer address has in flight on the TCP listeners, how long a TLS handshake and an idle
+    # connection may last, and the descriptors kept beyond the caps (store, Unix endpoints). The
+    # soft RLIMIT_NOFILE must hold 2 x max_connections_per_listener + max_admin_connections +
+    # fd_reserve, or the server refuses to start.
+    max_connections_per_listener: int = 1000
+    max_admin_connections: int = 64
+    max_calls_per_peer: int = 256
+    handshake_timeout: dt.timedelta = dt.timedelta(seconds=10)
+    connection_idle_timeout: dt.timedelta = dt.timedelta(minutes=5)
+    fd_reserve: int = 256
     # Task tokens and approvals.
     default_task_ttl: dt.timedelta = dt.timedelta(minutes=5)
     approval_wait: dt.timedelta = dt.timedelta(minutes=15)  # a pending approval expires
@@ -161,6 +173,9 @@ class Config:
     # How often the audit chain's head is signed (when it moved).
     audit_checkpoint_interval: dt.timedelta = dt.timedelta(seconds=60)
     log_level: str = "INFO"
+    # gRPC reflection on the TCP listeners too (it is always on the admin socket); off, it lists
+    # nothing the public ports do not serve.
+    reflection_on_public: bool = False
     # Policy files (.cedar or .rego, tests in <name>.tests.json beside them) loaded at start and
     # reloaded when they change; empty: what an operator loaded last, else default deny.
     policy_files: tuple[str, ...] = ()

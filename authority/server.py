@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from authority import __version__
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
+from authority.api import listeners
 from authority.api.admin import AdminService, RefuseAdminHandler
 from authority.api.local import LocalWorkloadService
 from authority.api.revocations import RevocationFeed
@@ -195,6 +196,7 @@ class AuthorityServer:
 
     async def start(self) -> None:
         config = self.config
+        listeners.ensure_fd_limit(config.limits)
         data_dir = config.data_dir
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(data_dir, 0o700)
@@ -254,22 +256,10 @@ class AuthorityServer:
         tls.refresh()
         ca.add_listener(tls.refresh)
 
-        options = [
-            ("grpc.max_receive_message_length", config.limits.max_message_bytes),
-            ("grpc.max_send_message_length", 4 * 1024 * 1024),
-            ("grpc.max_concurrent_streams", config.limits.max_concurrent_streams),
-            # Calls not yet accepted beyond this are refused (CANCELLED): a reconnect storm of
-            # revocation subscribers needs room (grpc's default is 1000, its hard limit 3000).
-            ("grpc.server.max_pending_requests", 3000),
-            ("grpc.server.max_pending_requests_hard_limit", 3000),
-            # Keep idle subscriber connections alive through middleboxes; notice dead peers.
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.so_reuseport", 0),
-        ]
-        workload = grpc.aio.server(options=options)
+        workload = grpc.aio.server(
+            options=listeners.workload_options(config.limits),
+            interceptors=[listeners.RequestGuard(config.limits.max_calls_per_peer)],
+        )
         self.port = workload.add_secure_port(
             config.listen, tls.credentials("tls", require_client_auth=False)
         )
@@ -287,9 +277,14 @@ class AuthorityServer:
             workload,
         )
         workload.add_generic_rpc_handlers((RefuseAdminHandler(),))
-        await self._add_health_and_reflection(workload, "authority.v1.Workload")
+        await self._add_health_and_reflection(
+            workload, "authority.v1.Workload", with_reflection=config.reflection_on_public
+        )
 
-        admin = grpc.aio.server(options=options)
+        admin = grpc.aio.server(
+            options=listeners.admin_options(config.limits),
+            interceptors=[listeners.RequestGuard()],
+        )
         socket_path = config.admin_socket_path
         _prepare_unix_socket(socket_path)
         old_umask = os.umask(0o177 if config.admin_socket_mode == 0o600 else 0o117)
@@ -352,12 +347,14 @@ class AuthorityServer:
 
     @staticmethod
     async def _add_health_and_reflection(
-        server: grpc.aio.Server, service: str
+        server: grpc.aio.Server, service: str, *, with_reflection: bool = True
     ) -> health.aio.HealthServicer:  # type: ignore[name-defined]
         servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
         for name in ("", service):
             await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if not with_reflection:
+            return servicer
         names = (
             service,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

@@ -4,17 +4,23 @@ the server never talk to an impostor."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import datetime as dt
+import logging
+from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
 from authority.client import SvidFiles, WorkloadClient, make_csr, new_key
 from authority.ids import SpiffeId
-from tests.helpers import Running
+from tests.helpers import Running, running_authority
+from tests.helpers import test_config as make_config
 from tests.security._attack import (
     AGENT,
     CALL_TIMEOUT,
@@ -314,3 +320,97 @@ async def test_every_operator_method_is_refused_on_both_workload_ports(
         assert await _refusals(channel) == expected
 
     assert _state(authority) == before
+
+
+# --- undecodable requests and reflection -------------------------------------------------------
+
+GARBAGE = b"\xff\xff"  # a varint that never ends: no protobuf message decodes from it
+MALFORMED_DETAILS = "the request message could not be decoded"
+
+
+async def _garbage_stream(channel: grpc.aio.Channel, method: str) -> grpc.aio.AioRpcError:
+    """One undecodable message on a client stream, held open until the server answers."""
+    answered = asyncio.Event()
+
+    async def requests() -> AsyncIterator[bytes]:
+        yield GARBAGE
+        await answered.wait()
+
+    call = channel.stream_stream(method, None, None)(requests(), timeout=CALL_TIMEOUT)
+    call.add_done_callback(lambda _: answered.set())
+    return await rpc_error(_drain(call))
+
+
+async def _drain(call: AsyncIterable[object]) -> None:
+    async for _ in call:
+        pass
+
+
+@pytest.mark.parametrize("endpoint", ["server-tls", "admin"])
+async def test_undecodable_request_is_invalid_argument_without_traceback(
+    authority: Running, caplog: pytest.LogCaptureFixture, endpoint: str
+) -> None:
+    """Garbage bodies, unary and streamed, on our services and grpc's own health service: a
+    fixed INVALID_ARGUMENT, and one throttled log line for all of them instead of a traceback
+    (about 825 bytes) each."""
+    if endpoint == "admin":
+        channel = grpc.aio.insecure_channel(f"unix:{authority.admin_socket}")
+        unary = ["/authority.v1.Admin/CreateEntry", "/grpc.health.v1.Health/Check"]
+    else:
+        channel = grpc.aio.secure_channel(
+            authority.address, grpc.ssl_channel_credentials(await authority.bundle_pem())
+        )
+        unary = ["/authority.v1.Workload/GetBundle", "/grpc.health.v1.Health/Check"]
+    caplog.set_level(logging.INFO)
+    async with channel:
+        errors = [
+            await rpc_error(channel.unary_unary(method, None, None)(GARBAGE, timeout=CALL_TIMEOUT))
+            for method in unary
+            for _ in range(25)
+        ]
+        if endpoint == "server-tls":
+            errors.append(await _garbage_stream(channel, "/authority.v1.Workload/Attest"))
+
+    for err in errors:
+        assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
+        assert err.details() == MALFORMED_DETAILS
+    assert "Traceback" not in caplog.text
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    lines = [r for r in caplog.records if "undecodable request refused" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert "peer=" in lines[0].getMessage()
+    assert issued_svids(authority.data_dir) == 0
+
+
+async def _listed_services(channel: grpc.aio.Channel) -> list[str]:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    call = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=CALL_TIMEOUT
+    )
+    replies = [reply async for reply in call]
+    return [s.name for reply in replies for s in reply.list_services_response.service]
+
+
+async def test_reflection_is_off_on_the_workload_port(authority: Running) -> None:
+    """The public port does not describe the Admin service (or anything): reflection answers
+    only on the admin socket unless reflection_on_public is set."""
+    async with tls_channel(authority.address, await authority.bundle_pem()) as channel:
+        err = await rpc_error(_listed_services(channel))
+    assert_status(err, grpc.StatusCode.UNIMPLEMENTED, None)
+
+    async with grpc.aio.insecure_channel(f"unix:{authority.admin_socket}") as channel:
+        assert "authority.v1.Admin" in await _listed_services(channel)
+
+
+async def test_reflection_on_public_lists_no_operator_service(
+    tmp_path: Path, socket_dir: Path
+) -> None:
+    config = dataclasses.replace(
+        make_config(tmp_path / "data", socket_dir), reflection_on_public=True
+    )
+    async with running_authority(config) as running:
+        bundle = await running.bundle_pem()
+        async with tls_channel(running.address, bundle) as channel:
+            listed = await _listed_services(channel)
+    assert "authority.v1.Workload" in listed
+    assert "authority.v1.Admin" not in listed

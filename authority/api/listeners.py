@@ -1,0 +1,343 @@
+"""What guards the grpcio listeners: channel options from ``Limits``, the file-descriptor budget
+checked at start, and an interceptor for undecodable requests and calls per peer.
+
+Measured on grpcio 1.85 (tests/security/test_exhaustion.py holds the attacks):
+
+- ``grpc.max_allowed_incoming_connections`` caps each listener (each port of a server, the admin
+  socket too) on its own; a connection beyond it is accepted and closed at once, so it holds no
+  descriptor.
+- ``grpc.server_handshake_timeout_ms`` closes a connection that has not finished its handshake:
+  a TLS ClientHello that never comes, and on the plaintext admin socket an HTTP/2 preface that
+  never comes.
+- ``grpc.max_connection_idle_ms`` sends GOAWAY to a connection with no call in flight; clients
+  reconnect on their next call.
+- ``grpc.max_connection_age_ms`` is not used: it ends every connection, streams included (the
+  revocation feed, an agent's sync), once its age and grace have passed.
+
+grpcio has no cap on connections per peer: its listeners do not expose the accepted socket, and a
+connection that never finishes its handshake reaches no Python code. Calls are what Python sees,
+so ``RequestGuard`` caps the calls one peer address has in flight; the connections one address
+holds are bounded by the listener cap and the two timeouts, and per-address connection limits
+belong in front of the process (nftables ``ct count``, a proxy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import inspect
+import logging
+import resource
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from authority.api.status import abort
+from authority.config import Limits
+from authority.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+
+log = logging.getLogger(__name__)
+
+TCP_LISTENERS = 2  # server-TLS and mutual-TLS
+MALFORMED_LOG_INTERVAL = 10.0  # seconds between two log lines about undecodable requests
+
+if TYPE_CHECKING:
+    Context = grpc.aio.ServicerContext[Any, Any]
+    Handler = grpc.RpcMethodHandler[Any, Any]
+
+
+def _ms(value: dt.timedelta) -> int:
+    return max(1, round(value.total_seconds() * 1000))
+
+
+def _options(limits: Limits, max_connections: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.max_send_message_length", 4 * 1024 * 1024),
+        ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
+        # Calls not yet accepted beyond this are refused (CANCELLED): a reconnect storm of
+        # revocation subscribers needs room (grpc's default is 1000, its hard limit 3000).
+        ("grpc.server.max_pending_requests", 3000),
+        ("grpc.server.max_pending_requests_hard_limit", 3000),
+        # Keep idle subscriber connections alive through middleboxes; notice dead peers.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.so_reuseport", 0),
+        # Exhaustion: each listener holds at most this many connections; a handshake and an
+        # idle connection (no call in flight) are ended after their timeouts.
+        ("grpc.max_allowed_incoming_connections", max_connections),
+        ("grpc.server_handshake_timeout_ms", _ms(limits.handshake_timeout)),
+        ("grpc.max_connection_idle_ms", _ms(limits.connection_idle_timeout)),
+    ]
+
+
+def workload_options(limits: Limits) -> list[tuple[str, int]]:
+    """Channel options of the workload server (its two TCP listeners)."""
+    return _options(limits, limits.max_connections_per_listener)
+
+
+def admin_options(limits: Limits) -> list[tuple[str, int]]:
+    """Channel options of the admin server (the Unix socket)."""
+    return _options(limits, limits.max_admin_connections)
+
+
+# --- file descriptors ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FdBudget:
+    needed: int  # what the caps can hold at once, with the reserve
+    soft: int  # RLIMIT_NOFILE once raised
+    hard: int
+
+
+def fd_needed(limits: Limits) -> int:
+    return (
+        TCP_LISTENERS * limits.max_connections_per_listener
+        + limits.max_admin_connections
+        + limits.fd_reserve
+    )
+
+
+def ensure_fd_limit(limits: Limits) -> FdBudget:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; refuse (FailedPrecondition) when even the
+    hard limit cannot hold every listener full with the reserve left for the rest (the store,
+    the admin and Unix endpoints). Logs what the process supports in one line."""
+    needed = fd_needed(limits)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise FailedPrecondition(
+            f"RLIMIT_NOFILE hard limit {hard} is below the {needed} descriptors the connection "
+            f"caps need ({TCP_LISTENERS} x limits.max_connections_per_listener "
+            f"{limits.max_connections_per_listener} + limits.max_admin_connections "
+            f"{limits.max_admin_connections} + limits.fd_reserve {limits.fd_reserve}); "
+            "lower them or raise the limit",
+            reason="FD_LIMIT_TOO_LOW",
+        )
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            # RLIM_INFINITY as a soft limit is refused on some kernels; the budget is enough.
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, needed), hard))
+            soft = max(soft, needed)
+    log.info(
+        "file descriptors: limit=%d (hard %s), caps need %d: %d per TCP listener x %d, "
+        "admin %d, reserve %d",
+        soft,
+        "unlimited" if hard == resource.RLIM_INFINITY else hard,
+        needed,
+        limits.max_connections_per_listener,
+        TCP_LISTENERS,
+        limits.max_admin_connections,
+        limits.fd_reserve,
+    )
+    return FdBudget(needed, soft, hard)
+
+
+# --- undecodable requests and calls per peer -----------------------------------------------
+
+
+class _Malformed:
+    """What a guarded deserializer returns for bytes that do not decode."""
+
+
+MALFORMED = _Malformed()
+
+
+class MalformedRequest(InvalidArgument):
+    reason = "MALFORMED_REQUEST"
+
+    def __init__(self) -> None:
+        super().__init__("the request message could not be decoded")
+
+
+def _guarded(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def decode(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception:  # DecodeError, and whatever else a parser raises on hostile bytes
+            return MALFORMED
+
+    return decode
+
+
+def peer_address(context: Context) -> str:
+    """``ipv4:10.0.0.1``, ``ipv6:%5B::1%5D`` (grpc's peer string without the port)."""
+    peer = context.peer() or "unknown"
+    if peer.startswith(("ipv4:", "ipv6:")):
+        return peer.rpartition(":")[0]
+    return peer
+
+
+class _Throttled:
+    """One log line per interval about undecodable requests; the others are counted in it."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._next = 0.0
+        self._quiet = 0
+
+    def note(self, context: Context, method: str) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._quiet += 1
+            return
+        self._next = now + self._interval
+        quiet, self._quiet = self._quiet, 0
+        log.warning(
+            "undecodable request refused: peer=%s method=%s (%d more in the last %.0fs)",
+            context.peer(),
+            method,
+            quiet,
+            self._interval,
+        )
+
+
+class RequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Wraps every handler of a server: a request that does not decode gets INVALID_ARGUMENT
+    (MALFORMED_REQUEST) and one throttled log line instead of UNKNOWN and a traceback; with
+    ``max_calls_per_peer``, a peer address with that many calls in flight gets
+    RESOURCE_EXHAUSTED (PEER_CALL_LIMIT).
+
+    Handlers read their requests as arguments or through the request iterator (none of ours
+    calls ``context.read()``, which would hand them the marker)."""
+
+    def __init__(
+        self, max_calls_per_peer: int | None = None, log_interval: float = MALFORMED_LOG_INTERVAL
+    ) -> None:
+        self._max = max_calls_per_peer
+        self._calls: dict[str, int] = {}
+        self._log = _Throttled(log_interval)
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+
+    def calls_in_flight(self) -> int:
+        return sum(self._calls.values())
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None  # unknown method: grpc answers UNIMPLEMENTED
+        method: str = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    @contextlib.contextmanager
+    def _counted(self, context: Context) -> Iterator[None]:
+        if self._max is None:
+            yield
+            return
+        peer = peer_address(context)
+        count = self._calls.get(peer, 0)
+        if count >= self._max:
+            raise ResourceExhausted(
+                f"{self._max} calls from this address are in flight already",
+                reason="PEER_CALL_LIMIT",
+            )
+        self._calls[peer] = count + 1
+        try:
+            yield
+        finally:
+            left = self._calls[peer] - 1
+            if left:
+                self._calls[peer] = left
+            else:
+                del self._calls[peer]
+
+    def _checked(
+        self, requests: AsyncIterator[Any], context: Context, method: str
+    ) -> AsyncIterator[Any]:
+        async def checked() -> AsyncIterator[Any]:
+            async for request in requests:
+                if request is MALFORMED:
+                    self._log.note(context, method)
+                    raise MalformedRequest()
+                yield request
+
+        return checked()
+
+    def _wrap(self, handler: Handler, method: str) -> Handler:
+        deserializer = handler.request_deserializer
+        guarded = _guarded(deserializer) if deserializer is not None else None
+        serializer = handler.response_serializer
+        if handler.request_streaming:
+            inner = handler.stream_stream if handler.response_streaming else handler.stream_unary
+        else:
+            inner = handler.unary_stream if handler.response_streaming else handler.unary_unary
+        assert inner is not None
+        guard = self
+        behave: Callable[..., Any] = inner  # typed by grpc-stubs for the sync API
+
+        async def enter(request: Any, context: Context) -> Any:
+            """The request, or its checking iterator; refuses what must be refused."""
+            if handler.request_streaming:
+                return guard._checked(request, context, method)
+            if request is MALFORMED:
+                guard._log.note(context, method)
+                await abort(context, MalformedRequest())
+            return request
+
+        async def refused(context: Context, exc: InvalidArgument | ResourceExhausted) -> None:
+            await abort(context, exc)
+
+        if not inspect.iscoroutinefunction(inner) and not inspect.isasyncgenfunction(inner):
+            return handler  # a synchronous handler: grpc.aio runs it as it is
+        if inspect.isasyncgenfunction(inner):
+            generator = behave
+
+            async def streamed(request: Any, context: Context) -> AsyncIterator[Any]:
+                request = await enter(request, context)
+                try:
+                    with guard._counted(context):
+                        async for response in generator(request, context):
+                            yield response
+                except (MalformedRequest, ResourceExhausted) as exc:
+                    await refused(context, exc)
+
+            behavior: Callable[..., Any] = streamed
+        else:
+            coroutine = behave
+
+            async def called(request: Any, context: Context) -> Any:
+                request = await enter(request, context)
+                try:
+                    with guard._counted(context):
+                        return await coroutine(request, context)
+                except (MalformedRequest, ResourceExhausted) as exc:
+                    await refused(context, exc)
+
+            behavior = called
+
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(behavior, guarded, serializer)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(behavior, guarded, serializer)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(behavior, guarded, serializer)
+        return grpc.unary_unary_rpc_method_handler(behavior, guarded, serializer)
+
+
+__all__ = [
+    "FdBudget",
+    "MalformedRequest",
+    "RequestGuard",
+    "admin_options",
+    "ensure_fd_limit",
+    "fd_needed",
+    "peer_address",
+    "workload_options",
+]

@@ -1,0 +1,300 @@
+"""Exhaustion of the grpcio listeners: idle connections past the file-descriptor limit, handshakes
+that never finish, idle connections, one peer holding every call slot, and a limit that cannot
+hold the configured caps."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from authority._pb import authority_v1_authority_pb2 as pb
+from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
+from authority.client import AdminClient, SvidFiles, WorkloadClient, der_chain_to_pem
+from tests.helpers import (
+    Running,
+    ServeProcess,
+    authority_command,
+    free_port,
+    running_authority,
+    short_socket_dir,
+    wait_serving,
+)
+from tests.helpers import (
+    test_config as make_config,
+)
+from tests.security._attack import AGENT, CALL_TIMEOUT, assert_status, rpc_error, tls_channel
+
+FD_LIMIT = 1024  # the limit under which 1,100 idle connections took every endpoint down
+ATTACK_CONNECTIONS = 1100
+WAIT = 60.0  # generous: conditions are waited for, never timed
+
+
+def _spawn_limited(data_dir: Path, socket_dir: Path, nofile: int, toml: str) -> ServeProcess:
+    """``authority serve`` with RLIMIT_NOFILE (soft and hard) lowered to ``nofile``."""
+    port, mtls_port = free_port(), free_port()
+    config = data_dir.parent / f"authority-{port}.toml"
+    config.write_text(toml)
+    log_path = data_dir.parent / f"serve-{port}.log"
+    command = [
+        *authority_command(),
+        "serve",
+        "--config",
+        str(config),
+        "--data-dir",
+        str(data_dir),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--listen-mtls",
+        f"127.0.0.1:{mtls_port}",
+        "--admin-socket",
+        str(socket_dir / "admin.sock"),
+    ]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            ["/bin/sh", "-c", f'ulimit -n {nofile} && exec "$@"', "sh", *command],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return ServeProcess(
+        proc,
+        data_dir,
+        socket_dir / "admin.sock",
+        f"127.0.0.1:{port}",
+        f"127.0.0.1:{mtls_port}",
+        log_path,
+    )
+
+
+@contextlib.contextmanager
+def limited_serve(tmp_path: Path, nofile: int, toml: str) -> Iterator[ServeProcess]:
+    socket_dir = short_socket_dir()
+    served = _spawn_limited(tmp_path / "data", socket_dir, nofile, toml)
+    try:
+        wait_serving(served)
+        yield served
+    finally:
+        served.stop()
+        shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """True once the server has closed ``sock`` (EOF or reset); never blocks."""
+    try:
+        return sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def wait_until_closed(sock: socket.socket, timeout: float = WAIT) -> bool:
+    """Read (and drop) whatever the server sends until it closes ``sock``; False on timeout."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        pass
+    return True
+
+
+async def admin_serves(admin_socket: Path) -> bool:
+    async with AdminClient(admin_socket) as admin:
+        entries = await admin.stub.ListEntries(pb.ListEntriesRequest(), timeout=CALL_TIMEOUT)
+        return entries is not None
+
+
+async def _svid(served: ServeProcess, folder: Path) -> None:
+    """An SVID for ``AGENT`` in ``folder``, attested over the server-TLS port."""
+    async with AdminClient(served.admin_socket) as admin:
+        bundle = await admin.stub.GetBundle(pb.GetBundleRequest(), timeout=CALL_TIMEOUT)
+        token = await admin.stub.CreateJoinToken(
+            pb.CreateJoinTokenRequest(spiffe_id=AGENT), timeout=CALL_TIMEOUT
+        )
+    async with WorkloadClient(
+        served.address, der_chain_to_pem(list(bundle.x509_authorities))
+    ) as client:
+        await client.attest_to_folder("join_token", token.token.encode(), folder)
+
+
+@contextlib.contextmanager
+def idle_connections(address: str, count: int) -> Iterator[list[socket.socket]]:
+    host, port = address.rsplit(":", 1)
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.create_connection((host, int(port)), timeout=WAIT)
+            sock.settimeout(None)  # blocking, so MSG_DONTWAIT peeks without waiting
+            socks.append(sock)
+        yield socks
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+async def test_idle_connections_past_the_fd_limit_leave_the_admin_socket_and_mtls_served(
+    tmp_path: Path,
+) -> None:
+    """1,100 connections that never say a word, against a server limited to 1,024 descriptors:
+    the server-TLS listener holds its cap and closes the rest at once; the admin socket and a
+    fresh client on the mutual-TLS listener are served meanwhile."""
+    cap = 300
+    toml = (
+        "[limits]\n"
+        f"max_connections_per_listener = {cap}\n"
+        "max_admin_connections = 32\n"
+        "fd_reserve = 256\n"
+        'handshake_timeout = "10m"\n'  # the idle connections stay while the test looks
+    )
+    with limited_serve(tmp_path, FD_LIMIT, toml) as served:
+        assert f"file descriptors: limit={FD_LIMIT} (hard {FD_LIMIT})" in served.log()
+        await _svid(served, tmp_path / "svid")
+        before = open_fds(served.proc.pid)
+
+        with idle_connections(served.address, ATTACK_CONNECTIONS) as socks:
+            deadline = time.monotonic() + WAIT
+            while sum(map(closed_by_server, socks)) < ATTACK_CONNECTIONS - cap:
+                assert time.monotonic() < deadline, "the listener did not close the excess"
+                await asyncio.sleep(0.1)
+
+            assert await admin_serves(served.admin_socket)
+            chain, key, bundle = SvidFiles(tmp_path / "svid").read()
+            async with tls_channel(served.mtls_address, bundle, key=key, chain=chain) as channel:
+                info = await pb_grpc.WorkloadStub(channel).GetServerInfo(
+                    pb.GetServerInfoRequest(), timeout=CALL_TIMEOUT
+                )
+            assert info.trust_domain == "example.org"
+            assert sum(not closed_by_server(s) for s in socks) <= cap
+            assert open_fds(served.proc.pid) <= before + cap + 32
+            assert served.proc.poll() is None
+
+
+@contextlib.asynccontextmanager
+async def running_with(
+    tmp_path: Path, socket_dir: Path, **limits: object
+) -> AsyncIterator[Running]:
+    async with running_authority(make_config(tmp_path / "data", socket_dir, **limits)) as running:
+        yield running
+
+
+async def _bundle_call(address: str, bundle: bytes) -> pb.Bundle:
+    async with tls_channel(address, bundle) as channel:
+        return await pb_grpc.WorkloadStub(channel).GetBundle(
+            pb.GetBundleRequest(), timeout=CALL_TIMEOUT
+        )
+
+
+async def test_handshake_that_never_completes_is_dropped(tmp_path: Path, socket_dir: Path) -> None:
+    """A client that opens a TLS record and never finishes its ClientHello (and one that sends
+    nothing) loses the connection once the handshake timeout passes (grpc's own default waits
+    120 s); the listener serves the next client."""
+    async with running_with(
+        tmp_path, socket_dir, handshake_timeout=dt.timedelta(seconds=1)
+    ) as running:
+        bundle = await running.bundle_pem()
+        with idle_connections(running.address, 2) as (silent, partial):
+            partial.sendall(b"\x16\x03\x01\x02\x00\x01")  # a handshake record, cut short
+            for sock in (silent, partial):
+                assert await asyncio.to_thread(wait_until_closed, sock, WAIT)
+        assert (await _bundle_call(running.address, bundle)).x509_authorities
+
+
+async def test_raw_connection_to_admin_socket_is_dropped(tmp_path: Path, socket_dir: Path) -> None:
+    """The plaintext admin socket: a connection that never sends the HTTP/2 preface is closed
+    after the same timeout."""
+    async with running_with(
+        tmp_path, socket_dir, handshake_timeout=dt.timedelta(seconds=1)
+    ) as running:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with contextlib.closing(sock):
+            sock.connect(str(running.admin_socket))
+            assert await asyncio.to_thread(wait_until_closed, sock, WAIT)
+        assert await admin_serves(running.admin_socket)
+
+
+async def test_idle_connection_is_closed(tmp_path: Path, socket_dir: Path) -> None:
+    """A connection with no call in flight gets GOAWAY after the idle timeout (the client's own
+    idle timer is 30 minutes); a client reconnects on its next call."""
+    async with running_with(
+        tmp_path, socket_dir, connection_idle_timeout=dt.timedelta(seconds=1)
+    ) as running:
+        bundle = await running.bundle_pem()
+        async with tls_channel(running.address, bundle) as channel:
+            stub = pb_grpc.WorkloadStub(channel)
+            await stub.GetBundle(pb.GetBundleRequest(), timeout=CALL_TIMEOUT)
+            assert channel.get_state() is grpc.ChannelConnectivity.READY
+            async with asyncio.timeout(WAIT):
+                await channel.wait_for_state_change(grpc.ChannelConnectivity.READY)
+            assert channel.get_state() is not grpc.ChannelConnectivity.READY
+            assert (await stub.GetBundle(pb.GetBundleRequest(), timeout=CALL_TIMEOUT)).sequence
+
+
+async def test_one_peer_cannot_hold_every_call(tmp_path: Path, socket_dir: Path) -> None:
+    """Streams held open by one address count against its budget; one more call is refused
+    (RESOURCE_EXHAUSTED) and a slot comes back when a stream ends."""
+    cap = 3
+    async with running_with(tmp_path, socket_dir, max_calls_per_peer=cap) as running:
+        bundle = await running.bundle_pem()
+        async with tls_channel(running.address, bundle) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            watches = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(cap)]
+            for watch in watches:
+                first = await watch.read()
+                assert first.status == health_pb2.HealthCheckResponse.SERVING
+            stub = pb_grpc.WorkloadStub(channel)
+
+            err = await rpc_error(stub.GetBundle(pb.GetBundleRequest(), timeout=CALL_TIMEOUT))
+            assert_status(err, grpc.StatusCode.RESOURCE_EXHAUSTED, "PEER_CALL_LIMIT")
+            # The admin socket is not the peer's to exhaust.
+            assert await admin_serves(running.admin_socket)
+
+            watches[0].cancel()
+            for _ in range(int(WAIT / 0.05)):  # until the ended stream's slot comes back
+                code = await _code(stub)
+                if code is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    break
+                await asyncio.sleep(0.05)
+            assert code is grpc.StatusCode.OK
+            for watch in watches[1:]:
+                watch.cancel()
+
+
+async def _code(stub: pb_grpc.WorkloadAsyncStub) -> grpc.StatusCode:
+    try:
+        await stub.GetBundle(pb.GetBundleRequest(), timeout=CALL_TIMEOUT)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+def test_server_refuses_to_start_when_the_caps_do_not_fit(tmp_path: Path) -> None:
+    """Under a 1,024 descriptor limit the default caps (2 x 1000 connections and more) cannot
+    all be held: the server says so and does not start."""
+    socket_dir = short_socket_dir()
+    try:
+        served = _spawn_limited(tmp_path / "data", socket_dir, FD_LIMIT, "")
+        code = served.proc.wait(timeout=WAIT)
+    finally:
+        shutil.rmtree(socket_dir, ignore_errors=True)
+    assert code != 0
+    log = served.log()
+    assert f"RLIMIT_NOFILE hard limit {FD_LIMIT} is below" in log
+    assert "limits.max_connections_per_listener" in log
+    assert not served.admin_socket.exists()
