@@ -171,6 +171,32 @@ def _named_reasons(value: object) -> list[str]:
     return sorted(str(reason) for reason in reasons if isinstance(reason, str))
 
 
+def _add_sources(engine: Any, sources: Sequence[PolicySource]) -> str | None:
+    """Parse the sources into ``engine``; the first error's text, or None."""
+    for source in sources:
+        try:
+            engine.add_policy(source.name, source.text)
+        except (RuntimeError, ValueError) as exc:
+            return f"{source.name}: {error_text(exc)}"
+    return None
+
+
+def _probe_failure(engine: Any) -> str | None:
+    """Evaluate the decision rule once, on a clone, for the well-formed probe input."""
+    probe = engine.clone()
+    probe.set_input(input_document(_PROBE, derive_facts(_PROBE)))
+    try:
+        probe.eval_rule(RULE)
+    except (RuntimeError, ValueError) as exc:
+        text = error_text(exc)
+        return (
+            "package authority defines no rule `decision`"
+            if "not a valid rule path" in text
+            else text
+        )
+    return None
+
+
 # regorus interpreters are "unsendable": one may be used, and must be dropped, only on the thread
 # that created it. Each thread therefore keeps its own, here: a module-level thread-local (never
 # deallocated itself) whose per-thread dict CPython clears on that thread when it exits.
@@ -203,30 +229,25 @@ class RegoEngine(EngineBase):
             )
         self._sources = tuple(sources)
         engine = self._build()
-        probe = engine.clone()
-        probe.set_input(input_document(_PROBE, derive_facts(_PROBE)))
-        try:
-            probe.eval_rule(RULE)
-        except (RuntimeError, ValueError) as exc:
-            text = error_text(exc)
-            if "not a valid rule path" in text:
-                text = "package authority defines no rule `decision`"
+        failure = _probe_failure(engine)
+        if failure is not None:
+            del engine  # see _build: dropped here, on its own thread
             raise InvalidArgument(
-                f"policy fails on a well-formed probe input: {text}", reason=POLICY_INVALID
-            ) from exc
+                f"policy fails on a well-formed probe input: {failure}", reason=POLICY_INVALID
+            )
         _thread_cache()[id(self)] = (weakref.ref(self), engine)
 
     def _build(self) -> Any:
+        # An interpreter must be dropped on the thread that made it. Raising while a frame holds
+        # one would leave it to the traceback's reference cycle, which the garbage collector may
+        # break on any thread: errors are raised only once the interpreter is gone.
         engine: Any = _regorus().Engine()
-        for source in self._sources:
-            try:
-                engine.add_policy(source.name, source.text)
-            except (RuntimeError, ValueError) as exc:
-                raise InvalidArgument(
-                    f"{source.name}: {error_text(exc)}", reason=POLICY_INVALID
-                ) from exc
-        if PACKAGE not in list(engine.get_packages()):
-            raise InvalidArgument("no policy declares `package authority`", reason=POLICY_INVALID)
+        failure = _add_sources(engine, self._sources)
+        if failure is None and PACKAGE not in list(engine.get_packages()):
+            failure = "no policy declares `package authority`"
+        if failure is not None:
+            del engine
+            raise InvalidArgument(failure, reason=POLICY_INVALID)
         return engine
 
     def _thread_engine(self) -> Any:

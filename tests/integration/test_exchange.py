@@ -86,9 +86,17 @@ class Agent:
         task_id: str = "",
         ttl_seconds: int = 0,
         approval_id: str = "",
+        environment: str = "",
+        parameters: Mapping[str, str] | None = None,
     ) -> pb.ExchangeResponse:
         request = pb.ExchangeRequest(
-            intent=pb.Intent(action=action, resource=resource, purpose=purpose),
+            intent=pb.Intent(
+                action=action,
+                resource=resource,
+                purpose=purpose,
+                environment=environment,
+                parameters=parameters or {},
+            ),
             audience=audience,
             ttl_seconds=ttl_seconds,
             task_id=task_id,
