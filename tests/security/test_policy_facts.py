@@ -10,6 +10,7 @@ granted ``deploy/production`` to a caller that named the sandbox environment."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -376,3 +377,32 @@ async def test_a_policy_reading_the_callers_word_as_a_fact_is_refused_at_load(
         world.reporter.exchange("deploy", "deploy/production", "deployer", environment="sandbox")
     )
     assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "ENVIRONMENT_MISMATCH")
+
+
+# --- explain ------------------------------------------------------------------------------------
+
+
+async def test_explain_takes_the_callers_word_only_under_requested(cedar_world: World) -> None:
+    """``authority policy explain --input``: the resource's environment follows its name whatever
+    ``requested`` says, and an input that gives the environment as a fact is refused."""
+    admin = cedar_world.running.admin().stub
+    document = {
+        "principal": REPORTER,
+        "action": "deploy",
+        "resource": "deploy/production",
+        "audience": "deployer",
+        "time": "2026-01-05T10:00:00+00:00",
+        "requested": {"purpose": "ship", "environment": "sandbox"},
+    }
+    reply = await admin.ExplainPolicy(pb.ExplainPolicyRequest(input_json=json.dumps(document)))
+    shown = json.loads(reply.explanation_json)
+    assert shown["decision"]["outcome"] == "deny"
+    resource = next(e for e in shown["entities"] if e["uid"]["type"] == "Resource")
+    assert resource["attrs"] == {"kind": "deploy", "environment": "production"}
+    assert shown["request"]["context"]["requested"]["environment"] == "sandbox"
+    for field in ("environment", "purpose", "approved_by_caller"):
+        old = {**document, field: "sandbox"}
+        err = await rpc_error(
+            admin.ExplainPolicy(pb.ExplainPolicyRequest(input_json=json.dumps(old)))
+        )
+        assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "POLICY_INPUT_INVALID")
