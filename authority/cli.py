@@ -726,7 +726,11 @@ def policy_test(files: tuple[Path, ...]) -> None:
 @admin_socket_option
 @command
 def policy_explain(input_file: Path, admin_socket: str) -> None:
-    """Explain the running policy's decision for an input (JSON, as in policy tests)."""
+    """Explain the running policy's decision for an input (JSON, as in policy tests).
+
+    The authority's facts at the top level (principal, action, resource, audience, time, risk,
+    delegation_depth, approved, attributes); what the caller says under "requested" (purpose,
+    environment, parameters). The resource's kind and environment follow from its name."""
     request = pb.ExplainPolicyRequest(input_json=input_file.read_text())
     response = _admin_call(admin_socket, lambda c: c.stub.ExplainPolicy(request))
     click.echo(json.dumps(json.loads(response.explanation_json), indent=2))
