@@ -73,6 +73,24 @@ async def abort(
     raise AssertionError("unreachable")  # context.abort always raises
 
 
+async def _fail(
+    context: grpc.aio.ServicerContext[Any, Any], exc: Exception, where: str
+) -> NoReturn:
+    """End a call with the status of what a handler raised: a domain error's from the table,
+    an abort as it was, anything else INTERNAL with a generic message (and the log)."""
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc
+    if isinstance(exc, errors.AuthorityError):
+        await abort(context, exc)
+    log.error("unhandled error in %s", where, exc_info=exc)
+    await context.abort(
+        grpc.StatusCode.INTERNAL,
+        GENERIC_INTERNAL,
+        trailing_metadata=((REASON_KEY, errors.Internal.reason),),
+    )
+    raise AssertionError("unreachable")  # context.abort always raises
+
+
 _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
 
 
@@ -85,17 +103,8 @@ def rpc(fn: _F) -> _F:
     ) -> Any:
         try:
             return await fn(self, request, context)
-        except errors.AuthorityError as exc:
-            await abort(context, exc)
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            log.exception("unhandled error in %s", fn.__qualname__)
-            await context.abort(
-                grpc.StatusCode.INTERNAL,
-                GENERIC_INTERNAL,
-                trailing_metadata=((REASON_KEY, errors.Internal.reason),),
-            )
+        except Exception as exc:  # every failure ends the call with a status
+            await _fail(context, exc, fn.__qualname__)
 
     return wrapper  # type: ignore[return-value]
 
@@ -114,17 +123,8 @@ def rpc_stream(fn: _G) -> _G:
         try:
             async for message in fn(self, request, context):
                 yield message
-        except errors.AuthorityError as exc:
-            await abort(context, exc)
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            log.exception("unhandled error in %s", fn.__qualname__)
-            await context.abort(
-                grpc.StatusCode.INTERNAL,
-                GENERIC_INTERNAL,
-                trailing_metadata=((REASON_KEY, errors.Internal.reason),),
-            )
+        except Exception as exc:  # every failure ends the stream with a status
+            await _fail(context, exc, fn.__qualname__)
 
     return wrapper  # type: ignore[return-value]
 
