@@ -52,12 +52,12 @@ from attestors.api import PeerCredentials
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
 from authority.api.convert import bundle_from_pb
+from authority.api.grpclib_server import UnixSocketServer
 from authority.api.status import error_from_status
 from authority.api.workload_api import (
     RESYNC_INTERVAL,
     Caller,
     SpiffeWorkloadApi,
-    UnixSocketServer,
     X509Item,
     X509View,
     der_concat,

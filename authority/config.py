@@ -72,7 +72,8 @@ class Limits:
     min_ttl: dt.timedelta = dt.timedelta(seconds=30)
     default_join_token_ttl: dt.timedelta = dt.timedelta(minutes=10)
     max_join_token_ttl: dt.timedelta = dt.timedelta(days=7)
-    max_concurrent_streams: int = 1000
+    max_concurrent_streams: int = 1000  # per HTTP/2 connection, on every listener
+    max_header_list_bytes: int = 16 * 1024  # HTTP/2 header list of a call on the Unix sockets
     # The gRPC listeners (authority.api.listeners): connections each TCP listener (server-TLS,
     # mutual-TLS) and the admin socket hold at once (more are accepted and closed at once), calls
     # one peer address has in flight on the TCP listeners, how long a TLS handshake and an idle

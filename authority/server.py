@@ -31,10 +31,11 @@ from authority._pb import authority_v1_authority_pb2 as pb
 from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
 from authority.api import listeners
 from authority.api.admin import AdminService, RefuseAdminHandler
+from authority.api.grpclib_server import UnixSocketServer
 from authority.api.local import LocalWorkloadService
 from authority.api.revocations import RevocationFeed
 from authority.api.workload import WorkloadService
-from authority.api.workload_api import AuthoritySource, SpiffeWorkloadApi, UnixSocketServer
+from authority.api.workload_api import AuthoritySource, SpiffeWorkloadApi
 from authority.attestation import AttestorHost
 from authority.ca import CertificateAuthority, Upstream
 from authority.changes import ChangeNotifier
@@ -308,7 +309,7 @@ class AuthorityServer:
             mtls_address=mtls_address,
             version=__version__,
         )
-        self._local = grpclib.server.Server([LocalWorkloadService(authority, info)])
+        self._local = UnixSocketServer([LocalWorkloadService(authority, info)], config.limits)
         old_umask = os.umask(0o177)
         try:
             await self._local.start(path=str(local_path))
@@ -336,7 +337,7 @@ class AuthorityServer:
         service = SpiffeWorkloadApi(
             AuthoritySource(authority, changes, self.config.workload_api_attestor)
         )
-        self._workload_api = UnixSocketServer([service])
+        self._workload_api = UnixSocketServer([service], self.config.limits)
         old_umask = os.umask(0o177)
         try:
             await self._workload_api.start(path=str(path))

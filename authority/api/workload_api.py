@@ -28,7 +28,6 @@ import datetime as dt
 import json
 import logging
 import os
-import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -38,7 +37,6 @@ import grpclib.server
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from grpclib.protocol import H2Protocol
 
 from attestors.api import AttestationRefused, PeerCredentials
 from attestors.unix import UnixAttestor
@@ -71,30 +69,6 @@ MIN_WAIT = 1.0  # seconds: never re-issue more often than this, whatever the SVI
 _DEFAULT_UNIX = UnixAttestor(hash_executable=True, max_bytes=512 * 1024 * 1024)
 
 Stream = grpclib.server.Stream[Any, Any]
-
-
-class UnixSocketServer(grpclib.server.Server):
-    """grpclib's server, closing its client connections when it closes.
-
-    grpclib's ``close`` stops listening and cancels the running calls but leaves connections to
-    their clients: a client that never hangs up would keep its socket (and, on Python >= 3.12,
-    ``wait_closed``) open. Each connection is closed as grpclib closes a lost one."""
-
-    def __init__(self, handlers: list[Any]) -> None:
-        super().__init__(handlers)
-        self._protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
-
-    def _protocol_factory(self) -> H2Protocol:
-        protocol = super()._protocol_factory()
-        self._protocols.add(protocol)
-        return protocol
-
-    def close(self) -> None:
-        super().close()
-        for protocol in list(self._protocols):
-            processor = getattr(protocol, "processor", None)  # set once connected
-            if processor is not None:
-                processor.close("the server is stopping")
 
 
 @dataclass(frozen=True, slots=True)
