@@ -174,8 +174,12 @@ def _environment(intent: Intent) -> str:
     return derived
 
 
-def _check_audience(audience: str) -> str:
-    if not audience or len(audience) > 256 or any(c.isspace() for c in audience):
+def _check_audience(audience: str, limits: Limits) -> str:
+    if (
+        not audience
+        or len(audience) > limits.max_audience_chars
+        or any(c.isspace() for c in audience)
+    ):
         raise InvalidArgument("a task token needs exactly one audience", reason="BAD_AUDIENCE")
     return audience
 
@@ -342,7 +346,7 @@ class ExchangeService:
             _EXCHANGE.add(time.perf_counter() - started)
 
     async def _exchange(self, caller: Caller, request: ExchangeRequest) -> ExchangeOutcome:
-        audience = _check_audience(request.audience)
+        audience = _check_audience(request.audience, self._limits)
         task_id = check_task_id(request.task_id) if request.task_id else f"task-{uuid.uuid4()}"
         named_environment = request.intent.environment  # the caller's word, for the policy
         # The intent as decided and frozen into the token: with the resource's own environment.
