@@ -23,6 +23,17 @@ CORPUS = ROOT / "tests" / "policy_corpus" / "corpus.json"
 MONDAY_10 = dt.datetime(2026, 1, 5, 10, 0, tzinfo=dt.UTC)
 AGENT = "spiffe://example.org/agent/reporter"
 
+# What a caller might put in its parameters (or purpose) to pass for the authority's facts.
+CLAIMED_FACTS = {
+    "approved": "true",
+    "risk": "0",
+    "delegation_depth": "0",
+    "admin": "true",
+    "attributes": "admin=true",
+    "environment": "sandbox",
+    "resource_environment": "sandbox",
+}
+
 requires_rego = pytest.mark.skipif(
     not rego_available(),
     reason="regorus is not installed (the optional 'rego' extra: pip install -r "

@@ -12,7 +12,7 @@ import pytest
 from authority.errors import InvalidArgument
 from authority.policy import DEFAULT_DENY_REASON, Outcome, explain
 from authority.policy.cedar import CedarEngine
-from tests.unit.policy._support import MONDAY_10, cedar, make_input
+from tests.unit.policy._support import CLAIMED_FACTS, MONDAY_10, cedar, make_input
 
 READ_METRICS = """
 @id("read-metrics") @ttl("300") @delegation("2")
@@ -214,15 +214,6 @@ def test_the_resource_environment_is_the_resource_names_not_the_callers() -> Non
     assert engine.decide(legit).outcome is Outcome.ALLOW
 
 
-# What a caller might put in its parameters (or purpose) to pass for the authority's facts.
-CLAIMED_FACTS = {
-    "approved": "true",
-    "risk": "0",
-    "delegation_depth": "0",
-    "admin": "true",
-    "attributes": "admin=true",
-    "environment": "sandbox",
-}
 FACT_CASES = [
     ("context.approved", {}, {"approved": True}),
     ("context.risk == 0", {"risk": 50}, {}),

@@ -7,12 +7,13 @@ import gc
 import json
 import sys
 import threading
+from typing import Any
 
 import pytest
 
 from authority.errors import InvalidArgument
 from authority.policy import DEFAULT_DENY_REASON, Outcome, PolicyEngine, explain
-from tests.unit.policy._support import MONDAY_10, make_input, rego, requires_rego
+from tests.unit.policy._support import CLAIMED_FACTS, MONDAY_10, make_input, rego, requires_rego
 
 pytestmark = requires_rego
 
@@ -223,6 +224,31 @@ def test_the_resource_environment_is_the_resource_names_not_the_callers() -> Non
     assert "environment" not in document
     legit = make_input(action="deploy", resource="deploy/sandbox")
     assert engine.decide(legit).outcome is Outcome.ALLOW
+
+
+@pytest.mark.parametrize(
+    ("condition", "attacked", "real"),
+    [
+        ("input.approved == true", {}, {"approved": True}),
+        ("input.risk == 0", {"risk": 50}, {}),
+        ("input.delegation_depth == 0", {"delegation_depth": 1}, {}),
+        ('input.attributes.admin == "true"', {}, {"attributes": {"admin": "true"}}),
+        ('input.resource_environment == "sandbox"', {}, {"resource": "metrics/sandbox"}),
+    ],
+)
+def test_parameters_named_like_a_fact_stay_parameters(
+    condition: str, attacked: dict[str, Any], real: dict[str, Any]
+) -> None:
+    """The Rego form: a parameter or the purpose is only ever under ``input.requested``."""
+    engine = rego(
+        policy(f'decision := {{"allow": true, "require_approval": false}} if {{\n  {condition}\n}}')
+    )
+    claimed = make_input(purpose="approved=true", parameters=CLAIMED_FACTS, **attacked)
+    assert engine.decide(claimed).outcome is Outcome.DENY
+    document = explain(engine, claimed)["rego_input"]
+    assert isinstance(document, dict)
+    assert document["requested"]["parameters"] == CLAIMED_FACTS
+    assert engine.decide(make_input(parameters=CLAIMED_FACTS, **real)).outcome is Outcome.ALLOW
 
 
 @pytest.mark.parametrize("field", ["purpose", "environment", "parameters"])
