@@ -35,7 +35,7 @@ from typing import Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from authority.audit import AuditEvent, digest
+from authority.audit import AuditEvent, bounded, digest
 from authority.ca import CertificateAuthority
 from authority.clock import Clock
 from authority.config import Limits
@@ -166,7 +166,8 @@ def _environment(intent: Intent) -> str:
     derived = resource_environment(intent.resource)
     if intent.environment and intent.environment != derived:
         raise InvalidArgument(
-            f"environment {intent.environment!r} is not that of resource {intent.resource!r}: "
+            f"environment {bounded(intent.environment, 64)!r} is not that of resource "
+            f"{intent.resource!r}: "
             f"the environment is derived from the resource name ({derived!r}); "
             "leave it empty or name that one",
             reason=ENVIRONMENT_MISMATCH,
@@ -223,6 +224,9 @@ class ExchangeService:
         try:
             environment = _environment(request.intent)
         except InvalidArgument as exc:
+            cap = self._limits.max_refusal_field_chars  # the named environment is unbounded
+            claimed = request.intent.as_claim()  # as the caller gave it, its environment cut
+            claimed["environment"] = bounded(request.intent.environment, cap)
             refused = AuditEvent(
                 "exchange.refused",
                 self._clock.now(),
@@ -231,8 +235,8 @@ class ExchangeService:
                 task_id=task_id,
                 details={
                     "reason": exc.reason,
-                    "message": exc.message,
-                    "intent": request.intent.as_claim(),  # as the caller gave it
+                    "message": bounded(exc.message, 2 * cap),
+                    "intent": claimed,
                     "derived": {"environment": resource_environment(request.intent.resource)},
                     "audience": audience,
                     "context": request.context.as_details(),

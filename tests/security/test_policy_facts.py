@@ -10,6 +10,7 @@ granted ``deploy/production`` to a caller that named the sandbox environment."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +173,28 @@ async def test_naming_the_sandbox_does_not_make_a_resource_the_sandboxs(
     assert refusal["intent"]["environment"] == "sandbox"  # what was claimed, on the record
     assert refusal["derived"] == {"environment": derived}
     assert refusal["caller"]["identity_id"]
+
+
+async def test_an_oversized_environment_is_refused_in_bounded_space(cedar_world: World) -> None:
+    """The named environment has no bound of its own: its refusal record keeps it cut, with its
+    length and SHA-256, instead of the whole text."""
+    world = cedar_world
+    named = "sandbox" + "x" * 200_000
+    task = "task-huge-environment"
+    before = world.issued
+    err = await rpc_error(
+        world.reporter.exchange(
+            "deploy", "deploy/production", "deployer", environment=named, task_id=task
+        )
+    )
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "ENVIRONMENT_MISMATCH")
+    assert len(err.details() or "") < 1000
+    assert world.issued == before
+    (refused,) = await world.task_records(task)
+    assert len(refused.details_json) < 4096
+    kept = refused.details["intent"]["environment"]
+    assert kept.startswith("sandbox")
+    assert hashlib.sha256(named.encode()).hexdigest() in kept
 
 
 async def test_the_sandbox_deploy_still_works(world: World) -> None:
