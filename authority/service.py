@@ -787,9 +787,10 @@ class Authority:
         return checkpoint
 
     async def audit_records(
-        self, *, after_seq: int = 0, task_ids: Sequence[str] = ()
+        self, *, after_seq: int = 0, task_ids: Sequence[str] = (), limit: int | None = None
     ) -> list[AuditRecord]:
-        """One page of the chain after ``after_seq``, bounded in records and in bytes."""
+        """One page of the chain after ``after_seq``, bounded in records (``limit``, by default
+        limits.audit_page_records) and in bytes (limits.audit_page_bytes)."""
         if len(task_ids) > self._limits.max_export_task_ids:
             raise InvalidArgument(
                 f"at most {self._limits.max_export_task_ids} task ids", reason="TOO_MANY_TASKS"
@@ -799,7 +800,7 @@ class Authority:
         return await self._store.audit_records(
             after_seq=after_seq,
             task_ids=task_ids,
-            limit=self._limits.audit_page_records,
+            limit=limit or self._limits.audit_page_records,
             max_bytes=self._limits.audit_page_bytes,
         )
 
