@@ -22,6 +22,16 @@ attestor's selectors, typed ``workload_attestor``), as on the authority's own Wo
 When the authority cannot be reached the agent keeps serving what it holds until it expires
 (availability over freshness, as SPIRE agents do) and logs the revocation feed's silence; with
 ``fail_closed`` it serves nothing (UNAVAILABLE) while the feed is silent past ``stale_after``.
+It never serves an SVID past its ``not_after``, signed by a key that left the bundle or revoked;
+its health says NOT_SERVING when an SVID it serves is past 3/4 of its life (overdue for rotation)
+or one of its tasks is down.
+
+Unattended: its tasks (sync, rotation, own renewal) run under a ``Supervisor``; every retry loop
+backs off with full jitter (0.5 s doubling to 30 s) and the authority's reachability is logged
+once per change ("authority unreachable: ..." / "authority reachable again after 43s"). A call
+cut by the agent's own channel swap (its SVID renewed) is made again on the new channel. The
+latest bundle received is kept beside the SVID (``<data-dir>/agent/bundle.pem``, 0600, replaced
+atomically) and trusted on the next start: ``trust_bundle_pem`` is for first contact only.
 """
 
 from __future__ import annotations
@@ -32,12 +42,12 @@ import datetime as dt
 import json
 import logging
 import os
-import random
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import grpclib.const
@@ -75,12 +85,18 @@ from authority.client import (
     new_key,
 )
 from authority.config import MAX_UNIX_SOCKET_PATH
-from authority.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unavailable
+from authority.errors import (
+    AuthorityError,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    Unavailable,
+)
 from authority.ids import SpiffeId
 from authority.jwt_svid import check_jwt_svid
 from authority.keyvault import private_key_pem, write_private_file
 from authority.models import Selector
-from authority.tasks import cancel_and_wait
+from authority.supervisor import Backoff, BackoffPolicy, Outage, Supervisor, describe
 from authority.watch import RevocationWatcher
 
 log = logging.getLogger(__name__)
@@ -88,10 +104,23 @@ log = logging.getLogger(__name__)
 SIGN_BATCH = 64  # the authority's max_node_csrs default
 JWT_CACHE_SIZE = 4096
 UPSTREAM_CALLS = 64
-BACKOFF_INITIAL = 0.05
-BACKOFF_MAX = 5.0
+BACKOFF = BackoffPolicy(initial=0.5, maximum=30.0)  # every retry loop's, with full jitter
+BACKOFF_MAX = BACKOFF.maximum
 STALE_FEED = dt.timedelta(seconds=15)  # the revocation feed's silence that counts as stale
+OVERDUE = 0.75  # an SVID past this fraction of its life should have been rotated: unhealthy
+SWAP_RETRIES = 3  # a call cut by the agent's own channel swap is made again, this many times
 _AUTH_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+# The authority cannot be reached (as opposed to a refusal, which it answers).
+_UNREACHABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,
+)
+SYNC_TASK = "agent-sync"
+ROTATE_TASK = "agent-rotate"
+RENEW_TASK = "agent-renew"
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +178,7 @@ class HeldSvid:
     item: X509Item
     not_after: dt.datetime
     rotate_at: dt.datetime
+    overdue_at: dt.datetime  # still held past this: rotation is failing (health says so)
     issuer: x509.Name
     issuer_kid: str  # the signing key, as revocations of kind ``key`` name it
 
@@ -178,7 +208,10 @@ class NodeAgent:
         self._attestor = ""  # the instance that attested this agent (revocations name it)
         self._identity_path = config.data_dir / "agent" / "identity.pem"
         self._meta_path = config.data_dir / "agent" / "agent.json"
-        self._bundle_pem = config.trust_bundle_pem
+        self._bundle_path = config.data_dir / "agent" / "bundle.pem"
+        # The roots that verify the authority: the latest bundle received, kept on disk; the
+        # configured trust bundle only until the first one arrives.
+        self._bundle_pem = self._saved_bundle() or config.trust_bundle_pem
         self._bundle: TrustBundle | None = None
         self._active_issuer: x509.Name | None = None
         # The bundle's X.509 authorities' key ids, by subject (what revocations of keys name).
@@ -188,6 +221,19 @@ class NodeAgent:
         self._stub: pb_grpc.WorkloadAsyncStub | None = None
         self._own_not_after = _now()
         self._own_rotate_at = _now()
+        self._own_overdue_at = _now()
+        self._generation = 0  # bumped on every channel swap (a new SVID of the agent's own)
+        self._renew_now = asyncio.Event()
+        self._reach = Outage(
+            "authority", lost="unreachable", restored="reachable again", logger=log
+        )
+        self._sign_backoff = Backoff(BACKOFF)
+        self._sign_retry_at = 0.0  # monotonic: signing failed, not again before this
+        self.supervisor = Supervisor(
+            backoff=BACKOFF,
+            generation=lambda: self._generation,
+            expected=(grpc.aio.AioRpcError, ConnectionError, OSError, AuthorityError),
+        )
         self._entries: dict[str, NodeEntry] = {}
         self._held: dict[str, HeldSvid] = {}
         self._refused: dict[str, float] = {}  # entry id -> monotonic time to ask again
@@ -202,10 +248,14 @@ class NodeAgent:
         self._watcher = RevocationWatcher(
             self._open_feed,
             stale_after=config.stale_after,
+            backoff_initial=BACKOFF.initial,
+            backoff_max=BACKOFF.maximum,
             on_event=lambda _: self._wake.set(),
             on_snapshot=self._wake.set,
         )
-        self._tasks: list[asyncio.Task[None]] = []
+        self._first_call: grpc.aio.UnaryStreamCall[Any, Any] | None = None
+        self._own_pem = (b"", b"")  # the agent's SVID chain and key, PEM
+        self._client_roots = b""  # the roots its channel verifies the authority with
         self._closing: set[asyncio.Task[None]] = set()
         self._server: UnixSocketServer | None = None
 
@@ -233,11 +283,10 @@ class NodeAgent:
             await self._watcher.wait_synced(timeout)  # what was revoked before we came
             await self._reconcile()
             self.stats.first_sync_s = time.monotonic() - began
-        self._tasks = [
-            asyncio.create_task(self._sync_loop(first), name="agent-sync"),
-            asyncio.create_task(self._rotate_loop(), name="agent-rotate"),
-            asyncio.create_task(self._own_renewal_loop(), name="agent-renew"),
-        ]
+        self._first_call = first
+        self.supervisor.start(SYNC_TASK, self._sync_loop)
+        self.supervisor.start(ROTATE_TASK, self._rotate_loop)
+        self.supervisor.start(RENEW_TASK, self._own_renewal_loop)
         await self._serve()
         log.info(
             "agent serving: spiffe_id=%s entries=%d socket=%s",
@@ -252,8 +301,7 @@ class NodeAgent:
             await self._server.wait_closed()
             self._server = None
             self.config.socket.unlink(missing_ok=True)
-        await cancel_and_wait(self._tasks)
-        self._tasks = []
+        await self.supervisor.stop()
         await self._watcher.close()
         await asyncio.gather(*self._closing, return_exceptions=True)
         if self._client is not None:
@@ -293,6 +341,21 @@ class NodeAgent:
         self._use_svid(chain, key_pem, leaf, str(meta["attestor"]))
         return True
 
+    def _saved_bundle(self) -> bytes | None:
+        """The bundle kept by an earlier run, if it holds at least one certificate."""
+        try:
+            data = self._bundle_path.read_bytes()
+            x509.load_pem_x509_certificates(data)
+        except (OSError, ValueError):
+            return None
+        return data
+
+    def _keep_bundle(self, pem: bytes) -> None:
+        """Trust ``pem`` from now on, and on the next start (0600, replaced atomically)."""
+        self._bundle_pem = pem
+        self._bundle_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_private_file(self._bundle_path, pem)
+
     async def _attest(self) -> None:
         proof = self.config.proof
         if proof is None:
@@ -312,7 +375,7 @@ class NodeAgent:
         if not result.svids:
             raise FailedPrecondition("the authority returned no SVID", reason="AGENT_NO_SVID")
         chain = der_chain_to_pem(list(result.svids[0].cert_chain))
-        self._bundle_pem = der_chain_to_pem(list(result.bundle.x509_authorities))
+        self._keep_bundle(der_chain_to_pem(list(result.bundle.x509_authorities)))
         self._adopt(chain, key, proof.attestor)
         self.stats.attestations += 1
         log.info("agent attested: spiffe_id=%s attestor=%s", self.spiffe_id, proof.attestor)
@@ -341,7 +404,17 @@ class NodeAgent:
         now = _now()
         self._own_not_after = leaf.not_valid_after_utc
         self._own_rotate_at = now + (self._own_not_after - now) / 2
+        self._own_overdue_at = now + (self._own_not_after - now) * OVERDUE
+        self._own_pem = (chain, key)
+        self._connect()
+
+    def _connect(self) -> None:
+        """A new channel with the agent's SVID and the roots in hand. Streams on the previous
+        channel end and reconnect on this one; its calls in flight are made again."""
+        chain, key = self._own_pem
         old = self._client
+        self._generation += 1
+        self._client_roots = self._bundle_pem
         self._client = WorkloadClient(
             self.config.server, self._bundle_pem, svid_chain_pem=chain, svid_key_pem=key
         )
@@ -357,34 +430,82 @@ class NodeAgent:
             self._stub = await self._client.mtls_stub()
         return self._stub
 
+    async def _call(self, call: Callable[[pb_grpc.WorkloadAsyncStub], Awaitable[_T]]) -> _T:
+        """One call to the authority on the current channel. A call cut by the agent's own
+        channel swap (its SVID renewed meanwhile) is made again on the new channel; a call
+        cancelled otherwise is a ConnectionError, not a silent end of the task making it."""
+        for _ in range(SWAP_RETRIES):
+            generation = self._generation
+            stub = await self._mtls()
+            try:
+                return await call(stub)
+            except asyncio.CancelledError:
+                if _cancelling():
+                    raise
+                if self._generation == generation:
+                    raise ConnectionError("the call to the authority was cancelled") from None
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is not grpc.StatusCode.CANCELLED or self._generation == generation:
+                    raise
+        raise ConnectionError("the agent's channel kept changing under its call")
+
+    def _unreachable(self, exc: BaseException) -> None:
+        """Logged once until the authority answers again. A channel made before the latest
+        bundle arrived is made again with it: the authority's certificate may be signed by a
+        key the old roots do not hold (a CA rotation while connected)."""
+        if isinstance(exc, grpc.aio.AioRpcError):
+            details = " ".join((exc.details() or "").split())[:200]
+            self._reach.fail(f"{exc.code().name} {details}".strip())
+        else:
+            self._reach.fail(describe(exc))
+        if self._client is not None and self._client_roots != self._bundle_pem:
+            log.info("agent reconnecting with the latest bundle it received")
+            self._connect()
+
+    def _reached(self) -> None:
+        self._reach.ok()
+
+    @property
+    def reachable(self) -> bool:
+        return not self._reach.down
+
+    async def renew(self) -> None:
+        """Renew the agent's own SVID now (the renewal task does it at half its life)."""
+        await self._renew_own()
+
     async def _own_renewal_loop(self) -> None:
-        delay = BACKOFF_INITIAL
+        backoff = Backoff(BACKOFF)
         while True:
             wait = (self._own_rotate_at - _now()).total_seconds()
-            await asyncio.sleep(max(0.0, wait))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, wait)):
+                    await self._renew_now.wait()
+            self._renew_now.clear()
             try:
                 await self._renew_own()
-                delay = BACKOFF_INITIAL
-            except asyncio.CancelledError:
-                raise
+                backoff.reset()
+                self.supervisor.ok(RENEW_TASK)
+                continue
             except grpc.aio.AioRpcError as exc:
-                log.warning("agent SVID renewal failed: %s", exc.code().name)
                 proof = self.config.proof
                 if exc.code() in _AUTH_CODES and proof is not None and proof.reusable:
+                    log.warning("agent SVID renewal refused (%s): attesting again", exc.code().name)
                     with contextlib.suppress(Exception):
                         await self._attest()
                         continue
-                await asyncio.sleep(random.uniform(0, delay))  # noqa: S311 - jitter
-                delay = min(BACKOFF_MAX, delay * 2)
-            except Exception:
-                log.exception("agent SVID renewal failed")
-                await asyncio.sleep(delay)
-                delay = min(BACKOFF_MAX, delay * 2)
+                if exc.code() in _UNREACHABLE:
+                    self._unreachable(exc)
+                else:
+                    log.warning("agent SVID renewal refused: %s", exc.code().name)
+            except (ConnectionError, OSError) as exc:
+                self._unreachable(exc)
+            await asyncio.sleep(backoff.next())
 
     async def _renew_own(self) -> None:
         key = new_key()
-        stub = await self._mtls()
-        response = await stub.RenewX509SVID(pb.RenewX509SVIDRequest(csr=make_csr(key)))
+        request = pb.RenewX509SVIDRequest(csr=make_csr(key))
+        response = await self._call(lambda stub: stub.RenewX509SVID(request))
+        self._reached()
         chain = der_chain_to_pem(list(response.svid.cert_chain))
         self._adopt(chain, key, self._attestor)
         self.stats.own_renewals += 1
@@ -401,30 +522,37 @@ class NodeAgent:
         self._apply(state)
         return call
 
-    async def _sync_loop(self, first: grpc.aio.UnaryStreamCall[Any, Any]) -> None:
-        call: grpc.aio.UnaryStreamCall[Any, Any] | None = first
-        delay = BACKOFF_INITIAL
+    async def _sync_loop(self) -> None:
+        """Follow SyncAgent: reconnect with backoff when it ends; at once after a swap."""
+        call, self._first_call = self._first_call, None
+        backoff = Backoff(BACKOFF)
         while True:
+            generation = self._generation
             try:
                 if call is None:
                     call = (await self._mtls()).SyncAgent(pb.SyncAgentRequest())
                 while isinstance(state := await call.read(), pb.AgentState):
                     self._apply(state)
-                    delay = BACKOFF_INITIAL
+                    self._reached()
+                    self.supervisor.ok(SYNC_TASK)
+                    backoff.reset()
+                raise ConnectionError("the authority ended the sync stream")
             except asyncio.CancelledError:
                 if _cancelling():
                     if call is not None:
                         call.cancel()
                     raise
-                # The call was cancelled under us: its channel closed after a renewal.
+                if self._generation == generation:  # not our swap: the call died under us
+                    self._unreachable(ConnectionError("the sync stream was cancelled"))
+                    await asyncio.sleep(backoff.next())
             except grpc.aio.AioRpcError as exc:
-                if exc.code() is not grpc.StatusCode.CANCELLED:  # a channel swap
-                    log.warning("agent sync stream lost: %s", exc.code().name)
-            except Exception:
-                log.exception("agent sync stream failed")
+                if exc.code() is not grpc.StatusCode.CANCELLED or self._generation == generation:
+                    self._unreachable(exc)
+                    await asyncio.sleep(backoff.next())
+            except ConnectionError as exc:
+                self._unreachable(exc)
+                await asyncio.sleep(backoff.next())
             call = None
-            await asyncio.sleep(random.uniform(0, delay))  # noqa: S311 - jitter
-            delay = min(BACKOFF_MAX, delay * 2)
 
     def _apply(self, state: pb.AgentState) -> None:
         self.stats.syncs += 1
@@ -434,7 +562,7 @@ class NodeAgent:
         self._active_issuer = active.subject
         if self._bundle is None or bundle.sequence != self._bundle.sequence:
             self._bundle = bundle
-            self._bundle_pem = bundle.pem()
+            self._keep_bundle(bundle.pem())
             self._authority_kids = {
                 cert.subject: jwk_thumbprint(key)
                 for cert in bundle.x509_authorities
@@ -447,10 +575,18 @@ class NodeAgent:
         self._wake.set()
 
     def _open_feed(self, since: int) -> Any:
+        """The revocation feed from ``since`` (the watcher's last sequence number: it resumes)."""
+
         async def stream() -> Any:
             stub = await self._mtls()
-            async for message in stub.WatchRevocations(pb.WatchRevocationsRequest(since=since)):
-                yield message
+            try:
+                async for message in stub.WatchRevocations(pb.WatchRevocationsRequest(since=since)):
+                    self._reached()
+                    yield message
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is not grpc.StatusCode.CANCELLED:
+                    self._unreachable(exc)
+                raise
 
         return stream()
 
@@ -469,12 +605,20 @@ class NodeAgent:
         )
 
     async def _rotate_loop(self) -> None:
+        stale = Outage("revocation feed", lost="silent", restored="heard again", logger=log)
         while True:
             self._wake.clear()
             due = await self._reconcile()
+            self.supervisor.ok(ROTATE_TASK)
             staleness = self._watcher.staleness()
             if staleness is not None and staleness > self.config.stale_after.total_seconds():
-                log.warning("revocation feed silent for %.0f s", staleness)
+                stale.fail(f"nothing for {staleness:.0f}s (serving what is held)")
+            else:
+                stale.ok()
+            # Signing failed: not again before the backoff says (a wake-up does not hurry it).
+            hold = self._sign_retry_at - time.monotonic()
+            if hold > 0:
+                due = max(due, hold)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(RESYNC_INTERVAL, max(0.05, due))):
                     await self._wake.wait()
@@ -512,7 +656,7 @@ class NodeAgent:
                 or key_revoked("key", self._held[e.id].issuer_kid, now_us)
             )
         ]
-        if wanted:
+        if wanted and time.monotonic() >= self._sign_retry_at:
             await self._sign(wanted)
         if self._synced_changes:
             self._synced_changes = False
@@ -532,17 +676,38 @@ class NodeAgent:
             )
             try:
                 self.stats.sign_calls += 1
-                response = await (await self._mtls()).SignAgentSVIDs(request)
+                # A call cut by the agent's own renewal is made again on the new channel.
+                response = await self._sign_call(request)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() is grpc.StatusCode.PERMISSION_DENIED and len(batch) > 1:
                     for entry in batch:  # find the refused one(s); the batch is all or nothing
                         await self._sign([entry])
                     continue
-                log.warning("agent signing failed: %s %s", exc.code().name, exc.details())
                 if exc.code() is grpc.StatusCode.PERMISSION_DENIED:
+                    log.warning("agent signing refused: entry=%s %s", batch[0].id, exc.details())
                     self._refused[batch[0].id] = time.monotonic() + BACKOFF_MAX
-                continue
+                    continue
+                self._signing_failed(exc)
+                return
+            except ConnectionError as exc:
+                self._signing_failed(exc)
+                return
+            self._reached()
+            self._sign_backoff.reset()
+            self._sign_retry_at = 0.0
             self._take(batch, keys, list(response.svids))
+
+    async def _sign_call(self, request: pb.SignAgentSVIDsRequest) -> pb.SignAgentSVIDsResponse:
+        return await self._call(lambda stub: stub.SignAgentSVIDs(request))
+
+    def _signing_failed(self, exc: BaseException) -> None:
+        """The authority did not answer: logged once (unreachable), tried again after the
+        backoff, not at every wake-up."""
+        if isinstance(exc, grpc.aio.AioRpcError) and exc.code() not in _UNREACHABLE:
+            log.warning("agent signing failed: %s %s", exc.code().name, exc.details())
+        else:
+            self._unreachable(exc)
+        self._sign_retry_at = time.monotonic() + self._sign_backoff.next()
 
     def _take(
         self, batch: list[NodeEntry], keys: list[ec.EllipticCurvePrivateKey], svids: list[Any]
@@ -562,6 +727,7 @@ class NodeAgent:
                 ),
                 not_after=not_after,
                 rotate_at=now + (not_after - now) / 2,
+                overdue_at=now + (not_after - now) * OVERDUE,
                 issuer=leaf.issuer,
                 issuer_kid=self._authority_kids.get(leaf.issuer, ""),
             )
@@ -583,15 +749,35 @@ class NodeAgent:
                 "the agent's revocation feed is stale: serving nothing until it returns",
                 reason="AGENT_FEED_STALE",
             )
-        held = [
+        selected = [
             h
             for h in self._held.values()
             if h.entry.selectors <= caller.selectors and not self.revoked(h.entry)
         ]
+        now = _now()
+        held = [h for h in selected if self.servable(h, now)]
         if not held:
+            if selected or any(  # entitled, but nothing valid in hand: the authority is away
+                e.selectors <= caller.selectors
+                and not self.revoked(e)
+                and e.id not in self._refused
+                for e in self._entries.values()
+            ):
+                raise Unavailable(
+                    "the agent holds no valid SVID for this caller now: try again",
+                    reason="AGENT_NO_VALID_SVID",
+                )
             raise no_identity()
         held.sort(key=lambda h: (h.entry.spiffe_id, h.entry.id))
         return held
+
+    def servable(self, held: HeldSvid, now: dt.datetime) -> bool:
+        """Whether ``held`` may be handed out now: within its life, signed by a key still in
+        the bundle and not revoked (the rotation task drops it soon; this is the last word)."""
+        if now >= held.not_after or held.issuer_kid not in self._authority_kids.values():
+            return False
+        now_us = int(now.timestamp() * 1_000_000)
+        return not self._watcher.revoked.has("key", held.issuer_kid, now_us)
 
     def bundle(self) -> TrustBundle:
         if self._bundle is None:
@@ -625,11 +811,15 @@ class NodeAgent:
     ) -> str:
         async with self._upstream:
             try:
-                response = await (await self._mtls()).FetchAgentJWTSVID(
-                    pb.FetchAgentJWTSVIDRequest(entry_id=entry.id, audience=audience)
-                )
+                request = pb.FetchAgentJWTSVIDRequest(entry_id=entry.id, audience=audience)
+                response = await self._call(lambda stub: stub.FetchAgentJWTSVID(request))
             except grpc.aio.AioRpcError as exc:
+                if exc.code() in _UNREACHABLE:
+                    self._unreachable(exc)
                 raise error_from_status(exc) from None
+            except ConnectionError as exc:
+                self._unreachable(exc)
+                raise Unavailable("the authority cannot be reached now") from None
         self.stats.jwt_fetched += 1
         now = time.time()
         refresh_at = now + (response.expires_at - now) / 2
@@ -639,8 +829,17 @@ class NodeAgent:
         return str(response.token)
 
     def healthy(self) -> bool:
-        """Its own SVID valid, its revocation feed fresh, a bundle in hand."""
-        return _now() < self._own_not_after and self._watcher.fresh() and self._bundle is not None
+        """Its own SVID valid and not overdue for renewal, its revocation feed fresh, a bundle
+        in hand, no SVID it serves overdue for rotation (past 3/4 of its life) and none of its
+        tasks down."""
+        now = _now()
+        return (
+            now < self._own_overdue_at
+            and self._watcher.fresh()
+            and self._bundle is not None
+            and all(now < h.overdue_at for h in self._held.values())
+            and self.supervisor.healthy()
+        )
 
     def is_subject_revoked(self, subject: str) -> bool:
         return self._watcher.revoked.has("subject", subject, int(time.time() * 1_000_000))
@@ -749,7 +948,9 @@ class _AgentX509View:
 
     async def current(self) -> tuple[list[X509Item], TrustBundle, float]:
         held = self._agent.matching(self._caller)
-        return [h.item for h in held], self._agent.bundle(), RESYNC_INTERVAL
+        # Look again when the first one expires, at the latest (it is not sent past that).
+        expires = min(h.not_after for h in held) - _now()
+        return [h.item for h in held], self._agent.bundle(), expires.total_seconds()
 
 
 async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:

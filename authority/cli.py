@@ -1228,7 +1228,11 @@ def workload_fetch_jwt(socket: str | None, audiences: tuple[str, ...], spiffe_id
     "--trust-bundle",
     required=True,
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="PEM roots that verify the authority at first contact.",
+    help=(
+        "PEM roots that verify the authority at first contact only: afterwards the agent "
+        "trusts the latest bundle it received, kept in --data-dir (agent/bundle.pem), so it "
+        "starts again after CA rotations with the file it was first given."
+    ),
 )
 @click.option(
     "--data-dir",

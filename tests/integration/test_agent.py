@@ -208,7 +208,7 @@ async def test_admin_node_entries_and_oversized_or_duplicate_batches_are_refused
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # Nothing was issued by the refused calls.
     assert running.server.authority is not None
-    records = await running.server.authority.audit_records(limit=10_000)
+    records = await running.server.authority.audit_records()
     assert not [r for r in records if r.kind == "x509.issued" and r.subject == f"{TD}/w"]
 
 
@@ -233,7 +233,7 @@ async def test_concurrent_asks_for_a_new_jwt_svid_make_one_upstream_call(
         assert len({r.svids[0].svid for r in replies}) == 1  # one token, shared
         assert agent.stats.jwt_fetched == 1
     assert running.server.authority is not None
-    records = await running.server.authority.audit_records(limit=10_000)
+    records = await running.server.authority.audit_records()
     issued = [r for r in records if r.kind == "jwt.issued" and "fresh-audience" in r.details_json]
     assert len(issued) == 1
 
