@@ -40,6 +40,7 @@ def source_version(texts: Sequence[str]) -> str:
 # Where each field of an older input shape went: facts the caller only says moved under
 # ``requested``; the resource's environment is derived from its name.
 _MOVED_FIELDS = ("purpose", "environment", "parameters")
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|`[^`]*`')
 
 
 def refuse_moved_fields(
@@ -48,16 +49,17 @@ def refuse_moved_fields(
     """Refuse a policy that reads ``<root>.purpose``, ``<root>.environment`` or
     ``<root>.parameters``: those fields are gone (a Cedar policy reading one would fail at each
     decision; a Rego one would silently never match, and a forbid written so would never fire).
-    Comments are skipped; a comment marker inside a string only hides a match."""
-    pattern = re.compile(
-        rf"\b{re.escape(root)}\s*(?:\.\s*({'|'.join(_MOVED_FIELDS)})\b"
-        rf"|\[\s*\"({'|'.join(_MOVED_FIELDS)})\"\s*\])"
-    )
+    Comments and the text of strings are skipped; a comment marker inside a string only hides a
+    match."""
+    names = "|".join(_MOVED_FIELDS)
+    dotted = re.compile(rf"\b{re.escape(root)}\s*\.\s*({names})\b")
+    indexed = re.compile(rf"\b{re.escape(root)}\s*\[\s*\"({names})\"\s*\]")
     for number, line in enumerate(source.text.splitlines(), start=1):
-        match = pattern.search(line.split(comment, 1)[0])
+        code = line.split(comment, 1)[0]
+        match = dotted.search(_STRING.sub('""', code)) or indexed.search(code)
         if match is None:
             continue
-        name = match.group(1) or match.group(2)
+        name = match.group(1)
         instead = f"{root}.requested.{name}"
         if name == "environment":
             instead = f"{resource_env} (derived from the resource name) or {instead}"

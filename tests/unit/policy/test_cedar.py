@@ -254,6 +254,10 @@ def test_a_policy_reading_a_field_moved_under_requested_is_refused(field: str) -
     with pytest.raises(InvalidArgument, match=r"resource\.environment"):
         cedar('permit (principal, action, resource) when { context["environment"] == "x" };')
     cedar(READ_METRICS + f"// context.{field} moved under context.requested\n")  # a comment
+    cedar(  # or a string
+        f'@id("ok") permit (principal, action, resource) when {{ context.requested.{field} == '
+        f'"not context.{field}" }};'
+    )
 
 
 def test_hour_and_weekday_are_utc() -> None:
