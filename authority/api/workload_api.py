@@ -371,6 +371,7 @@ class AuthoritySource:
         no longer granted (revoked, entry deleted) is dropped."""
         authority = self._authority
         active = authority.ca.active_x509_authority().subject
+        bundle = authority.ca.bundle()
         fresh: dict[str, _Held] = {}
         for template in self.identities(caller):
             if template.entry_id is None:  # Workload API identities all come from entries
@@ -381,6 +382,7 @@ class AuthoritySource:
                 current is not None
                 and now < current.rotate_at
                 and current.svid.certificate.issuer == active
+                and servable(current.svid, now, bundle)
             ):
                 fresh[template.entry_id] = current
                 continue
@@ -408,6 +410,15 @@ class AuthoritySource:
 
     def bundle(self) -> TrustBundle:
         return self._authority.ca.bundle()
+
+
+def servable(svid: X509Svid, now: dt.datetime, bundle: TrustBundle) -> bool:
+    """Whether ``svid`` may still be handed out: within its life and signed by a key still in
+    the bundle. (What is revoked is not granted at all: ``AuthoritySource.identities``.)"""
+    cert = svid.certificate
+    return now < cert.not_valid_after_utc and any(
+        authority.subject == cert.issuer for authority in bundle.x509_authorities
+    )
 
 
 class _AuthorityX509View:

@@ -34,6 +34,7 @@ from authority._pb import authority_v1_authority_pb2 as apb
 from authority._pb import spiffe_workload_pb2 as wpb
 from authority._pb import spiffe_workload_pb2_grpc as wgrpc
 from authority.agent import RENEW_TASK, ROTATE_TASK, SYNC_TASK, AgentConfig, NodeAgent
+from authority.clock import FakeClock
 from authority.config import Config
 from authority.server import AuthorityServer
 from tests.helpers import (
@@ -45,7 +46,7 @@ from tests.helpers import (
     wait_held,
 )
 from tests.helpers import test_config as make_config
-from tests.security._attack import reason_of
+from tests.security._attack import reason_of, running_with_clock
 
 HEADER = (("workload.spiffe.io", "true"),)
 TD = "spiffe://example.org"
@@ -102,6 +103,13 @@ async def fetch_x509(socket: Path) -> wpb.X509SVIDResponse:
         call.cancel()
         assert isinstance(reply, wpb.X509SVIDResponse), "the stream ended"
         return reply
+
+
+async def next_leaf(call: Any) -> x509.Certificate:
+    """The leaf of the first SVID of a FetchX509SVID stream's next message."""
+    reply = await asyncio.wait_for(call.read(), 10)
+    assert isinstance(reply, wpb.X509SVIDResponse), "the stream ended"
+    return split_der(reply.svids[0].x509_svid)[0]
 
 
 async def until(predicate: Any, what: str, timeout: float = 20.0) -> None:  # noqa: ASYNC109
@@ -336,6 +344,41 @@ async def _valid_on_arrival(call: Any, received: list[x509.Certificate]) -> None
             leaf = split_der(reply.svids[0].x509_svid)[0]
             assert leaf.not_valid_after_utc > dt.datetime.now(dt.UTC)
             received.append(leaf)
+
+
+async def test_the_authority_own_workload_api_never_sends_an_svid_past_its_life(
+    tmp_path: Path, socket_dir: Path
+) -> None:
+    """The authority's clock jumps past an SVID's life while a stream holds it (a suspended VM,
+    a stalled loop): the next message carries a new SVID, never the expired one."""
+    clock = FakeClock(dt.datetime.now(dt.UTC))
+    config = dataclasses.replace(
+        make_config(tmp_path / "data", socket_dir), workload_api_socket=socket_dir / "w.sock"
+    )
+    async with running_with_clock(config, clock) as running:
+        await running.admin().stub.CreateEntry(
+            apb.CreateEntryRequest(
+                spiffe_id=f"{TD}/w",
+                selectors=[apb.Selector(type="unix", value=f"uid:{UID}")],
+                x509_ttl_seconds=60,
+            )
+        )
+        async with grpc.aio.insecure_channel(f"unix:{socket_dir / 'w.sock'}") as channel:
+            call = wgrpc.SpiffeWorkloadAPIStub(channel).FetchX509SVID(
+                wpb.X509SVIDRequest(), metadata=HEADER
+            )
+            first = await next_leaf(call)
+            clock.advance(dt.timedelta(minutes=5))  # past its life, by the authority's clock
+            await running.admin().stub.CreateEntry(  # any change wakes the stream at once
+                apb.CreateEntryRequest(
+                    spiffe_id=f"{TD}/other",
+                    selectors=[apb.Selector(type="unix", value="uid:65534")],
+                )
+            )
+            leaf = await next_leaf(call)
+            call.cancel()
+        assert leaf.serial_number != first.serial_number
+        assert first.not_valid_after_utc <= clock.now() < leaf.not_valid_after_utc
 
 
 # --- an outage of the authority -----------------------------------------------------------------
