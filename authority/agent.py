@@ -28,7 +28,7 @@ or one of its tasks is down.
 
 Unattended: its tasks (sync, rotation, own renewal) run under a ``Supervisor``; every retry loop
 backs off with full jitter (0.5 s doubling to 30 s) and the authority's reachability is logged
-once per change ("authority unreachable: ..." / "authority reachable again after 43s"). A call
+once per change ("authority lost (UNAVAILABLE ...)" / "authority restored after 43.0s"). A call
 cut by the agent's own channel swap (its SVID renewed) is made again on the new channel. The
 latest bundle received is kept beside the SVID (``<data-dir>/agent/bundle.pem``, 0600, replaced
 atomically) and trusted on the next start: ``trust_bundle_pem`` is for first contact only.
@@ -75,6 +75,7 @@ from authority.api.workload_api import (
     no_identity,
     unix_selectors,
 )
+from authority.backoff import Backoff, LinkState
 from authority.bundle import TrustBundle, jwk_thumbprint
 from authority.changes import Waiters
 from authority.client import (
@@ -96,7 +97,7 @@ from authority.ids import SpiffeId
 from authority.jwt_svid import check_jwt_svid
 from authority.keyvault import private_key_pem, write_private_file
 from authority.models import Selector
-from authority.supervisor import Backoff, BackoffPolicy, Outage, Supervisor, describe
+from authority.supervisor import Outage, Supervisor, describe
 from authority.watch import RevocationWatcher
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,8 @@ log = logging.getLogger(__name__)
 SIGN_BATCH = 64  # the authority's max_node_csrs default
 JWT_CACHE_SIZE = 4096
 UPSTREAM_CALLS = 64
-BACKOFF = BackoffPolicy(initial=0.5, maximum=30.0)  # every retry loop's, with full jitter
-BACKOFF_MAX = BACKOFF.maximum
+BACKOFF_INITIAL = 0.5  # every retry loop's backoff: full jitter, doubling from here...
+BACKOFF_MAX = 30.0  # ...up to this
 STALE_FEED = dt.timedelta(seconds=15)  # the revocation feed's silence that counts as stale
 OVERDUE = 0.75  # an SVID past this fraction of its life should have been rotated: unhealthy
 SWAP_RETRIES = 3  # a call cut by the agent's own channel swap is made again, this many times
@@ -224,13 +225,12 @@ class NodeAgent:
         self._own_overdue_at = _now()
         self._generation = 0  # bumped on every channel swap (a new SVID of the agent's own)
         self._renew_now = asyncio.Event()
-        self._reach = Outage(
-            "authority", lost="unreachable", restored="reachable again", logger=log
-        )
-        self._sign_backoff = Backoff(BACKOFF)
+        self._reach = LinkState("authority", log)
+        self._sign_backoff = Backoff(BACKOFF_INITIAL, BACKOFF_MAX)
         self._sign_retry_at = 0.0  # monotonic: signing failed, not again before this
         self.supervisor = Supervisor(
-            backoff=BACKOFF,
+            backoff_initial=BACKOFF_INITIAL,
+            backoff_cap=BACKOFF_MAX,
             generation=lambda: self._generation,
             expected=(grpc.aio.AioRpcError, ConnectionError, OSError, AuthorityError),
         )
@@ -248,8 +248,8 @@ class NodeAgent:
         self._watcher = RevocationWatcher(
             self._open_feed,
             stale_after=config.stale_after,
-            backoff_initial=BACKOFF.initial,
-            backoff_max=BACKOFF.maximum,
+            backoff_initial=BACKOFF_INITIAL,
+            backoff_max=BACKOFF_MAX,
             on_event=lambda _: self._wake.set(),
             on_snapshot=self._wake.set,
         )
@@ -455,26 +455,26 @@ class NodeAgent:
         key the old roots do not hold (a CA rotation while connected)."""
         if isinstance(exc, grpc.aio.AioRpcError):
             details = " ".join((exc.details() or "").split())[:200]
-            self._reach.fail(f"{exc.code().name} {details}".strip())
+            self._reach.lost(f"{exc.code().name} {details}".strip())
         else:
-            self._reach.fail(describe(exc))
+            self._reach.lost(describe(exc))
         if self._client is not None and self._client_roots != self._bundle_pem:
             log.info("agent reconnecting with the latest bundle it received")
             self._connect()
 
     def _reached(self) -> None:
-        self._reach.ok()
+        self._reach.restored()
 
     @property
     def reachable(self) -> bool:
-        return not self._reach.down
+        return self._reach.up
 
     async def renew(self) -> None:
         """Renew the agent's own SVID now (the renewal task does it at half its life)."""
         await self._renew_own()
 
     async def _own_renewal_loop(self) -> None:
-        backoff = Backoff(BACKOFF)
+        backoff = Backoff(BACKOFF_INITIAL, BACKOFF_MAX)
         while True:
             wait = (self._own_rotate_at - _now()).total_seconds()
             with contextlib.suppress(TimeoutError):
@@ -499,7 +499,7 @@ class NodeAgent:
                     log.warning("agent SVID renewal refused: %s", exc.code().name)
             except (ConnectionError, OSError) as exc:
                 self._unreachable(exc)
-            await asyncio.sleep(backoff.next())
+            await asyncio.sleep(backoff.next_delay())
 
     async def _renew_own(self) -> None:
         key = new_key()
@@ -525,7 +525,7 @@ class NodeAgent:
     async def _sync_loop(self) -> None:
         """Follow SyncAgent: reconnect with backoff when it ends; at once after a swap."""
         call, self._first_call = self._first_call, None
-        backoff = Backoff(BACKOFF)
+        backoff = Backoff(BACKOFF_INITIAL, BACKOFF_MAX)
         while True:
             generation = self._generation
             try:
@@ -544,14 +544,14 @@ class NodeAgent:
                     raise
                 if self._generation == generation:  # not our swap: the call died under us
                     self._unreachable(ConnectionError("the sync stream was cancelled"))
-                    await asyncio.sleep(backoff.next())
+                    await asyncio.sleep(backoff.next_delay())
             except grpc.aio.AioRpcError as exc:
                 if exc.code() is not grpc.StatusCode.CANCELLED or self._generation == generation:
                     self._unreachable(exc)
-                    await asyncio.sleep(backoff.next())
+                    await asyncio.sleep(backoff.next_delay())
             except ConnectionError as exc:
                 self._unreachable(exc)
-                await asyncio.sleep(backoff.next())
+                await asyncio.sleep(backoff.next_delay())
             call = None
 
     def _apply(self, state: pb.AgentState) -> None:
@@ -707,7 +707,7 @@ class NodeAgent:
             log.warning("agent signing failed: %s %s", exc.code().name, exc.details())
         else:
             self._unreachable(exc)
-        self._sign_retry_at = time.monotonic() + self._sign_backoff.next()
+        self._sign_retry_at = time.monotonic() + self._sign_backoff.next_delay()
 
     def _take(
         self, batch: list[NodeEntry], keys: list[ec.EllipticCurvePrivateKey], svids: list[Any]

@@ -11,7 +11,8 @@ A run that began on a channel the process has since replaced (its own SVID renew
 channel closes and its calls end cancelled) is not a failure: it is started again at once, on
 the new channel, without a log line. The process tells the supervisor its channel generation.
 
-Time and randomness are injected (``sleep``, ``monotonic``, ``rand``) so tests drive them.
+Restarts wait as ``authority.backoff.Backoff`` says (full jitter, capped). Time and randomness
+are injected (``sleep``, ``monotonic``, ``rng``) so tests drive them.
 """
 
 from __future__ import annotations
@@ -23,43 +24,13 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from authority.backoff import DEFAULT_CAP, DEFAULT_INITIAL, Backoff
 from authority.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
 Sleep = Callable[[float], Awaitable[None]]
 REASON_CHARS = 300  # a failure's reason as logged and reported, at most
-
-
-@dataclass(frozen=True, slots=True)
-class BackoffPolicy:
-    """Delays between retries: uniform in [0, min(maximum, initial * 2**n)) ("full jitter")."""
-
-    initial: float = 0.5
-    maximum: float = 30.0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.initial <= self.maximum:
-            raise ValueError("backoff needs 0 < initial <= maximum")
-
-
-class Backoff:
-    """One retry loop's backoff: ``next()`` after a failure, ``reset()`` after a success."""
-
-    def __init__(
-        self, policy: BackoffPolicy = BackoffPolicy(), rand: Callable[[], float] = random.random
-    ) -> None:
-        self._policy = policy
-        self._rand = rand
-        self._ceiling = policy.initial
-
-    def next(self) -> float:
-        delay = self._rand() * self._ceiling
-        self._ceiling = min(self._policy.maximum, self._ceiling * 2)
-        return delay
-
-    def reset(self) -> None:
-        self._ceiling = self._policy.initial
 
 
 class Outage:
@@ -161,20 +132,22 @@ class Supervisor:
     def __init__(
         self,
         *,
-        backoff: BackoffPolicy = BackoffPolicy(),
+        backoff_initial: float = DEFAULT_INITIAL,
+        backoff_cap: float = DEFAULT_CAP,
         sleep: Sleep = asyncio.sleep,
         monotonic: Callable[[], float] = time.monotonic,
-        rand: Callable[[], float] = random.random,
+        rng: random.Random | None = None,
         generation: Callable[[], int] = lambda: 0,
         expected: tuple[type[BaseException], ...] = (),
         settle: float | None = 5.0,
         on_change: Callable[[str, bool], None] | None = None,
         logger: logging.Logger = log,
     ) -> None:
-        self._backoff = backoff
+        Backoff(backoff_initial, backoff_cap)  # checks the bounds now, not at the first failure
+        self._backoff = (backoff_initial, backoff_cap)
         self._sleep = sleep
         self._monotonic = monotonic
-        self._rand = rand
+        self._rng = rng
         self._generation = generation
         self._expected = expected
         self._settle = settle
@@ -198,7 +171,8 @@ class Supervisor:
             monotonic=self._monotonic,
             logger=self._log,
         )
-        job = _Job(name, run, critical, outage, Backoff(self._backoff, self._rand))
+        backoff = Backoff(*self._backoff, rng=self._rng)
+        job = _Job(name, run, critical, outage, backoff)
         self._jobs[name] = job
         job.task = asyncio.create_task(self._runner(job), name=name)
 
@@ -301,7 +275,7 @@ class Supervisor:
             went_down = job.outage.fail(reason, None if quiet else failure)
             if went_down and self._on_change is not None:
                 self._on_change(job.name, False)
-            await self._sleep(job.backoff.next())
+            await self._sleep(job.backoff.next_delay())
 
     async def _settled(self, job: _Job, run: int) -> None:
         """A restarted run still going after ``settle`` seconds has recovered."""
@@ -312,8 +286,6 @@ class Supervisor:
 
 
 __all__ = [
-    "Backoff",
-    "BackoffPolicy",
     "Outage",
     "Supervisor",
     "TaskReturned",

@@ -6,13 +6,25 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 from collections.abc import Callable
 
 import pytest
 
-from authority.supervisor import Backoff, BackoffPolicy, Outage, Supervisor, format_seconds
+from authority.supervisor import Outage, Supervisor, format_seconds
 
 LOGGER = "tests.supervisor"
+
+
+class Drawn(random.Random):
+    """Randomness of the test's choosing: each draw is ``fraction`` of the window."""
+
+    def __init__(self, fraction: float) -> None:
+        super().__init__(0)
+        self.fraction = fraction
+
+    def uniform(self, a: float, b: float) -> float:
+        return a + (b - a) * self.fraction
 
 
 class FakeTime:
@@ -34,15 +46,16 @@ class FakeTime:
 def supervisor(
     time: FakeTime,
     *,
-    rand: Callable[[], float] = lambda: 1.0,
+    fraction: float = 1.0,
     generation: Callable[[], int] = lambda: 0,
     changes: list[tuple[str, bool]] | None = None,
 ) -> Supervisor:
     return Supervisor(
-        backoff=BackoffPolicy(initial=0.5, maximum=30.0),
+        backoff_initial=0.5,
+        backoff_cap=30.0,
         sleep=time.sleep,
         monotonic=time.monotonic,
-        rand=rand,
+        rng=Drawn(fraction),
         generation=generation,
         settle=None,  # recovery only when a task says so, unless a test asks otherwise
         on_change=None if changes is None else lambda n, up: changes.append((n, up)),
@@ -225,7 +238,7 @@ async def test_a_periodic_job_fails_alone_and_recovers_on_its_next_good_step(
 ) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
     time = FakeTime()
-    sup = supervisor(time, rand=lambda: 0.5)
+    sup = supervisor(time, fraction=0.5)
     outcomes = [True, False, False, False, True, True]
     steps: list[float] = []
     done = asyncio.Event()
@@ -261,7 +274,7 @@ async def test_a_restarted_task_that_keeps_running_is_recovered_after_settling(
     sup = Supervisor(
         sleep=time.sleep,
         monotonic=time.monotonic,
-        rand=lambda: 1.0,
+        rng=Drawn(1.0),
         settle=5.0,
         logger=logging.getLogger(LOGGER),
     )
@@ -303,23 +316,11 @@ async def test_an_unexpected_failure_is_logged_with_its_traceback_an_expected_on
     assert by_task["peer"].exc_info is None
 
 
-def test_backoff_is_full_jitter_doubling_to_its_cap_and_resets() -> None:
-    draws = iter([0.0, 0.999, 0.5, 0.25] + [1.0] * 20)
-    backoff = Backoff(BackoffPolicy(initial=0.5, maximum=30.0), rand=lambda: next(draws))
-    assert backoff.next() == 0.0
-    assert backoff.next() == pytest.approx(0.999)
-    assert backoff.next() == 1.0
-    assert backoff.next() == 1.0
-    assert max(backoff.next() for _ in range(10)) == 30.0
-    backoff.reset()
-    assert backoff.next() == 0.5
-
-
-def test_backoff_policy_checks_its_bounds() -> None:
+def test_backoff_bounds_are_checked_when_the_supervisor_is_made() -> None:
     with pytest.raises(ValueError, match="backoff"):
-        BackoffPolicy(initial=0.0)
+        Supervisor(backoff_initial=0.0)
     with pytest.raises(ValueError, match="backoff"):
-        BackoffPolicy(initial=5.0, maximum=1.0)
+        Supervisor(backoff_initial=5.0, backoff_cap=1.0)
 
 
 def test_an_outage_logs_each_change_of_state_once(caplog: pytest.LogCaptureFixture) -> None:
