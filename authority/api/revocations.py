@@ -111,13 +111,15 @@ class RevocationFeed:
         sends a heartbeat after between (TICKS - 1) / TICKS of an interval and one interval."""
         loop = asyncio.get_running_loop()
         step = self._heartbeat / HEARTBEAT_TICKS
+        # Scheduled first: a tick that fails must not stop the clock (a timer callback that
+        # raises is only logged by the loop), or every quiet stream would look dead.
+        self._ticker = loop.call_later(step, self._tick)
         quiet_since = loop.time() - (self._heartbeat - step)
         self._beat = None  # built again, once, for the streams this tick wakes
         for listener in self._listeners:
             if listener.sent_at <= quiet_since and not listener.beat_due:
                 listener.beat_due = True
                 listener.sub.queue.wake()
-        self._ticker = loop.call_later(step, self._tick)
 
     async def stream(self, since: int) -> AsyncIterator[pb.RevocationMessage]:
         hub = self._service.hub
