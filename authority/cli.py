@@ -867,14 +867,22 @@ def watch(
             async for message in stream:
                 yield message
 
+    def shown(message: pb.RevocationMessage) -> None:
+        try:
+            show(message, watcher.seq)
+        except BrokenPipeError:  # `authority watch | head`: the reader is gone, so are we
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(0) from None
+
+    watcher = RevocationWatcher(
+        mtls_stream if server else admin_stream,
+        since=since,
+        backoff_initial=backoff.DEFAULT_INITIAL,
+        backoff_max=backoff.DEFAULT_CAP,
+        on_message=shown,
+    )
+
     async def go() -> None:
-        watcher = RevocationWatcher(
-            mtls_stream if server else admin_stream,
-            since=since,
-            backoff_initial=backoff.DEFAULT_INITIAL,
-            backoff_max=backoff.DEFAULT_CAP,
-            on_message=lambda message: show(message, watcher.seq),
-        )
         await watcher.run()
 
     with contextlib.suppress(KeyboardInterrupt):

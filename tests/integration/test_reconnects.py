@@ -198,6 +198,32 @@ def test_watch_carries_on_across_restarts(
     assert not any("Traceback" in line for line in log), log
 
 
+def test_watch_ends_when_its_reader_does(authority: Authority) -> None:
+    """``authority watch | head -1``: a closed pipe ends the watch; it is not an outage to
+    retry forever."""
+    proc = subprocess.Popen(
+        [*authority_command(), "watch", "--format", "json"],
+        env={**authority.served.env(), "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        authority.revoke("first")
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline())["target"] == f"spiffe://{TD}/first"
+        proc.stdout.close()
+        authority.revoke("second")  # printing it meets the closed pipe
+        assert proc.wait(timeout=60) == 0
+        assert proc.stderr is not None
+        assert b"Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
 # --- a relying service's revocation follower, in this process ---------------------------------
 
 
