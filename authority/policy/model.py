@@ -115,11 +115,11 @@ class Requested:
 class PolicyInput:
     """One intent to decide on. Time is passed in; nothing here reads a clock.
 
-    What is asked for: ``principal`` (the caller, authenticated by its SVID), ``action``,
-    ``resource`` and ``audience``: what a granted token is bound to. The authority's facts:
-    ``time``, ``risk``, ``delegation_depth``, ``approved`` and ``attributes`` (of the caller's
-    attestation), and the resource's kind and environment, derived from its name (properties,
-    never given). What the caller merely says: ``requested``."""
+    The authority's facts: ``principal`` (the caller, authenticated by its SVID), ``time``,
+    ``risk``, ``delegation_depth``, ``approved``, ``attributes`` (of the caller's attestation),
+    and the resource's kind and environment, derived from its name (properties, never given).
+    What is asked for, and a granted token bound to: ``action``, ``resource``, ``audience``.
+    What the caller merely says: ``requested``."""
 
     principal: str
     action: str
