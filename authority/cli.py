@@ -46,6 +46,7 @@ from authority.client import (
 )
 from authority.config import Config, format_duration, parse_duration
 from authority.errors import AuthorityError
+from authority.files import check_private_folder
 from authority.watch import unseen
 
 if TYPE_CHECKING:
@@ -257,7 +258,13 @@ def entry() -> None:
 @click.option("--x509-ttl", type=DURATION)
 @click.option("--jwt-ttl", type=DURATION)
 @click.option("--dns-name", "dns_names", multiple=True)
-@click.option("--admin", is_flag=True, help="Grant the operator API over mutual TLS.")
+@click.option(
+    "--admin",
+    is_flag=True,
+    help="Mark the entry's identities admin: task-token policies see attributes.admin = "
+    '"true" (Cedar context.attributes, Rego input.attributes). It grants no operator API: that '
+    "is served on the admin socket alone. Not with --parent-id.",
+)
 @click.option(
     "--record-prompts",
     is_flag=True,
@@ -1121,7 +1128,8 @@ def workload_attest(
     """Attest and write svid.pem, svid.key (0600) and bundle.pem to --out.
 
     Give exactly one proof: --join-token, --x509pop-cert with --x509pop-key, --jwt-file, or
-    --unix.
+    --unix. --out is created 0700; an existing one must be the user's own folder (not a
+    symlink) and is tightened to 0700. Files are replaced atomically, never through a link.
     """
     if use_unix:
         if join_token is not None or x509pop_cert or x509pop_key or jwt_file:
@@ -1144,6 +1152,8 @@ def workload_attest(
         if server is None or trust_bundle is None:
             raise CliError("--server and --trust-bundle are required (except with --unix)")
         target, bundle_pem = server, trust_bundle.read_bytes()
+
+    check_private_folder(out)  # before a join token is spent
 
     async def go() -> pb.AttestResult:
         async with WorkloadClient(target, bundle_pem) as client:
@@ -1198,6 +1208,7 @@ socket_option = click.option(
 def workload_fetch(socket: str | None, spiffe_id: str, out: Path) -> None:
     """Fetch an X.509-SVID from a SPIFFE Workload API (the authority's or a node agent's) and
     write svid.pem, svid.key (0600) and bundle.pem to --out. The kernel identifies the caller."""
+    check_private_folder(out)
 
     async def go() -> FetchedX509Svid:
         async with WorkloadApiClient(socket) as client:

@@ -31,7 +31,8 @@ from authority._pb import spiffe_workload_pb2 as spiffe_pb
 from authority._pb import spiffe_workload_pb2_grpc as spiffe_grpc
 from authority.backoff import DEFAULT_CAP, DEFAULT_INITIAL, Backoff, LinkState
 from authority.errors import FailedPrecondition, InvalidArgument
-from authority.keyvault import private_key_pem, write_private_file
+from authority.files import private_folder, write_at
+from authority.keyvault import private_key_pem
 from authority.relying import (
     StaticKeys,
     TaskKeySource,
@@ -133,11 +134,12 @@ class SvidFiles:
         return self.folder / "bundle.pem"
 
     def write(self, chain_pem: bytes, key: ec.EllipticCurvePrivateKey, bundle_pem: bytes) -> None:
-        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        key_pem = private_key_pem(key)
-        write_private_file(self.key_path, key_pem)
-        _write_public(self.cert_path, chain_pem)
-        _write_public(self.bundle_path, bundle_pem)
+        """Into a folder of the user's own (``files.private_folder``: created 0700, or checked
+        and tightened), each file replaced atomically and never written through a link."""
+        with private_folder(self.folder) as folder:
+            write_at(folder, self.key_path.name, private_key_pem(key), 0o600)
+            write_at(folder, self.cert_path.name, chain_pem, 0o644)
+            write_at(folder, self.bundle_path.name, bundle_pem, 0o644)
 
     def read(self) -> tuple[bytes, bytes, bytes]:
         """(chain PEM, key PEM, bundle PEM)."""
@@ -146,12 +148,6 @@ class SvidFiles:
             self.key_path.read_bytes(),
             self.bundle_path.read_bytes(),
         )
-
-
-def _write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def check_svid_current(chain_pem: bytes, now: dt.datetime | None = None) -> x509.Certificate:

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from authority.errors import Internal, NotFound
+from authority.files import write_atomic
 
 _KEY_NAME = re.compile(r"^[a-z0-9]+-[A-Za-z0-9_-]{1,128}$")
 
@@ -41,23 +42,9 @@ def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def write_private_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically, mode 0600 from the first byte, fsync'd."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:  # os.write may write less than asked
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Write ``data`` to ``path``: mode 0600 from the first byte, atomically, never through a
+    link (``authority.files.write_atomic``)."""
+    write_atomic(path, data, 0o600)
 
 
 class FileKeyVault:

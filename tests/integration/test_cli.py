@@ -454,6 +454,11 @@ def test_reflection_lists_services(served: ServeProcess) -> None:
         assert _services(channel) == {"authority.v1.Admin", HEALTH, REFLECTION}
     bundle = served.cli("bundle", "show").stdout.encode()
     creds = grpc.ssl_channel_credentials(root_certificates=bundle)
-    with grpc.secure_channel(served.address, creds) as channel:
-        # The workload endpoint does not advertise the operator service.
-        assert _services(channel) == {"authority.v1.Workload", HEALTH, REFLECTION}
+    # Reflection is off on the workload endpoint (reflection_on_public = false): it describes
+    # nothing there, the operator service least of all.
+    with (
+        grpc.secure_channel(served.address, creds) as channel,
+        pytest.raises(grpc.RpcError) as info,
+    ):
+        _services(channel)
+    assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
