@@ -224,7 +224,6 @@ class NodeAgent:
         self._own_rotate_at = _now()
         self._own_overdue_at = _now()
         self._generation = 0  # bumped on every channel swap (a new SVID of the agent's own)
-        self._renew_now = asyncio.Event()
         self._reach = LinkState("authority", log)
         self._sign_backoff = Backoff(BACKOFF_INITIAL, BACKOFF_MAX)
         self._sign_retry_at = 0.0  # monotonic: signing failed, not again before this
@@ -476,11 +475,7 @@ class NodeAgent:
     async def _own_renewal_loop(self) -> None:
         backoff = Backoff(BACKOFF_INITIAL, BACKOFF_MAX)
         while True:
-            wait = (self._own_rotate_at - _now()).total_seconds()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.0, wait)):
-                    await self._renew_now.wait()
-            self._renew_now.clear()
+            await asyncio.sleep(max(0.0, (self._own_rotate_at - _now()).total_seconds()))
             try:
                 await self._renew_own()
                 backoff.reset()

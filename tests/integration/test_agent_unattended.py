@@ -425,6 +425,11 @@ async def test_an_outage_of_the_authority_is_logged_once_and_the_agent_recovers(
             await until(lambda: agent.reachable, "the agent reached the authority again", 60)
             entry_id = await node_entry(back, "after-outage")
             await wait_held(agent, entry_id, timeout=60)
+            # Its revocation feed is back too: a revocation reaches it.
+            await back.admin().stub.Revoke(
+                apb.RevokeRequest(kind="entry", target=entry_id, reason="test")
+            )
+            await until(lambda: entry_id not in agent.held, "the revoked entry dropped", 30)
             await back.close_clients()
             assert agent.supervisor.down() == {}
             assert {SYNC_TASK, ROTATE_TASK, RENEW_TASK} <= set(agent.supervisor.names)
