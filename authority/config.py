@@ -82,7 +82,7 @@ class Limits:
     # fd_reserve, or the server refuses to start.
     max_connections_per_listener: int = 1000
     max_admin_connections: int = 64
-    max_calls_per_peer: int = 256
+    max_calls_per_peer: int = 1024
     handshake_timeout: dt.timedelta = dt.timedelta(seconds=10)
     connection_idle_timeout: dt.timedelta = dt.timedelta(minutes=5)
     fd_reserve: int = 256

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from authority.api.status import abort
+from authority.api.workload import peer_host
 from authority.config import Limits
 from authority.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 TCP_LISTENERS = 2  # server-TLS and mutual-TLS
 MALFORMED_LOG_INTERVAL = 10.0  # seconds between two log lines about undecodable requests
+MAX_CACHED_HANDLERS = 512  # wrapped handlers kept per server (ours number about 60)
 
 if TYPE_CHECKING:
     Context = grpc.aio.ServicerContext[Any, Any]
@@ -168,14 +170,6 @@ def _guarded(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return decode
 
 
-def peer_address(context: Context) -> str:
-    """``ipv4:10.0.0.1``, ``ipv6:%5B::1%5D`` (grpc's peer string without the port)."""
-    peer = context.peer() or "unknown"
-    if peer.startswith(("ipv4:", "ipv6:")):
-        return peer.rpartition(":")[0]
-    return peer
-
-
 class _Throttled:
     """One log line per interval about undecodable requests; the others are counted in it."""
 
@@ -217,9 +211,6 @@ class RequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._log = _Throttled(log_interval)
         self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
-    def calls_in_flight(self) -> int:
-        return sum(self._calls.values())
-
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
@@ -233,7 +224,10 @@ class RequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if cached is not None and cached[0] is handler:
             return cached[1]
         wrapped = self._wrap(handler, method)
-        self._wrapped[method] = (handler, wrapped)
+        # Bounded: a handler made per name (RefuseAdminHandler answers any Admin method name)
+        # must not let a caller grow the cache with names of its choosing.
+        if len(self._wrapped) < MAX_CACHED_HANDLERS:
+            self._wrapped[method] = (handler, wrapped)
         return wrapped
 
     @contextlib.contextmanager
@@ -241,7 +235,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if self._max is None:
             yield
             return
-        peer = peer_address(context)
+        peer = peer_host(context)
         count = self._calls.get(peer, 0)
         if count >= self._max:
             raise ResourceExhausted(
@@ -279,6 +273,8 @@ class RequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         else:
             inner = handler.unary_stream if handler.response_streaming else handler.unary_unary
         assert inner is not None
+        if not inspect.iscoroutinefunction(inner) and not inspect.isasyncgenfunction(inner):
+            return handler  # a synchronous handler: grpc.aio runs it as it is
         guard = self
         behave: Callable[..., Any] = inner  # typed by grpc-stubs for the sync API
 
@@ -291,11 +287,6 @@ class RequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 await abort(context, MalformedRequest())
             return request
 
-        async def refused(context: Context, exc: InvalidArgument | ResourceExhausted) -> None:
-            await abort(context, exc)
-
-        if not inspect.iscoroutinefunction(inner) and not inspect.isasyncgenfunction(inner):
-            return handler  # a synchronous handler: grpc.aio runs it as it is
         if inspect.isasyncgenfunction(inner):
             generator = behave
 
@@ -306,7 +297,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                         async for response in generator(request, context):
                             yield response
                 except (MalformedRequest, ResourceExhausted) as exc:
-                    await refused(context, exc)
+                    await abort(context, exc)
 
             behavior: Callable[..., Any] = streamed
         else:
@@ -318,7 +309,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     with guard._counted(context):
                         return await coroutine(request, context)
                 except (MalformedRequest, ResourceExhausted) as exc:
-                    await refused(context, exc)
+                    await abort(context, exc)
 
             behavior = called
 
@@ -338,6 +329,5 @@ __all__ = [
     "admin_options",
     "ensure_fd_limit",
     "fd_needed",
-    "peer_address",
     "workload_options",
 ]
