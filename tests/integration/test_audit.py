@@ -213,7 +213,8 @@ def test_trace_reconstructs_a_full_agent_task(served: ServeProcess, tmp_path: Pa
     assert d["input"]["principal"] == AGENT
     assert d["input"]["action"] == "read"
     assert d["input"]["resource"] == "metrics/prod"
-    assert d["input"]["purpose"] == "weekly report"
+    assert d["input"]["requested"]["purpose"] == "weekly report"
+    assert d["resource_facts"] == {"kind": "metrics", "environment": "prod"}
     assert d["input"]["audience"] == "metrics-api"
     assert d["input"]["delegation_depth"] == 0
     assert d["input"]["attributes"]["attestor"] == "join_token"
