@@ -1394,7 +1394,11 @@ def _with_context(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--purpose", required=True)
 @click.option("--task", "task_id", default="", help="The task id (default: a new task).")
 @click.option("--ttl", type=DURATION)
-@click.option("--environment", default="")
+@click.option(
+    "--environment",
+    default="",
+    help="Optional: the authority derives it from the resource name and refuses another.",
+)
 @click.option("--param", "params", multiple=True, help="KEY=VALUE intent parameters.")
 @click.option("--approval", "approval_id", default="", help="Collect an approved elevation.")
 @_with_context

@@ -58,17 +58,22 @@ def check_action(action: str) -> str:
     return action
 
 
+def _shown(value: str) -> str:
+    """An invalid value as an error message may quote it: at most its first 80 characters."""
+    return repr(value) if len(value) <= 80 else f"{value[:80]!r}... ({len(value)} characters)"
+
+
 def check_resource(resource: str) -> str:
     if not _RESOURCE.fullmatch(resource) or ".." in resource.split("/"):
         raise InvalidArgument(
-            f"resource {resource!r} is not a valid resource name", reason="BAD_INTENT"
+            f"resource {_shown(resource)} is not a valid resource name", reason="BAD_INTENT"
         )
     return resource
 
 
 def check_task_id(task_id: str) -> str:
     if not _TASK.fullmatch(task_id):
-        raise InvalidArgument(f"task id {task_id!r} is not valid", reason="BAD_INTENT")
+        raise InvalidArgument(f"task id {_shown(task_id)} is not valid", reason="BAD_INTENT")
     return task_id
 
 

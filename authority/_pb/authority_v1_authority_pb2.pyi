@@ -1323,7 +1323,9 @@ class Intent(_message.Message):
     """e.g. metrics/prod, deploy/production"""
     purpose: _builtins.str
     environment: _builtins.str
-    """optional; default: the resource's second path segment"""
+    """Optional. The authority derives it from the resource name (its second path segment);
+    a value that differs is refused (INVALID_ARGUMENT, ENVIRONMENT_MISMATCH).
+    """
     @_builtins.property
     def parameters(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
