@@ -43,6 +43,9 @@ class PolicyAdmin:
         self._folder = folder
         self._store = store
         self._clock = clock
+        # The changed files last refused (their digests) and why: not tried, logged or recorded
+        # again until they change once more.
+        self._refused: tuple[dict[str, str], str, str] | None = None  # digests, message, reason
 
     @classmethod
     def start(
@@ -136,18 +139,28 @@ class PolicyAdmin:
         return state
 
     async def reload_if_changed(self) -> bool:
-        """Reload configured files that changed on disk (only if they compile and pass)."""
+        """Reload configured files that changed on disk (only if they compile and pass).
+
+        Raises when they cannot be read, or are refused (the old policy keeps running; the
+        refusal recorded in the audit once per version of the files): the caller's scheduler
+        reports the job failing until the files are fixed or put back."""
         if not self._manager.files or not self._manager.changed_on_disk():
+            self._refused = None
             return False
         files = {p.name: p.read_text() for p in self._manager.files if p.exists()}
+        digests = {n: digest(c) for n, c in files.items()}
+        if self._refused is not None and self._refused[0] == digests:
+            raise InvalidArgument(self._refused[1], reason=self._refused[2])
         try:
             self._manager.reload()
         except AuthorityError as exc:
-            log.error("changed policy files refused, the old policy keeps running: %s", exc)
             await self._record(
                 "policy.load_refused", files, {"reason": exc.reason, "message": exc.message[:500]}
             )
-            return False
+            message = f"changed policy files refused, the old policy keeps running: {exc.message}"
+            self._refused = (digests, message, exc.reason)
+            raise InvalidArgument(message, reason=exc.reason) from None
+        self._refused = None
         state = self.state()
         await self._record(
             "policy.loaded",

@@ -190,5 +190,37 @@ async def test_a_failing_ca_job_makes_the_server_not_serving_while_the_others_go
         assert len(failing_lines(caplog, CA_JOB)) == 2  # failing, recovered
 
 
+async def test_a_refused_policy_change_is_logged_and_recorded_once_and_the_old_one_runs(
+    tmp_path: Path, socket_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    clock = FakeClock(dt.datetime.now(dt.UTC))
+    async with running_on(clock, tmp_path, socket_dir) as running:
+        policy = running.server.policy
+        before = policy.state().version
+        (tmp_path / "deny.cedar").write_text("this is not cedar\n")
+        await eventually(lambda: _is(running, POLICY_JOB, NOT_SERVING), "the policy job failing")
+        restarts = running.server.supervisor.restarts(POLICY_JOB)
+        await eventually(  # it keeps trying, quietly
+            lambda: running.server.supervisor.restarts(POLICY_JOB) >= restarts + 3,
+            "more attempts",
+        )
+        assert policy.state().version == before  # the old policy runs
+        assert await refusals(running) == 1  # recorded once for this version of the files
+        assert len(failing_lines(caplog, POLICY_JOB)) == 1
+        assert await health(running, "") == SERVING
+
+        (tmp_path / "deny.cedar").write_text("forbid (principal, action, resource);\n// fixed\n")
+        await eventually(lambda: _is(running, POLICY_JOB, SERVING), "the policy job recovered")
+        assert policy.state().version != before
+
+
+async def refusals(running: Running) -> int:
+    authority = running.server.authority
+    assert authority is not None
+    records = await authority.audit_records()
+    return sum(r.kind == "policy.load_refused" for r in records)
+
+
 async def _is(running: Running, service: str, status: int) -> bool:
     return await health(running, service) == status
