@@ -867,9 +867,9 @@ _KEY_BEGIN = b"-----BEGIN PRIVATE KEY-----"
 class AgentHealth:
     """``grpc.health.v1.Health`` on the agent's socket (grpclib), with grpcio-health-checking's
     messages: grpclib's own health module registers the same protobuf names, and both cannot
-    live in one process. SERVING for the whole server ("") and for "SpiffeWorkloadAPI" while the
-    agent's SVID is valid, its revocation feed is fresh and it has a bundle; else NOT_SERVING.
-    Check only: probes poll."""
+    live in one process. SERVING for the whole server ("") and for "SpiffeWorkloadAPI" while
+    ``NodeAgent.healthy`` (no SVID, its own included, past 3/4 of its life; the revocation feed
+    fresh; a bundle in hand; no task down); else NOT_SERVING. Check only: probes poll."""
 
     def __init__(self, agent: NodeAgent) -> None:
         self._agent = agent
