@@ -65,6 +65,11 @@ HEADER = "workload.spiffe.io"
 RESYNC_INTERVAL = 5.0  # seconds: the longest a stream sleeps without looking again
 _REPLY_CACHE = 256  # X.509-SVID replies kept for the streams that send the same state
 MIN_WAIT = 1.0  # seconds: never re-issue more often than this, whatever the SVID's life
+# Streams doing their costly steps at once (identifying the caller, issuing X.509-SVIDs): the
+# others wait their turn off the event loop's ready queue. Without it, 2,000 streams opened
+# at once kept 2,000 tasks runnable and every other call on the loop (Ping on the TCP port, the
+# attest socket) waited behind each round of them: a 4-8 s stall (scripts/bench_wire.py).
+BUSY_STREAMS = 16
 # The built-in unix plugin's defaults, used when no instance of that name is registered.
 _DEFAULT_UNIX = UnixAttestor(hash_executable=True, max_bytes=512 * 1024 * 1024)
 
@@ -132,8 +137,9 @@ def key_der(key: ec.EllipticCurvePrivateKey) -> bytes:
 class SpiffeWorkloadApi(pb_grpclib.SpiffeWorkloadAPIBase):
     """The standard's five calls over a ``WorkloadSource``."""
 
-    def __init__(self, source: WorkloadSource) -> None:
+    def __init__(self, source: WorkloadSource, busy_streams: int = BUSY_STREAMS) -> None:
         self._source = source
+        self._busy = asyncio.Semaphore(busy_streams)
         self._x509_replies: OrderedDict[tuple[int, tuple[str, ...]], tuple[TrustBundle, Any]] = (
             OrderedDict()
         )
@@ -193,7 +199,8 @@ class SpiffeWorkloadApi(pb_grpclib.SpiffeWorkloadAPIBase):
         with self._source.watch() as changed:
             while True:
                 changed.clear()
-                items, bundle, due = await view.current()
+                async with self._busy:
+                    items, bundle, due = await view.current()
                 state = (bundle, *(i.serial for i in items))
                 if state != sent:
                     await stream.send_message(self._x509_reply(items, bundle))
@@ -240,6 +247,8 @@ class SpiffeWorkloadApi(pb_grpclib.SpiffeWorkloadAPIBase):
 
     async def _jwt_svids(self, stream: Stream, caller: Caller, request: Any) -> None:
         wanted = SpiffeId.parse(request.spiffe_id) if request.spiffe_id else None
+        # Not under ``_busy``: a node agent waits on the authority here, and a slow authority
+        # must not hold up the streams that it can serve from what it holds.
         svids = await self._source.jwt_svids(caller, wanted, list(request.audience))
         await stream.send_message(
             pb.JWTSVIDResponse(svids=[pb.JWTSVID(spiffe_id=i, svid=t) for i, t in svids])
@@ -262,10 +271,11 @@ class SpiffeWorkloadApi(pb_grpclib.SpiffeWorkloadAPIBase):
                 raise InvalidArgument("no request")
             if check is not None:
                 check(request)
-            peer = peer_credentials(stream)
-            caller = await self._source.identify(peer)
-            _close_pidfd(peer)  # the process is identified: the pin is no longer needed
-            peer = None
+            async with self._busy:  # the pidfd too: a storm of waiting streams holds no fds
+                peer = peer_credentials(stream)
+                caller = await self._source.identify(peer)
+                _close_pidfd(peer)  # the process is identified: the pin is no longer needed
+                peer = None
             await flow(caller, request)
         except AuthorityError as exc:
             await fail_grpclib_stream(stream, exc)

@@ -17,6 +17,7 @@ import struct
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -25,9 +26,14 @@ import h2.events
 import h2.exceptions
 import pytest
 
+from attestors.api import PeerCredentials
 from authority._pb import authority_v1_authority_pb2 as apb
 from authority._pb import spiffe_workload_pb2 as wpb
+from authority.api.grpclib_server import UnixSocketServer
+from authority.api.workload_api import Caller, SpiffeWorkloadApi, X509View, no_identity
+from authority.bundle import TrustBundle
 from authority.config import Limits
+from authority.ids import SpiffeId
 from tests.helpers import AGENT_ID, Running, running_agent, running_authority, wait_held
 from tests.helpers import test_config as make_config
 
@@ -40,7 +46,7 @@ _ZEROS = bytes(64 * 1024)
 
 # grpc-status codes
 OK, UNKNOWN, INVALID_ARGUMENT, DEADLINE_EXCEEDED = 0, 2, 3, 4
-RESOURCE_EXHAUSTED, UNIMPLEMENTED = 8, 12
+PERMISSION_DENIED, RESOURCE_EXHAUSTED, UNIMPLEMENTED = 7, 8, 12
 
 
 # --- a raw HTTP/2 client ------------------------------------------------------------------------
@@ -368,12 +374,19 @@ def assert_clean_log(caplog: pytest.LogCaptureFixture, *reasons: str) -> None:
         )
 
 
-def rss_bytes() -> int:
+def memory(field: str) -> int:
+    """``VmRSS`` (resident now) or ``VmHWM`` (the peak since ``reset_peak``) of this process, in
+    bytes. The peak matters: a message read whole and freed at once leaves VmRSS as it was."""
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+    raise AssertionError(f"no {field}")
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # resets VmHWM to the current VmRSS (Linux >= 4.0)
 
 
 # --- the attacks ---------------------------------------------------------------------------------
@@ -383,11 +396,12 @@ async def test_a_64_mb_message_is_refused_before_it_is_read(
     sockets: Sockets, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Four connections at once per socket each announce 64 MB and start sending it: each is
-    refused RESOURCE_EXHAUSTED on the length prefix, and the server's memory does not grow by
-    the messages (grpclib alone read each whole message into memory: +300 MB)."""
+    refused RESOURCE_EXHAUSTED on the length prefix, and the server's peak memory does not grow
+    by the messages (grpclib alone read each whole message into memory: +300 MB)."""
     assert Limits().max_message_bytes < HUGE
     for target in sockets.targets:
-        before = rss_bytes()
+        reset_peak()
+        before = memory("VmRSS")
         async with contextlib.AsyncExitStack() as stack:
             clients = [await stack.enter_async_context(RawH2.open(target.socket)) for _ in range(4)]
             sids = [c.request(target.method, target.extra) for c in clients]
@@ -398,7 +412,7 @@ async def test_a_64_mb_message_is_refused_before_it_is_read(
                 )
             )
             answers = [await c.answer(sid) for c, sid in zip(clients, sids, strict=True)]
-        grown = rss_bytes() - before
+        grown = memory("VmHWM") - before
         for answer in answers:
             assert answer.status == RESOURCE_EXHAUSTED, (target.name, answer)
             assert answer.reason == "MESSAGE_TOO_LARGE", (target.name, answer)
@@ -547,3 +561,68 @@ def test_status_codes_are_grpcs() -> None:
     assert grpclib.const.Status.DEADLINE_EXCEEDED.value == DEADLINE_EXCEEDED
     assert grpclib.const.Status.UNIMPLEMENTED.value == UNIMPLEMENTED
     assert grpclib.const.Status.OK.value == OK
+    assert grpclib.const.Status.PERMISSION_DENIED.value == PERMISSION_DENIED
+
+
+class _GatedSource:
+    """A Workload API source whose caller identification waits at a gate, counting the streams
+    inside it at once; then refuses (no identity) so that every stream is answered."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.inside = 0
+        self.most = 0
+
+    async def identify(self, peer: PeerCredentials) -> Caller:
+        self.inside += 1
+        self.most = max(self.most, self.inside)
+        try:
+            await self.gate.wait()
+        finally:
+            self.inside -= 1
+        raise no_identity()
+
+    def open_x509(self, caller: Caller) -> X509View:
+        raise NotImplementedError
+
+    def bundle_for(self, caller: Caller) -> TrustBundle:
+        raise NotImplementedError
+
+    async def jwt_svids(
+        self, caller: Caller, spiffe_id: SpiffeId | None, audience: list[str]
+    ) -> list[tuple[str, str]]:
+        raise NotImplementedError
+
+    def validate_jwt(self, token: str, audience: str) -> tuple[SpiffeId, dict[str, Any]]:
+        raise NotImplementedError
+
+    def watch(self) -> contextlib.AbstractContextManager[asyncio.Event]:
+        raise NotImplementedError
+
+
+async def test_a_storm_of_new_streams_is_identified_a_few_at_a_time(socket_dir: Path) -> None:
+    """2,000 streams opened at once used to keep 2,000 tasks busy on the event loop (a 4-8 s
+    stall of every other endpoint, scripts/bench_wire.py): they now queue for a few slots."""
+    source = _GatedSource()
+    server = UnixSocketServer([SpiffeWorkloadApi(source, busy_streams=4)])
+    path = socket_dir / "gated.sock"
+    await server.start(path=str(path))
+    try:
+        async with RawH2.open(path) as client:
+            body = framed(wpb.X509SVIDRequest().SerializeToString())
+            sids = [client.request("/SpiffeWorkloadAPI/FetchX509SVID", (WL,)) for _ in range(40)]
+            for sid in sids:
+                await client.send(sid, body)
+            await client.until(lambda: source.inside >= 4)
+            for _ in range(200):  # every request is in: an unbounded server lets them all in
+                await asyncio.sleep(0)
+            assert (source.inside, source.most) == (4, 4)
+            source.gate.set()
+            answers = [await client.answer(sid) for sid in sids]
+        assert {(a.status, a.reason) for a in answers} == {
+            (PERMISSION_DENIED, "NO_IDENTITY_ISSUED")
+        }
+        assert source.most == 4
+    finally:
+        server.close()
+        await server.wait_closed()
