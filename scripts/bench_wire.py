@@ -35,6 +35,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -170,50 +171,44 @@ def latency_summary(samples: list[tuple[str, float, float]], start: float, end: 
 async def huge_messages(attest: Path, workload: Path, count: int, pid: int) -> dict[str, Any]:
     """``count`` connections at once each sending one 64 MiB message, per socket."""
     out: dict[str, Any] = {}
-    evidence = bytes(HUGE)
-
-    async def attest_once() -> str:
-        channel = Channel(path=str(attest))
-        try:
-            stub = apb_grpclib.WorkloadStub(channel)
-            async with stub.Attest.open(timeout=120) as stream:
-                request = apb.AttestRequest(params=apb.AttestParams(evidence=evidence))
-                await stream.send_message(request, end=True)
-                await stream.recv_message()
-            return "OK"
-        except GRPCError as exc:
-            return exc.status.name
-        except (StreamTerminatedError, OSError, TimeoutError) as exc:
-            return type(exc).__name__
-        finally:
-            channel.close()
-
-    async def workload_once() -> str:
-        channel = Channel(path=str(workload))
-        try:
-            stub = wpb_grpclib.SpiffeWorkloadAPIStub(channel)
-            async with stub.ValidateJWTSVID.open(metadata=HEADER, timeout=120) as stream:
-                request = wpb.ValidateJWTSVIDRequest(audience="x", svid="a" * HUGE)
-                await stream.send_message(request, end=True)
-                await stream.recv_message()
-            return "OK"
-        except GRPCError as exc:
-            return exc.status.name
-        except (StreamTerminatedError, OSError, TimeoutError) as exc:
-            return type(exc).__name__
-        finally:
-            channel.close()
-
-    for name, once in (("attest", attest_once), ("workload_api", workload_once)):
+    attack = {
+        "attest": (
+            attest,
+            lambda channel: apb_grpclib.WorkloadStub(channel).Attest,
+            apb.AttestRequest(params=apb.AttestParams(evidence=bytes(HUGE))),
+        ),
+        "workload_api": (
+            workload,
+            lambda channel: wpb_grpclib.SpiffeWorkloadAPIStub(channel).ValidateJWTSVID,
+            wpb.ValidateJWTSVIDRequest(audience="x", svid="a" * HUGE),
+        ),
+    }
+    for name, (socket, method, request) in attack.items():
         reset_peak(pid)
         before = bl.rss_kib(pid)
-        statuses = await asyncio.gather(*(once() for _ in range(count)))
+        statuses = await asyncio.gather(*(send_once(socket, method, request) for _ in range(count)))
         out[name] = {
             "rss_before_mib": round(before / 1024, 1),
             "rss_peak_mib": round(peak_kib(pid) / 1024, 1),
             "statuses": sorted(set(statuses)),
         }
     return out
+
+
+async def send_once(socket: Path, method: Callable[[Channel], Any], request: Any) -> str:
+    """One call of ``method`` on a connection of its own; its status's name."""
+    channel = Channel(path=str(socket))
+    try:
+        async with method(channel).open(metadata=HEADER, timeout=120) as stream:
+            await stream.send_message(request, end=True)
+            await stream.recv_message()
+        return "OK"
+    except GRPCError as exc:
+        return exc.status.name
+    except (StreamTerminatedError, OSError, TimeoutError) as exc:
+        return type(exc).__name__
+    finally:
+        channel.close()
 
 
 def reset_peak(pid: int) -> None:

@@ -86,16 +86,21 @@ _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1
 _BASE64 = re.compile(r"[A-Za-z0-9+/\-_]*={0,2}")
 
 
+def peer_cred(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket, as the kernel recorded
+    them at connect (``SO_PEERCRED``)."""
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return pid, uid, gid
+
+
 def peer_ids(transport: asyncio.BaseTransport | None) -> tuple[int, int] | None:
-    """(uid, pid) of the process at the other end of a Unix socket, as the kernel recorded it at
-    connect; None when the transport is gone or not a Unix socket."""
+    """(uid, pid) of the peer of a Unix-socket transport, for a log line; None when the
+    transport is gone or not a Unix socket."""
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is None or sock.family != socket.AF_UNIX:
         return None
     try:
-        pid, uid, _ = struct.unpack(
-            "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        )
+        pid, uid, _ = peer_cred(sock)
     except OSError:
         return None
     return uid, pid
@@ -105,15 +110,21 @@ class RefusalLog:
     """One line per refused request, naming the peer; at most ``burst`` lines per ``window``
     seconds, then one line counting those left out (a flood does not flood the log)."""
 
-    def __init__(self, burst: int = REFUSAL_LOG_BURST, window: float = REFUSAL_LOG_WINDOW) -> None:
+    def __init__(
+        self,
+        burst: int = REFUSAL_LOG_BURST,
+        window: float = REFUSAL_LOG_WINDOW,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._burst = burst
         self._window = window
-        self._started = time.monotonic()
+        self._clock = clock
+        self._started = clock()
         self._logged = 0
         self._suppressed = 0
 
     def refused(self, reason: str, transport: asyncio.BaseTransport | None, method: str) -> None:
-        now = time.monotonic()
+        now = self._clock()
         if now - self._started >= self._window:
             if self._suppressed:
                 log.warning(
@@ -451,4 +462,4 @@ class UnixSocketServer(grpclib.server.Server):
                 processor.close("the server is stopping")
 
 
-__all__ = ["RefusalLog", "UnixSocketServer", "peer_ids"]
+__all__ = ["RefusalLog", "UnixSocketServer", "peer_cred", "peer_ids"]

@@ -1,4 +1,5 @@
-"""The local endpoint: the Workload service's attestation on a Unix socket, served by grpclib.
+"""The local endpoint: the Workload service's attestation on a Unix socket, served by grpclib
+(``grpclib_server.UnixSocketServer``: message size and malformed wire input refused there).
 
 grpcio's server does not expose a Unix-socket peer's credentials; grpclib's stream keeps its
 transport, whose socket answers ``SO_PEERCRED`` (pid, uid, gid recorded by the kernel at
@@ -26,6 +27,7 @@ from attestors.api import PeerCredentials
 from authority._pb import authority_v1_authority_grpc as pb_grpclib
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority.api.convert import attest_params, attest_response, bundle_to_pb
+from authority.api.grpclib_server import peer_cred
 from authority.api.status import fail_grpclib_stream
 from authority.errors import AuthorityError, Internal, InvalidArgument
 from authority.service import Authority
@@ -54,7 +56,7 @@ def peer_credentials(stream: Stream) -> PeerCredentials:
     if sock is None or sock.family != socket.AF_UNIX:
         raise Internal("the local endpoint is not on a Unix socket")
     connected_at = time.clock_gettime(time.CLOCK_BOOTTIME)
-    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    pid, uid, gid = peer_cred(sock)
     pidfd: int | None
     try:
         pidfd = struct.unpack("i", sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4))[0]

@@ -29,7 +29,7 @@ import pytest
 from attestors.api import PeerCredentials
 from authority._pb import authority_v1_authority_pb2 as apb
 from authority._pb import spiffe_workload_pb2 as wpb
-from authority.api.grpclib_server import UnixSocketServer
+from authority.api.grpclib_server import RefusalLog, UnixSocketServer
 from authority.api.workload_api import Caller, SpiffeWorkloadApi, X509View, no_identity
 from authority.bundle import TrustBundle
 from authority.config import Limits
@@ -626,3 +626,21 @@ async def test_a_storm_of_new_streams_is_identified_a_few_at_a_time(socket_dir: 
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_refusals_are_logged_at_most_burst_lines_a_window(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A flood of malformed requests writes ``burst`` lines, then one count of the rest."""
+    now = [0.0]
+    refusals = RefusalLog(burst=2, window=60.0, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="authority.api.grpclib_server"):
+        for _ in range(50):
+            refusals.refused("MALFORMED_MESSAGE", None, "/x/Y")
+        assert len(caplog.records) == 2
+        now[0] = 61.0
+        refusals.refused("MALFORMED_MESSAGE", None, "/x/Y")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 4, lines
+    assert "48 more malformed requests refused" in lines[2]
+    assert "MALFORMED_MESSAGE peer=unknown method=/x/Y" in lines[3]
