@@ -337,10 +337,43 @@ async def test_health_says_not_serving_once_an_svid_is_overdue_for_rotation(
         assert await health(socket) == SERVING
 
 
+async def test_an_svid_whose_signing_key_left_the_bundle_is_not_served(
+    running: Running, tmp_path: Path, socket_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CA key that signed the agent's SVIDs is revoked (it leaves the bundle) while the agent
+    cannot get new ones: what it holds is not handed out again, with or without the new bundle."""
+    socket = socket_dir / "a.sock"
+    entry_id = await node_entry(running, "w", ttl=60)
+    async with running_agent(running, socket, tmp_path / "agent") as agent:
+        await wait_held(agent, entry_id)
+        SigningGate(running, monkeypatch)  # nothing is signed for the agent from now on
+        listed = await running.admin().stub.ListAuthorities(apb.ListAuthoritiesRequest())
+        (active,) = [
+            a.key_id for a in listed.authorities if a.kind == "x509" and a.state == "active"
+        ]
+        async with grpc.aio.insecure_channel(f"unix:{socket}") as channel:
+            call = wgrpc.SpiffeWorkloadAPIStub(channel).FetchX509SVID(
+                wpb.X509SVIDRequest(), metadata=HEADER
+            )
+            first = await next_leaf(call)
+            await running.admin().stub.Revoke(
+                apb.RevokeRequest(kind="key", target=active, reason="test")
+            )
+            received: list[x509.Certificate] = []
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await _valid_on_arrival(call, received)
+            assert all(leaf.issuer != first.issuer for leaf in received)
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert reason_of(ended.value) == "AGENT_NO_VALID_SVID"
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await fetch_x509(socket)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
 async def _valid_on_arrival(call: Any, received: list[x509.Certificate]) -> None:
     """Read the stream to its end, each SVID checked valid when it arrives."""
     async with asyncio.timeout(20):
-        async for reply in call:
+        while isinstance(reply := await call.read(), wpb.X509SVIDResponse):
             leaf = split_der(reply.svids[0].x509_svid)[0]
             assert leaf.not_valid_after_utc > dt.datetime.now(dt.UTC)
             received.append(leaf)
