@@ -18,8 +18,8 @@ points where grpclib lets a subclass in:
 - **Undecodable bodies**: the codec turns protobuf's DecodeError into INVALID_ARGUMENT.
 - **Headers**, checked when the stream is accepted, before grpclib's own handling: a request
   without ``:method`` or ``:path`` is reset (RST_STREAM PROTOCOL_ERROR); a header that is not
-  ASCII, a ``grpc-timeout`` that is not 1 to 8 digits and a unit, or is zero, and a ``-bin``
-  header that is not base64, get INVALID_ARGUMENT. The deadline is enforced here
+  printable ASCII, a ``grpc-timeout`` that is not 1 to 8 digits and a unit, or is zero, and a
+  ``-bin`` header that is not base64, get INVALID_ARGUMENT. The deadline is enforced here
   (DEADLINE_EXCEEDED, answered), not by grpclib, whose deadline code logs a traceback when a
   deadline has passed before the handler starts.
 - **HTTP/2**: the header list is bounded (``Limits.max_header_list_bytes``; h2 closes the
@@ -84,6 +84,7 @@ REFUSAL_LOG_WINDOW = 60.0  # seconds
 _TIMEOUT = re.compile(r"([0-9]{1,8})([HMSmun])")
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _BASE64 = re.compile(r"[A-Za-z0-9+/\-_]*={0,2}")
+_PRINTABLE = re.compile(r"[\x20-\x7e]*")  # what gRPC allows in a header (PROTOCOL-HTTP2.md)
 
 
 def peer_cred(sock: socket.socket) -> tuple[int, int, int]:
@@ -140,7 +141,7 @@ class RefusalLog:
         ids = peer_ids(transport)
         peer = f"uid={ids[0]} pid={ids[1]}" if ids is not None else "peer=unknown"
         log.warning(
-            "local socket: refused a malformed request: %s %s method=%s", reason, peer, method
+            "local socket: refused a malformed request: %s %s method=%r", reason, peer, method
         )
 
 
@@ -237,8 +238,8 @@ def _check_headers(headers: _Headers) -> tuple[_Headers, float | None]:
     timeouts: list[float] = []
     kept: _Headers = []
     for key, value in headers:
-        if not (key.isascii() and value.isascii()):
-            raise InvalidArgument("a header is not ASCII", reason="BAD_HEADER")
+        if _PRINTABLE.fullmatch(key) is None or _PRINTABLE.fullmatch(value) is None:
+            raise InvalidArgument("a header is not printable ASCII", reason="BAD_HEADER")
         if key == "grpc-timeout":
             match = _TIMEOUT.fullmatch(value)
             if match is None or int(match.group(1)) == 0 or timeouts:

@@ -458,6 +458,7 @@ CASES = {
     ),
     "a header that is not ASCII": Case(extra=(("x-name", "caf\u00e9"),), reason="BAD_HEADER"),
     "a header name that is not ASCII": Case(extra=(("x-\u00e9", "1"),), reason="BAD_HEADER"),
+    "a line feed in a header": Case(extra=(("x-name", "a\nb"),), reason="BAD_HEADER"),
     "bad base64 padding in a -bin header": Case(
         extra=(("x-evil-bin", "a"),), reason="BAD_BINARY_HEADER"
     ),
@@ -643,4 +644,4 @@ def test_refusals_are_logged_at_most_burst_lines_a_window(
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 4, lines
     assert "48 more malformed requests refused" in lines[2]
-    assert "MALFORMED_MESSAGE peer=unknown method=/x/Y" in lines[3]
+    assert "MALFORMED_MESSAGE peer=unknown method='/x/Y'" in lines[3]
