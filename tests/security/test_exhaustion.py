@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authority._pb import authority_v1_authority_pb2 as pb
@@ -269,3 +270,24 @@ def test_server_refuses_to_start_when_the_caps_do_not_fit(tmp_path: Path) -> Non
     assert result.returncode != 0
     assert f"RLIMIT_NOFILE hard limit {FD_LIMIT} is below" in result.stderr
     assert "limits.max_connections_per_listener" in result.stderr
+
+
+def test_start_raises_the_soft_fd_limit_to_the_hard_limit(tmp_path: Path) -> None:
+    """A soft limit of 1,024 under a higher hard limit: the server raises it rather than run
+    out of descriptors below what its caps allow, and says so in one line."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= FD_LIMIT:
+        pytest.skip(f"needs a hard RLIMIT_NOFILE above {FD_LIMIT}")
+    with contextlib.ExitStack() as stack:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, hard))  # the server inherits it
+        try:
+            served = stack.enter_context(serve_process(tmp_path / "data"))
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        limits = Path(f"/proc/{served.proc.pid}/limits").read_text()
+        (line,) = [x for x in limits.splitlines() if x.startswith("Max open files")]
+        server_soft, server_hard = line.split()[3:5]
+        assert server_soft == server_hard != str(FD_LIMIT)
+        logged = [x for x in served.log().splitlines() if "file descriptors:" in x]
+        assert len(logged) == 1
+        assert f"limit={server_soft}" in logged[0]
