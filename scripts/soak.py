@@ -42,6 +42,8 @@ What it checks (every 0.25 s, and on every message; a violation is counted once 
 * ``ca_not_propagated``: after a CA activation, a workload not holding SVIDs of the new key
   within CA_DEADLINE s;
 * ``exchange_outage``: no successful Exchange for EXCHANGE_OUTAGE_BOUND s;
+* ``health_serving``: an agent's health check (polled every second) says SERVING while its
+  workloads have been without a valid SVID past OUTAGE_BOUND;
 * ``process_exit`` (a process exited without being told), ``restart_failed`` (an agent or the
   authority did not serve again within RESTART_DEADLINE s), ``stop_slow`` (SIGTERM not obeyed
   within STOP_DEADLINE s);
@@ -49,8 +51,19 @@ What it checks (every 0.25 s, and on every message; a violation is counted once 
   open fds and threads of each process, its first sample after setup against its last, within
   the tolerances below), ``log_rate`` (lines a process logs in any 60 s, LOG_LINES_PER_MINUTE).
 
+Figures reported beside the violations: faults by kind and how long after each every workload
+held valid SVIDs again over a connected stream; the longest time any workload was without a
+valid SVID; revocation latency to the watchers and off the workloads' streams (p50/p99, from the
+Revoke call); the CA steps and how long an activation took to reach every workload; Exchanges by
+outcome; per process RSS, open fds and threads (first sample WARMUP s after setup, and last),
+CPU in % of a core, and log lines (mean per minute, most in any 60 s).
+
 It prints a summary and writes the report (JSON) to ``--report``; exit 0 when there is no
 violation, 1 otherwise, 2 when the setup fails. Nothing printed names a token or a key.
+``--keep DIR`` copies the work folder (every process's log, the data directories) to DIR.
+
+A long run: ``python scripts/soak.py --minutes 30 --report soak-30.json`` (past 5 minutes the
+defaults are a fault every 45 s, a CA step every 150 s and a revocation every 30 s).
 """
 
 from __future__ import annotations
@@ -84,6 +97,7 @@ from _benchlib import (  # noqa: E402
     BenchError,
     authority_command,
     bench_dirs,
+    cpu_seconds,
     free_port,
     percentile,
 )
@@ -523,6 +537,7 @@ class Soak:
         self.log_offsets: dict[Path, int] = {}
         self.log_ticks: dict[str, list[tuple[float, int]]] = defaultdict(list)
         self.fault_recoveries: list[dict[str, Any]] = []
+        self.health: dict[str, Counter[bool]] = {name: Counter() for name in AGENTS}
         self.measuring = False  # after setup: gaps and samples count
         self.t0 = time.time()  # the start of the measured run (set again after setup)
         self.exits: dict[str, Any] = {}
@@ -761,7 +776,7 @@ class Soak:
             for spiffe_id in self.entries[w.agent]:
                 svid = w.held.get(spiffe_id)
                 if svid is None or not (
-                    svid.not_before <= now + 1 < svid.not_after + 1 and svid.chain_ok
+                    svid.not_before - 1 <= now < svid.not_after and svid.chain_ok
                 ):
                     valid = False
             for svid in w.held.values():
@@ -986,7 +1001,12 @@ class Soak:
         await self.sleep_until(self.args.rotate_every)
         while not self.stopping.is_set():
             began = time.monotonic()
-            code, _, err = await self.cli("ca", "rotate", "--format", "json")
+            deadline = time.monotonic() + 40.0  # the authority may be restarting
+            while True:
+                code, _, err = await self.cli("ca", "rotate", "--format", "json")
+                if code == 0 or time.monotonic() > deadline or self.stopping.is_set():
+                    break
+                await asyncio.sleep(1.0)
             if code != 0:
                 self.record.note("ca rotate failed", exit=code, stderr=err.strip()[-300:])
             else:
@@ -1131,6 +1151,7 @@ class Soak:
                         "rss_kib": int(fields["VmRSS"].split()[0]),
                         "threads": int(fields["Threads"]),
                         "fds": len(os.listdir(f"/proc/{pid}/fd")),
+                        "cpu_s": round(cpu_seconds(pid), 2),
                     }
                 )
         for p in (self.authority, *self.agents.values(), *self.watchers):
@@ -1143,6 +1164,27 @@ class Soak:
                     self.log_offsets[log] = offset + len(data)
                     count += data.count(b"\n")
             self.log_ticks[p.role].append((now, count))
+
+    async def prober(self) -> None:
+        """Each agent's health check, every second: SERVING while its workloads have been
+        without valid SVIDs past OUTAGE_BOUND is a lie (``health_serving``)."""
+        while not self.stopping.is_set():
+            now = time.time()
+            for name, a in self.agents.items():
+                if a.pid is None or a.starting:
+                    continue
+                ok = await asyncio.to_thread(serving, self.agent_socket(name))
+                self.health[name][ok] += 1
+                mine = [w for w in self.workloads if w.agent == name]
+                stale = [w for w in mine if w.gap_since and now - w.gap_since > OUTAGE_BOUND]
+                if ok and stale:
+                    self.record.violation(
+                        "health_serving",
+                        f"agent-{name}#{a.instances}",
+                        f"health SERVING while {len(stale)} of its workloads have been without "
+                        f"a valid SVID for more than {OUTAGE_BOUND:.0f}s",
+                    )
+            await self.sleep(1.0)
 
     async def sampler(self) -> None:
         while not self.stopping.is_set():
@@ -1221,6 +1263,7 @@ class Soak:
             asyncio.create_task(self.exchange_load()),
             asyncio.create_task(self.exchange_watchdog()),
             asyncio.create_task(self.sampler()),
+            asyncio.create_task(self.prober()),
             asyncio.create_task(self.revoker()),
             asyncio.create_task(self.rotator()),
             asyncio.create_task(self.faulter()),
@@ -1282,6 +1325,7 @@ class Soak:
             resources[role] = {
                 "start": first,
                 "end": last,
+                "cpu_percent": cpu_share(samples),
                 "max_rss_kib": max(s["rss_kib"] for s in samples),
                 "instances": len({s["pid"] for s in samples}),
             }
@@ -1342,6 +1386,10 @@ class Soak:
             "workload_stream_errors": dict(sum((w.errors for w in self.workloads), Counter())),
             "workload_reconnects": sum(w.reconnects for w in self.workloads),
             "audit_verify": audit,
+            "agent_health_checks": {
+                f"agent-{name}": {"serving": c[True], "not_serving": c[False]}
+                for name, c in self.health.items()
+            },
             "resources": resources,
             "log_lines": logs,
             "process_instances": {
@@ -1385,6 +1433,18 @@ class Soak:
         print(summary(report), flush=True)
 
 
+def cpu_share(samples: list[dict[str, Any]]) -> float:
+    """CPU used over the samples, in % of one core (summed over the role's instances)."""
+    used = 0.0
+    by_pid: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for sample in samples:
+        by_pid[sample["pid"]].append(sample)
+    for same in by_pid.values():
+        used += same[-1]["cpu_s"] - same[0]["cpu_s"]
+    span = samples[-1]["at_s"] - samples[0]["at_s"]
+    return round(100 * used / span, 1) if span > 0 else 0.0
+
+
 def key_pem(der: bytes) -> bytes:
     key = serialization.load_der_private_key(der, password=None)
     return key.private_bytes(
@@ -1425,8 +1485,9 @@ def summary(report: dict[str, Any]) -> str:
         f"exchanges: {report['exchanges']}, longest without one: "
         f"{report['longest_without_exchange_s']}s",
         f"audit verify: exit {report['audit_verify']['exit']}",
-        "processes (start -> end: RSS MiB, fds, threads; instances; log lines: mean/min, "
-        "max in 60 s):",
+        f"agent health checks: {report['agent_health_checks']}",
+        "processes (start -> end: RSS MiB, fds, threads; instances; CPU % of a core; log lines: "
+        "mean/min, max in 60 s):",
     ]
     for role, r in report["resources"].items():
         s, e = r["start"], r["end"]
@@ -1434,7 +1495,7 @@ def summary(report: dict[str, Any]) -> str:
         lines.append(
             f"  {role:10} {s['rss_kib'] / 1024:6.1f} -> {e['rss_kib'] / 1024:6.1f}  "
             f"{s['fds']:3} -> {e['fds']:3}  {s['threads']:3} -> {e['threads']:3}  "
-            f"x{r['instances']}  "
+            f"x{r['instances']}  {r['cpu_percent']:5.1f}%  "
             + (f"{logs['per_minute_mean']}/min, {logs['max_in_60s']}" if logs else "")
         )
     return "\n".join(lines)
