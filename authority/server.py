@@ -197,7 +197,7 @@ class AuthorityServer:
 
     async def start(self) -> None:
         config = self.config
-        listeners.ensure_fd_limit(config.limits)
+        fds = listeners.ensure_fd_limit(config.limits)
         data_dir = config.data_dir
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(data_dir, 0o700)
@@ -258,7 +258,7 @@ class AuthorityServer:
         ca.add_listener(tls.refresh)
 
         workload = grpc.aio.server(
-            options=listeners.workload_options(config.limits),
+            options=listeners.workload_options(config.limits, fds.per_listener),
             interceptors=[listeners.RequestGuard(config.limits.max_calls_per_peer)],
         )
         self.port = workload.add_secure_port(

@@ -43,6 +43,7 @@ from authority.errors import FailedPrecondition, InvalidArgument, ResourceExhaus
 log = logging.getLogger(__name__)
 
 TCP_LISTENERS = 2  # server-TLS and mutual-TLS
+MIN_CONNECTIONS_PER_LISTENER = 32  # below this a TCP listener is not worth starting
 MALFORMED_LOG_INTERVAL = 10.0  # seconds between two log lines about undecodable requests
 MAX_CACHED_HANDLERS = 512  # wrapped handlers kept per server (ours number about 60)
 
@@ -78,9 +79,10 @@ def _options(limits: Limits, max_connections: int) -> list[tuple[str, int]]:
     ]
 
 
-def workload_options(limits: Limits) -> list[tuple[str, int]]:
-    """Channel options of the workload server (its two TCP listeners)."""
-    return _options(limits, limits.max_connections_per_listener)
+def workload_options(limits: Limits, per_listener: int) -> list[tuple[str, int]]:
+    """Channel options of the workload server (its two TCP listeners), each listener holding at
+    most ``per_listener`` connections (``FdBudget.per_listener``)."""
+    return _options(limits, per_listener)
 
 
 def admin_options(limits: Limits) -> list[tuple[str, int]]:
@@ -96,31 +98,44 @@ class FdBudget:
     needed: int  # what the caps can hold at once, with the reserve
     soft: int  # RLIMIT_NOFILE once raised
     hard: int
+    per_listener: int  # the connection cap of each TCP listener, fitted to the limit
 
 
-def fd_needed(limits: Limits) -> int:
-    return (
-        TCP_LISTENERS * limits.max_connections_per_listener
-        + limits.max_admin_connections
-        + limits.fd_reserve
-    )
+def fd_needed(limits: Limits, per_listener: int | None = None) -> int:
+    if per_listener is None:
+        per_listener = limits.max_connections_per_listener
+    return TCP_LISTENERS * per_listener + limits.max_admin_connections + limits.fd_reserve
 
 
 def ensure_fd_limit(limits: Limits) -> FdBudget:
-    """Raise the soft RLIMIT_NOFILE to the hard limit; refuse (FailedPrecondition) when even the
-    hard limit cannot hold every listener full with the reserve left for the rest (the store,
-    the admin and Unix endpoints). Logs what the process supports in one line."""
-    needed = fd_needed(limits)
+    """Raise the soft RLIMIT_NOFILE to the hard limit, and fit the TCP listeners' connection cap
+    to it: when even the hard limit cannot hold every listener full at
+    ``max_connections_per_listener`` with the admin socket's and the reserve's descriptors left,
+    the cap is lowered (and the server says so) so that full public ports still leave the admin
+    socket usable. Refuses (FailedPrecondition) only when fewer than
+    ``MIN_CONNECTIONS_PER_LISTENER`` would be left. Logs what the process supports in one line."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < needed:
-        raise FailedPrecondition(
-            f"RLIMIT_NOFILE hard limit {hard} is below the {needed} descriptors the connection "
-            f"caps need ({TCP_LISTENERS} x limits.max_connections_per_listener "
-            f"{limits.max_connections_per_listener} + limits.max_admin_connections "
-            f"{limits.max_admin_connections} + limits.fd_reserve {limits.fd_reserve}); "
-            "lower them or raise the limit",
-            reason="FD_LIMIT_TOO_LOW",
+    per_listener = limits.max_connections_per_listener
+    if hard != resource.RLIM_INFINITY and hard < fd_needed(limits):
+        fitted = (hard - limits.max_admin_connections - limits.fd_reserve) // TCP_LISTENERS
+        if fitted < MIN_CONNECTIONS_PER_LISTENER:
+            raise FailedPrecondition(
+                f"RLIMIT_NOFILE hard limit {hard} leaves {max(fitted, 0)} connections per TCP "
+                f"listener (at least {MIN_CONNECTIONS_PER_LISTENER} needed) after "
+                f"limits.max_admin_connections {limits.max_admin_connections} and "
+                f"limits.fd_reserve {limits.fd_reserve}; raise the limit (ulimit -n) or lower "
+                "those",
+                reason="FD_LIMIT_TOO_LOW",
+            )
+        log.warning(
+            "RLIMIT_NOFILE hard limit %d cannot hold limits.max_connections_per_listener %d: "
+            "each TCP listener takes at most %d connections (raise the limit for more)",
+            hard,
+            per_listener,
+            fitted,
         )
+        per_listener = fitted
+    needed = fd_needed(limits, per_listener)
     if soft != hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -135,12 +150,12 @@ def ensure_fd_limit(limits: Limits) -> FdBudget:
         soft,
         "unlimited" if hard == resource.RLIM_INFINITY else hard,
         needed,
-        limits.max_connections_per_listener,
+        per_listener,
         TCP_LISTENERS,
         limits.max_admin_connections,
         limits.fd_reserve,
     )
-    return FdBudget(needed, soft, hard)
+    return FdBudget(needed, soft, hard, per_listener)
 
 
 # --- undecodable requests and calls per peer -----------------------------------------------

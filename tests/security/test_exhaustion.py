@@ -10,6 +10,7 @@ import datetime as dt
 import os
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -23,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
 from authority.client import AdminClient, SvidFiles, WorkloadClient, der_chain_to_pem
+from authority.config import Limits
 from tests.helpers import (
     Running,
     ServeProcess,
@@ -246,9 +248,9 @@ async def _code(stub: pb_grpc.WorkloadAsyncStub) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-def test_server_refuses_to_start_when_the_caps_do_not_fit(tmp_path: Path) -> None:
-    """Under a 1,024 descriptor limit the default caps (2 x 1000 connections and more) cannot
-    all be held: the server says so and does not start."""
+def _serve_under_fd_limit(tmp_path: Path, limit: int) -> subprocess.CompletedProcess[str]:
+    """``authority serve`` under ``ulimit -n LIMIT``, stopped by SIGTERM once it serves (or as
+    soon as it exits by itself); its exit and its log."""
     socket_dir = short_socket_dir()
     admin_socket = socket_dir / "admin.sock"
     serve = [
@@ -256,20 +258,49 @@ def test_server_refuses_to_start_when_the_caps_do_not_fit(tmp_path: Path) -> Non
         "--listen", "127.0.0.1:0", "--listen-mtls", "127.0.0.1:0",
         "--admin-socket", str(admin_socket),
     ]  # fmt: skip
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", f'ulimit -n {limit} && exec "$@"', "sh", *serve],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        result = subprocess.run(
-            ["/bin/sh", "-c", f'ulimit -n {FD_LIMIT} && exec "$@"', "sh", *serve],
-            capture_output=True,
-            text=True,
-            timeout=WAIT,
-            check=False,
-        )
-        assert not admin_socket.exists()
+        deadline = time.monotonic() + WAIT
+        while proc.poll() is None and not admin_socket.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=WAIT)
     finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
         shutil.rmtree(socket_dir, ignore_errors=True)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_default_caps_fit_themselves_to_a_low_fd_limit(tmp_path: Path) -> None:
+    """Under a 1,024 descriptor limit the default caps (2 x 1000 connections and more) cannot
+    all be held: the server lowers each TCP listener's cap to what fits beside the admin
+    socket's and the reserve's descriptors, says so, and serves."""
+    result = _serve_under_fd_limit(tmp_path, FD_LIMIT)
+    fitted = (FD_LIMIT - Limits().max_admin_connections - Limits().fd_reserve) // 2
+    assert "cannot hold limits.max_connections_per_listener 1000" in result.stderr
+    assert f"each TCP listener takes at most {fitted} connections" in result.stderr
+    needed = 2 * fitted + Limits().max_admin_connections + Limits().fd_reserve
+    assert f"caps need {needed}: {fitted} per TCP listener" in result.stderr
+    assert "authority serving" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_server_refuses_to_start_when_no_useful_cap_fits(tmp_path: Path) -> None:
+    """Under 300 descriptors, the admin socket's 64 and the reserve's 256 leave no connection
+    for the TCP listeners: the server says so in one line and does not start."""
+    result = _serve_under_fd_limit(tmp_path, 300)
     assert result.returncode != 0
-    assert f"RLIMIT_NOFILE hard limit {FD_LIMIT} is below" in result.stderr
-    assert "limits.max_connections_per_listener" in result.stderr
+    assert "RLIMIT_NOFILE hard limit 300 leaves 0 connections per TCP listener" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "authority serving" not in result.stderr
 
 
 def test_start_raises_the_soft_fd_limit_to_the_hard_limit(tmp_path: Path) -> None:
