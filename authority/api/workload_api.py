@@ -68,8 +68,9 @@ MIN_WAIT = 1.0  # seconds: never re-issue more often than this, whatever the SVI
 # Streams doing their costly steps at once (identifying the caller, issuing X.509-SVIDs): the
 # others wait their turn off the event loop's ready queue. Without it, 2,000 streams opened
 # at once kept 2,000 tasks runnable and every other call on the loop (Ping on the TCP port, the
-# attest socket) waited behind each round of them: a 4-8 s stall (scripts/bench_wire.py).
-BUSY_STREAMS = 16
+# attest socket) waited behind each round of them: a 3-8 s stall of a TCP Ping, 0.3-0.8 s with
+# 8 (16: the same worst case, a higher median; 4: a slower storm; scripts/bench_wire.py).
+BUSY_STREAMS = 8
 # The built-in unix plugin's defaults, used when no instance of that name is registered.
 _DEFAULT_UNIX = UnixAttestor(hash_executable=True, max_bytes=512 * 1024 * 1024)
 
