@@ -95,7 +95,10 @@ def private_folder(path: Path) -> Iterator[int]:
 
 def check_private_folder(path: Path) -> None:
     """``private_folder`` ahead of time: refuse an unsafe folder before anything is spent on
-    what would be written into it (a join token, say)."""
+    what would be written into it (a join token, say). A folder that does not exist yet is
+    left for the write to create (0700), so a refused call leaves nothing behind."""
+    if not os.path.lexists(path):
+        return
     with private_folder(path):
         pass
 
