@@ -282,22 +282,31 @@ def _guard(
         except TimeoutError:
             if not timeout.expired():
                 raise
-            if not _answered(stream):
-                await stream.send_trailing_metadata(
+            await _answer(
+                stream,
+                lambda: stream.send_trailing_metadata(
                     status=grpclib.const.Status.DEADLINE_EXCEEDED,
                     status_message="deadline exceeded",
-                )
+                ),
+            )
         except AuthorityError as exc:
-            if not _answered(stream):
-                await fail_grpclib_stream(stream, exc)
+            await _answer(stream, functools.partial(fail_grpclib_stream, stream, exc))
         except (grpclib.exceptions.GRPCError, grpclib.exceptions.StreamTerminatedError):
             raise  # grpclib's own: it answers (or the client has gone), without a traceback
+        except h2.exceptions.StreamClosedError:
+            log.debug("%s: the client closed the stream before its answer", name)
         except Exception:
             log.exception("unhandled error in %s", name)
-            if not _answered(stream):
-                await fail_grpclib_stream(stream, Internal("unexpected"))
+            await _answer(stream, lambda: fail_grpclib_stream(stream, Internal("unexpected")))
 
     return guarded
+
+
+async def _answer(stream: Stream, send: Callable[[], Awaitable[None]]) -> None:
+    """Send a status unless one was sent; a client that has gone gets none (and no traceback)."""
+    if not _answered(stream):
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
+            await send()
 
 
 class _Handler(grpclib.server.Handler):
