@@ -9,8 +9,9 @@ What runs, all on loopback and Unix sockets under temporary folders (removed at 
 * ``authority serve`` (its own data directory, INFO logging as a new operator has it), reached by
   the agents and the Exchange load through a TCP proxy in this process (``advertise_mtls`` names
   the proxy's second port), so the connections can be cut without touching the processes;
-* two ``authority agent`` processes, attested once with join tokens, restarted later with the
-  ``--trust-bundle`` they were first given and no token (as an operator's unit file would);
+* two ``authority agent`` processes, attested once with join tokens (their own SVIDs live
+  AGENT_SVID_TTL, so their renewals keep meeting their entries' rotations), restarted later
+  with the ``--trust-bundle`` they were first given and no token (as a unit file would);
 * ``--workloads`` workloads (asyncio tasks here, half on each agent), each holding a Workload API
   ``FetchX509SVID`` stream through ``authority.client.WorkloadApiClient`` and reconnecting when
   it breaks; every agent has three node entries (``unix:uid:<uid>``, 30-second X.509-SVIDs) that
@@ -112,6 +113,7 @@ from authority.client import AdminClient, WorkloadApiClient, WorkloadClient  # n
 # --- the bounds, stated -------------------------------------------------------------------------
 
 SVID_TTL = 30  # seconds: every node entry's X.509-SVID
+AGENT_SVID_TTL = 60  # the agents' own: renewed at 30 s, as their entries rotate (issue 12's stall)
 EXPIRY_GRACE = 2.0  # a connected workload may hold an SVID this long past its not_after
 REVOCATION_GRACE = 5.0  # ... and a revoked identity this long after Revoke returned
 OUTAGE_BOUND = 10.0  # the longest a workload may be without a valid SVID for one of its entries
@@ -1228,6 +1230,19 @@ class Soak:
                         timeout=RPC_TIMEOUT,
                     )
                 )
+            # The agent's own SVID: short, so its renewals meet its entries' rotations often.
+            await self.admin(
+                lambda stub, n=name: stub.CreateEntry(
+                    pb.CreateEntryRequest(
+                        spiffe_id=agent_id(n),
+                        selectors=[
+                            pb.Selector(type="join_token", value=f"spiffe_id:{agent_id(n)}")
+                        ],
+                        x509_ttl_seconds=AGENT_SVID_TTL,
+                    ),
+                    timeout=RPC_TIMEOUT,
+                )
+            )
             created = await self.admin(
                 lambda stub, n=name: stub.CreateJoinToken(
                     pb.CreateJoinTokenRequest(spiffe_id=agent_id(n), ttl_seconds=600),
@@ -1294,10 +1309,15 @@ class Soak:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        # Watchers and agents first (in parallel), the authority last.
         exits: dict[str, Any] = {}
-        for p in (*self.watchers, *self.agents.values(), self.authority):
-            if p.pid is not None:
-                exits[p.role] = await p.stop()
+        for group in ([*self.watchers, *self.agents.values()], [self.authority]):
+            live = [p for p in group if p.pid is not None]
+            stopped = await asyncio.gather(*(p.stop() for p in live))
+            exits.update({p.role: ok for p, ok in zip(live, stopped, strict=True)})
+            for p, ok in zip(live, stopped, strict=True):
+                if not ok:
+                    self.record.violation("stop_slow", f"{p.role}#{p.instances}", "at the end")
         for proxy in self.proxies:
             await proxy.close()
         self.exits = exits
@@ -1395,7 +1415,7 @@ class Soak:
             "process_instances": {
                 p.role: p.instances for p in (self.authority, *self.agents.values(), *self.watchers)
             },
-            "exit_codes_at_stop": self.exits,
+            "stopped_in_time_at_end": self.exits,
             "events": self.record.events,
         }
 
