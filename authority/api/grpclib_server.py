@@ -23,8 +23,9 @@ points where grpclib lets a subclass in:
   (DEADLINE_EXCEEDED, answered), not by grpclib, whose deadline code logs a traceback when a
   deadline has passed before the handler starts.
 - **HTTP/2**: the header list is bounded (``Limits.max_header_list_bytes``; h2 closes the
-  connection with a larger one) and so are concurrent streams per connection
-  (``Limits.max_concurrent_streams``); frames of unknown types are ignored, as RFC 9113 says.
+  connection with a larger one, GOAWAY ENHANCE_YOUR_CALM) and so are concurrent streams per
+  connection (``Limits.max_concurrent_streams``); frames of unknown types are ignored, as
+  RFC 9113 says.
 - **Handlers**: a domain error escaping a handler becomes its status (``authority.api.status``),
   anything else INTERNAL with a generic message; grpclib's own answers (UNIMPLEMENTED for an
   unknown method, HTTP 415 for a wrong content-type) stand.
@@ -391,11 +392,27 @@ async def _refuse_headers(stream: H2Stream, exc: AuthorityError) -> None:
 
 class _Protocol(H2Protocol):
     """grpclib's HTTP/2 protocol with bounded header lists and concurrent streams, ignoring
-    frames of unknown types (grpclib raises on their events)."""
+    frames of unknown types (grpclib raises on their events), and sending the GOAWAY h2 queues
+    on a protocol error before it closes the connection (grpclib closed it unsent)."""
 
     def __init__(self, handler: _Handler, server: UnixSocketServer) -> None:
         super().__init__(handler, server._config, server._h2_config)
         self._limits = server.limits
+        self._refusals = server.refusals
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.connection.feed(data)
+        except h2.exceptions.ProtocolError as exc:
+            transport = getattr(self.connection, "_transport", None)
+            self._refusals.refused(f"HTTP/2 {type(exc).__name__}", transport, "")
+            self.connection.flush()  # h2's GOAWAY, with its error code
+            self.processor.close("Protocol error")
+            return
+        self.connection.flush()
+        for event in events:
+            self.processor.process(event)
+        self.connection.flush()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

@@ -24,6 +24,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.settings
 import pytest
 
 from attestors.api import PeerCredentials
@@ -531,9 +532,10 @@ async def test_an_oversized_header_list_closes_the_connection(
             # Once the server's SETTINGS are in (its bound announced), go past it.
             await client.until(lambda: client.conn.remote_settings.max_header_list_size == limit)
             client.request(target.method, (*target.extra, ("x-big", "a" * (2 * limit))))
-            await client.until(lambda: client.goaway is not None or client.closed)
+            await client.until(lambda: client.goaway is not None)
+        assert client.goaway == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, target.name
         await target.normal_call()
-    assert_clean_log(caplog)
+    assert_clean_log(caplog, "HTTP/2 DenialOfServiceError")
 
 
 async def test_frames_of_unknown_types_are_ignored(
@@ -624,6 +626,32 @@ async def test_a_storm_of_new_streams_is_identified_a_few_at_a_time(socket_dir: 
             (PERMISSION_DENIED, "NO_IDENTITY_ISSUED")
         }
         assert source.most == 4
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_more_streams_than_a_connection_may_open_close_it(
+    socket_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server announces its bound on concurrent streams; a client that opens one more
+    (its h2 told it otherwise) loses the connection: GOAWAY, and one line naming it."""
+    server = UnixSocketServer(
+        [SpiffeWorkloadApi(_GatedSource(), busy_streams=2)], Limits(max_concurrent_streams=10)
+    )
+    path = socket_dir / "bounded.sock"
+    await server.start(path=str(path))
+    try:
+        async with RawH2.open(path) as client:
+            settings = client.conn.remote_settings
+            await client.until(lambda: settings.max_concurrent_streams == 10)
+            settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = 1000  # a liar's client
+            settings.acknowledge()
+            for _ in range(11):
+                client.request("/SpiffeWorkloadAPI/FetchX509SVID", (WL,))
+            await client.until(lambda: client.goaway is not None)
+        assert client.goaway == h2.errors.ErrorCodes.PROTOCOL_ERROR
+        assert_clean_log(caplog, "HTTP/2 TooManyStreamsError")
     finally:
         server.close()
         await server.wait_closed()
