@@ -306,6 +306,19 @@ class Target:
             assert answer.messages(), (self.name, answer)
 
 
+def workload_api_target(name: str, socket: Path) -> Target:
+    """A Workload API socket: the attacks on FetchX509SVID, FetchJWTBundles as the normal call."""
+    return Target(
+        name,
+        socket,
+        "/SpiffeWorkloadAPI/FetchX509SVID",
+        (WL,),
+        "/SpiffeWorkloadAPI/FetchJWTBundles",
+        wpb.JWTBundlesRequest().SerializeToString(),
+        True,
+    )
+
+
 @dataclass
 class Sockets:
     running: Running
@@ -336,14 +349,6 @@ async def sockets(
                 )
             )
             await wait_held(agent, entry.id)
-            bundles = wpb.JWTBundlesRequest().SerializeToString()
-            workload_api = {
-                "extra": (WL,),
-                "method": "/SpiffeWorkloadAPI/FetchX509SVID",
-                "normal_method": "/SpiffeWorkloadAPI/FetchJWTBundles",
-                "normal_body": bundles,
-                "normal_streams": True,
-            }
             targets = [
                 Target(
                     "attest",
@@ -354,8 +359,8 @@ async def sockets(
                     apb.GetBundleRequest().SerializeToString(),
                     False,
                 ),
-                Target("workload_api", socket_dir / "wl.sock", **workload_api),  # type: ignore[arg-type]
-                Target("agent", agent_socket, **workload_api),  # type: ignore[arg-type]
+                workload_api_target("workload_api", socket_dir / "wl.sock"),
+                workload_api_target("agent", agent_socket),
             ]
             for target in targets:
                 await target.normal_call()
