@@ -28,7 +28,7 @@ or one of its tasks is down.
 
 Unattended: its tasks (sync, rotation, own renewal) run under a ``Supervisor``; every retry loop
 backs off with full jitter (0.5 s doubling to 30 s) and the authority's reachability is logged
-once per change ("authority lost (UNAVAILABLE ...)" / "authority restored after 43.0s"). A call
+once per change ("authority lost: UNAVAILABLE ..." / "authority restored after 43s"). A call
 cut by the agent's own channel swap (its SVID renewed) is made again on the new channel. The
 latest bundle received is kept beside the SVID (``<data-dir>/agent/bundle.pem``, 0600, replaced
 atomically) and trusted on the next start: ``trust_bundle_pem`` is for first contact only.

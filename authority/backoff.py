@@ -52,9 +52,74 @@ class Backoff:
         self.attempts = 0
 
 
-class LinkState:
-    """A connection's state changes, logged once each: lost (with the reason), restored (with
-    the outage's duration). ``name`` says what is connected ("revocation feed", ...)."""
+REASON_CHARS = 300  # a failure's reason as logged and reported, at most
+
+
+def format_seconds(seconds: float) -> str:
+    """``43s``, ``5m``, ``2h5m``: a duration as an operator reads it."""
+    whole = max(0, round(seconds))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m" if minutes else f"{hours}h"
+    if minutes:
+        return f"{minutes}m{secs}s" if secs else f"{minutes}m"
+    return f"{secs}s"
+
+
+class Outage:
+    """Something that is up or down (a peer, a task), logged once per change of state:
+    ``<what> <lost>: <reason>`` when it goes down, ``<what> <restored> after 43s`` when it
+    comes back; nothing (DEBUG) while it stays down."""
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        lost: str = "failing",
+        restored: str = "recovered",
+        monotonic: Callable[[], float] = time.monotonic,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.what = what
+        self._lost = lost
+        self._restored = restored
+        self._monotonic = monotonic
+        self._log = logger or logging.getLogger(__name__)
+        self.since: float | None = None  # monotonic time it went down; None while up
+        self.reason = ""
+        self.changes = 0  # times it went down
+
+    @property
+    def down(self) -> bool:
+        return self.since is not None
+
+    def fail(self, reason: str, exc: BaseException | None = None) -> bool:
+        """Down (``reason``); True when it was up until now (then logged at WARNING, with
+        ``exc``'s traceback when given; later failures of the same outage at DEBUG)."""
+        self.reason = reason[:REASON_CHARS]
+        if self.since is not None:
+            self._log.debug("%s still %s: %s", self.what, self._lost, self.reason)
+            return False
+        self.since = self._monotonic()
+        self.changes += 1
+        self._log.warning("%s %s: %s", self.what, self._lost, self.reason, exc_info=exc)
+        return True
+
+    def ok(self) -> float | None:
+        """Up; the seconds it was down when it was down until now (then logged), else None."""
+        if self.since is None:
+            return None
+        down_for = self._monotonic() - self.since
+        self.since = None
+        self.reason = ""
+        self._log.info("%s %s after %s", self.what, self._restored, format_seconds(down_for))
+        return down_for
+
+
+class LinkState(Outage):
+    """A connection's ``Outage``: ``<name> lost: <reason>`` and ``<name> restored after 43s``,
+    each once per outage. ``name`` says what is connected ("revocation feed", ...)."""
 
     def __init__(
         self,
@@ -63,33 +128,22 @@ class LinkState:
         *,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.name = name
-        self._log = logger
-        self._monotonic = monotonic
-        self.down_since: float | None = None  # monotonic time of the loss, None while up
-        self.outages = 0
+        super().__init__(name, lost="lost", restored="restored", monotonic=monotonic, logger=logger)
 
     @property
     def up(self) -> bool:
-        return self.down_since is None
+        return self.since is None
+
+    @property
+    def outages(self) -> int:
+        return self.changes
 
     def lost(self, reason: str, *, exc_info: BaseException | None = None) -> None:
         """A call failed: the first failure of an outage is logged (WARNING), later ones DEBUG.
 
         ``exc_info`` (an unexpected exception) adds its traceback to the one WARNING line."""
-        if self.down_since is None:
-            self.down_since = self._monotonic()
-            self.outages += 1
-            self._log.warning(
-                "%s lost (%s); reconnecting with backoff", self.name, reason, exc_info=exc_info
-            )
-        else:
-            self._log.debug("%s still down (%s)", self.name, reason)
+        self.fail(reason, exc_info)
 
     def restored(self) -> None:
         """A call succeeded: logged (INFO, with the outage's duration) if the link was down."""
-        if self.down_since is None:
-            return
-        outage = self._monotonic() - self.down_since
-        self.down_since = None
-        self._log.info("%s restored after %.1fs", self.name, outage)
+        self.ok()

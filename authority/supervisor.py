@@ -24,74 +24,12 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from authority.backoff import DEFAULT_CAP, DEFAULT_INITIAL, Backoff
+from authority.backoff import DEFAULT_CAP, DEFAULT_INITIAL, Backoff, Outage, format_seconds
 from authority.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
 Sleep = Callable[[float], Awaitable[None]]
-REASON_CHARS = 300  # a failure's reason as logged and reported, at most
-
-
-class Outage:
-    """Something that is up or down (a peer, a task), logged once per change of state:
-    ``<what> <lost>: <reason>`` when it goes down, ``<what> <restored> after 43s`` when it
-    comes back; nothing while it stays as it is."""
-
-    def __init__(
-        self,
-        what: str,
-        *,
-        lost: str = "failing",
-        restored: str = "recovered",
-        monotonic: Callable[[], float] = time.monotonic,
-        logger: logging.Logger = log,
-    ) -> None:
-        self.what = what
-        self._lost = lost
-        self._restored = restored
-        self._monotonic = monotonic
-        self._log = logger
-        self.since: float | None = None  # monotonic time it went down; None while up
-        self.reason = ""
-        self.changes = 0  # times it went down
-
-    @property
-    def down(self) -> bool:
-        return self.since is not None
-
-    def fail(self, reason: str, exc: BaseException | None = None) -> bool:
-        """Down (``reason``); True when it was up until now (then logged, with ``exc``'s
-        traceback when given)."""
-        self.reason = reason[:REASON_CHARS]
-        if self.since is not None:
-            return False
-        self.since = self._monotonic()
-        self.changes += 1
-        self._log.warning("%s %s: %s", self.what, self._lost, self.reason, exc_info=exc)
-        return True
-
-    def ok(self) -> float | None:
-        """Up; the seconds it was down when it was down until now (then logged), else None."""
-        if self.since is None:
-            return None
-        down_for = self._monotonic() - self.since
-        self.since = None
-        self.reason = ""
-        self._log.info("%s %s after %s", self.what, self._restored, format_seconds(down_for))
-        return down_for
-
-
-def format_seconds(seconds: float) -> str:
-    """``43s``, ``5m``, ``2h5m``: a duration as an operator reads it."""
-    whole = max(0, round(seconds))
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes}m" if minutes else f"{hours}h"
-    if minutes:
-        return f"{minutes}m{secs}s" if secs else f"{minutes}m"
-    return f"{secs}s"
 
 
 def describe(exc: BaseException) -> str:

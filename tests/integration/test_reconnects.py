@@ -174,7 +174,7 @@ def test_watch_carries_on_across_restarts(
         wait_until(lambda: after_term in watch.seqs(), "a revocation made after SIGTERM")
 
         authority.served.stop(signal.SIGKILL)
-        wait_until(lambda: watch.count(" lost (") == 2, "the second loss logged")
+        wait_until(lambda: watch.count(" lost: ") == 2, "the second loss logged")
         lines_at_loss = len(watch.log_lines())
         time.sleep(OUTAGE)  # the authority stays down: the watcher retries, quietly
         assert len(watch.log_lines()) == lines_at_loss, watch.log_lines()[lines_at_loss:]
@@ -192,7 +192,7 @@ def test_watch_carries_on_across_restarts(
         f"spiffe://{TD}/{name}" for name in ("before", "after-sigterm", "after-sigkill")
     ]
     log = watch.log_lines()
-    assert watch.count(" lost (") == 2
+    assert watch.count(" lost: ") == 2
     assert watch.count(" restored after ") == 2
     assert len(log) <= 4, log  # two outages, a line each way: no line per retry
     assert not any("Traceback" in line for line in log), log
@@ -287,7 +287,7 @@ async def test_the_relying_follower_resumes_from_its_last_seq_and_fails_closed_m
     assert await refusal(after.token) == "TOKEN_REVOKED"
     assert await refusal(kept.token) == "accepted"
     said = [r.getMessage() for r in caplog.records if r.name == "authority.watch"]
-    assert sum(" lost (" in line for line in said) == 1, said
+    assert sum(" lost: " in line for line in said) == 1, said
     assert sum(" restored after " in line for line in said) == 1, said
     assert len(said) == 2, said
 
@@ -321,7 +321,7 @@ async def test_the_workload_api_stream_carries_on_across_a_restart(
     assert [s.spiffe_id for s in first] == [f"spiffe://{TD}/streamed"]
     assert [s.spiffe_id for s in again] == [f"spiffe://{TD}/streamed"]
     said = [r.getMessage() for r in caplog.records if r.name == "authority.client"]
-    assert sum(" lost (" in line for line in said) == 1, said
+    assert sum(" lost: " in line for line in said) == 1, said
     assert sum(" restored after " in line for line in said) == 1, said
 
 

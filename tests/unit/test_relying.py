@@ -642,9 +642,9 @@ async def test_an_unreachable_authority_is_retried_with_backoff_and_logged_once(
     assert await source.keys()
     said = [(r.levelno, r.getMessage()) for r in caplog.records]
     assert [level for level, _ in said] == [logging.WARNING, logging.INFO, logging.INFO]
-    assert said[0][1].startswith("task-token keys from the authority lost (periodic refresh: ")
+    assert said[0][1].startswith("task-token keys from the authority lost: periodic refresh: ")
     assert "UNAVAILABLE: down for the test" in said[0][1]
-    assert said[1][1] == "task-token keys from the authority restored after 15.0s"
+    assert said[1][1] == "task-token keys from the authority restored after 15s"
     assert said[2][1].startswith("task-token keys fetched")
 
 

@@ -362,7 +362,7 @@ async def test_an_outage_is_logged_once_each_way(caplog: pytest.LogCaptureFixtur
     said = [(r.levelno, r.getMessage()) for r in caplog.records if r.levelno >= logging.INFO]
     assert len(said) == 2, said
     assert said[0][0] == logging.WARNING
-    assert said[0][1].startswith("revocation feed lost (UNAVAILABLE: gone)")
+    assert said[0][1].startswith("revocation feed lost: UNAVAILABLE: gone")
     assert said[1][0] == logging.INFO
     assert said[1][1].startswith("revocation feed restored after ")
     assert feed.since == [0] * 52
