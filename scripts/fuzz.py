@@ -78,10 +78,15 @@ def main() -> int:
     deadline = time.monotonic() + args.minutes * 60
     with tempfile.TemporaryDirectory(prefix="fuzz-") as folder, fuzz_server(Path(folder)) as server:
         rss_start = server.rss_kb()
-        connections = {e: Connection(server.targets[e]) for e in {r.endpoint for r in rpcs}}
+        connections: dict[str, Connection] = {}
         round_ = 0
         try:
             while time.monotonic() < deadline and server.alive():
+                # The admin RPCs may have rotated the CA: verify against the current bundle.
+                server.refresh_targets()
+                for connection in connections.values():
+                    connection.close()
+                connections = {e: Connection(server.targets[e]) for e in ENDPOINTS}
                 for rpc in rpcs:
                     if time.monotonic() >= deadline or not server.alive():
                         break

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
@@ -30,6 +31,10 @@ RESET = "RESET"  # the server reset the stream (HTTP/2 RST_STREAM): a transport 
 GOAWAY = "GOAWAY"  # the server closed the connection with GOAWAY
 CLOSED = "CLOSED"  # the connection ended without GOAWAY
 NO_STATUS = "NO_STATUS"  # the stream ended without grpc-status
+# Response headers past what gRPC clients accept (grpc core refuses metadata over 16 KiB): the
+# client would see an error of its own instead of the server's status.
+OVERSIZED_HEADERS = "OVERSIZED_HEADERS"
+MAX_HEADER_LIST = 16 * 1024
 
 STATUS_NAMES = {
     0: "OK",
@@ -157,6 +162,11 @@ class Connection:
         self.close()
 
     def _open(self) -> tuple[socket.socket, h2.connection.H2Connection]:
+        if self._sock is not None and self._dead is None:
+            # Answer what came while the connection sat idle (keepalive PINGs), and notice a
+            # connection the server has closed meanwhile: the call then goes on a new one.
+            while self._dead is None and self._pump(time.monotonic() + 0.001):
+                pass
         if self._dead is not None:
             self.close()
         if self._sock is None or self._h2 is None:
@@ -173,6 +183,7 @@ class Connection:
             conn.local_settings = h2.settings.Settings(
                 client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW}
             )
+            conn.decoder.max_header_list_size = MAX_HEADER_LIST
             conn.initiate_connection()
             conn.increment_flow_control_window(WINDOW)
             sock.sendall(conn.data_to_send())
@@ -208,6 +219,10 @@ class Connection:
             events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             self._dead = f"{CLOSED}: client-side h2 error {exc}"
+            if "Oversized header block" in str(exc):
+                for stream in self._streams.values():
+                    if stream.status is None:
+                        stream.status, stream.message = OVERSIZED_HEADERS, str(exc)
             return True
         for event in events:
             self._handle(event)
