@@ -410,6 +410,9 @@ class AuthorityServer:
     async def _checkpoint_once(self) -> None:
         assert self.authority is not None
         assert self._store is not None
+        # A window of suppressed refusals that closed with nothing after it is summarised now,
+        # not at the next refusal (the summary is then what moves the head).
+        await self.authority.flush_refusals()
         head, _ = await self._store.audit_head()
         if head > self._checkpointed:
             checkpoint = await self.authority.checkpoint()

@@ -276,3 +276,34 @@ async def test_an_export_page_stops_at_its_byte_budget(tmp_path: Path, backend: 
         assert len(huge) == 1  # a page is never empty while records remain
     finally:
         await store.close()
+
+
+async def test_a_closed_window_of_suppressed_refusals_is_summarised_by_the_checkpoint_job(
+    tmp_path: Path, socket_dir: Path
+) -> None:
+    """A flood that stops: nothing refused after it, yet its summary is written by the audit
+    checkpoint job once the window has closed, not left waiting for the next refusal."""
+    config = config_for(tmp_path / "data", socket_dir)
+    clock = FakeClock(dt.datetime.now(dt.UTC))
+    async with running_with_clock(config, clock) as running:
+        stub = (await running.workload()).tls_stub
+        seq = head_seq(running.data_dir)
+        csr = make_csr(new_key())
+        extra = 5
+        for index in range(LIMITS.refusals_per_caller + extra):
+            name = f"{index:06d}" + "n" * 100
+            err = await rpc_error(attest_raw(stub, [params(b"x", csr, attestor=name)]))
+            assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "TOO_LONG")
+        await running.server._checkpoint_once()  # the window is still open: no summary yet
+        kinds = [kind for kind, _, _ in audit_rows_after(running.data_dir, seq)]
+        assert "attest.refusals_suppressed" not in kinds
+
+        clock.advance(LIMITS.refusal_window)
+        await running.server._checkpoint_once()  # what the audit-checkpoints job runs
+
+        records = audit_rows_after(running.data_dir, seq)
+        summaries = [
+            details for kind, _, details in records if kind == "attest.refusals_suppressed"
+        ]
+        assert len(summaries) == 1
+        assert summaries[0]["suppressed"] == extra
