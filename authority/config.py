@@ -77,15 +77,20 @@ class Limits:
     # The gRPC listeners (authority.api.listeners): connections each TCP listener (server-TLS,
     # mutual-TLS) and the admin socket hold at once (more are accepted and closed at once), calls
     # one peer address has in flight on the TCP listeners, how long a TLS handshake and an idle
-    # connection may last, and the descriptors kept beyond the caps (store, Unix endpoints). The
+    # connection may last, and the descriptors kept beyond the caps (the store, files). The
     # soft RLIMIT_NOFILE must hold 2 x max_connections_per_listener + max_admin_connections +
-    # fd_reserve, or the server refuses to start.
+    # max_local_connections per Unix socket (attest, Workload API) + fd_reserve; below that the
+    # TCP and Unix caps are lowered in proportion to fit, and under 32 each the server refuses.
     max_connections_per_listener: int = 1000
     max_admin_connections: int = 64
     max_calls_per_peer: int = 1024
     handshake_timeout: dt.timedelta = dt.timedelta(seconds=10)
     connection_idle_timeout: dt.timedelta = dt.timedelta(minutes=5)
     fd_reserve: int = 256
+    # The grpclib Unix sockets (attest, Workload API, a node agent's): connections each holds at
+    # once, and at once from one uid (more are closed as they come, logged on one throttled line).
+    max_local_connections: int = 1024
+    max_local_connections_per_uid: int = 256
     # Task tokens and approvals.
     default_task_ttl: dt.timedelta = dt.timedelta(minutes=5)
     approval_wait: dt.timedelta = dt.timedelta(minutes=15)  # a pending approval expires

@@ -189,6 +189,7 @@ class AuthorityServer:
         self._workload_api: grpclib.server.Server | None = None
         self._changes: ChangeNotifier | None = None
         self._checkpointed = 0
+        self._local_connections = 0  # each Unix socket's connection cap, fitted at start
         self.authority: Authority | None = None
 
     @property
@@ -197,7 +198,10 @@ class AuthorityServer:
 
     async def start(self) -> None:
         config = self.config
-        fds = listeners.ensure_fd_limit(config.limits)
+        # The attest socket, and the Workload API's when it is served.
+        local_sockets = 1 + (config.workload_api_socket is not None)
+        fds = listeners.ensure_fd_limit(config.limits, local_sockets)
+        self._local_connections = fds.per_local_socket
         data_dir = config.data_dir
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(data_dir, 0o700)
@@ -309,7 +313,11 @@ class AuthorityServer:
             mtls_address=mtls_address,
             version=__version__,
         )
-        self._local = UnixSocketServer([LocalWorkloadService(authority, info)], config.limits)
+        self._local = UnixSocketServer(
+            [LocalWorkloadService(authority, info)],
+            config.limits,
+            max_connections=self._local_connections,
+        )
         old_umask = os.umask(0o177)
         try:
             await self._local.start(path=str(local_path))
@@ -337,7 +345,9 @@ class AuthorityServer:
         service = SpiffeWorkloadApi(
             AuthoritySource(authority, changes, self.config.workload_api_attestor)
         )
-        self._workload_api = UnixSocketServer([service], self.config.limits)
+        self._workload_api = UnixSocketServer(
+            [service], self.config.limits, max_connections=self._local_connections
+        )
         old_umask = os.umask(0o177)
         try:
             await self._workload_api.start(path=str(path))

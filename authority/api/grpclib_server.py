@@ -26,19 +26,25 @@ points where grpclib lets a subclass in:
   connection with a larger one, GOAWAY ENHANCE_YOUR_CALM) and so are concurrent streams per
   connection (``Limits.max_concurrent_streams``); frames of unknown types are ignored, as
   RFC 9113 says.
+- **Connections**: at most ``Limits.max_local_connections`` at once, and
+  ``max_local_connections_per_uid`` from one uid (the kernel's ``SO_PEERCRED``); a connection
+  past either is closed as it comes, before grpclib sees it, so one local user cannot take the
+  process's descriptors (and with them the admin socket).
 - **Handlers**: a domain error escaping a handler becomes its status (``authority.api.status``),
   anything else INTERNAL with a generic message; grpclib's own answers (UNIMPLEMENTED for an
   unknown method, HTTP 415 for a wrong content-type) stand.
 
-Every malformed request is answered, and logged on one line naming the peer (the uid and pid
-the kernel gives for the socket), at most ``REFUSAL_LOG_BURST`` lines a minute per server; the
-decoder's own message never reaches the caller or the log.
+Every malformed request is answered (a refused connection is closed), and logged on one line
+naming the peer (the uid and pid the kernel gives for the socket), at most
+``REFUSAL_LOG_BURST`` lines a minute per server; the decoder's own message never reaches the
+caller or the log.
 """
 
 from __future__ import annotations
 
 import asyncio
 import binascii
+import collections
 import contextlib
 import contextvars
 import functools
@@ -397,8 +403,10 @@ class _Protocol(H2Protocol):
 
     def __init__(self, handler: _Handler, server: UnixSocketServer) -> None:
         super().__init__(handler, server._config, server._h2_config)
+        self._server = server
         self._limits = server.limits
         self._refusals = server.refusals
+        self._uid: int | None = None  # set once admitted under the connection caps
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -415,6 +423,14 @@ class _Protocol(H2Protocol):
         self.connection.flush()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        ids = peer_ids(transport)
+        uid = ids[0] if ids is not None else -1
+        refused = self._server.admit(uid)
+        if refused:
+            self._refusals.refused(refused, transport, "")
+            transport.close()
+            return
+        self._uid = uid
         super().connection_made(transport)
         h2_connection = self.connection._connection
         # Announced now, enforced by h2 once the client acknowledges; until then h2's own
@@ -433,6 +449,13 @@ class _Protocol(H2Protocol):
         self.connection.flush()
         self.processor.processors[h2.events.UnknownFrameReceived] = _ignore
 
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._uid is None:
+            return  # refused at connect: grpclib never saw it
+        self._server.release(self._uid)
+        self._uid = None
+        super().connection_lost(exc)
+
 
 def _ignore(event: h2.events.Event) -> None:
     return None
@@ -446,8 +469,22 @@ class UnixSocketServer(grpclib.server.Server):
     their clients: a client that never hangs up would keep its socket (and, on Python >= 3.12,
     ``wait_closed``) open. Each connection is closed as grpclib closes a lost one."""
 
-    def __init__(self, handlers: Collection[Any], limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        handlers: Collection[Any],
+        limits: Limits | None = None,
+        *,
+        max_connections: int | None = None,
+    ) -> None:
         self.limits = limits or Limits()
+        # Connections held at once, in all and per uid (``max_connections`` when the process
+        # fitted its caps to its descriptor limit).
+        self.max_connections = max_connections or self.limits.max_local_connections
+        self.max_connections_per_uid = min(
+            self.limits.max_local_connections_per_uid, self.max_connections
+        )
+        self._connections = 0
+        self._by_uid: collections.Counter[int] = collections.Counter()
         window = max(MIN_WINDOW, min(MAX_WINDOW, self.limits.max_message_bytes + PREFIX_BYTES))
         super().__init__(
             handlers,
@@ -472,6 +509,27 @@ class UnixSocketServer(grpclib.server.Server):
         }
         self.refusals = RefusalLog()
         self._protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
+
+    def admit(self, uid: int) -> str:
+        """Count a new connection from ``uid`` in; "" when admitted, else why it is refused."""
+        if self._connections >= self.max_connections:
+            return f"connection limit ({self.max_connections} on this socket)"
+        if self._by_uid[uid] >= self.max_connections_per_uid:
+            return f"connection limit ({self.max_connections_per_uid} per uid)"
+        self._connections += 1
+        self._by_uid[uid] += 1
+        return ""
+
+    def release(self, uid: int) -> None:
+        self._connections -= 1
+        self._by_uid[uid] -= 1
+        if not self._by_uid[uid]:
+            del self._by_uid[uid]
+
+    @property
+    def connections(self) -> int:
+        """Connections held now."""
+        return self._connections
 
     def _protocol_factory(self) -> H2Protocol:
         self.__gc_step__()

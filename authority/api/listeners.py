@@ -99,43 +99,64 @@ class FdBudget:
     soft: int  # RLIMIT_NOFILE once raised
     hard: int
     per_listener: int  # the connection cap of each TCP listener, fitted to the limit
+    per_local_socket: int  # the connection cap of each grpclib Unix socket, fitted likewise
 
 
-def fd_needed(limits: Limits, per_listener: int | None = None) -> int:
+def fd_needed(
+    limits: Limits,
+    local_sockets: int,
+    per_listener: int | None = None,
+    per_local_socket: int | None = None,
+) -> int:
     if per_listener is None:
         per_listener = limits.max_connections_per_listener
-    return TCP_LISTENERS * per_listener + limits.max_admin_connections + limits.fd_reserve
+    if per_local_socket is None:
+        per_local_socket = limits.max_local_connections
+    return (
+        TCP_LISTENERS * per_listener
+        + local_sockets * per_local_socket
+        + limits.max_admin_connections
+        + limits.fd_reserve
+    )
 
 
-def ensure_fd_limit(limits: Limits) -> FdBudget:
-    """Raise the soft RLIMIT_NOFILE to the hard limit, and fit the TCP listeners' connection cap
-    to it: when even the hard limit cannot hold every listener full at
-    ``max_connections_per_listener`` with the admin socket's and the reserve's descriptors left,
-    the cap is lowered (and the server says so) so that full public ports still leave the admin
-    socket usable. Refuses (FailedPrecondition) only when fewer than
-    ``MIN_CONNECTIONS_PER_LISTENER`` would be left. Logs what the process supports in one line."""
+def ensure_fd_limit(limits: Limits, local_sockets: int) -> FdBudget:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, and fit the connection caps to it.
+
+    Every listener full at once (each TCP listener at ``max_connections_per_listener``, each of
+    the ``local_sockets`` grpclib Unix sockets at ``max_local_connections``) must leave the
+    admin socket's and the reserve's descriptors. When even the hard limit cannot hold that, the
+    TCP and Unix caps are lowered in proportion (and the server says so), so full public ports
+    still leave the admin socket usable; refused (FailedPrecondition) only when a cap would fall
+    under ``MIN_CONNECTIONS_PER_LISTENER``. Logs what the process supports in one line."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     per_listener = limits.max_connections_per_listener
-    if hard != resource.RLIM_INFINITY and hard < fd_needed(limits):
-        fitted = (hard - limits.max_admin_connections - limits.fd_reserve) // TCP_LISTENERS
-        if fitted < MIN_CONNECTIONS_PER_LISTENER:
+    per_local = limits.max_local_connections
+    if hard != resource.RLIM_INFINITY and hard < fd_needed(limits, local_sockets):
+        room = hard - limits.max_admin_connections - limits.fd_reserve
+        share = max(room, 0) / (TCP_LISTENERS * per_listener + local_sockets * per_local)
+        fitted, fitted_local = int(per_listener * share), int(per_local * share)
+        if min(fitted, fitted_local) < MIN_CONNECTIONS_PER_LISTENER:
             raise FailedPrecondition(
-                f"RLIMIT_NOFILE hard limit {hard} leaves {max(fitted, 0)} connections per TCP "
-                f"listener (at least {MIN_CONNECTIONS_PER_LISTENER} needed) after "
-                f"limits.max_admin_connections {limits.max_admin_connections} and "
-                f"limits.fd_reserve {limits.fd_reserve}; raise the limit (ulimit -n) or lower "
-                "those",
+                f"RLIMIT_NOFILE hard limit {hard} leaves {fitted} connections per TCP "
+                f"listener and {fitted_local} per Unix socket (at least "
+                f"{MIN_CONNECTIONS_PER_LISTENER} needed) after limits.max_admin_connections "
+                f"{limits.max_admin_connections} and limits.fd_reserve {limits.fd_reserve}; "
+                "raise the limit (ulimit -n) or lower those",
                 reason="FD_LIMIT_TOO_LOW",
             )
         log.warning(
-            "RLIMIT_NOFILE hard limit %d cannot hold limits.max_connections_per_listener %d: "
-            "each TCP listener takes at most %d connections (raise the limit for more)",
+            "RLIMIT_NOFILE hard limit %d cannot hold limits.max_connections_per_listener %d "
+            "and limits.max_local_connections %d: each TCP listener takes at most %d "
+            "connections and each Unix socket %d (raise the limit for more)",
             hard,
             per_listener,
+            per_local,
             fitted,
+            fitted_local,
         )
-        per_listener = fitted
-    needed = fd_needed(limits, per_listener)
+        per_listener, per_local = fitted, fitted_local
+    needed = fd_needed(limits, local_sockets, per_listener, per_local)
     if soft != hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -146,16 +167,18 @@ def ensure_fd_limit(limits: Limits) -> FdBudget:
             soft = max(soft, needed)
     log.info(
         "file descriptors: limit=%d (hard %s), caps need %d: %d per TCP listener x %d, "
-        "admin %d, reserve %d",
+        "%d per Unix socket x %d, admin %d, reserve %d",
         soft,
         "unlimited" if hard == resource.RLIM_INFINITY else hard,
         needed,
         per_listener,
         TCP_LISTENERS,
+        per_local,
+        local_sockets,
         limits.max_admin_connections,
         limits.fd_reserve,
     )
-    return FdBudget(needed, soft, hard, per_listener)
+    return FdBudget(needed, soft, hard, per_listener, per_local)
 
 
 # --- undecodable requests and calls per peer -----------------------------------------------

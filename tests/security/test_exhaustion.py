@@ -280,14 +280,23 @@ def _serve_under_fd_limit(tmp_path: Path, limit: int) -> subprocess.CompletedPro
 
 
 def test_default_caps_fit_themselves_to_a_low_fd_limit(tmp_path: Path) -> None:
-    """Under a 1,024 descriptor limit the default caps (2 x 1000 connections and more) cannot
-    all be held: the server lowers each TCP listener's cap to what fits beside the admin
-    socket's and the reserve's descriptors, says so, and serves."""
+    """Under a 1,024 descriptor limit the default caps (2 x 1000 TCP connections, 1024 on the
+    attest socket, and more) cannot all be held: the server lowers the TCP and Unix caps in
+    proportion to what fits beside the admin socket's and the reserve's descriptors, says so,
+    and serves."""
     result = _serve_under_fd_limit(tmp_path, FD_LIMIT)
-    fitted = (FD_LIMIT - Limits().max_admin_connections - Limits().fd_reserve) // 2
+    limits = Limits()
+    room = FD_LIMIT - limits.max_admin_connections - limits.fd_reserve
+    share = room / (2 * limits.max_connections_per_listener + limits.max_local_connections)
+    fitted = int(limits.max_connections_per_listener * share)
+    fitted_local = int(limits.max_local_connections * share)
     assert "cannot hold limits.max_connections_per_listener 1000" in result.stderr
-    assert f"each TCP listener takes at most {fitted} connections" in result.stderr
-    needed = 2 * fitted + Limits().max_admin_connections + Limits().fd_reserve
+    assert (
+        f"each TCP listener takes at most {fitted} connections and each Unix socket "
+        f"{fitted_local}" in result.stderr
+    )
+    needed = 2 * fitted + fitted_local + limits.max_admin_connections + limits.fd_reserve
+    assert needed <= FD_LIMIT
     assert f"caps need {needed}: {fitted} per TCP listener" in result.stderr
     assert "authority serving" in result.stderr
     assert "Traceback" not in result.stderr
@@ -299,6 +308,7 @@ def test_server_refuses_to_start_when_no_useful_cap_fits(tmp_path: Path) -> None
     result = _serve_under_fd_limit(tmp_path, 300)
     assert result.returncode != 0
     assert "RLIMIT_NOFILE hard limit 300 leaves 0 connections per TCP listener" in result.stderr
+    assert "and 0 per Unix socket" in result.stderr
     assert "Traceback" not in result.stderr
     assert "authority serving" not in result.stderr
 
@@ -322,3 +332,63 @@ def test_start_raises_the_soft_fd_limit_to_the_hard_limit(tmp_path: Path) -> Non
         logged = [x for x in served.log().splitlines() if "file descriptors:" in x]
         assert len(logged) == 1
         assert f"limit={server_soft}" in logged[0]
+
+
+LOCAL_CAP = 24
+LOCAL_CAP_PER_UID = 8
+LOCAL_FLOOD = 40
+
+
+def _server_greeted(sock: socket.socket) -> bool:
+    """True when the server sent its HTTP/2 SETTINGS (admitted), False on EOF (refused)."""
+    sock.settimeout(WAIT)
+    try:
+        return bool(sock.recv(64))
+    except (ConnectionResetError, TimeoutError):
+        return False
+
+
+async def test_one_uid_cannot_hold_every_local_connection(tmp_path: Path, socket_dir: Path) -> None:
+    """The attest socket is 0666: 40 connections from one uid that never send a byte. Only
+    the per-uid cap (8) is admitted, the rest are closed as they come; the admin socket and
+    the TLS port are still served; when the flood hangs up its slots come back."""
+    config = make_config(
+        tmp_path / "data",
+        socket_dir,
+        max_local_connections=LOCAL_CAP,
+        max_local_connections_per_uid=LOCAL_CAP_PER_UID,
+    )
+    async with running_authority(config) as running:
+        flood = []
+        try:
+            for _ in range(LOCAL_FLOOD):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(str(config.local_socket_path))
+                flood.append(sock)
+            greeted = await asyncio.gather(
+                *(asyncio.to_thread(_server_greeted, sock) for sock in flood)
+            )
+            assert sum(greeted) == LOCAL_CAP_PER_UID
+
+            listed = await running.admin().stub.ListEntries(
+                pb.ListEntriesRequest(), timeout=CALL_TIMEOUT
+            )
+            assert list(listed.entries) == []
+            workload = await running.workload()
+            await workload.tls_stub.Ping(pb.PingRequest(), timeout=CALL_TIMEOUT)
+        finally:
+            for sock in flood:
+                sock.close()
+
+        async def admitted_again() -> bool:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(config.local_socket_path))
+                return await asyncio.to_thread(_server_greeted, sock)
+            finally:
+                sock.close()
+
+        deadline = time.monotonic() + WAIT
+        while not await admitted_again():
+            assert time.monotonic() < deadline, "the flood's slots never came back"
+            await asyncio.sleep(0.05)
