@@ -82,8 +82,9 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -548,6 +549,22 @@ class Soak:
 
     # --- helpers ---
 
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """A task of the soak's own; should it fail, the run is not to be trusted: the error is
+        a violation (``soak_error``), so the soak cannot pass with a check that stopped."""
+        name = getattr(coroutine, "__qualname__", "task")
+
+        async def guarded() -> None:
+            try:
+                await coroutine
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                tail = traceback.format_exc(limit=-3).strip().splitlines()[-4:]
+                self.record.violation("soak_error", name, f"{exc!r}: {tail}")
+
+        return asyncio.create_task(guarded(), name=name)
+
     def env(self) -> dict[str, str]:
         return {**os.environ, "AUTHORITY_ADMIN_SOCKET": str(self.admin_socket)}
 
@@ -690,7 +707,7 @@ class Soak:
             )  # fmt: skip
         finally:
             os.close(err)
-        self.tasks.append(asyncio.create_task(self.read_watcher(i, w.aproc)))
+        self.tasks.append(self.spawn(self.read_watcher(i, w.aproc)))
 
     async def read_watcher(self, i: int, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
@@ -837,7 +854,7 @@ class Soak:
                 f"{p.role}#{p.instances}",
                 f"exited by itself (exit {code}); log: {p.log_tail(8)}",
             )
-            self.tasks.append(asyncio.create_task(self.revive(p)))
+            self.tasks.append(self.spawn(self.revive(p)))
 
     async def revive(self, p: Proc) -> None:
         if p is self.authority:
@@ -977,7 +994,7 @@ class Soak:
         for w in mine:  # those that never held it have nothing to drop
             if spiffe_id not in w.held:
                 r.dropped_at.setdefault(w.name, r.at)
-        self.following.append(asyncio.create_task(self.follow(r)))
+        self.following.append(self.spawn(self.follow(r)))
 
     async def follow(self, r: Revocation) -> None:
         """Until every watcher printed ``r`` (or its deadline passed)."""
@@ -1080,7 +1097,7 @@ class Soak:
                 {"at_s": self.record.at(began), "kind": kind, "target": target,
                  "took_s": round(time.time() - began, 2)}
             )  # fmt: skip
-            self.tasks.append(asyncio.create_task(self.recovery(kind, target, began)))
+            self.tasks.append(self.spawn(self.recovery(kind, target, began)))
 
     async def inject(self, kind: str, k: int) -> str:
         self.record.note("fault", kind=kind)
@@ -1143,7 +1160,7 @@ class Soak:
         for role, pid in roles:
             if pid is None:
                 continue
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError, KeyError):  # gone, or a zombie
                 status = Path(f"/proc/{pid}/status").read_text()
                 fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
                 self.samples[role].append(
@@ -1256,8 +1273,8 @@ class Soak:
         for i in range(self.args.workloads):
             name = AGENTS[i % len(AGENTS)]
             self.workloads.append(Workload(f"w{i:02d}", name, self.agent_socket(name)))
-        self.tasks += [asyncio.create_task(self.hold(w)) for w in self.workloads]
-        self.tasks.append(asyncio.create_task(self.checker()))
+        self.tasks += [self.spawn(self.hold(w)) for w in self.workloads]
+        self.tasks.append(self.spawn(self.checker()))
         async with asyncio.timeout(60):
             await asyncio.gather(*(w.ready.wait() for w in self.workloads))
 
@@ -1275,16 +1292,19 @@ class Soak:
         self.measuring = True
         self.last_exchange_ok = 0.0
         workers = [
-            asyncio.create_task(self.exchange_load()),
-            asyncio.create_task(self.exchange_watchdog()),
-            asyncio.create_task(self.sampler()),
-            asyncio.create_task(self.prober()),
-            asyncio.create_task(self.revoker()),
-            asyncio.create_task(self.rotator()),
-            asyncio.create_task(self.faulter()),
+            self.spawn(self.exchange_load()),
+            self.spawn(self.exchange_watchdog()),
+            self.spawn(self.sampler()),
+            self.spawn(self.prober()),
+            self.spawn(self.revoker()),
+            self.spawn(self.rotator()),
+            self.spawn(self.faulter()),
         ]
         await self.sleep_until(self.duration)
-        # Let the last revocations reach the watchers, then close the checks.
+        # The last fault finishes (its restart done), the last revocations reach the watchers;
+        # then the checks close.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(workers[-1]), 2 * RESTART_DEADLINE)
         await asyncio.gather(*self.following, return_exceptions=True)
         self.stopping.set()
         for task in workers:
