@@ -291,6 +291,7 @@ class RpcReport:
     tracebacks: list[str] = field(default_factory=list)
     rss_before_kb: int = 0
     rss_after_kb: int = 0
+    rss_grown_kb: int = 0  # summed over this RPC's batches (the others' growth left out)
     log_bytes: int = 0
     seconds: float = 0.0
 
@@ -332,7 +333,8 @@ class RpcReport:
         statuses = ", ".join(f"{k}={v}" for k, v in sorted(self.statuses.items()))
         return (
             f"{self.rpc:58} cases={self.cases:<5} {statuses}; "
-            f"rss {self.rss_before_kb // 1024}->{self.rss_after_kb // 1024} MB; "
+            f"rss {self.rss_before_kb // 1024}->{self.rss_after_kb // 1024} MB "
+            f"(own batches {self.rss_grown_kb / 1024:+.1f}); "
             f"tracebacks={len(self.tracebacks)}; log +{self.log_bytes} B; {self.seconds:.1f}s"
         )
 
@@ -468,8 +470,9 @@ def fuzz_rpc(
         report.unanswered_kinds = unanswered
     started = time.monotonic()
     log_offset = server.log_size()
+    rss_before = server.rss_kb()
     if not report.rss_before_kb:
-        report.rss_before_kb = server.rss_kb()
+        report.rss_before_kb = rss_before
 
     def structured(frames: list[bytes]) -> None:
         case = RawCase("message", tuple(grpc_frame(f) for f in frames))
@@ -483,5 +486,6 @@ def fuzz_rpc(
     report.tracebacks += tracebacks_in(server.log_since(log_offset))
     report.log_bytes += server.log_size() - log_offset
     report.rss_after_kb = server.rss_kb()
+    report.rss_grown_kb += report.rss_after_kb - rss_before
     report.seconds += time.monotonic() - started
     return report
