@@ -108,6 +108,11 @@ class Attested:
 
 
 class Attestor(Protocol):
+    """A plugin. Optionally it declares ``selector_kinds``, the selector keys an instance can
+    produce (a class attribute, or an instance attribute when the keys follow the configuration):
+    the host then refuses registration entries whose selectors of this instance name another key,
+    which no workload could ever match. A plugin that declares none accepts any key."""
+
     plugin_name: ClassVar[str]
 
     @classmethod
@@ -116,6 +121,17 @@ class Attestor(Protocol):
         ...
 
     async def attest(self, evidence: bytes, ctx: AttestContext) -> Attested: ...
+
+
+def declared_selector_kinds(plugin: object) -> frozenset[str] | None:
+    """The selector keys ``plugin`` (a class or an instance) declares it can produce, or None
+    when it declares none (or something that is not a collection of strings): any key."""
+    kinds = getattr(plugin, "selector_kinds", None)
+    if not isinstance(kinds, set | frozenset | tuple | list) or not all(
+        isinstance(k, str) for k in kinds
+    ):
+        return None
+    return frozenset(kinds)
 
 
 def require_keys(config: Mapping[str, Any], allowed: set[str], required: set[str]) -> None:

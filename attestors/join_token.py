@@ -17,6 +17,7 @@ MAX_TOKEN_CHARS = 256
 
 class JoinTokenAttestor:
     plugin_name: ClassVar[str] = "join_token"
+    selector_kinds: ClassVar[frozenset[str]] = frozenset({"spiffe_id"})
 
     def __init__(self, host: HostServices) -> None:
         self._host = host

@@ -140,6 +140,8 @@ class JwtAttestor:
         self._audience = audience
         self._algorithms = algorithms
         self._claims = claims
+        # "sub", and the configured claims (the kind's preset and selector_claims).
+        self.selector_kinds = frozenset({"sub", *claims})
         self._leeway = leeway
         self._max_lifetime = max_lifetime
 

@@ -152,6 +152,9 @@ def inspect_process(
 
 class UnixAttestor:
     plugin_name: ClassVar[str] = "unix"
+    selector_kinds: ClassVar[frozenset[str]] = frozenset(
+        {"uid", "gid", "pid", "path", "sha256", "user", "group"}
+    )
 
     def __init__(self, hash_executable: bool, max_bytes: int) -> None:
         self._hash = hash_executable

@@ -88,6 +88,9 @@ def _fingerprint(cert: x509.Certificate) -> str:
 
 class X509PopAttestor:
     plugin_name: ClassVar[str] = "x509pop"
+    selector_kinds: ClassVar[frozenset[str]] = frozenset(
+        {"serial", "fingerprint", "ca_fingerprint", "subject_cn", "san_dns", "san_uri"}
+    )
 
     def __init__(self, roots: list[x509.Certificate], host: HostServices) -> None:
         self._roots = roots

@@ -27,10 +27,11 @@ from attestors.api import (
     Attestor,
     ConfigError,
     PeerCredentials,
+    declared_selector_kinds,
 )
 from authority.audit import AuditEvent
 from authority.clock import Clock
-from authority.config import Limits
+from authority.config import Limits, format_duration
 from authority.errors import (
     AttestationFailed,
     AuthorityError,
@@ -197,6 +198,12 @@ class AttestorHost:
     def is_registered(self, name: str) -> bool:
         return name in self._running
 
+    def selector_kinds(self, name: str) -> frozenset[str] | None:
+        """The selector keys the running instance ``name`` can produce; None when its plugin
+        declares none (any key). NotFound (ATTESTOR_NOT_FOUND) when it is not running."""
+        self.get(name)
+        return declared_selector_kinds(self._running[name].plugin)
+
     def _plugin_class(self, plugin: str) -> type[Attestor]:
         cls = self._plugins.get(plugin)
         if cls is None and not self._fixed_plugins:
@@ -292,7 +299,7 @@ class AttestorHost:
             raise
         except TimeoutError:
             raise AttestationFailed(
-                f"attestation did not finish within {self._limits.attest_timeout}",
+                f"attestation did not finish within {format_duration(self._limits.attest_timeout)}",
                 reason="ATTESTATION_TIMEOUT",
             ) from None
         except Exception:

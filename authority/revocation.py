@@ -40,6 +40,8 @@ CAEP = "https://schemas.openid.net/secevent/caep/event-type/"
 SESSION_REVOKED = CAEP + "session-revoked"
 CREDENTIAL_CHANGE = CAEP + "credential-change"
 DEFAULT_QUEUE = 4096
+# What may be revoked before it exists: a name an operator chooses, not a random id.
+PREEMPTIBLE = frozenset({RevocationKind.SUBJECT, RevocationKind.ENTRY, RevocationKind.ATTESTOR})
 
 
 class EventQueue:
@@ -205,12 +207,23 @@ class RevocationService:
         return now + longest + dt.timedelta(minutes=1)
 
     async def revoke(
-        self, kind: RevocationKind, target: str, reason: str, *, actor: str
+        self,
+        kind: RevocationKind,
+        target: str,
+        reason: str,
+        *,
+        actor: str,
+        preemptive: bool = False,
     ) -> list[Revocation]:
-        """Revoke ``target`` and what cascades from it; durable before this returns."""
+        """Revoke ``target`` and what cascades from it; durable before this returns.
+
+        An entry, attestor or SPIFFE ID the authority has no record of is NotFound unless
+        ``preemptive``: revoking a name before it exists is a deliberate act, recorded as such.
+        A token, task or key must exist (``preemptive`` does not apply to them)."""
         now = self._clock.now()
         reason = check_length(reason.strip(), self._limits.max_reason_chars, "the reason")
         reason = reason or "revoked"
+        ahead = await self._preemptive(kind, target, preemptive)
         planned = await self._plan(kind, target, reason, actor, now)
         tasks = await self._tasks_of(planned)
         events = [
@@ -227,6 +240,11 @@ class RevocationService:
                     "cascade_of": f"{kind}:{target}"
                     if (r.kind, r.target) != (kind, target)
                     else "",
+                    **(
+                        {"preemptive": True}
+                        if ahead and (r.kind, r.target) == (kind, target)
+                        else {}
+                    ),
                 },
             )
             for r in planned
@@ -237,13 +255,45 @@ class RevocationService:
         await self.hub.publish_committed()
         await self._side_effects(kind, target, reason, now)
         log.info(
-            "revoked: kind=%s target=%s cascade=%d seq=%s",
+            "revoked: kind=%s target=%s cascade=%d seq=%s%s",
             kind,
             target,
             len(stored) - 1,
             ",".join(str(r.seq) for r in stored),
+            " preemptive" if ahead else "",
         )
         return stored
+
+    async def _preemptive(self, kind: RevocationKind, target: str, preemptive: bool) -> bool:
+        """Whether this revocation names what does not exist yet (allowed with ``preemptive``);
+        NotFound when it does not exist and ``preemptive`` was not given."""
+        if kind not in PREEMPTIBLE:
+            if preemptive:
+                raise InvalidArgument(
+                    "preemptive applies to entries, attestors and SPIFFE IDs: a "
+                    f"{kind} must exist to be revoked",
+                    reason="NOT_PREEMPTIBLE",
+                )
+            return False
+        if kind is RevocationKind.SUBJECT:
+            SpiffeId.parse(target)
+            exists = await self._store.spiffe_id_on_record(target)
+            what, reason = f"SPIFFE ID {target[:256]!r}", "SUBJECT_NOT_FOUND"
+        elif kind is RevocationKind.ENTRY:
+            exists = await self._store.get_entry(target) is not None
+            what, reason = f"entry {target[:256]!r}", "ENTRY_NOT_FOUND"
+        else:
+            exists = any(a.name == target for a in await self._store.list_attestors())
+            what, reason = f"attestor {target[:256]!r}", "ATTESTOR_NOT_FOUND"
+        if exists:
+            return False
+        if not preemptive:
+            raise NotFound(
+                f"no {what} on record; to revoke it before it exists, say preemptive "
+                "(authority revoke --preemptive)",
+                reason=reason,
+            )
+        return True
 
     async def _tasks_of(
         self, planned: Sequence[Revocation]
@@ -401,4 +451,11 @@ def _set_id(issuer: str, revocation: Revocation) -> str:
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
-__all__ = ["EventQueue", "RevocationHub", "RevocationService", "RevokedSet", "Subscription"]
+__all__ = [
+    "PREEMPTIBLE",
+    "EventQueue",
+    "RevocationHub",
+    "RevocationService",
+    "RevokedSet",
+    "Subscription",
+]

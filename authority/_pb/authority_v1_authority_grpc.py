@@ -284,6 +284,10 @@ class AdminBase(abc.ABC):
         pass
 
     @abc.abstractmethod
+    async def UpdateEntry(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.UpdateEntryRequest, authority_v1_authority_pb2.RegistrationEntry]') -> None:
+        pass
+
+    @abc.abstractmethod
     async def CreateJoinToken(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.CreateJoinTokenRequest, authority_v1_authority_pb2.CreateJoinTokenResponse]') -> None:
         pass
 
@@ -396,6 +400,12 @@ class AdminBase(abc.ABC):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 authority_v1_authority_pb2.DeleteEntryRequest,
                 authority_v1_authority_pb2.DeleteEntryResponse,
+            ),
+            '/authority.v1.Admin/UpdateEntry': grpclib.const.Handler(
+                self.UpdateEntry,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                authority_v1_authority_pb2.UpdateEntryRequest,
+                authority_v1_authority_pb2.RegistrationEntry,
             ),
             '/authority.v1.Admin/CreateJoinToken': grpclib.const.Handler(
                 self.CreateJoinToken,
@@ -558,6 +568,12 @@ class AdminStub:
             '/authority.v1.Admin/DeleteEntry',
             authority_v1_authority_pb2.DeleteEntryRequest,
             authority_v1_authority_pb2.DeleteEntryResponse,
+        )
+        self.UpdateEntry = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/authority.v1.Admin/UpdateEntry',
+            authority_v1_authority_pb2.UpdateEntryRequest,
+            authority_v1_authority_pb2.RegistrationEntry,
         )
         self.CreateJoinToken = grpclib.client.UnaryUnaryMethod(
             channel,

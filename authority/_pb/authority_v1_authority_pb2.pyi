@@ -599,6 +599,7 @@ class CreateEntryRequest(_message.Message):
     ADMIN_FIELD_NUMBER: _builtins.int
     RECORD_PROMPTS_FIELD_NUMBER: _builtins.int
     PARENT_ID_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
     spiffe_id: _builtins.str
     x509_ttl_seconds: _builtins.int
     """0: the configured default"""
@@ -608,6 +609,8 @@ class CreateEntryRequest(_message.Message):
     record_prompts: _builtins.bool
     parent_id: _builtins.str
     """the node agent that serves the entry; empty: the authority"""
+    force: _builtins.bool
+    """Accept selectors no registered attestor can produce now (an attestor registered later)."""
     @_builtins.property
     def selectors(self) -> _containers.RepeatedCompositeFieldContainer[Global___Selector]: ...
     @_builtins.property
@@ -623,10 +626,11 @@ class CreateEntryRequest(_message.Message):
         admin: _builtins.bool = ...,
         record_prompts: _builtins.bool = ...,
         parent_id: _builtins.str = ...,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin", b"admin", "dns_names", b"dns_names", "jwt_ttl_seconds", b"jwt_ttl_seconds", "parent_id", b"parent_id", "record_prompts", b"record_prompts", "selectors", b"selectors", "spiffe_id", b"spiffe_id", "x509_ttl_seconds", b"x509_ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin", b"admin", "dns_names", b"dns_names", "force", b"force", "jwt_ttl_seconds", b"jwt_ttl_seconds", "parent_id", b"parent_id", "record_prompts", b"record_prompts", "selectors", b"selectors", "spiffe_id", b"spiffe_id", "x509_ttl_seconds", b"x509_ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -704,6 +708,69 @@ class DeleteEntryRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteEntryRequest: _TypeAlias = DeleteEntryRequest  # noqa: Y015
+
+@_typing.final
+class UpdateEntryRequest(_message.Message):
+    """Unset fields keep their value."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    X509_TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    JWT_TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    RECORD_PROMPTS_FIELD_NUMBER: _builtins.int
+    REPLACE_DNS_NAMES_FIELD_NUMBER: _builtins.int
+    DNS_NAMES_FIELD_NUMBER: _builtins.int
+    REPLACE_SELECTORS_FIELD_NUMBER: _builtins.int
+    SELECTORS_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    x509_ttl_seconds: _builtins.int
+    """0: the configured default"""
+    jwt_ttl_seconds: _builtins.int
+    """0: the configured default"""
+    record_prompts: _builtins.bool
+    replace_dns_names: _builtins.bool
+    """dns_names is the new list (empty: none)"""
+    replace_selectors: _builtins.bool
+    """selectors is the new set (at least one)"""
+    force: _builtins.bool
+    """as in CreateEntryRequest"""
+    @_builtins.property
+    def dns_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def selectors(self) -> _containers.RepeatedCompositeFieldContainer[Global___Selector]: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        x509_ttl_seconds: _builtins.int | None = ...,
+        jwt_ttl_seconds: _builtins.int | None = ...,
+        record_prompts: _builtins.bool | None = ...,
+        replace_dns_names: _builtins.bool = ...,
+        dns_names: _abc.Iterable[_builtins.str] | None = ...,
+        replace_selectors: _builtins.bool = ...,
+        selectors: _abc.Iterable[Global___Selector] | None = ...,
+        force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_jwt_ttl_seconds", b"_jwt_ttl_seconds", "_record_prompts", b"_record_prompts", "_x509_ttl_seconds", b"_x509_ttl_seconds", "jwt_ttl_seconds", b"jwt_ttl_seconds", "record_prompts", b"record_prompts", "x509_ttl_seconds", b"x509_ttl_seconds"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_jwt_ttl_seconds", b"_jwt_ttl_seconds", "_record_prompts", b"_record_prompts", "_x509_ttl_seconds", b"_x509_ttl_seconds", "dns_names", b"dns_names", "force", b"force", "id", b"id", "jwt_ttl_seconds", b"jwt_ttl_seconds", "record_prompts", b"record_prompts", "replace_dns_names", b"replace_dns_names", "replace_selectors", b"replace_selectors", "selectors", b"selectors", "x509_ttl_seconds", b"x509_ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__jwt_ttl_seconds: _TypeAlias = _typing.Literal["jwt_ttl_seconds"]  # noqa: Y015
+    _WhichOneofArgType__jwt_ttl_seconds: _TypeAlias = _typing.Literal["_jwt_ttl_seconds", b"_jwt_ttl_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__record_prompts: _TypeAlias = _typing.Literal["record_prompts"]  # noqa: Y015
+    _WhichOneofArgType__record_prompts: _TypeAlias = _typing.Literal["_record_prompts", b"_record_prompts"]  # noqa: Y015
+    _WhichOneofReturnType__x509_ttl_seconds: _TypeAlias = _typing.Literal["x509_ttl_seconds"]  # noqa: Y015
+    _WhichOneofArgType__x509_ttl_seconds: _TypeAlias = _typing.Literal["_x509_ttl_seconds", b"_x509_ttl_seconds"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__jwt_ttl_seconds) -> _WhichOneofReturnType__jwt_ttl_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__record_prompts) -> _WhichOneofReturnType__record_prompts | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__x509_ttl_seconds) -> _WhichOneofReturnType__x509_ttl_seconds | None: ...
+
+Global___UpdateEntryRequest: _TypeAlias = UpdateEntryRequest  # noqa: Y015
 
 @_typing.final
 class DeleteEntryResponse(_message.Message):
@@ -1790,16 +1857,20 @@ class LoadPolicyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     FILES_FIELD_NUMBER: _builtins.int
+    ALLOW_UNTESTED_FIELD_NUMBER: _builtins.int
+    allow_untested: _builtins.bool
+    """Load a policy that has no test cases (refused otherwise: POLICY_UNTESTED)."""
     @_builtins.property
     def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___PolicyFile]: ...
     def __init__(
         self,
         *,
         files: _abc.Iterable[Global___PolicyFile] | None = ...,
+        allow_untested: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_untested", b"allow_untested", "files", b"files"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1830,11 +1901,15 @@ class PolicyInfo(_message.Message):
     LOADED_AT_FIELD_NUMBER: _builtins.int
     FILES_FIELD_NUMBER: _builtins.int
     TESTS_PASSED_FIELD_NUMBER: _builtins.int
+    TESTS_TOTAL_FIELD_NUMBER: _builtins.int
     policy_id: _builtins.str
     version: _builtins.str
     backend: _builtins.str
     loaded_at: _builtins.int
     tests_passed: _builtins.int
+    """the policy's own test cases that passed when it was loaded"""
+    tests_total: _builtins.int
+    """the test cases run when it was loaded (0: untested)"""
     @_builtins.property
     def files(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -1846,10 +1921,11 @@ class PolicyInfo(_message.Message):
         loaded_at: _builtins.int = ...,
         files: _abc.Iterable[_builtins.str] | None = ...,
         tests_passed: _builtins.int = ...,
+        tests_total: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "files", b"files", "loaded_at", b"loaded_at", "policy_id", b"policy_id", "tests_passed", b"tests_passed", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "files", b"files", "loaded_at", b"loaded_at", "policy_id", b"policy_id", "tests_passed", b"tests_passed", "tests_total", b"tests_total", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1906,20 +1982,26 @@ class RevokeRequest(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     TARGET_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    PREEMPTIVE_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """jti, task, subject, entry, attestor, key"""
     target: _builtins.str
     reason: _builtins.str
+    preemptive: _builtins.bool
+    """Revoke an entry, attestor or SPIFFE ID the authority does not know (yet): refused
+    NOT_FOUND otherwise. Recorded as preemptive in the audit.
+    """
     def __init__(
         self,
         *,
         kind: _builtins.str = ...,
         target: _builtins.str = ...,
         reason: _builtins.str = ...,
+        preemptive: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "reason", b"reason", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "preemptive", b"preemptive", "reason", b"reason", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

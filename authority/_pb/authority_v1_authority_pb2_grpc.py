@@ -765,6 +765,11 @@ class AdminStub:
                 request_serializer=authority_dot_v1_dot_authority__pb2.DeleteEntryRequest.SerializeToString,
                 response_deserializer=authority_dot_v1_dot_authority__pb2.DeleteEntryResponse.FromString,
                 _registered_method=True)
+        self.UpdateEntry = channel.unary_unary(
+                '/authority.v1.Admin/UpdateEntry',
+                request_serializer=authority_dot_v1_dot_authority__pb2.UpdateEntryRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.RegistrationEntry.FromString,
+                _registered_method=True)
         self.CreateJoinToken = channel.unary_unary(
                 '/authority.v1.Admin/CreateJoinToken',
                 request_serializer=authority_dot_v1_dot_authority__pb2.CreateJoinTokenRequest.SerializeToString,
@@ -904,6 +909,14 @@ class AdminServicer:
 
     def DeleteEntry(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateEntry(self, request, context):
+        """Change an entry's TTLs, DNS names, selectors or prompt recording (its SPIFFE ID, parent and
+        admin flag are fixed: delete and create for those). Audited and pushed like a creation.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -1071,6 +1084,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.DeleteEntry,
                     request_deserializer=authority_dot_v1_dot_authority__pb2.DeleteEntryRequest.FromString,
                     response_serializer=authority_dot_v1_dot_authority__pb2.DeleteEntryResponse.SerializeToString,
+            ),
+            'UpdateEntry': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateEntry,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.UpdateEntryRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.RegistrationEntry.SerializeToString,
             ),
             'CreateJoinToken': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateJoinToken,
@@ -1295,6 +1313,33 @@ class Admin:
             '/authority.v1.Admin/DeleteEntry',
             authority_dot_v1_dot_authority__pb2.DeleteEntryRequest.SerializeToString,
             authority_dot_v1_dot_authority__pb2.DeleteEntryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateEntry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authority.v1.Admin/UpdateEntry',
+            authority_dot_v1_dot_authority__pb2.UpdateEntryRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.RegistrationEntry.FromString,
             options,
             channel_credentials,
             insecure,

@@ -281,6 +281,10 @@ class AdminStub:
     ListEntries: _grpc.UnaryUnaryMultiCallable[_authority_pb2.ListEntriesRequest, _authority_pb2.ListEntriesResponse]
     GetEntry: _grpc.UnaryUnaryMultiCallable[_authority_pb2.GetEntryRequest, _authority_pb2.RegistrationEntry]
     DeleteEntry: _grpc.UnaryUnaryMultiCallable[_authority_pb2.DeleteEntryRequest, _authority_pb2.DeleteEntryResponse]
+    UpdateEntry: _grpc.UnaryUnaryMultiCallable[_authority_pb2.UpdateEntryRequest, _authority_pb2.RegistrationEntry]
+    """Change an entry's TTLs, DNS names, selectors or prompt recording (its SPIFFE ID, parent and
+    admin flag are fixed: delete and create for those). Audited and pushed like a creation.
+    """
     CreateJoinToken: _grpc.UnaryUnaryMultiCallable[_authority_pb2.CreateJoinTokenRequest, _authority_pb2.CreateJoinTokenResponse]
     GetBundle: _grpc.UnaryUnaryMultiCallable[_authority_pb2.GetBundleRequest, _authority_pb2.Bundle]
     RotateCA: _grpc.UnaryUnaryMultiCallable[_authority_pb2.RotateCARequest, _authority_pb2.RotateCAResponse]
@@ -328,6 +332,10 @@ class AdminAsyncStub(AdminStub):
     ListEntries: _aio.UnaryUnaryMultiCallable[_authority_pb2.ListEntriesRequest, _authority_pb2.ListEntriesResponse]  # type: ignore[assignment]
     GetEntry: _aio.UnaryUnaryMultiCallable[_authority_pb2.GetEntryRequest, _authority_pb2.RegistrationEntry]  # type: ignore[assignment]
     DeleteEntry: _aio.UnaryUnaryMultiCallable[_authority_pb2.DeleteEntryRequest, _authority_pb2.DeleteEntryResponse]  # type: ignore[assignment]
+    UpdateEntry: _aio.UnaryUnaryMultiCallable[_authority_pb2.UpdateEntryRequest, _authority_pb2.RegistrationEntry]  # type: ignore[assignment]
+    """Change an entry's TTLs, DNS names, selectors or prompt recording (its SPIFFE ID, parent and
+    admin flag are fixed: delete and create for those). Audited and pushed like a creation.
+    """
     CreateJoinToken: _aio.UnaryUnaryMultiCallable[_authority_pb2.CreateJoinTokenRequest, _authority_pb2.CreateJoinTokenResponse]  # type: ignore[assignment]
     GetBundle: _aio.UnaryUnaryMultiCallable[_authority_pb2.GetBundleRequest, _authority_pb2.Bundle]  # type: ignore[assignment]
     RotateCA: _aio.UnaryUnaryMultiCallable[_authority_pb2.RotateCARequest, _authority_pb2.RotateCAResponse]  # type: ignore[assignment]
@@ -396,6 +404,16 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _authority_pb2.DeleteEntryRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_authority_pb2.DeleteEntryResponse, _abc.Awaitable[_authority_pb2.DeleteEntryResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UpdateEntry(
+        self,
+        request: _authority_pb2.UpdateEntryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authority_pb2.RegistrationEntry, _abc.Awaitable[_authority_pb2.RegistrationEntry]]:
+        """Change an entry's TTLs, DNS names, selectors or prompt recording (its SPIFFE ID, parent and
+        admin flag are fixed: delete and create for those). Audited and pushed like a creation.
+        """
 
     @_abc_1.abstractmethod
     def CreateJoinToken(

@@ -89,6 +89,14 @@ class Store(Protocol):
 
     async def list_entries(self) -> list[RegistrationEntry]: ...
 
+    async def update_entry(
+        self, entry: RegistrationEntry, *, audit: Sequence[AuditEvent] = ()
+    ) -> None:
+        """Replace the entry with ``entry.id``: NotFound (ENTRY_NOT_FOUND) when there is none;
+        AlreadyExists (ENTRY_EXISTS) when another entry has the same SPIFFE ID, selectors and
+        parent."""
+        ...
+
     async def delete_entry(self, entry_id: str, *, audit: Sequence[AuditEvent] = ()) -> bool: ...
 
     # --- join tokens (stored by digest only) ---
@@ -203,6 +211,12 @@ class Store(Protocol):
 
     async def subjects_issued_through(self, agent: str, now: dt.datetime) -> list[str]:
         """SPIFFE IDs holding a live X.509-SVID issued through the node agent ``agent``."""
+        ...
+
+    async def spiffe_id_on_record(self, spiffe_id: str) -> bool:
+        """Whether anything on record names this SPIFFE ID: an entry (or node entries naming it
+        as their agent), a join token, an identity, an issued X.509-SVID, a task token's
+        subject or holder."""
         ...
 
     async def task_tokens_of_subject(self, subject: str, now: dt.datetime) -> list[str]: ...

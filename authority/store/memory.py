@@ -151,6 +151,23 @@ class MemoryStore:
         self._check_open()
         return sorted(self._entries.values(), key=lambda e: (e.created_at, e.id))
 
+    async def _update_entry(self, entry: RegistrationEntry) -> None:
+        self._check_open()
+        entry = dataclasses.replace(entry, created_at=_utc(entry.created_at))
+        current = self._entries.get(entry.id)
+        if current is None:
+            raise NotFound(f"no entry {entry.id!r}", reason="ENTRY_NOT_FOUND")
+        canonical = (entry.spiffe_id, entry.selectors, entry.parent_id)
+        same = self._entry_keys.get(canonical)
+        if same is not None and same != entry.id:
+            raise AlreadyExists(
+                f"entry {same!r} already maps these selectors to {entry.spiffe_id}",
+                reason="ENTRY_EXISTS",
+            )
+        del self._entry_keys[current.spiffe_id, current.selectors, current.parent_id]
+        self._entries[entry.id] = entry
+        self._entry_keys[canonical] = entry.id
+
     async def _delete_entry(self, entry_id: str) -> bool:
         self._check_open()
         entry = self._entries.pop(entry_id, None)
@@ -458,6 +475,19 @@ class MemoryStore:
             {i.spiffe_id.uri for k, i in self._identities.items() if k in live and wanted(i)}
         )
 
+    async def spiffe_id_on_record(self, spiffe_id: str) -> bool:
+        self._check_open()
+        return (
+            any(
+                e.spiffe_id.uri == spiffe_id or (e.parent_id and e.parent_id.uri == spiffe_id)
+                for e in self._entries.values()
+            )
+            or any(t.spiffe_id.uri == spiffe_id for t in self._tokens.values())
+            or any(i.spiffe_id.uri == spiffe_id for i in self._identities.values())
+            or any(x.spiffe_id.uri == spiffe_id for x in self._issued.values())
+            or any(spiffe_id in (t.subject, t.holder) for t in self._task_tokens.values())
+        )
+
     async def task_tokens_of_subject(self, subject: str, now: dt.datetime) -> list[str]:
         self._check_open()
         return sorted(
@@ -541,6 +571,12 @@ class MemoryStore:
         self, entry: RegistrationEntry, *, audit: Sequence[AuditEvent] = ()
     ) -> None:
         await self._create_entry(entry)
+        self._append(audit)
+
+    async def update_entry(
+        self, entry: RegistrationEntry, *, audit: Sequence[AuditEvent] = ()
+    ) -> None:
+        await self._update_entry(entry)
         self._append(audit)
 
     async def delete_entry(self, entry_id: str, *, audit: Sequence[AuditEvent] = ()) -> bool:

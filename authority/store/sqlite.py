@@ -464,6 +464,17 @@ _LIVE_SUBJECTS: Final = {
 }
 
 
+# Where a SPIFFE ID may be on record, cheapest first (identities and issued SVIDs have no index
+# on it: an operator's revocation scans them, rarely).
+_SPIFFE_ID_ON_RECORD: Final = (
+    "SELECT 1 FROM entries WHERE spiffe_id = ? OR parent_id = ? LIMIT 1",
+    "SELECT 1 FROM join_tokens WHERE spiffe_id = ? LIMIT 1",
+    "SELECT 1 FROM identities WHERE spiffe_id = ? LIMIT 1",
+    "SELECT 1 FROM issued_x509 WHERE spiffe_id = ? LIMIT 1",
+    "SELECT 1 FROM task_tokens WHERE subject = ? OR holder = ? LIMIT 1",
+)
+
+
 # MIGRATIONS[n] takes the schema from version n to n + 1. Append only; never edit a shipped one.
 MIGRATIONS: Final[tuple[Callable[[Database], None], ...]] = (
     _migration_1,
@@ -722,6 +733,22 @@ class _Writer:
 # --- row mapping -----------------------------------------------------------------------------
 
 
+def _entry_row(entry: RegistrationEntry) -> list[object]:
+    """The columns of ``entries``, in the order create_entry inserts them."""
+    return [
+        entry.id,
+        entry.spiffe_id.uri,
+        _selectors(entry.selectors),
+        _duration(entry.x509_ttl),
+        _duration(entry.jwt_ttl),
+        _names(entry.dns_names),
+        int(entry.admin),
+        _instant(entry.created_at),
+        int(entry.record_prompts),
+        entry.parent_id.uri if entry.parent_id else "",
+    ]
+
+
 def _entry_from_row(row: Mapping[str, Any]) -> RegistrationEntry:
     return RegistrationEntry(
         id=row["id"],
@@ -903,18 +930,7 @@ class SqliteStore:
     async def create_entry(
         self, entry: RegistrationEntry, *, audit: Sequence[AuditEvent] = ()
     ) -> None:
-        row = [
-            entry.id,
-            entry.spiffe_id.uri,
-            _selectors(entry.selectors),
-            _duration(entry.x509_ttl),
-            _duration(entry.jwt_ttl),
-            _names(entry.dns_names),
-            int(entry.admin),
-            _instant(entry.created_at),
-            int(entry.record_prompts),
-            entry.parent_id.uri if entry.parent_id else "",
-        ]
+        row = _entry_row(entry)
 
         def job(db: Database) -> None:
             if _one(db, "SELECT 1 FROM entries WHERE id = ?", [entry.id]) is not None:
@@ -951,6 +967,34 @@ class SqliteStore:
             return [_entry_from_row(row) for row in rows]
 
         return await self._run(job)
+
+    async def update_entry(
+        self, entry: RegistrationEntry, *, audit: Sequence[AuditEvent] = ()
+    ) -> None:
+        row = _entry_row(entry)
+
+        def job(db: Database) -> None:
+            if _one(db, "SELECT 1 FROM entries WHERE id = ?", [entry.id]) is None:
+                raise NotFound(f"no entry {entry.id!r}", reason="ENTRY_NOT_FOUND")
+            same = _one(
+                db,
+                "SELECT id FROM entries WHERE spiffe_id = ? AND selectors = ? AND parent_id = ?"
+                " AND id != ?",
+                [row[1], row[2], row[9], entry.id],
+            )
+            if same is not None:
+                raise AlreadyExists(
+                    f"entry {same['id']!r} already maps these selectors to {entry.spiffe_id}",
+                    reason="ENTRY_EXISTS",
+                )
+            db.execute(
+                "UPDATE entries SET spiffe_id = ?, selectors = ?, x509_ttl_us = ?,"
+                " jwt_ttl_us = ?, dns_names = ?, admin = ?, created_at_us = ?,"
+                " record_prompts = ?, parent_id = ? WHERE id = ?",
+                [*row[1:], entry.id],
+            )
+
+        await self._run(job, audit)
 
     async def delete_entry(self, entry_id: str, *, audit: Sequence[AuditEvent] = ()) -> bool:
         def job(db: Database) -> bool:
@@ -1468,6 +1512,15 @@ class SqliteStore:
         def job(db: Database) -> list[str]:
             rows = db.query(_LIVE_SUBJECTS[column], [value, now_us])
             return [row["spiffe_id"] for row in rows]
+
+        return await self._run(job)
+
+    async def spiffe_id_on_record(self, spiffe_id: str) -> bool:
+        def job(db: Database) -> bool:
+            return any(
+                _one(db, sql, [spiffe_id] * sql.count("?")) is not None
+                for sql in _SPIFFE_ID_ON_RECORD
+            )
 
         return await self._run(job)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
@@ -21,9 +22,19 @@ from authority.ca import CertificateAuthority
 from authority.clock import FakeClock
 from authority.config import CaConfig, Limits
 from authority.errors import InvalidArgument, NotFound
-from authority.ids import TrustDomain
+from authority.ids import SpiffeId, TrustDomain
 from authority.keyvault import MemoryKeyVault
-from authority.models import KeyKind, KeyState, Revocation, RevocationKind, TaskTokenRecord
+from authority.models import (
+    Identity,
+    JoinToken,
+    KeyKind,
+    KeyState,
+    RegistrationEntry,
+    Revocation,
+    RevocationKind,
+    Selector,
+    TaskTokenRecord,
+)
 from authority.relying import parse_task_jwks
 from authority.revocation import (
     CREDENTIAL_CHANGE,
@@ -59,7 +70,11 @@ class World:
         stored: list[Revocation] = []
         for name in names:
             stored += await self.service.revoke(
-                RevocationKind.SUBJECT, f"spiffe://example.org/{name}", "test", actor="operator"
+                RevocationKind.SUBJECT,
+                f"spiffe://example.org/{name}",
+                "test",
+                actor="operator",
+                preemptive=True,  # these tests are about the feed, not the names
             )
         return stored
 
@@ -179,6 +194,101 @@ async def test_revoke_refuses_what_it_cannot_name(world: World) -> None:
         await world.service.revoke(RevocationKind.KEY, "no-such-key", "r", actor="operator")
     with pytest.raises(InvalidArgument):
         await world.service.revoke(RevocationKind.SUBJECT, "not a spiffe id", "r", actor="op")
+    assert await world.store.revocations_since(0) == []
+
+
+async def _revoked_records(world: World) -> list[dict[str, object]]:
+    return [
+        json.loads(r.details_json)
+        for r in await world.store.audit_records()
+        if r.kind == "revocation.created"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kind", "target", "reason"),
+    [
+        (RevocationKind.SUBJECT, "spiffe://example.org/nobody", "SUBJECT_NOT_FOUND"),
+        (RevocationKind.ENTRY, "no-such-entry", "ENTRY_NOT_FOUND"),
+        (RevocationKind.ATTESTOR, "no-such-attestor", "ATTESTOR_NOT_FOUND"),
+    ],
+)
+async def test_revoking_a_name_with_no_record_is_not_found(
+    world: World, kind: RevocationKind, target: str, reason: str
+) -> None:
+    with pytest.raises(NotFound) as caught:
+        await world.service.revoke(kind, target, "typo", actor="operator")
+    assert caught.value.reason == reason
+    assert "preemptive" in caught.value.message
+    assert await world.store.revocations_since(0) == []
+    assert await _revoked_records(world) == []
+    assert not world.service.revoked.has(kind, target, START)
+
+
+@pytest.mark.parametrize(
+    ("kind", "target"),
+    [
+        (RevocationKind.SUBJECT, "spiffe://example.org/not-yet"),
+        (RevocationKind.ENTRY, "entry-to-come"),
+        (RevocationKind.ATTESTOR, "attestor-to-come"),
+    ],
+)
+async def test_a_preemptive_revocation_is_applied_and_recorded_as_such(
+    world: World, kind: RevocationKind, target: str
+) -> None:
+    [stored] = await world.service.revoke(kind, target, "ahead", actor="operator", preemptive=True)
+    assert (stored.kind, stored.target) == (kind, target)
+    assert world.service.revoked.has(kind, target, START)
+    [details] = await _revoked_records(world)
+    assert details["preemptive"] is True
+
+
+async def test_names_on_record_are_revoked_without_preemptive(world: World) -> None:
+    """A SPIFFE ID is on record through an entry, an agent named as an entry's parent, a join
+    token, an identity; an attestor instance through its registration (join_token is built
+    in); an entry through itself. None of these revocations is marked preemptive."""
+    entry = RegistrationEntry(
+        id="e1",
+        spiffe_id=SpiffeId.parse("spiffe://example.org/w/entry"),
+        selectors=frozenset({Selector("unix", "uid:1000")}),
+        x509_ttl=MINUTE,
+        jwt_ttl=MINUTE,
+        parent_id=SpiffeId.parse("spiffe://example.org/agent/parent"),
+    )
+    await world.store.create_entry(entry)
+    await world.store.create_join_token(
+        JoinToken("d" * 64, SpiffeId.parse("spiffe://example.org/w/token"), START + MINUTE, START)
+    )
+    identity = Identity(
+        id="i1",
+        spiffe_id=SpiffeId.parse("spiffe://example.org/w/identity"),
+        entry_id=None,
+        attestor="join_token",
+        selectors=frozenset(),
+        attested_at=START,
+        x509_ttl=MINUTE,
+        jwt_ttl=MINUTE,
+    )
+    await world.store.record_issuance(identity, [])
+    targets = [
+        (RevocationKind.SUBJECT, "spiffe://example.org/w/entry"),
+        (RevocationKind.SUBJECT, "spiffe://example.org/agent/parent"),
+        (RevocationKind.SUBJECT, "spiffe://example.org/w/token"),
+        (RevocationKind.SUBJECT, "spiffe://example.org/w/identity"),
+        (RevocationKind.ATTESTOR, "join_token"),
+        (RevocationKind.ENTRY, "e1"),
+    ]
+    for kind, target in targets:
+        await world.service.revoke(kind, target, "on record", actor="operator")
+        assert world.service.revoked.has(kind, target, START)
+    assert not any("preemptive" in d for d in await _revoked_records(world))
+
+
+async def test_preemptive_does_not_apply_to_tokens_tasks_or_keys(world: World) -> None:
+    for kind in (RevocationKind.JTI, RevocationKind.TASK, RevocationKind.KEY):
+        with pytest.raises(InvalidArgument) as caught:
+            await world.service.revoke(kind, "x", "r", actor="operator", preemptive=True)
+        assert caught.value.reason == "NOT_PREEMPTIBLE"
     assert await world.store.revocations_since(0) == []
 
 
@@ -530,7 +640,11 @@ async def test_a_large_snapshot_is_paged_under_the_message_limit(world: World) -
     count = 1200
     for i in range(count):
         await world.service.revoke(
-            RevocationKind.SUBJECT, f"spiffe://example.org/{long_path}/{i}", "r" * 400, actor="op"
+            RevocationKind.SUBJECT,
+            f"spiffe://example.org/{long_path}/{i}",
+            "r" * 400,
+            actor="op",
+            preemptive=True,
         )
     await world.store.prune(world.clock.now())
     active = {r.target for r in await world.store.active_revocations(world.clock.now())}

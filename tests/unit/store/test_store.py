@@ -318,6 +318,58 @@ async def test_deleted_entry_frees_its_id_and_key(store: Store) -> None:
     assert [e.id for e in await store.list_entries()] == ["e1"]
 
 
+async def test_update_entry_replaces_it_in_place(store: Store) -> None:
+    await store.create_entry(make_entry("e1"))
+    changed = dataclasses.replace(
+        make_entry("e1", selectors=("unix:uid:2", "unix:gid:3"), dns_names=("b.example.org",)),
+        x509_ttl=HOUR,
+        record_prompts=True,
+    )
+    await store.update_entry(changed)
+    assert await store.get_entry("e1") == changed
+    assert await store.list_entries() == [changed]
+    # The old key is free again, the new one taken.
+    await store.create_entry(make_entry("e2"))
+    with pytest.raises(AlreadyExists):
+        await store.create_entry(make_entry("e3", selectors=("unix:gid:3", "unix:uid:2")))
+
+
+async def test_update_entry_refuses_unknown_ids_and_collisions(store: Store) -> None:
+    with pytest.raises(NotFound) as missing:
+        await store.update_entry(make_entry("nope"))
+    assert reason_of(missing) == "ENTRY_NOT_FOUND"
+    await store.create_entry(make_entry("e1", selectors=("unix:uid:1",)))
+    await store.create_entry(make_entry("e2", selectors=("unix:uid:2",)))
+    with pytest.raises(AlreadyExists) as taken:
+        await store.update_entry(make_entry("e2", selectors=("unix:uid:1",)))
+    assert reason_of(taken) == "ENTRY_EXISTS"
+    assert [e.selectors for e in await store.list_entries()] == [
+        make_entry(selectors=("unix:uid:1",)).selectors,
+        make_entry(selectors=("unix:uid:2",)).selectors,
+    ]
+    # Its own key is not a collision.
+    await store.update_entry(make_entry("e2", selectors=("unix:uid:2",), dns_names=("a.b",)))
+
+
+async def test_spiffe_id_on_record(store: Store) -> None:
+    def sid(path: str) -> SpiffeId:
+        return SpiffeId.parse(f"spiffe://example.org/{path}")
+
+    assert not await store.spiffe_id_on_record(APP.uri)
+    await store.record_issuance(make_identity(), [make_svid("0a")])
+    assert await store.spiffe_id_on_record(APP.uri)
+    node = sid("agent/node1")
+    await store.create_entry(
+        dataclasses.replace(make_entry("n1", spiffe_id=sid("w/served")), parent_id=node)
+    )
+    assert await store.spiffe_id_on_record(sid("w/served").uri)
+    assert await store.spiffe_id_on_record(node.uri)
+    await store.create_join_token(make_token())
+    assert await store.spiffe_id_on_record("spiffe://example.org/node")
+    assert not await store.spiffe_id_on_record(sid("nobody").uri)
+    assert not await store.spiffe_id_on_record("spiffe://example.org/ap")  # exact, not prefix
+
+
 async def test_node_identities_round_trip_and_are_found_by_their_agent(store: Store) -> None:
     agent = SpiffeId.parse("spiffe://example.org/agent/node1")
     node = dataclasses.replace(make_identity("node-ident"), parent_id=agent)
