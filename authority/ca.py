@@ -33,7 +33,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from authority.audit import AuditEvent, Checkpoint, sign_checkpoint
 from authority.bundle import TrustBundle, jwk_thumbprint, load_pem_certificates, public_jwk
 from authority.clock import Clock
-from authority.config import CaConfig, Limits
+from authority.config import CaConfig, Limits, format_duration
 from authority.errors import FailedPrecondition, InvalidArgument, NotFound, ProfileViolation
 from authority.ids import SpiffeId, TrustDomain
 from authority.keyvault import KeyVault
@@ -520,7 +520,8 @@ class CertificateAuthority:
     def _check_ttl(self, ttl: dt.timedelta) -> None:
         if ttl < self._limits.min_ttl:
             raise InvalidArgument(
-                f"an SVID lives at least {self._limits.min_ttl}; {ttl} was asked for",
+                f"an SVID lives at least {format_duration(self._limits.min_ttl)}; "
+                f"{format_duration(ttl)} was asked for",
                 reason="TTL_TOO_SHORT",
             )
 

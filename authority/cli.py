@@ -250,6 +250,11 @@ def entry() -> None:
     """Registration entries: selectors -> SPIFFE ID."""
 
 
+_FORCE_HELP = (
+    "Accept selectors no registered attestor can produce now (for an attestor registered later)."
+)
+
+
 @entry.command("create")
 @click.option("--spiffe-id", required=True)
 @click.option(
@@ -275,6 +280,7 @@ def entry() -> None:
     default="",
     help="A node entry: served only by the node agent with this SPIFFE ID (authority agent).",
 )
+@click.option("--force", is_flag=True, help=_FORCE_HELP)
 @admin_socket_option
 @format_option
 @command
@@ -287,28 +293,95 @@ def entry_create(
     admin: bool,
     record_prompts: bool,
     parent_id: str,
+    force: bool,
     admin_socket: str,
     fmt: str,
 ) -> None:
-    """Create an entry."""
-    parsed = []
-    for text in selectors:
-        kind, sep, value = text.partition(":")
-        if not sep or not kind or not value:
-            raise CliError(f"selector {text!r} must be TYPE:VALUE")
-        parsed.append(pb.Selector(type=kind, value=value))
+    """Create an entry.
+
+    Selectors are ATTESTOR:KEY:VALUE: ATTESTOR a registered attestor instance (authority
+    attestor list), KEY one its plugin produces. A node entry (--parent-id) takes the selectors
+    the agent's unix attestor finds on its machine (unix:uid:1000, unix:path:..., ...)."""
     request = pb.CreateEntryRequest(
         spiffe_id=spiffe_id,
-        selectors=parsed,
+        selectors=_selectors_pb(selectors),
         x509_ttl_seconds=int(x509_ttl.total_seconds()) if x509_ttl else 0,
         jwt_ttl_seconds=int(jwt_ttl.total_seconds()) if jwt_ttl else 0,
         dns_names=list(dns_names),
         admin=admin,
         record_prompts=record_prompts,
         parent_id=parent_id,
+        force=force,
     )
     created = _admin_call(admin_socket, lambda c: c.stub.CreateEntry(request))
     click.echo(json.dumps(_as_dict(created)) if fmt == "json" else _entry_text(created))
+
+
+def _selectors_pb(selectors: tuple[str, ...]) -> list[pb.Selector]:
+    parsed = []
+    for text in selectors:
+        kind, sep, value = text.partition(":")
+        if not sep or not kind or not value:
+            raise CliError(f"selector {text!r} must be TYPE:VALUE")
+        parsed.append(pb.Selector(type=kind, value=value))
+    return parsed
+
+
+@entry.command("update")
+@click.argument("entry_id")
+@click.option("--x509-ttl", type=DURATION, help="0: the configured default.")
+@click.option("--jwt-ttl", type=DURATION, help="0: the configured default.")
+@click.option(
+    "--dns-name", "dns_names", multiple=True, help="The new DNS names (replace the old ones)."
+)
+@click.option("--no-dns-names", is_flag=True, help="Remove every DNS name.")
+@click.option(
+    "--selector", "selectors", multiple=True, help="The new selectors (replace the old ones)."
+)
+@click.option(
+    "--record-prompts/--no-record-prompts", default=None, help="Keep full prompt text, or not."
+)
+@click.option("--force", is_flag=True, help=_FORCE_HELP)
+@admin_socket_option
+@format_option
+@command
+def entry_update(
+    entry_id: str,
+    x509_ttl: dt.timedelta | None,
+    jwt_ttl: dt.timedelta | None,
+    dns_names: tuple[str, ...],
+    no_dns_names: bool,
+    selectors: tuple[str, ...],
+    record_prompts: bool | None,
+    force: bool,
+    admin_socket: str,
+    fmt: str,
+) -> None:
+    """Change an entry's TTLs, DNS names, selectors or prompt recording; what is not given
+    stays. Its SPIFFE ID, parent and admin flag are fixed (delete and create for those).
+    Node agents and open Workload API streams get the change at once."""
+    if dns_names and no_dns_names:
+        raise CliError("give --dns-name or --no-dns-names, not both")
+    request = pb.UpdateEntryRequest(
+        id=entry_id,
+        replace_dns_names=bool(dns_names) or no_dns_names,
+        dns_names=list(dns_names),
+        replace_selectors=bool(selectors),
+        selectors=_selectors_pb(selectors),
+        force=force,
+    )
+    if x509_ttl is not None:
+        request.x509_ttl_seconds = int(x509_ttl.total_seconds())
+    if jwt_ttl is not None:
+        request.jwt_ttl_seconds = int(jwt_ttl.total_seconds())
+    if record_prompts is not None:
+        request.record_prompts = record_prompts
+    if not any(request.HasField(f) for f in ("x509_ttl_seconds", "jwt_ttl_seconds")) and not (
+        request.replace_dns_names or request.replace_selectors or record_prompts is not None
+    ):
+        raise CliError("nothing to change: give --x509-ttl, --jwt-ttl, --dns-name, --selector...")
+    updated = _admin_call(admin_socket, lambda c: c.stub.UpdateEntry(request))
+    click.echo(json.dumps(_as_dict(updated)) if fmt == "json" else _entry_text(updated))
 
 
 @entry.command("list")
@@ -669,9 +742,15 @@ def _policy_files(files: tuple[Path, ...]) -> dict[str, str]:
 def _policy_text(info: pb.PolicyInfo) -> str:
     loaded = dt.datetime.fromtimestamp(info.loaded_at, dt.UTC).isoformat(timespec="seconds")
     files = ", ".join(info.files) or "(built-in default: deny everything)"
+    if not info.tests_total:
+        tests = "none (untested)"
+    elif info.tests_passed == info.tests_total:
+        tests = f"{info.tests_total}, all passed when it was loaded"
+    else:
+        tests = f"{info.tests_passed} of {info.tests_total} passed when it was loaded"
     return (
         f"policy {info.policy_id} version {info.version} ({info.backend}), loaded {loaded}\n"
-        f"files: {files}; its own tests passed: {info.tests_passed}"
+        f"files: {files}\ntests: {tests}"
     )
 
 
@@ -679,12 +758,19 @@ def _policy_text(info: pb.PolicyInfo) -> str:
 @click.argument(
     "files", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path)
 )
+@click.option(
+    "--allow-untested",
+    is_flag=True,
+    help="Load a policy that has no test cases (refused otherwise, as policy test fails it).",
+)
 @admin_socket_option
 @command
-def policy_load(files: tuple[Path, ...], admin_socket: str) -> None:
-    """Replace the running policy (only if it compiles and its own tests pass)."""
+def policy_load(files: tuple[Path, ...], allow_untested: bool, admin_socket: str) -> None:
+    """Replace the running policy (only if it compiles and its own tests, in <stem>.tests.json
+    beside each file, pass)."""
     request = pb.LoadPolicyRequest(
-        files=[pb.PolicyFile(name=n, content=c) for n, c in _policy_files(files).items()]
+        files=[pb.PolicyFile(name=n, content=c) for n, c in _policy_files(files).items()],
+        allow_untested=allow_untested,
     )
     click.echo(_policy_text(_admin_call(admin_socket, lambda c: c.stub.LoadPolicy(request))))
 
@@ -754,6 +840,12 @@ def policy_explain(input_file: Path, admin_socket: str) -> None:
 @click.option("--attestor", "attestor_name")
 @click.option("--key", "key_id")
 @click.option("--reason", required=True)
+@click.option(
+    "--preemptive",
+    is_flag=True,
+    help="Revoke an entry, attestor or SPIFFE ID the authority has no record of (yet); "
+    "refused NOT_FOUND otherwise. Recorded as preemptive in the audit.",
+)
 @admin_socket_option
 @format_option
 @command
@@ -765,6 +857,7 @@ def revoke(
     attestor_name: str | None,
     key_id: str | None,
     reason: str,
+    preemptive: bool,
     admin_socket: str,
     fmt: str,
 ) -> None:
@@ -784,7 +877,7 @@ def revoke(
     if len(given) != 1:
         raise CliError("give exactly one of --jti, --task, --spiffe-id, --entry, --attestor, --key")
     kind, target = given[0]
-    request = pb.RevokeRequest(kind=kind, target=target, reason=reason)
+    request = pb.RevokeRequest(kind=kind, target=target, reason=reason, preemptive=preemptive)
     response = _admin_call(admin_socket, lambda c: c.stub.Revoke(request))
     for event in response.revocations:
         if fmt == "json":

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from authority.audit import AuditEvent, bounded, digest
 from authority.ca import CertificateAuthority
 from authority.clock import Clock
-from authority.config import Limits
+from authority.config import Limits, format_duration
 from authority.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -620,7 +620,8 @@ class ExchangeService:
         grant = grant or self._limits.default_approval_grant
         if not dt.timedelta(seconds=1) <= grant <= self._limits.max_approval_grant:
             raise InvalidArgument(
-                f"an approval lasts between 1s and {self._limits.max_approval_grant}",
+                "an approval lasts between 1s and "
+                f"{format_duration(self._limits.max_approval_grant)}",
                 reason="BAD_GRANT",
             )
         return await self._decide_approval(approval_id, ApprovalState.APPROVED, grant, note, by)

@@ -16,8 +16,7 @@ from pathlib import Path
 from authority.audit import AuditEvent, digest
 from authority.clock import Clock
 from authority.errors import AuthorityError, InvalidArgument
-from authority.policy import PolicyEngine, PolicyInput, PolicyManager, explain, run_policy_tests
-from authority.policy.loader import find_policy_tests
+from authority.policy import PolicyEngine, PolicyInput, PolicyManager, explain
 from authority.store import Store
 
 log = logging.getLogger(__name__)
@@ -33,13 +32,13 @@ class PolicyState:
     backend: str
     loaded_at_epoch: int
     files: tuple[str, ...]  # the policy files and the tests files beside them
-    tests_passed: int
+    tests_passed: int  # of the policy's own test cases, when it was loaded
+    tests_total: int  # 0: loaded untested (the built-in default, or allowed untested)
 
 
 class PolicyAdmin:
     def __init__(self, manager: PolicyManager, *, folder: Path, store: Store, clock: Clock) -> None:
         self._manager = manager
-        self._tests: tuple[str, tuple[str, ...], int] | None = None  # version, files, passed
         self._folder = folder
         self._store = store
         self._clock = clock
@@ -78,25 +77,26 @@ class PolicyAdmin:
         return self._manager.current
 
     def state(self) -> PolicyState:
+        """The running policy, with the test cases that ran when it was loaded (not the tests
+        files as they are on disk now)."""
         m = self._manager
-        if self._tests is None or self._tests[0] != m.policy_version:
-            # The tests already ran before this policy was swapped in; count them once per
-            # policy version, not on every GetPolicy.
-            tests = find_policy_tests(m.files) if m.files else []
-            passed = sum(r.passed for r in run_policy_tests(m.current, tests)) if tests else 0
-            self._tests = (m.policy_version, tuple(p.name for p in tests), passed)
-        _, test_names, passed = self._tests
+        results = m.test_results
+        test_names = tuple(dict.fromkeys(Path(r.file).name for r in results))
         return PolicyState(
             m.policy_id,
             m.policy_version,
             m.backend,
             int(m.loaded_at.timestamp()),
             (*(p.name for p in m.files), *test_names),
-            passed,
+            sum(r.passed for r in results),
+            len(results),
         )
 
-    async def load(self, files: Mapping[str, str]) -> PolicyState:
-        """Compile, test, then swap and persist; on any failure the running policy stays."""
+    async def load(self, files: Mapping[str, str], *, allow_untested: bool = False) -> PolicyState:
+        """Compile, test, then swap and persist; on any failure the running policy stays.
+
+        A policy without test cases is refused (POLICY_UNTESTED) unless ``allow_untested``,
+        as ``authority policy test`` fails one; allowed, the audit says it was loaded untested."""
         if not any(not n.endswith(".tests.json") for n in files):
             raise InvalidArgument("give at least one .cedar or .rego file", reason="POLICY_INVALID")
         for name, content in files.items():
@@ -112,7 +112,8 @@ class PolicyAdmin:
                 (staging / name).write_text(content)
             sources = [staging / n for n in sorted(files) if not n.endswith(".tests.json")]
             try:
-                self._manager.reload(sources)  # compiles and runs the tests next to them
+                # Compiles and runs the tests next to them.
+                self._manager.reload(sources, require_tests=not allow_untested)
             except AuthorityError as exc:
                 await self._record(
                     "policy.load_refused",
@@ -133,9 +134,20 @@ class PolicyAdmin:
         await self._record(
             "policy.loaded",
             files,
-            {"policy_id": state.policy_id, "version": state.version, "backend": state.backend},
+            {
+                "policy_id": state.policy_id,
+                "version": state.version,
+                "backend": state.backend,
+                "tests": state.tests_total,
+                **({"untested": True} if not state.tests_total else {}),
+            },
         )
-        log.info("policy loaded: id=%s version=%s", state.policy_id, state.version)
+        log.info(
+            "policy loaded: id=%s version=%s tests=%d",
+            state.policy_id,
+            state.version,
+            state.tests_total,
+        )
         return state
 
     async def reload_if_changed(self) -> bool:

@@ -18,6 +18,7 @@ from typing import Any
 from cryptography import x509
 
 from attestors.api import AttestContext
+from attestors.unix import UnixAttestor
 from authority.attestation import AttestorHost
 from authority.audit import (
     AuditEvent,
@@ -30,7 +31,7 @@ from authority.audit import (
 )
 from authority.ca import CertificateAuthority
 from authority.clock import Clock
-from authority.config import Limits
+from authority.config import Limits, format_duration
 from authority.errors import (
     AlreadyExists,
     AttestationFailed,
@@ -146,7 +147,10 @@ class Authority:
         admin: bool = False,
         record_prompts: bool = False,
         parent_id: str = "",
+        force: bool = False,
     ) -> RegistrationEntry:
+        """Create an entry. Its selectors must be ones a workload could present (see
+        ``_unproducible``), unless ``force``: for an attestor registered later."""
         sid = SpiffeId.parse(spiffe_id)
         if not sid.member_of(self.ca.trust_domain):
             raise InvalidArgument(f"{sid} is not in trust domain {self.ca.trust_domain}")
@@ -159,57 +163,134 @@ class Authority:
             raise InvalidArgument(
                 "admin entries are served by the authority alone, not through a node agent"
             )
-        if not selectors:
-            raise InvalidArgument("an entry needs at least one selector")
-        if len(selectors) > self._limits.max_selectors:
-            raise InvalidArgument(f"an entry takes at most {self._limits.max_selectors} selectors")
-        if len(dns_names) > self._limits.max_dns_names:
-            raise InvalidArgument(f"an entry takes at most {self._limits.max_dns_names} DNS names")
-        parsed = frozenset(s if isinstance(s, Selector) else Selector.parse(s) for s in selectors)
-        names = tuple(dict.fromkeys(check_dns_name(n) for n in dns_names))
-        taken = self._reserved_dns.intersection(names)
-        if taken:
-            raise InvalidArgument(f"DNS names reserved for the authority itself: {sorted(taken)}")
+        parsed = self._entry_selectors(selectors, parent)
+        unchecked = self._unproducible(parsed, parent, force=force)
         entry = RegistrationEntry(
             id=str(uuid.uuid4()),
             spiffe_id=sid,
             selectors=parsed,
             x509_ttl=self._ttl(x509_ttl, self._limits.default_x509_ttl, self._limits.max_x509_ttl),
             jwt_ttl=self._ttl(jwt_ttl, self._limits.default_jwt_ttl, self._limits.max_jwt_ttl),
-            dns_names=names,
+            dns_names=self._entry_dns_names(dns_names),
             admin=admin,
             created_at=self._clock.now().replace(microsecond=0),
             record_prompts=record_prompts,
             parent_id=parent,
         )
+        details = _entry_details(entry)
+        if unchecked:
+            details["forced_selectors"] = unchecked
         await self._store.create_entry(
             entry,
-            audit=[
-                self._event(
-                    "entry.created",
-                    actor=OPERATOR,
-                    subject=entry.id,
-                    details={
-                        "spiffe_id": entry.spiffe_id.uri,
-                        "selectors": sorted(str(s) for s in entry.selectors),
-                        "x509_ttl_s": int(entry.x509_ttl.total_seconds()),
-                        "jwt_ttl_s": int(entry.jwt_ttl.total_seconds()),
-                        "dns_names": list(entry.dns_names),
-                        "admin": entry.admin,
-                        "record_prompts": entry.record_prompts,
-                        "parent_id": entry.parent_id.uri if entry.parent_id else None,
-                    },
-                )
-            ],
+            audit=[self._event("entry.created", actor=OPERATOR, subject=entry.id, details=details)],
         )
         self._entries[entry.id] = entry
         self._entries_changed()
         log.info("entry created: id=%s spiffe_id=%s", entry.id, entry.spiffe_id)
         return entry
 
+    async def update_entry(
+        self,
+        entry_id: str,
+        *,
+        selectors: Sequence[str | Selector] | None = None,
+        x509_ttl: dt.timedelta | None = None,
+        jwt_ttl: dt.timedelta | None = None,
+        dns_names: Sequence[str] | None = None,
+        record_prompts: bool | None = None,
+        force: bool = False,
+    ) -> RegistrationEntry:
+        """Change what is given (None: unchanged; a zero TTL: the configured default). The
+        SPIFFE ID, parent and admin flag are fixed. Audited with the fields before and after,
+        and pushed to node agents and open Workload API streams as a creation is; SVIDs already
+        issued renew under the new TTLs and DNS names, and a workload whose selectors no longer
+        match is refused (ENTRY_CHANGED)."""
+        current = self.get_entry(entry_id)
+        changes: dict[str, object] = {}
+        unchecked: list[str] = []
+        if selectors is not None:
+            parsed = self._entry_selectors(selectors, current.parent_id)
+            unchecked = self._unproducible(parsed, current.parent_id, force=force)
+            changes["selectors"] = parsed
+        if x509_ttl is not None:
+            changes["x509_ttl"] = self._ttl(
+                x509_ttl, self._limits.default_x509_ttl, self._limits.max_x509_ttl
+            )
+        if jwt_ttl is not None:
+            changes["jwt_ttl"] = self._ttl(
+                jwt_ttl, self._limits.default_jwt_ttl, self._limits.max_jwt_ttl
+            )
+        if dns_names is not None:
+            changes["dns_names"] = self._entry_dns_names(dns_names)
+        if record_prompts is not None:
+            changes["record_prompts"] = record_prompts
+        updated = dataclasses.replace(current, **changes)  # type: ignore[arg-type]
+        before, after = _entry_details(current), _entry_details(updated)
+        changed = sorted(k for k in after if after[k] != before[k])
+        if not changed:
+            return current
+        details: dict[str, object] = {
+            "spiffe_id": updated.spiffe_id.uri,
+            "changed": changed,
+            "before": {k: before[k] for k in changed},
+            "after": {k: after[k] for k in changed},
+        }
+        if unchecked:
+            details["forced_selectors"] = unchecked
+        await self._store.update_entry(
+            updated,
+            audit=[self._event("entry.updated", actor=OPERATOR, subject=entry_id, details=details)],
+        )
+        self._entries[entry_id] = updated
+        self._peers.clear()
+        self._entries_changed()
+        log.info("entry updated: id=%s changed=%s", entry_id, ",".join(changed))
+        return updated
+
+    def _entry_selectors(
+        self, selectors: Sequence[str | Selector], parent: SpiffeId | None
+    ) -> frozenset[Selector]:
+        if not selectors:
+            raise InvalidArgument("an entry needs at least one selector")
+        if len(selectors) > self._limits.max_selectors:
+            raise InvalidArgument(f"an entry takes at most {self._limits.max_selectors} selectors")
+        return frozenset(s if isinstance(s, Selector) else Selector.parse(s) for s in selectors)
+
+    def _entry_dns_names(self, dns_names: Sequence[str]) -> tuple[str, ...]:
+        if len(dns_names) > self._limits.max_dns_names:
+            raise InvalidArgument(f"an entry takes at most {self._limits.max_dns_names} DNS names")
+        names = tuple(dict.fromkeys(check_dns_name(n) for n in dns_names))
+        taken = self._reserved_dns.intersection(names)
+        if taken:
+            raise InvalidArgument(f"DNS names reserved for the authority itself: {sorted(taken)}")
+        return names
+
+    def _unproducible(
+        self, selectors: frozenset[Selector], parent: SpiffeId | None, *, force: bool
+    ) -> list[str]:
+        """The selectors no workload could present: refused (INVALID_ARGUMENT), or with
+        ``force`` returned (to be recorded) for an attestor to be registered later.
+
+        An entry of the authority's: the selector's type must name a registered attestor
+        instance, and its value be ``KEY:VALUE`` with a key the instance's plugin declares it
+        can produce. A node entry: its selectors are produced on the node by the agent's own
+        unix attestor (under the type the agent was given, ``unix`` by default), which is not
+        registered here: only the key is checked, against the unix plugin's."""
+        unchecked: list[str] = []
+        for selector in sorted(selectors, key=str):
+            try:
+                _check_producible(selector, parent, self.attestors)
+            except InvalidArgument:
+                if not force:
+                    raise
+                unchecked.append(str(selector))
+        if unchecked:
+            log.warning("entry selectors accepted with force: %s", ", ".join(unchecked))
+        return unchecked
+
     def add_entry_listener(self, listener: Callable[[], None]) -> None:
-        """Call ``listener`` after every entry created or deleted (node agents' sync streams,
-        the Workload API's open streams)."""
+        """Call ``listener`` after every entry created, updated or deleted (node agents' sync
+        streams, the Workload API's open streams)."""
         self._entry_listeners.append(listener)
 
     def remove_entry_listener(self, listener: Callable[[], None]) -> None:
@@ -233,7 +314,10 @@ class Authority:
         if value is None or value == dt.timedelta(0):
             return default
         if value < self._limits.min_ttl or value > cap:
-            raise InvalidArgument(f"TTL must be between {self._limits.min_ttl} and {cap}")
+            raise InvalidArgument(
+                f"TTL must be between {format_duration(self._limits.min_ttl)} and "
+                f"{format_duration(cap)}"
+            )
         return value
 
     def list_entries(self) -> list[RegistrationEntry]:
@@ -268,11 +352,13 @@ class Authority:
         log.info("entry deleted: id=%s", entry_id)
 
     async def unregister_attestor(self, name: str) -> None:
-        """Unregister an attestor instance and revoke what was issued through it."""
-        await self.attestors.unregister(name)
+        """Unregister an attestor instance and revoke what was issued through it (revoked
+        first, while the instance is still on record: nothing it attested outlives it)."""
+        self.attestors.get(name)
         await self.revocations.revoke(
             RevocationKind.ATTESTOR, name, "attestor unregistered", actor=OPERATOR
         )
+        await self.attestors.unregister(name)
 
     # --- join tokens ------------------------------------------------------------------------
 
@@ -285,8 +371,8 @@ class Authority:
         ttl = ttl or self._limits.default_join_token_ttl
         if not self._limits.min_ttl <= ttl <= self._limits.max_join_token_ttl:
             raise InvalidArgument(
-                f"join token TTL must be between {self._limits.min_ttl} and "
-                f"{self._limits.max_join_token_ttl}"
+                f"join token TTL must be between {format_duration(self._limits.min_ttl)} and "
+                f"{format_duration(self._limits.max_join_token_ttl)}"
             )
         secret = secrets.token_urlsafe(32)
         now = self._clock.now().replace(microsecond=0)
@@ -504,8 +590,30 @@ class Authority:
             raise PermissionDenied(
                 "the attestor behind this SVID was unregistered", reason="ATTESTOR_UNREGISTERED"
             )
+        identity = self._as_entry_now(identity)
         self._check_not_revoked(identity, now)
         return Caller(issued.spiffe_id, identity, cert)
+
+    def _as_entry_now(self, identity: Identity) -> Identity:
+        """The identity under its entry as it stands now (``entry update``): its TTLs and DNS
+        names; PermissionDenied (ENTRY_CHANGED) when the entry's selectors no longer match
+        what the workload was attested with. Node identities are re-derived from the entry
+        on every signing, and their workloads re-identified by the agent."""
+        entry = self._entries.get(identity.entry_id or "")
+        if entry is None:
+            return identity
+        if identity.parent_id is None and not entry.matches(identity.selectors):
+            raise PermissionDenied(
+                "the registration entry behind this SVID was changed and no longer matches "
+                "this workload",
+                reason="ENTRY_CHANGED",
+            )
+        return dataclasses.replace(
+            identity,
+            x509_ttl=entry.x509_ttl,
+            jwt_ttl=entry.jwt_ttl,
+            dns_names=entry.dns_names,
+        )
 
     def _check_not_revoked(self, identity: Identity, now: dt.datetime) -> None:
         revoked = self.revocations.revoked
@@ -574,7 +682,9 @@ class Authority:
         cap = identity.jwt_ttl
         wanted = cap if ttl is None or ttl <= dt.timedelta(0) else min(ttl, cap)
         if wanted < self._limits.min_ttl:
-            raise InvalidArgument(f"JWT-SVID TTL must be at least {self._limits.min_ttl}")
+            raise InvalidArgument(
+                f"JWT-SVID TTL must be at least {format_duration(self._limits.min_ttl)}"
+            )
         svid = self.ca.issue_jwt_svid(spiffe_id, list(dict.fromkeys(audience)), wanted)
         await self._store.append_audit(
             [
@@ -893,6 +1003,51 @@ class Authority:
                 "not_after": svid.expires_at.isoformat(),
                 "dns_names": list(identity.dns_names),
             },
+        )
+
+
+def _entry_details(entry: RegistrationEntry) -> dict[str, object]:
+    """An entry as its audit records show it."""
+    return {
+        "spiffe_id": entry.spiffe_id.uri,
+        "selectors": sorted(str(s) for s in entry.selectors),
+        "x509_ttl_s": int(entry.x509_ttl.total_seconds()),
+        "jwt_ttl_s": int(entry.jwt_ttl.total_seconds()),
+        "dns_names": list(entry.dns_names),
+        "admin": entry.admin,
+        "record_prompts": entry.record_prompts,
+        "parent_id": entry.parent_id.uri if entry.parent_id else None,
+    }
+
+
+def _check_producible(selector: Selector, parent: SpiffeId | None, attestors: AttestorHost) -> None:
+    """InvalidArgument when no workload could present ``selector`` (see ``_unproducible``)."""
+    key, sep, rest = selector.value.partition(":")
+    if parent is not None:
+        where = "the node agent's unix attestor (node entries)"
+        kinds: frozenset[str] | None = UnixAttestor.selector_kinds
+    else:
+        if not attestors.is_registered(selector.type):
+            registered = ", ".join(r.name for r in attestors.instances()) or "none"
+            raise InvalidArgument(
+                f"selector {str(selector)[:128]!r}: no attestor named {selector.type!r} is "
+                f"registered (registered: {registered}); register it first, or --force for an "
+                "attestor registered later",
+                reason="SELECTOR_UNKNOWN_ATTESTOR",
+            )
+        plugin = attestors.get(selector.type).plugin
+        where = f"attestor {selector.type!r} (plugin {plugin})"
+        kinds = attestors.selector_kinds(selector.type)
+    if not sep or not key or not rest:
+        raise InvalidArgument(
+            f"selector {str(selector)[:128]!r}: {where} produces {selector.type}:KEY:VALUE",
+            reason="SELECTOR_KIND",
+        )
+    if kinds is not None and key not in kinds:
+        raise InvalidArgument(
+            f"selector {str(selector)[:128]!r}: {where} produces the keys "
+            f"{', '.join(sorted(kinds))}, not {key[:64]!r} (--force to create it anyway)",
+            reason="SELECTOR_KIND",
         )
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 
@@ -70,8 +71,34 @@ class AdminService(pb_grpc.AdminServicer):
             admin=request.admin,
             record_prompts=request.record_prompts,
             parent_id=request.parent_id,
+            force=request.force,
         )
         return entry_to_pb(entry)
+
+    @rpc
+    async def UpdateEntry(
+        self, request: pb.UpdateEntryRequest, context: Context
+    ) -> pb.RegistrationEntry:
+        entry = await self._authority.update_entry(
+            request.id,
+            selectors=selectors_from_pb(list(request.selectors))
+            if request.replace_selectors
+            else None,
+            x509_ttl=self._optional_seconds(request, "x509_ttl_seconds"),
+            jwt_ttl=self._optional_seconds(request, "jwt_ttl_seconds"),
+            dns_names=list(request.dns_names) if request.replace_dns_names else None,
+            record_prompts=request.record_prompts if request.HasField("record_prompts") else None,
+            force=request.force,
+        )
+        return entry_to_pb(entry)
+
+    def _optional_seconds(
+        self, request: pb.UpdateEntryRequest, field: Literal["x509_ttl_seconds", "jwt_ttl_seconds"]
+    ) -> dt.timedelta | None:
+        """Unset: None (unchanged); 0: a zero duration (the configured default)."""
+        if not request.HasField(field):
+            return None
+        return seconds(getattr(request, field), self._limits, field) or dt.timedelta(0)
 
     @rpc
     async def ListEntries(
@@ -238,7 +265,7 @@ class AdminService(pb_grpc.AdminServicer):
                 self._check_json(
                     content, f"policy file {name[:64]!r}", self._limits.max_message_bytes
                 )
-        return policy_info(await self._policy.load(files))
+        return policy_info(await self._policy.load(files, allow_untested=request.allow_untested))
 
     @rpc
     async def GetPolicy(self, request: pb.GetPolicyRequest, context: Context) -> pb.PolicyInfo:
@@ -263,7 +290,7 @@ class AdminService(pb_grpc.AdminServicer):
         if not request.reason.strip():
             raise InvalidArgument("a revocation needs a reason", reason="NO_REASON")
         stored = await self._authority.revocations.revoke(
-            kind, request.target, request.reason, actor="operator"
+            kind, request.target, request.reason, actor="operator", preemptive=request.preemptive
         )
         return pb.RevokeResponse(revocations=[self._feed.event(r) for r in stored])
 

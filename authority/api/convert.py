@@ -298,4 +298,5 @@ def policy_info(state: PolicyState) -> pb.PolicyInfo:
         loaded_at=state.loaded_at_epoch,
         files=list(state.files),
         tests_passed=state.tests_passed,
+        tests_total=state.tests_total,
     )

@@ -48,6 +48,7 @@ from authority.policy.model import (
 
 POLICY_TESTS_FAILED = "POLICY_TESTS_FAILED"
 POLICY_TESTS_INVALID = "POLICY_TESTS_INVALID"
+POLICY_UNTESTED = "POLICY_UNTESTED"
 BACKENDS: Mapping[str, str] = {"cedar": ".cedar", "rego": ".rego"}
 TESTS_SUFFIX = ".tests.json"
 MAX_POLICY_FILE_BYTES = 1 << 20
@@ -307,6 +308,7 @@ class PolicyManager:
         clock: Clock,
         files: Sequence[Path] = (),
         backend: str | None = None,
+        results: Sequence[TestResult] = (),
     ) -> None:
         self._clock = clock
         self._lock = threading.Lock()
@@ -316,6 +318,9 @@ class PolicyManager:
             tuple(Path(f) for f in files),
             backend,
         )
+        # The policy's own test cases as they ran when it was loaded (all passed, or it would
+        # not be running); set with the engine.
+        self._results: tuple[TestResult, ...] = tuple(results)
 
     @classmethod
     def with_default_policy(cls, *, clock: Clock) -> PolicyManager:
@@ -332,8 +337,8 @@ class PolicyManager:
         test_files: Sequence[Path] | None = None,
     ) -> PolicyManager:
         """Start from files: compile them and run their tests, or raise."""
-        engine = _prepare(files, backend, name, test_files)
-        return cls(engine, clock=clock, files=files, backend=backend)
+        engine, results = _prepare(files, backend, name, test_files)
+        return cls(engine, clock=clock, files=files, backend=backend, results=results)
 
     @property
     def current(self) -> PolicyEngine:
@@ -359,6 +364,11 @@ class PolicyManager:
     def files(self) -> tuple[Path, ...]:
         return self._state[2]
 
+    @property
+    def test_results(self) -> tuple[TestResult, ...]:
+        """The running policy's own test cases, as they ran when it was loaded."""
+        return self._results
+
     def decide(self, inp: PolicyInput) -> Decision:
         return self._state[0].decide(inp)
 
@@ -369,12 +379,14 @@ class PolicyManager:
         backend: str | None = None,
         name: str | None = None,
         test_files: Sequence[Path] | None = None,
+        require_tests: bool = False,
     ) -> PolicyEngine:
         """Compile ``files`` (default: the files loaded last), run the tests found next to them
         (or ``test_files``), and swap the running engine only when all of that succeeds.
 
         Raises InvalidArgument ``POLICY_INVALID`` / ``POLICY_TESTS_INVALID`` /
-        ``POLICY_TESTS_FAILED`` (naming the failing cases); the running engine is then unchanged.
+        ``POLICY_TESTS_FAILED`` (naming the failing cases), and ``POLICY_UNTESTED`` when
+        ``require_tests`` and no test case ran; the running engine is then unchanged.
         """
         with self._lock:
             _engine, _at, current_files, current_backend = self._state
@@ -382,8 +394,16 @@ class PolicyManager:
             if not chosen:
                 raise InvalidArgument("no policy files to reload", reason=POLICY_INVALID)
             backend = backend if backend is not None else current_backend
-            engine = _prepare(chosen, backend, name, test_files)
+            engine, results = _prepare(chosen, backend, name, test_files)
+            if require_tests and not results:
+                raise InvalidArgument(
+                    "the policy has no tests: add test cases in "
+                    f"{tests_file_for(chosen[0]).name} beside it (see `authority policy test`), "
+                    "or allow an untested policy (authority policy load --allow-untested)",
+                    reason=POLICY_UNTESTED,
+                )
             self._state = (engine, self._clock.now(), chosen, backend)
+            self._results = tuple(results)
             return engine
 
     def changed_on_disk(self) -> bool:
@@ -397,16 +417,17 @@ def _prepare(
     backend: str | None,
     name: str | None,
     test_files: Sequence[Path] | None,
-) -> PolicyEngine:
+) -> tuple[PolicyEngine, list[TestResult]]:
     engine = load_policy_set(files, backend, name=name)
     tests = find_policy_tests(files) if test_files is None else list(test_files)
-    failed = failed_names(run_policy_tests(engine, tests))
+    results = run_policy_tests(engine, tests)
+    failed = failed_names(results)
     if failed:
         raise InvalidArgument(
             f"policy tests failed ({len(failed)}): {'; '.join(failed)}",
             reason=POLICY_TESTS_FAILED,
         )
-    return engine
+    return engine, results
 
 
 def explain(engine: PolicyEngine, inp: PolicyInput) -> dict[str, object]:
