@@ -50,8 +50,9 @@ What it checks (every 0.25 s, and on every message; a violation is counted once 
   within STOP_DEADLINE s);
 * at the end: ``audit_verify`` (``authority audit verify`` must pass), ``resource_growth`` (RSS,
   open fds and threads of each role, its start figures (see below) against its last sample,
-  within the tolerances below: a role is compared across its restarts), ``log_rate`` (lines a process logs in any 60 s: LOG_LINES_PER_MINUTE,
-  the authority LOG_LINES_PER_EXCHANGE_RATE more per Exchange a second, as it logs each token);
+  within the tolerances below: a role is compared across its restarts), ``log_rate`` (lines a
+  process logs in any 60 s: LOG_LINES_PER_MINUTE, the authority LOG_LINES_PER_EXCHANGE_RATE
+  more per Exchange a second, as it logs each token);
 * ``slow_recovery``: RECOVERY_DEADLINE s after a fault, a workload not yet connected to its
   agent with valid SVIDs;
 
