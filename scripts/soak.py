@@ -610,6 +610,16 @@ class Soak:
                     raise
             await asyncio.sleep(0.25)
 
+    async def node_entry(self, spiffe_id: str, agent: str) -> pb.RegistrationEntry:
+        """An entry served by ``agent`` to the processes of this uid, with SVID_TTL SVIDs."""
+        request = pb.CreateEntryRequest(
+            spiffe_id=spiffe_id,
+            selectors=[pb.Selector(type="unix", value=f"uid:{self.uid}")],
+            x509_ttl_seconds=SVID_TTL,
+            parent_id=agent_id(agent),
+        )
+        return await self.admin(lambda stub: stub.CreateEntry(request, timeout=RPC_TIMEOUT))
+
     # --- the authority ---
 
     def authority_config(self) -> Path:
@@ -959,17 +969,7 @@ class Soak:
     async def revoke_one(self, n: int, agent: str) -> None:
         spiffe_id = f"spiffe://{TRUST_DOMAIN}/agent/soak/{agent}/rev-{n}"
         try:
-            entry = await self.admin(
-                lambda stub: stub.CreateEntry(
-                    pb.CreateEntryRequest(
-                        spiffe_id=spiffe_id,
-                        selectors=[pb.Selector(type="unix", value=f"uid:{self.uid}")],
-                        x509_ttl_seconds=SVID_TTL,
-                        parent_id=agent_id(agent),
-                    ),
-                    timeout=RPC_TIMEOUT,
-                )
-            )
+            entry = await self.node_entry(spiffe_id, agent)
         except grpc.aio.AioRpcError as exc:
             self.record.note("entry create failed", spiffe_id=spiffe_id, code=exc.code().name)
             return
@@ -1254,17 +1254,7 @@ class Soak:
         for name in AGENTS:
             self.entries[name] = [base_id(name, i) for i in range(ENTRIES_PER_AGENT)]
             for spiffe_id in self.entries[name]:
-                await self.admin(
-                    lambda stub, s=spiffe_id, n=name: stub.CreateEntry(
-                        pb.CreateEntryRequest(
-                            spiffe_id=s,
-                            selectors=[pb.Selector(type="unix", value=f"uid:{self.uid}")],
-                            x509_ttl_seconds=SVID_TTL,
-                            parent_id=agent_id(n),
-                        ),
-                        timeout=RPC_TIMEOUT,
-                    )
-                )
+                await self.node_entry(spiffe_id, name)
             # The agent's own SVID: short, so its renewals meet its entries' rotations often.
             await self.admin(
                 lambda stub, n=name: stub.CreateEntry(
@@ -1426,6 +1416,7 @@ class Soak:
                 "fd_tolerance": FD_TOLERANCE,
                 "thread_tolerance": THREAD_TOLERANCE,
             },
+            "fault_kinds": list(FAULT_KINDS),
             "faults": dict(sorted(self.record.faults.items())),
             "fault_count": sum(self.record.faults.values()),
             "fault_log": self.record.fault_log,

@@ -15,14 +15,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SOAK = ROOT / "scripts" / "soak.py"
-FAULT_KINDS = {
-    "authority_sigkill",
-    "authority_sigterm",
-    "agent_sigkill",
-    "agent_sigterm",
-    "feed_cut",
-    "watcher_kill",
-}
 
 pytestmark = pytest.mark.slow
 
@@ -51,8 +43,9 @@ def test_soak_three_minutes_without_violations(tmp_path: Path) -> None:
     bounds = report["bounds"]
 
     # Every kind of fault was injected, and the run recovered from each.
-    assert set(report["faults"]) == FAULT_KINDS, report["faults"]
-    assert report["fault_count"] >= len(FAULT_KINDS)
+    assert len(report["fault_kinds"]) == 6  # authority and agents SIGKILL and SIGTERM, ...
+    assert set(report["faults"]) == set(report["fault_kinds"]), report["faults"]
+    assert report["fault_count"] >= len(report["fault_kinds"])
     assert report["longest_without_valid_svid_s"] <= bounds["outage_bound_s"], summary
     recoveries = [f["recovered_s"] for f in report["fault_recoveries"]]
     assert None not in recoveries, report["fault_recoveries"]
