@@ -201,6 +201,7 @@ async def _prepare(served: ServeProcess, svid_dir: Path) -> bytes:
             pb.CreateEntryRequest(
                 spiffe_id=f"{TD}/fuzz/local",
                 selectors=[pb.Selector(type="unix", value=f"uid:{os.getuid()}")],
+                force=True,  # the Workload API's built-in unix attestor, no instance registered
             )
         )
         await admin.stub.CreateEntry(

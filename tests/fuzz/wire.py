@@ -57,6 +57,7 @@ STATUS_NAMES = {
 }
 
 WINDOW = 16 * 1024 * 1024
+SEND_WITHIN = 30.0  # a server that stops reading mid-request fails the send after this long
 
 
 def _text(value: str | bytes) -> str:
@@ -195,6 +196,7 @@ class Connection:
         assert self._h2 is not None
         data = self._h2.data_to_send()
         if data:
+            self._sock.settimeout(SEND_WITHIN)  # _pump leaves its own read timeout behind
             self._sock.sendall(data)
 
     def _pump(self, deadline: float) -> bool:
