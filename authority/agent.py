@@ -76,6 +76,7 @@ from authority.api.workload_api import (
     unix_selectors,
 )
 from authority.backoff import Backoff, LinkState
+from authority.binding import check_unix_socket_free
 from authority.bundle import TrustBundle, jwk_thumbprint
 from authority.changes import Waiters
 from authority.client import (
@@ -262,7 +263,9 @@ class NodeAgent:
 
     async def start(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
         """Attest (or reuse the saved SVID), take the first entries and bundle, sign what they
-        need, then open the Workload API socket: a workload never sees a half-started agent."""
+        need, then open the Workload API socket: a workload never sees a half-started agent.
+        A socket another agent is serving on is refused first, before a proof is spent."""
+        check_unix_socket_free(self.config.socket, "--workload-api-socket", "agent")
         began = time.monotonic()
         async with asyncio.timeout(timeout):
             saved = self._load_saved()

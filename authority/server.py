@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import errno
 import ipaddress
 import logging
 import os
@@ -37,11 +38,12 @@ from authority.api.revocations import RevocationFeed
 from authority.api.workload import WorkloadService
 from authority.api.workload_api import AuthoritySource, SpiffeWorkloadApi
 from authority.attestation import AttestorHost
+from authority.binding import address_in_use, check_free
 from authority.ca import CertificateAuthority, Upstream
 from authority.changes import ChangeNotifier
 from authority.clock import Clock, SystemClock
 from authority.config import Config, split_host_port
-from authority.errors import AuthorityError, FailedPrecondition
+from authority.errors import AuthorityError
 from authority.exchange import ExchangeService
 from authority.ids import SpiffeId
 from authority.keyvault import FileKeyVault, private_key_pem
@@ -151,8 +153,9 @@ class _TlsIdentity:
         )
 
 
-def _prepare_unix_socket(path: Path) -> None:
-    """Remove a stale socket file; refuse if another server is answering on it."""
+def _prepare_unix_socket(path: Path, key: str) -> None:
+    """Remove a stale socket file; refuse if another server is listening on it (``key``: the
+    configuration key that names it, for the message)."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         return
@@ -164,7 +167,33 @@ def _prepare_unix_socket(path: Path) -> None:
         return
     finally:
         probe.close()
-    raise FailedPrecondition(f"another server is listening on {path}")
+    raise address_in_use(path, key)
+
+
+def _add_secure_port(
+    server: grpc.aio.Server, address: str, key: str, credentials: grpc.ServerCredentials
+) -> int:
+    """Bind ``address``; taken since the start-up check, it is the same one-line error."""
+    try:
+        port = server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpc raises when no address could be bound (older ones return 0)
+        port = 0
+    if port == 0:
+        raise address_in_use(address, key)
+    return port
+
+
+async def _start_unix_server(server: UnixSocketServer, path: Path, key: str) -> None:
+    """Serve on ``path`` under the owner-only umask (the caller then sets the mode it means)."""
+    old_umask = os.umask(0o177)
+    try:
+        await server.start(path=str(path))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise address_in_use(path, key) from None
+        raise
+    finally:
+        os.umask(old_umask)
 
 
 class AuthorityServer:
@@ -184,6 +213,7 @@ class AuthorityServer:
         self._admin_health: health.aio.HealthServicer | None = None  # type: ignore[name-defined]
         self._health_updates: set[asyncio.Task[None]] = set()
         self._servers: list[grpc.aio.Server] = []
+        self._admin_bound = False  # the admin socket file is ours to remove
         self._store: SqliteStore | None = None
         self._local: grpclib.server.Server | None = None
         self._workload_api: grpclib.server.Server | None = None
@@ -198,6 +228,20 @@ class AuthorityServer:
 
     async def start(self) -> None:
         config = self.config
+        # Before anything is created: a second authority on the same addresses, or a port
+        # taken by another program, is one line, and leaves no CA or database behind.
+        check_free(
+            [(config.listen, "listen"), (config.listen_mtls, "listen_mtls")],
+            [
+                (config.admin_socket_path, "admin_socket"),
+                (config.local_socket_path, "local_socket"),
+                *(
+                    [(config.workload_api_socket, "workload_api_socket")]
+                    if config.workload_api_socket is not None
+                    else []
+                ),
+            ],
+        )
         # The attest socket, and the Workload API's when it is served.
         local_sockets = 1 + (config.workload_api_socket is not None)
         fds = listeners.ensure_fd_limit(config.limits, local_sockets)
@@ -265,11 +309,14 @@ class AuthorityServer:
             options=listeners.workload_options(config.limits, fds.per_listener),
             interceptors=[listeners.RequestGuard(config.limits.max_calls_per_peer)],
         )
-        self.port = workload.add_secure_port(
-            config.listen, tls.credentials("tls", require_client_auth=False)
+        self.port = _add_secure_port(
+            workload, config.listen, "listen", tls.credentials("tls", require_client_auth=False)
         )
-        self.mtls_port = workload.add_secure_port(
-            config.listen_mtls, tls.credentials("mtls", require_client_auth=True)
+        self.mtls_port = _add_secure_port(
+            workload,
+            config.listen_mtls,
+            "listen_mtls",
+            tls.credentials("mtls", require_client_auth=True),
         )
         mtls_address = config.advertise_mtls or f":{self.mtls_port}"
         changes = ChangeNotifier(authority)
@@ -291,10 +338,13 @@ class AuthorityServer:
             interceptors=[listeners.RequestGuard()],
         )
         socket_path = config.admin_socket_path
-        _prepare_unix_socket(socket_path)
+        _prepare_unix_socket(socket_path, "admin_socket")
         old_umask = os.umask(0o177 if config.admin_socket_mode == 0o600 else 0o117)
         try:
             admin.add_insecure_port(f"unix:{socket_path}")
+            self._admin_bound = True
+        except RuntimeError:  # grpc's word for a bind that failed
+            raise address_in_use(socket_path, "admin_socket") from None
         finally:
             os.umask(old_umask)
         pb_grpc.add_AdminServicer_to_server(AdminService(authority, exchange, policy, feed), admin)
@@ -306,7 +356,7 @@ class AuthorityServer:
         self._servers = [workload, admin]
 
         local_path = config.local_socket_path
-        _prepare_unix_socket(local_path)
+        _prepare_unix_socket(local_path, "local_socket")
         info = pb.ServerInfo(
             trust_domain=config.trust_domain.name,
             spiffe_id=server_spiffe_id(config).uri,
@@ -318,11 +368,7 @@ class AuthorityServer:
             config.limits,
             max_connections=self._local_connections,
         )
-        old_umask = os.umask(0o177)
-        try:
-            await self._local.start(path=str(local_path))
-        finally:
-            os.umask(old_umask)
+        await _start_unix_server(self._local, local_path, "local_socket")
         os.chmod(local_path, config.local_socket_mode)
         if config.workload_api_socket is not None:
             await self._start_workload_api(config.workload_api_socket, authority, changes)
@@ -341,18 +387,14 @@ class AuthorityServer:
     ) -> None:
         """The SPIFFE Workload API on a Unix socket anyone local may connect to (mode 0666):
         the kernel identifies the caller, the registration entries decide what it gets."""
-        _prepare_unix_socket(path)
+        _prepare_unix_socket(path, "workload_api_socket")
         service = SpiffeWorkloadApi(
             AuthoritySource(authority, changes, self.config.workload_api_attestor)
         )
         self._workload_api = UnixSocketServer(
             [service], self.config.limits, max_connections=self._local_connections
         )
-        old_umask = os.umask(0o177)
-        try:
-            await self._workload_api.start(path=str(path))
-        finally:
-            os.umask(old_umask)
+        await _start_unix_server(self._workload_api, path, "workload_api_socket")
         os.chmod(path, 0o666)  # noqa: S103 - any local process may ask; the kernel is the gate
         log.info("SPIFFE Workload API serving: socket=%s", path)
 
@@ -435,6 +477,8 @@ class AuthorityServer:
         await self._store.prune(self.clock.now())
 
     async def stop(self, grace: float = 5.0) -> None:
+        if self._store is None and not self._servers:
+            return  # nothing was started (a start refused before it created anything)
         await self.supervisor.stop()
         await asyncio.gather(*self._health_updates, return_exceptions=True)
         if self._store is not None and self.authority is not None:
@@ -461,13 +505,19 @@ class AuthorityServer:
         if self._store is not None:
             await self._store.close()
             self._store = None
-        self.config.admin_socket_path.unlink(missing_ok=True)
+        if self._admin_bound:  # never another authority's (a start refused as in use)
+            self.config.admin_socket_path.unlink(missing_ok=True)
+            self._admin_bound = False
         log.info("authority stopped")
 
 
 async def serve(config: Config, stop: asyncio.Event) -> None:
     server = AuthorityServer(config)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop(grace=0)  # what started before the failure (a bind lost in a race)
+        raise
     try:
         await stop.wait()
     finally:
