@@ -22,6 +22,7 @@ _T = TypeVar("_T")
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)?$")
 MAX_UNIX_SOCKET_PATH = 107  # sockaddr_un.sun_path holds 108 bytes, the last one NUL
 _INSTANCE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")  # a selector type
+LOG_FORMATS = ("text", "json")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, None: 1000}
 
 
@@ -179,6 +180,8 @@ class Config:
     # How often the audit chain's head is signed (when it moved).
     audit_checkpoint_interval: dt.timedelta = dt.timedelta(seconds=60)
     log_level: str = "INFO"
+    # "text" (one line a record) or "json" (one JSON object a line, for log shippers).
+    log_format: str = "text"
     # gRPC reflection on the TCP listeners too (it is always on the admin socket); off, it lists
     # nothing the public ports do not serve.
     reflection_on_public: bool = False
@@ -203,6 +206,8 @@ class Config:
             )
         if not _INSTANCE_NAME.fullmatch(self.workload_api_attestor):
             raise InvalidArgument("workload_api_attestor must be an attestor instance name")
+        if self.log_format not in LOG_FORMATS:
+            raise InvalidArgument(f"log_format must be one of {', '.join(LOG_FORMATS)}")
 
     @property
     def admin_socket_path(self) -> Path:

@@ -2,10 +2,19 @@
 
 One table maps each family of ``authority.errors`` to a code. The stable reason travels in the
 trailing metadata key ``authority-reason``; internal errors reach the client as a generic message.
+
+Refusals (UNAUTHENTICATED and PERMISSION_DENIED: a refused attestation, a bad, expired or
+revoked token or SVID, a revoked caller, a policy denial, a denied approval) are logged here
+too, at WARNING, one line each naming the reason, the method and the caller: its SPIFFE ID when
+it presented an SVID over mutual TLS, else its network address, or the uid and pid the kernel
+gives on a local socket. Never the message (it may quote what the caller sent) nor a token.
+At most ``REFUSAL_LOG_BURST`` lines per reason in ``REFUSAL_LOG_WINDOW`` seconds, then one line
+counting those left out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,6 +25,7 @@ import grpclib.const
 import grpclib.server
 
 from authority import errors
+from authority.logs import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +43,56 @@ CODES: tuple[tuple[type[errors.AuthorityError], grpc.StatusCode], ...] = (
     (errors.Internal, grpc.StatusCode.INTERNAL),
 )
 GENERIC_INTERNAL = "internal error; the server log has the details"
+REFUSAL_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+REFUSAL_LOG_BURST = 10  # lines per reason per window, then one summary line
+REFUSAL_LOG_WINDOW = 10.0  # seconds
+refusals = RateLimitedLog(log, burst=REFUSAL_LOG_BURST, window=REFUSAL_LOG_WINDOW)
+
+
+def log_refusal(
+    exc: errors.AuthorityError,
+    code: grpc.StatusCode,
+    method: str,
+    caller: Callable[[], tuple[str | None, str]],
+) -> None:
+    """One rate-limited line for a refused call. ``caller`` gives (SPIFFE ID or None, peer); it
+    is asked only when the line is written."""
+    if code not in REFUSAL_CODES or not refusals.admit(exc.reason):
+        return
+    spiffe_id, peer = caller()
+    who = f"spiffe_id={spiffe_id} peer={peer}" if spiffe_id else f"peer={peer}"
+    log.warning(
+        "refused %s: reason=%s method=%s %s",
+        code.name,
+        exc.reason,
+        method,
+        who,
+        extra={
+            "code": code.name,
+            "reason": exc.reason,
+            "method": method,
+            "spiffe_id": spiffe_id,
+            "peer": peer,
+        },
+    )
+
+
+def _grpc_caller(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str | None, str]:
+    """The SPIFFE ID gRPC verified in the client's certificate (mutual TLS only; the
+    authority may still refuse it: revoked, say) and the peer's address."""
+    spiffe_id = None
+    with contextlib.suppress(Exception):  # a context without a TLS auth context
+        ids = context.auth_context().get("peer_spiffe_id") or ()
+        spiffe_id = next((bytes(i).decode("utf-8", "replace") for i in ids), None)
+    return spiffe_id, context.peer() or "unknown"
+
+
+def _grpclib_caller(stream: grpclib.server.Stream[Any, Any]) -> tuple[str | None, str]:
+    """The uid and pid the kernel gives for a local socket's peer."""
+    from authority.api.grpclib_server import peer_ids  # it imports this module
+
+    ids = peer_ids(stream.peer._transport)
+    return None, (f"uid={ids[0]} pid={ids[1]}" if ids is not None else "unknown")
 
 
 def status_reason(exc: grpc.aio.AioRpcError) -> str | None:
@@ -61,14 +121,21 @@ def code_for(exc: errors.AuthorityError) -> grpc.StatusCode:
 
 
 async def abort(
-    context: grpc.aio.ServicerContext[Any, Any], exc: errors.AuthorityError
+    context: grpc.aio.ServicerContext[Any, Any],
+    exc: errors.AuthorityError,
+    *,
+    where: str | None = None,
 ) -> NoReturn:
+    """End the call with ``exc``'s status; ``where`` (the method) logs it when it is a refusal
+    (a relying service's interceptor and the listeners' guard log their own)."""
     code = code_for(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.error("internal error: reason=%s %s", exc.reason, exc.message)
         message = GENERIC_INTERNAL
     else:
         message = exc.message
+        if where is not None:
+            log_refusal(exc, code, where, functools.partial(_grpc_caller, context))
     await context.abort(code, message, trailing_metadata=((REASON_KEY, exc.reason),))
     raise AssertionError("unreachable")  # context.abort always raises
 
@@ -81,7 +148,7 @@ async def _fail(
     if isinstance(exc, grpc.aio.AbortError):
         raise exc
     if isinstance(exc, errors.AuthorityError):
-        await abort(context, exc)
+        await abort(context, exc, where=where)
     log.error("unhandled error in %s", where, exc_info=exc)
     await context.abort(
         grpc.StatusCode.INTERNAL,
@@ -138,6 +205,9 @@ async def fail_grpclib_stream(
     if code is grpc.StatusCode.INTERNAL:
         log.error("internal error: reason=%s %s", exc.reason, exc.message)
         message = GENERIC_INTERNAL
+    else:
+        method = str(getattr(stream, "_method_name", "") or "unknown")
+        log_refusal(exc, code, method, functools.partial(_grpclib_caller, stream))
     await stream.send_trailing_metadata(
         status=grpclib.const.Status[code.name],
         status_message=message,

@@ -264,7 +264,7 @@ class WorkloadService(pb_grpc.WorkloadServicer):
         try:
             await self._caller(context)
         except AuthorityError as exc:
-            await abort(context, exc)
+            await abort(context, exc, where="WorkloadService.WatchRevocations")
         async for message in self._feed.stream(request.since):
             yield message
 
