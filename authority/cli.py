@@ -29,7 +29,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import grpc
 from google.protobuf.message import Message
 
-from authority import audit_cli, backoff
+from authority import audit_cli, backoff, logs
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority.api.status import status_reason
 from authority.client import (
@@ -42,9 +42,11 @@ from authority.client import (
     check_svid_current,
     der_chain_to_pem,
     make_csr,
+    read_trust_bundle,
+    requires_client_certificate,
     x509pop_responder,
 )
-from authority.config import Config, format_duration, parse_duration
+from authority.config import LOG_FORMATS, Config, format_duration, parse_duration, split_host_port
 from authority.errors import AuthorityError
 from authority.files import check_private_folder
 from authority.watch import unseen
@@ -58,18 +60,33 @@ ADMIN_SOCKET_ENV = "AUTHORITY_ADMIN_SOCKET"
 _T = TypeVar("_T")
 
 
-class CliError(Exception):
-    """Printed as ``error: ...`` and exit code ``code``."""
+class CliError(click.ClickException):
+    """Printed as ``error: ...`` and exit code ``code``, from a command or from an option's
+    type (click shows it the same way: one line, no usage text)."""
 
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
-        self.code = code
+        self.code = code  # click exits 1 when it shows one raised outside a command
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
 
 
-def _run(coro: Coroutine[Any, Any, _T]) -> _T:
+def _run(coro: Coroutine[Any, Any, _T], server: str | None = None) -> _T:
+    """Run ``coro``; a failed call is one line. ``server``: the --server the command dialed
+    for server-TLS calls; when it turns out to be the mutual-TLS port, the line says so."""
     try:
         return asyncio.run(coro)
     except grpc.aio.AioRpcError as exc:
+        if (
+            server is not None
+            and exc.code() is grpc.StatusCode.UNAVAILABLE
+            and requires_client_certificate(server)
+        ):
+            raise CliError(
+                f"{server} is the mutual-TLS port; --server names the server-TLS port "
+                f"({DEFAULT_TLS_PORT} by default)"
+            ) from None
         reason = status_reason(exc)
         suffix = f" [{reason}]" if reason else ""
         raise CliError(f"{exc.code().name}: {exc.details()}{suffix}") from None
@@ -105,6 +122,29 @@ class Duration(click.ParamType):  # type: ignore[type-arg]
 
 
 DURATION = Duration()
+DEFAULT_TLS_PORT = split_host_port(Config().listen)[1]
+
+
+class ServerAddress(click.ParamType):  # type: ignore[type-arg]
+    """HOST:PORT of the authority's server-TLS endpoint; anything else is one line."""
+
+    name = "host:port"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value)
+        try:
+            host, port = split_host_port(text)
+        except AuthorityError:
+            host, port = "", 0
+        if not host or not port:
+            raise CliError(
+                f"--server must be HOST:PORT (got {text!r}); the server-TLS port is "
+                f"{DEFAULT_TLS_PORT} by default"
+            )
+        return text
+
+
+SERVER = ServerAddress()
 
 admin_socket_option = click.option(
     "--admin-socket",
@@ -197,6 +237,11 @@ def main() -> None:
     help="Serve the SPIFFE Workload API on this Unix socket (keep the path short).",
 )
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    help="text (default) or json: one JSON object a line, for log shippers.",
+)
 @command
 def serve(
     config_file: Path | None,
@@ -207,6 +252,7 @@ def serve(
     trust_domain: str | None,
     workload_api_socket: Path | None,
     log_level: str | None,
+    log_format: str | None,
 ) -> None:
     """Run the authority (creates its CA in the data directory on first start)."""
     from authority.server import serve as run_server  # the server's imports are heavier
@@ -225,12 +271,11 @@ def serve(
         "trust_domain": trust_domain,
         "workload_api_socket": workload_api_socket,
         "log_level": log_level,
+        "log_format": log_format,
     }
     doc.update({k: str(v) for k, v in overrides.items() if v is not None})
     config = Config.from_mapping(doc)
-    logging.basicConfig(
-        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(config.log_level, config.log_format)
 
     async def main_loop() -> None:
         stop = asyncio.Event()
@@ -458,7 +503,9 @@ def bundle() -> None:
 @click.option(
     "--format", "fmt", type=click.Choice(["pem", "jwks"]), default="pem", show_default=True
 )
-@click.option("--server", help="Fetch from a workload endpoint instead of the admin socket.")
+@click.option(
+    "--server", type=SERVER, help="Fetch from a workload endpoint instead of the admin socket."
+)
 @click.option("--trust-bundle", type=click.Path(dir_okay=False, path_type=Path))
 @admin_socket_option
 @command
@@ -467,13 +514,13 @@ def bundle_show(fmt: str, server: str | None, trust_bundle: Path | None, admin_s
     if server:
         if trust_bundle is None:
             raise CliError("--server needs --trust-bundle to verify the server")
-        bundle_pem = trust_bundle.read_bytes()
+        bundle_pem = read_trust_bundle(trust_bundle)
 
         async def fetch() -> pb.Bundle:
             async with WorkloadClient(server, bundle_pem) as client:
                 return await client.tls_stub.GetBundle(pb.GetBundleRequest())
 
-        result = _run(fetch())
+        result = _run(fetch(), server)
     else:
         result = _admin_call(admin_socket, lambda c: c.stub.GetBundle(pb.GetBundleRequest()))
     click.echo(_bundle_output(result, fmt), nl=fmt == "jwks")
@@ -905,9 +952,9 @@ def _event_json(event: pb.RevocationEvent) -> dict[str, Any]:
     "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
 )
 @click.option("--heartbeats", is_flag=True, help="Print heartbeats too.")
-@click.option("--server", help="Subscribe as a relying service does (mutual TLS).")
+@click.option("--server", type=SERVER, help="Subscribe as a relying service does (mutual TLS).")
 @click.option("--svid-dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option("--trust-bundle", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--trust-bundle", type=click.Path(dir_okay=False, path_type=Path))
 @admin_socket_option
 @command
 def watch(
@@ -931,6 +978,8 @@ def watch(
         )
     if server and svid_dir is not None:
         check_svid_current(SvidFiles(svid_dir).cert_path.read_bytes())
+    if trust_bundle is not None:
+        read_trust_bundle(trust_bundle)  # one line now, not a failure on every reconnect
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -1175,14 +1224,18 @@ def workload() -> None:
     """Act as a workload: attest, fetch JWT-SVIDs, renew."""
 
 
-server_option = click.option("--server", required=True, help="HOST:PORT of the workload endpoint.")
+server_option = click.option(
+    "--server", type=SERVER, required=True, help="HOST:PORT of the server-TLS workload endpoint."
+)
 
 
 @workload.command("attest")
-@click.option("--server", help="HOST:PORT of the workload endpoint (not with --unix).")
+@click.option(
+    "--server", type=SERVER, help="HOST:PORT of the server-TLS workload endpoint (not with --unix)."
+)
 @click.option(
     "--trust-bundle",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    type=click.Path(dir_okay=False, path_type=Path),
     help="PEM roots that verify the authority (not with --unix).",
 )
 @click.option("--join-token", help="A join token (or '-' to read it from stdin).")
@@ -1244,7 +1297,7 @@ def workload_attest(
     else:
         if server is None or trust_bundle is None:
             raise CliError("--server and --trust-bundle are required (except with --unix)")
-        target, bundle_pem = server, trust_bundle.read_bytes()
+        target, bundle_pem = server, read_trust_bundle(trust_bundle)
 
     check_private_folder(out)  # before a join token is spent
 
@@ -1254,7 +1307,7 @@ def workload_attest(
                 attestor or plugin, evidence, out, respond=respond, spiffe_id_hint=hint
             )
 
-    result = _run(go())
+    result = _run(go(), None if plugin == "unix" else server)
     for svid in result.svids[:1]:
         click.echo(f"attested as {svid.spiffe_id}; SVID written to {out}", err=True)
     for svid in result.svids[1:]:
@@ -1268,7 +1321,7 @@ def workload_attest(
 )
 @click.option("--audience", "audiences", required=True, multiple=True)
 @click.option("--ttl", type=DURATION)
-@click.option("--trust-bundle", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--trust-bundle", type=click.Path(dir_okay=False, path_type=Path))
 @command
 def workload_jwt(
     server: str,
@@ -1283,7 +1336,7 @@ def workload_jwt(
         async with WorkloadClient.from_svid_dir(server, svid_dir, trust_bundle) as client:
             return await client.fetch_jwt(list(audiences), int(ttl.total_seconds()) if ttl else 0)
 
-    click.echo(_run(go()).token)
+    click.echo(_run(go(), server).token)
 
 
 socket_option = click.option(
@@ -1335,11 +1388,16 @@ def workload_fetch_jwt(socket: str | None, audiences: tuple[str, ...], spiffe_id
 
 
 @main.command("agent")
-@click.option("--server", required=True, help="HOST:PORT of the authority's workload endpoint.")
+@click.option(
+    "--server",
+    type=SERVER,
+    required=True,
+    help="HOST:PORT of the authority's server-TLS workload endpoint.",
+)
 @click.option(
     "--trust-bundle",
     required=True,
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    type=click.Path(dir_okay=False, path_type=Path),
     help=(
         "PEM roots that verify the authority at first contact only: afterwards the agent "
         "trusts the latest bundle it received, kept in --data-dir (agent/bundle.pem), so it "
@@ -1390,6 +1448,13 @@ def workload_fetch_jwt(socket: str | None, audiences: tuple[str, ...], spiffe_id
     show_default=True,
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
 )
+@click.option(
+    "--log-format",
+    default="text",
+    show_default=True,
+    type=click.Choice(LOG_FORMATS),
+    help="json: one JSON object a line, for log shippers.",
+)
 @command
 def agent(
     server: str,
@@ -1406,6 +1471,7 @@ def agent(
     fail_closed: bool,
     stale_after: dt.timedelta,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run a node agent: attest this machine to the authority, then serve the SPIFFE Workload
     API to its local workloads (the node entries whose --parent-id is the agent's SPIFFE ID).
@@ -1417,7 +1483,7 @@ def agent(
 
     config = AgentConfig(
         server=server,
-        trust_bundle_pem=trust_bundle.read_bytes(),
+        trust_bundle_pem=read_trust_bundle(trust_bundle),
         data_dir=data_dir,
         socket=workload_api_socket,
         proof=_attest_proof(join_token, x509pop_cert, x509pop_key, jwt_file, attestor),
@@ -1426,7 +1492,7 @@ def agent(
         fail_closed=fail_closed,
         stale_after=stale_after,
     )
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(log_level, log_format)
 
     async def main_loop() -> None:
         stop = asyncio.Event()
@@ -1435,7 +1501,7 @@ def agent(
             loop.add_signal_handler(sig, stop.set)
         await run_agent(config, stop)
 
-    _run(main_loop())
+    _run(main_loop(), server)
 
 
 EXIT_PENDING = 3
@@ -1545,7 +1611,7 @@ def workload_exchange(
             stub = await client.mtls_stub()
             return await stub.Exchange(request)
 
-    response = _run(go())
+    response = _run(go(), server)
     if response.WhichOneof("result") == "pending":
         pending = response.pending
         click.echo(pending.id)
@@ -1606,7 +1672,7 @@ def workload_delegate(
             stub = await client.mtls_stub()
             return await stub.Delegate(request)
 
-    click.echo(_run(go()).token.token)
+    click.echo(_run(go(), server).token.token)
 
 
 @workload.command("end-task")
@@ -1625,7 +1691,7 @@ def workload_end_task(server: str, svid_dir: Path, task_id: str, reason: str) ->
             stub = await client.mtls_stub()
             return await stub.EndTask(pb.EndTaskRequest(task_id=task_id, reason=reason))
 
-    ended = _run(go())
+    ended = _run(go(), server)
     click.echo(f"task {task_id} ended; {len(ended.revoked_jtis)} tokens revoked", err=True)
 
 
@@ -1654,6 +1720,6 @@ def workload_renew(server: str, svid_dir: Path) -> None:
             )
             return renewed.svid, bundle_msg
 
-    svid, _ = _run(go())
+    svid, _ = _run(go(), server)
     until = dt.datetime.fromtimestamp(svid.expires_at, dt.UTC).isoformat()
     click.echo(f"renewed {svid.spiffe_id} until {until}", err=True)

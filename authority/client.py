@@ -13,6 +13,8 @@ import datetime as dt
 import ipaddress
 import logging
 import os
+import socket
+import ssl
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -57,6 +59,8 @@ __all__ = [
     "current_task_token",
     "make_csr",
     "new_key",
+    "read_trust_bundle",
+    "requires_client_certificate",
     "stub_stream",
     "workload_api_target",
     "x509pop_responder",
@@ -173,6 +177,49 @@ def check_svid_current(chain_pem: bytes, now: dt.datetime | None = None) -> x509
             reason="SVID_NOT_YET_VALID",
         )
     return leaf
+
+
+def read_trust_bundle(path: Path) -> bytes:
+    """The PEM roots in ``path``, checked before gRPC sees them (it would log its own lines and
+    fail the call with a bare UNAVAILABLE): ``InvalidArgument`` BAD_TRUST_BUNDLE, one line,
+    when the file cannot be read or holds no PEM certificate."""
+    try:
+        pem = path.read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(
+            f"cannot read trust bundle {path}: {exc.strerror or exc}", reason="BAD_TRUST_BUNDLE"
+        ) from None
+    try:
+        x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise InvalidArgument(
+            f"{path} holds no PEM certificate", reason="BAD_TRUST_BUNDLE"
+        ) from None
+    return pem
+
+
+def requires_client_certificate(address: str, timeout: float = 3.0) -> bool:
+    """Whether the TLS server at ``address`` (HOST:PORT) closes a connection that presented no
+    client certificate right after the handshake, as the authority's mutual-TLS port does
+    (gRPC reports that only as ``Socket closed``). Its server-TLS port sends HTTP/2 settings
+    instead. Asked after a call failed, to say which port was dialed; nothing is sent, and
+    what the server presents is not trusted for anything."""
+    host, _, port = address.rpartition(":")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # only the server's behaviour is read, never its data
+    context.set_alpn_protocols(["h2"])
+    try:
+        with (
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as raw,
+            context.wrap_socket(raw) as tls,
+        ):
+            try:
+                return tls.recv(1) == b""
+            except (ssl.SSLError, ConnectionResetError):
+                return True  # the certificate it required is missing: an alert, or a reset
+    except (OSError, ValueError):
+        return False  # nothing there, not TLS, or a handshake that failed: not that port
 
 
 def _utc(when: dt.datetime) -> str:
@@ -385,7 +432,7 @@ class WorkloadClient:
         chain, key, bundle = SvidFiles(folder).read()
         check_svid_current(chain)
         if trust_bundle is not None:
-            bundle = trust_bundle.read_bytes()
+            bundle = read_trust_bundle(trust_bundle)
         return cls(server, bundle, svid_chain_pem=chain, svid_key_pem=key)
 
     async def close(self) -> None:
