@@ -92,7 +92,7 @@ def _grpclib_caller(stream: grpclib.server.Stream[Any, Any]) -> tuple[str | None
     from authority.api.grpclib_server import peer_ids  # it imports this module
 
     ids = peer_ids(stream.peer._transport)
-    return None, (f"uid={ids[0]} pid={ids[1]}" if ids is not None else "unknown")
+    return None, (f"local uid={ids[0]} pid={ids[1]}" if ids is not None else "local")
 
 
 def status_reason(exc: grpc.aio.AioRpcError) -> str | None:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import re
 import socket
 import subprocess
@@ -429,3 +430,64 @@ def test_the_log_format_from_the_configuration_file(tmp_path: Path) -> None:
     lines = served.log().splitlines()
     assert lines
     assert all(isinstance(json.loads(line), dict) for line in lines)
+
+
+def test_a_refusal_on_the_workload_api_names_the_local_caller(
+    tmp_path: Path, socket_dir: Path
+) -> None:
+    """No entry for this process: refused, and the line names its uid and pid (the kernel's)."""
+    socket_path = socket_dir / "workload.sock"
+    with serve_process(tmp_path / "data", "--workload-api-socket", str(socket_path)) as served:
+        result = run(
+            "workload", "fetch", "--socket", str(socket_path), "--out", str(tmp_path / "o")
+        )
+        assert_one_error_line(result, "PERMISSION_DENIED", "[NO_IDENTITY_ISSUED]")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not _refused(served.log(), "NO_IDENTITY_ISSUED"):
+            time.sleep(0.1)
+        (line,) = _refused(served.log(), "NO_IDENTITY_ISSUED")
+    assert f"peer=local uid={os.getuid()} pid=" in line
+    assert "method=/SpiffeWorkloadAPI/FetchX509SVID" in line
+
+
+def test_the_agent_logs_json_lines_without_its_join_token(
+    served: ServeProcess, tmp_path: Path, socket_dir: Path
+) -> None:
+    token = served.cli("token", "create", "--spiffe-id", AGENT).stdout.strip()
+    socket_path, log_path = socket_dir / "agent.sock", tmp_path / "agent.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [
+                *authority_command(), "agent", "--server", served.address,
+                "--trust-bundle", str(bundle_file(served, tmp_path)),
+                "--data-dir", str(tmp_path / "agent"), "--workload-api-socket", str(socket_path),
+                "--join-token", "-", "--log-format", "json",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(f"{token}\n".encode())
+        proc.stdin.close()
+        deadline = time.monotonic() + 30
+        while "agent serving" not in log_path.read_text():
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        # This process has no node entry: the agent refuses it, and logs who asked.
+        fetch = run("workload", "fetch", "--socket", str(socket_path), "--out", str(tmp_path / "o"))
+        assert_one_error_line(fetch, "PERMISSION_DENIED")
+        while '"reason": "NO_IDENTITY_ISSUED"' not in log_path.read_text():
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0, log_path.read_text()
+    text = log_path.read_text()
+    records = [json.loads(line) for line in text.splitlines()]
+    assert any(r["message"].startswith("agent serving") for r in records)
+    (refusal,) = [r for r in records if r.get("reason") == "NO_IDENTITY_ISSUED"]
+    assert refusal["peer"].startswith(f"local uid={os.getuid()} pid=")
+    assert token not in text
