@@ -16,7 +16,13 @@ from hypothesis import HealthCheck, given, settings
 
 from tests.fuzz.harness import ENDPOINT_SERVICES, all_rpcs, classify, is_bad, tracebacks_in
 from tests.fuzz.strategies import message_strategy
-from tests.fuzz.wire import UNANSWERED, Connection, grpc_frame, unix_target
+from tests.fuzz.wire import (
+    OVERSIZED_HEADERS,
+    UNANSWERED,
+    Connection,
+    grpc_frame,
+    unix_target,
+)
 from tests.helpers import short_socket_dir
 
 
@@ -81,6 +87,9 @@ def test_grpc_core_protocol_errors_are_accepted_only_on_grpcio_endpoints() -> No
     assert not is_bad(classify("tls", core))
     assert is_bad(classify("attest", core))
     assert is_bad(classify("tls", Outcome("INTERNAL", "internal error")))
+    assert is_bad(OVERSIZED_HEADERS)
+    assert not is_bad("RESET")
+    assert not is_bad("GOAWAY")
 
 
 def test_tracebacks_are_found_in_a_log() -> None:
