@@ -25,7 +25,8 @@ What runs, all on loopback and Unix sockets under temporary folders (removed at 
 * faults every ``--fault-every`` seconds, kinds in a seeded order: the authority killed (SIGKILL)
   or stopped (SIGTERM) and started again, an agent killed or stopped and started again, the
   proxy cutting every connection to the authority for 3 s (the agents' revocation feeds and
-  syncs), a watcher killed and started again with ``--since`` its last sequence.
+  syncs), a watcher killed and started again with ``--since`` its last sequence, and an outage:
+  the authority killed and started again OUTAGE_SECONDS later.
 
 What it checks (every 0.25 s, and on every message; a violation is counted once per subject):
 
@@ -131,6 +132,8 @@ EXCHANGE_OUTAGE_BOUND = 30.0  # the longest time without a successful Exchange
 RESTART_DEADLINE = 30.0  # a restarted authority or agent serves again
 STOP_DEADLINE = 15.0  # a process exits after SIGTERM
 FEED_CUT_SECONDS = 3.0  # how long the proxy refuses connections in a feed cut
+OUTAGE_SECONDS = 8.0  # an authority outage: killed, started again this much later (held SVIDs,
+# re-issued at half their 30 s, outlive it; the agents' retries are logged all along)
 LOG_LINES_PER_MINUTE = 300  # the most lines any process may log in any 60 s...
 LOG_LINES_PER_EXCHANGE_RATE = 60  # ...the authority, 60 more per Exchange a second (one per token)
 RECOVERY_DEADLINE = 30.0  # after a fault, every workload connected with valid SVIDs again
@@ -154,6 +157,7 @@ FAULT_KINDS = (
     "agent_sigterm",
     "feed_cut",
     "watcher_kill",
+    "authority_outage",
 )
 T = TypeVar("T")
 
@@ -1110,10 +1114,12 @@ class Soak:
 
     async def inject(self, kind: str, k: int) -> str:
         self.record.note("fault", kind=kind)
-        if kind in ("authority_sigkill", "authority_sigterm"):
+        if kind in ("authority_sigkill", "authority_sigterm", "authority_outage"):
             a = self.authority
-            if kind == "authority_sigkill":
+            if kind != "authority_sigterm":
                 await a.stop(signal.SIGKILL)
+                if kind == "authority_outage":
+                    await asyncio.sleep(OUTAGE_SECONDS)
             elif not await a.stop(signal.SIGTERM):
                 self.record.violation(
                     "stop_slow", f"authority#{a.instances}", f"log: {a.log_tail(8)}"

@@ -43,7 +43,7 @@ def test_soak_three_minutes_without_violations(tmp_path: Path) -> None:
     bounds = report["bounds"]
 
     # Every kind of fault was injected, and the run recovered from each.
-    assert len(report["fault_kinds"]) == 6  # authority and agents SIGKILL and SIGTERM, ...
+    assert len(report["fault_kinds"]) == 7  # authority and agents SIGKILL and SIGTERM, ...
     assert set(report["faults"]) == set(report["fault_kinds"]), report["faults"]
     assert report["fault_count"] >= len(report["fault_kinds"])
     assert report["longest_without_valid_svid_s"] <= bounds["outage_bound_s"], summary
