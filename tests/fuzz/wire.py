@@ -9,6 +9,7 @@ call the server never answers is an outcome (``UNANSWERED``), not a hang.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import struct
@@ -239,6 +240,10 @@ class Connection:
         if isinstance(event, h2.events.ConnectionTerminated):
             self._dead = f"{GOAWAY}: error={event.error_code!r} {event.additional_data!r}"
             return
+        if isinstance(event, h2.events.DataReceived) and event.flow_controlled_length:
+            # Also for a stream already given up: the connection's window must not shrink.
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self._h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
         stream_id = getattr(event, "stream_id", None)
         stream = self._streams.get(stream_id) if stream_id else None
         if stream is None:
@@ -258,8 +263,6 @@ class Connection:
                 )
                 stream.message = headers.get("grpc-message", "")
         elif isinstance(event, h2.events.DataReceived):
-            if event.flow_controlled_length:
-                self._h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             stream.buffer += event.data or b""
             stream.response_bytes += len(event.data or b"")
             while len(stream.buffer) >= 5:
