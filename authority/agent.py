@@ -108,6 +108,7 @@ JWT_CACHE_SIZE = 4096
 UPSTREAM_CALLS = 64
 BACKOFF_INITIAL = 0.5  # every retry loop's backoff: full jitter, doubling from here...
 BACKOFF_MAX = 30.0  # ...up to this
+FEED_BACKOFF_MAX = 5.0  # the revocation feed's cap: what it misses is served meanwhile
 STALE_FEED = dt.timedelta(seconds=15)  # the revocation feed's silence that counts as stale
 OVERDUE = 0.75  # an SVID past this fraction of its life should have been rotated: unhealthy
 SWAP_RETRIES = 3  # a call cut by the agent's own channel swap is made again, this many times
@@ -249,7 +250,7 @@ class NodeAgent:
             self._open_feed,
             stale_after=config.stale_after,
             backoff_initial=BACKOFF_INITIAL,
-            backoff_max=BACKOFF_MAX,
+            backoff_max=FEED_BACKOFF_MAX,
             on_event=lambda _: self._wake.set(),
             on_snapshot=self._wake.set,
         )
@@ -466,6 +467,8 @@ class NodeAgent:
 
     def _reached(self) -> None:
         self._reach.restored()
+        # The authority answers: a revocation feed still waiting out its backoff comes back now.
+        self._watcher.retry_now()
 
     @property
     def reachable(self) -> bool:
@@ -684,6 +687,9 @@ class NodeAgent:
                 if exc.code() is grpc.StatusCode.PERMISSION_DENIED:
                     log.warning("agent signing refused: entry=%s %s", batch[0].id, exc.details())
                     self._refused[batch[0].id] = time.monotonic() + BACKOFF_MAX
+                    # The authority no longer vouches for this identity (revoked, say, while
+                    # the feed was away): what is held for it is not served a moment longer.
+                    self._forget(batch[0].id)
                     continue
                 self._signing_failed(exc)
                 return
@@ -694,6 +700,15 @@ class NodeAgent:
             self._sign_backoff.reset()
             self._sign_retry_at = 0.0
             self._take(batch, keys, list(response.svids))
+
+    def _forget(self, entry_id: str) -> None:
+        held = self._held.pop(entry_id, None)
+        if held is None:
+            return
+        self.stats.dropped += 1
+        log.info("agent dropped: entry=%s spiffe_id=%s", entry_id, held.entry.spiffe_id)
+        self._jwts.clear()
+        self._changes.notify()
 
     async def _sign_call(self, request: pb.SignAgentSVIDsRequest) -> pb.SignAgentSVIDsResponse:
         return await self._call(lambda stub: stub.SignAgentSVIDs(request))

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
 DEFAULT_ADMIN_SOCKET = str(Config().admin_socket_path)
 ADMIN_SOCKET_ENV = "AUTHORITY_ADMIN_SOCKET"
+WATCH_BACKOFF_MAX = 10.0  # `authority watch` is back within this of the authority
 
 _T = TypeVar("_T")
 
@@ -1027,7 +1028,7 @@ def watch(
         mtls_stream if server else admin_stream,
         since=since,
         backoff_initial=backoff.DEFAULT_INITIAL,
-        backoff_max=backoff.DEFAULT_CAP,
+        backoff_max=WATCH_BACKOFF_MAX,
         on_message=shown,
     )
 

@@ -11,6 +11,7 @@ the verifier fails closed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import random
@@ -105,6 +106,7 @@ class RevocationWatcher:
         self.connects = 0
         self.resyncs = 0
         self._synced = asyncio.Event()
+        self._retry = asyncio.Event()  # retry_now(): end the backoff wait of an outage
 
     # --- what a verifier asks -----------------------------------------------------------
 
@@ -157,6 +159,13 @@ class RevocationWatcher:
         await cancel_and_wait([self._task])
         self._task = None
 
+    def retry_now(self) -> None:
+        """The authority is known to answer again (another call to it just succeeded): while
+        the feed is down, end its backoff wait and reconnect at once with a fresh backoff. A
+        revocation follower must not sit out a long jittered wait once its peer is back."""
+        if not self._link.up:
+            self._retry.set()
+
     async def _run(self) -> None:
         while True:
             try:
@@ -180,7 +189,12 @@ class RevocationWatcher:
                 self._link.lost(f"{exc.code().name}: {exc.details()}")
             except Exception as exc:
                 self._link.lost(f"{type(exc).__name__}: {exc}", exc_info=exc)
-            await asyncio.sleep(self._backoff.next_delay())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._backoff.next_delay()):
+                    await self._retry.wait()
+            if self._retry.is_set():
+                self._retry.clear()
+                self._backoff.reset()
 
     def _handle(self, message: pb.RevocationMessage) -> None:
         self._last_heard = time.monotonic()

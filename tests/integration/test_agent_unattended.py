@@ -474,3 +474,28 @@ async def test_an_outage_of_the_authority_is_logged_once_and_the_agent_recovers(
         assert len(restored) == 1
     finally:
         await agent_cm.__aexit__(None, None, None)
+
+
+async def test_an_identity_the_authority_refuses_to_sign_is_dropped_at_once(
+    running: Running, tmp_path: Path, socket_dir: Path
+) -> None:
+    """The agent's revocation feed is away when a workload's SPIFFE ID is revoked. The next time
+    the agent asks for that identity (a CA rotation makes it re-sign), the authority refuses:
+    what the agent still holds for it is not handed out a moment longer, feed or no feed."""
+    socket = socket_dir / "a.sock"
+    entry_id = await node_entry(running, "w", ttl=60)
+    async with running_agent(running, socket, tmp_path / "agent") as agent:
+        await wait_held(agent, entry_id)
+        assert (await fetch_x509(socket)).svids
+        await agent._watcher.close()  # the feed is away: the agent will not hear of it
+        await running.admin().stub.Revoke(
+            apb.RevokeRequest(kind="subject", target=f"{TD}/w", reason="test")
+        )
+        await running.admin().stub.RotateCA(apb.RotateCARequest(immediate=True))
+        await until(lambda: entry_id not in agent._held, "the refused identity dropped")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await fetch_x509(socket)
+        assert err.value.code() in (
+            grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.UNAVAILABLE,
+        )

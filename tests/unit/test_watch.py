@@ -401,3 +401,27 @@ def test_unseen_is_what_a_follower_has_not_had() -> None:
     assert seqs(pruned, 8) == [12]  # what was had already is not had twice
     restored = snapshot(6, event(2), event(6))  # below the follower: another history
     assert seqs(restored, 40) == [2, 6]
+
+
+async def test_retry_now_ends_a_long_backoff_wait_once_the_authority_answers() -> None:
+    """A follower whose backoff has grown (an hour here) is not left waiting once the process
+    knows the authority answers again: ``retry_now`` reconnects it at once, from where it was,
+    with a fresh backoff. While the feed is up it does nothing."""
+    feed = FakeFeed()
+    watcher = RevocationWatcher(feed, backoff_initial=3600.0, backoff_max=3600.0)
+    watcher.start()
+    try:
+        first = await feed.connected(1)
+        first.put_nowait(as_message(event(1)))
+        await settle(lambda: watcher.seq == 1)
+        watcher.retry_now()  # up: no effect
+        first.put_nowait(unavailable())
+        await asyncio.sleep(0.05)
+        assert len(feed.streams) == 1  # waiting out its (hour-long) backoff
+        watcher.retry_now()
+        second = await feed.connected(2)
+        assert feed.since == [0, 1]
+        second.put_nowait(as_message(event(2)))
+        await settle(lambda: watcher.seq == 2)
+    finally:
+        await watcher.close()
