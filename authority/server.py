@@ -24,7 +24,7 @@ import grpc
 import grpclib.server
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from authority import __version__
@@ -33,6 +33,7 @@ from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
 from authority.api import listeners
 from authority.api.admin import AdminService, RefuseAdminHandler
 from authority.api.grpclib_server import UnixSocketServer
+from authority.api.health import HealthServicer
 from authority.api.local import LocalWorkloadService
 from authority.api.revocations import RevocationFeed
 from authority.api.workload import WorkloadService
@@ -210,7 +211,7 @@ class AuthorityServer:
         self.supervisor = Supervisor(
             sleep=sleep, expected=(AuthorityError, OSError), on_change=self._job_changed
         )
-        self._admin_health: health.aio.HealthServicer | None = None  # type: ignore[name-defined]
+        self._admin_health: HealthServicer | None = None
         self._health_updates: set[asyncio.Task[None]] = set()
         self._servers: list[grpc.aio.Server] = []
         self._admin_bound = False  # the admin socket file is ours to remove
@@ -401,8 +402,8 @@ class AuthorityServer:
     @staticmethod
     async def _add_health_and_reflection(
         server: grpc.aio.Server, service: str, *, with_reflection: bool = True
-    ) -> health.aio.HealthServicer:  # type: ignore[name-defined]
-        servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    ) -> HealthServicer:
+        servicer = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
         for name in ("", service):
             await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

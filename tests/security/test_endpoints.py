@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from authority._pb import authority_v1_authority_pb2 as pb
@@ -414,3 +415,21 @@ async def test_reflection_on_public_lists_no_operator_service(
             listed = await _listed_services(channel)
     assert "authority.v1.Workload" in listed
     assert "authority.v1.Admin" not in listed
+
+
+async def test_health_list_on_the_public_port_answers_without_a_traceback(
+    authority: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    """grpc.health.v1 List, unauthenticated on the server-TLS port: the library's servicer
+    raised NotImplementedError (a traceback logged per call); it lists the public services."""
+    caplog.set_level(logging.INFO)
+    async with tls_channel(authority.address, await authority.bundle_pem()) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for _ in range(3):
+            listed = await stub.List(health_pb2.HealthListRequest(), timeout=CALL_TIMEOUT)
+            assert set(listed.statuses) == {"", "authority.v1.Workload"}
+            assert all(
+                s.status == health_pb2.HealthCheckResponse.SERVING for s in listed.statuses.values()
+            )
+    assert "Traceback" not in caplog.text
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
