@@ -39,7 +39,6 @@ from authority.client import (
     SvidFiles,
     WorkloadApiClient,
     WorkloadClient,
-    check_svid_current,
     der_chain_to_pem,
     make_csr,
     read_trust_bundle,
@@ -73,6 +72,13 @@ class CliError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
+def _mtls_port_message(server: str) -> str:
+    return (
+        f"{server} is the mutual-TLS port; --server names the server-TLS port "
+        f"({DEFAULT_TLS_PORT} by default)"
+    )
+
+
 def _run(coro: Coroutine[Any, Any, _T], server: str | None = None) -> _T:
     """Run ``coro``; a failed call is one line. ``server``: the --server the command dialed
     for server-TLS calls; when it turns out to be the mutual-TLS port, the line says so."""
@@ -84,10 +90,7 @@ def _run(coro: Coroutine[Any, Any, _T], server: str | None = None) -> _T:
             and exc.code() is grpc.StatusCode.UNAVAILABLE
             and requires_client_certificate(server)
         ):
-            raise CliError(
-                f"{server} is the mutual-TLS port; --server names the server-TLS port "
-                f"({DEFAULT_TLS_PORT} by default)"
-            ) from None
+            raise CliError(_mtls_port_message(server)) from None
         reason = status_reason(exc)
         suffix = f" [{reason}]" if reason else ""
         raise CliError(f"{exc.code().name}: {exc.details()}{suffix}") from None
@@ -146,6 +149,8 @@ class ServerAddress(click.ParamType):  # type: ignore[type-arg]
 
 
 SERVER = ServerAddress()
+# Read by read_trust_bundle, whose one-line errors cover a missing file and a folder too.
+TRUST_BUNDLE = click.Path(path_type=Path)
 
 admin_socket_option = click.option(
     "--admin-socket",
@@ -507,7 +512,7 @@ def bundle() -> None:
 @click.option(
     "--server", type=SERVER, help="Fetch from a workload endpoint instead of the admin socket."
 )
-@click.option("--trust-bundle", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--trust-bundle", type=TRUST_BUNDLE)
 @admin_socket_option
 @command
 def bundle_show(fmt: str, server: str | None, trust_bundle: Path | None, admin_socket: str) -> None:
@@ -955,7 +960,7 @@ def _event_json(event: pb.RevocationEvent) -> dict[str, Any]:
 @click.option("--heartbeats", is_flag=True, help="Print heartbeats too.")
 @click.option("--server", type=SERVER, help="Subscribe as a relying service does (mutual TLS).")
 @click.option("--svid-dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option("--trust-bundle", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--trust-bundle", type=TRUST_BUNDLE)
 @admin_socket_option
 @command
 def watch(
@@ -978,9 +983,11 @@ def watch(
             f"no admin socket at {admin_socket} (is the authority running? see --admin-socket)"
         )
     if server and svid_dir is not None:
-        check_svid_current(SvidFiles(svid_dir).cert_path.read_bytes())
+        SvidFiles(svid_dir).read_checked()  # once now: a lost stream is retried for ever
     if trust_bundle is not None:
         read_trust_bundle(trust_bundle)  # one line now, not a failure on every reconnect
+    if server and requires_client_certificate(server):  # else it would retry for ever
+        raise CliError(_mtls_port_message(server))
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -1236,7 +1243,7 @@ server_option = click.option(
 )
 @click.option(
     "--trust-bundle",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=TRUST_BUNDLE,
     help="PEM roots that verify the authority (not with --unix).",
 )
 @click.option("--join-token", help="A join token (or '-' to read it from stdin).")
@@ -1322,7 +1329,7 @@ def workload_attest(
 )
 @click.option("--audience", "audiences", required=True, multiple=True)
 @click.option("--ttl", type=DURATION)
-@click.option("--trust-bundle", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--trust-bundle", type=TRUST_BUNDLE)
 @command
 def workload_jwt(
     server: str,
@@ -1398,7 +1405,7 @@ def workload_fetch_jwt(socket: str | None, audiences: tuple[str, ...], spiffe_id
 @click.option(
     "--trust-bundle",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=TRUST_BUNDLE,
     help=(
         "PEM roots that verify the authority at first contact only: afterwards the agent "
         "trusts the latest bundle it received, kept in --data-dir (agent/bundle.pem), so it "

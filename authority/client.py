@@ -24,6 +24,7 @@ from typing import Self
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -153,6 +154,17 @@ class SvidFiles:
             self.bundle_path.read_bytes(),
         )
 
+    def read_checked(self, now: dt.datetime | None = None) -> tuple[bytes, bytes, bytes]:
+        """``read``, refused before anything is dialed when the SVID is not current
+        (``check_svid_current``) or the key is not the certificate's (``InvalidArgument``
+        SVID_KEY_MISMATCH; gRPC would log lines of its own and answer a bare UNAVAILABLE)."""
+        chain, key, bundle = self.read()
+        if not _key_matches(key, check_svid_current(chain, now)):
+            raise InvalidArgument(
+                f"{self.key_path} is not the key of {self.cert_path}", reason="SVID_KEY_MISMATCH"
+            )
+        return chain, key, bundle
+
 
 def check_svid_current(chain_pem: bytes, now: dt.datetime | None = None) -> x509.Certificate:
     """The leaf of ``chain_pem`` (PEM, leaf first) if it is valid at ``now`` (default: the
@@ -196,6 +208,17 @@ def read_trust_bundle(path: Path) -> bytes:
             f"{path} holds no PEM certificate", reason="BAD_TRUST_BUNDLE"
         ) from None
     return pem
+
+
+def _key_matches(key_pem: bytes, leaf: x509.Certificate) -> bool:
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return False
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    return key.public_key().public_bytes(
+        serialization.Encoding.DER, public
+    ) == leaf.public_key().public_bytes(serialization.Encoding.DER, public)
 
 
 def requires_client_certificate(address: str, timeout: float = 3.0) -> bool:
@@ -428,9 +451,9 @@ class WorkloadClient:
     def from_svid_dir(cls, server: str, folder: Path, trust_bundle: Path | None = None) -> Self:
         """A client holding the SVID saved in ``folder``: refused before anything is dialed
         (``FailedPrecondition``) when that SVID has expired or is not valid yet, which the
-        mutual-TLS endpoint would otherwise answer with a bare closed socket."""
-        chain, key, bundle = SvidFiles(folder).read()
-        check_svid_current(chain)
+        mutual-TLS endpoint would otherwise answer with a bare closed socket, or when its key
+        is not the certificate's (``SvidFiles.read_checked``)."""
+        chain, key, bundle = SvidFiles(folder).read_checked()
         if trust_bundle is not None:
             bundle = read_trust_bundle(trust_bundle)
         return cls(server, bundle, svid_chain_pem=chain, svid_key_pem=key)

@@ -31,6 +31,7 @@ from tests.helpers import (
     start_serve,
 )
 from tests.integration.test_cli import AGENT, assert_one_error_line, attest, bundle_file
+from tests.security._attack import key_pem
 
 TD = "example.org"
 WORKLOAD = f"spiffe://{TD}/startup/w"
@@ -491,3 +492,47 @@ def test_the_agent_logs_json_lines_without_its_join_token(
     (refusal,) = [r for r in records if r.get("reason") == "NO_IDENTITY_ISSUED"]
     assert refusal["peer"].startswith(f"local uid={os.getuid()} pid=")
     assert token not in text
+
+
+def test_a_folder_given_as_trust_bundle_is_one_line(tmp_path: Path) -> None:
+    folder = tmp_path / "bundles"
+    folder.mkdir()
+    for args in _trust_bundle_commands(folder, tmp_path, free_address()):
+        result = run(*args)
+        assert assert_one_error_line(result) == (
+            f"error: cannot read trust bundle {folder}: Is a directory"
+        )
+        assert_clean(result)
+
+
+def test_an_svid_folder_whose_key_is_not_the_certificate_s_is_one_line(
+    served: ServeProcess, tmp_path: Path
+) -> None:
+    folder = tmp_path / "svid"
+    attest(served, WORKLOAD, folder)
+    (folder / "svid.key").write_bytes(key_pem(new_key()))
+    for args in (
+        ("workload", "jwt", "--audience", "a"),
+        (
+            "workload",
+            "renew",
+        ),
+        ("watch",),
+    ):
+        result = served.cli(
+            *args, "--server", served.address, "--svid-dir", str(folder), check=False
+        )
+        line = assert_one_error_line(result)
+        assert line == f"error: {folder / 'svid.key'} is not the key of {folder / 'svid.pem'}"
+        assert_clean(result)
+
+
+def test_watching_at_the_mutual_tls_port_says_so(served: ServeProcess, tmp_path: Path) -> None:
+    """``watch`` retries a lost stream for ever: the wrong port is said before the first try."""
+    attest(served, WORKLOAD, tmp_path / "svid")
+    result = served.cli(
+        "watch", "--server", served.mtls_address, "--svid-dir", str(tmp_path / "svid"),
+        check=False,
+    )  # fmt: skip
+    assert_one_error_line(result, f"{served.mtls_address} is the mutual-TLS port")
+    assert_clean(result)
