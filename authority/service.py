@@ -98,8 +98,12 @@ class Authority:
         revocations: RevocationService,
         reserved_dns_names: Sequence[str] = (),
         reserved_ids: Sequence[SpiffeId] = (),
+        workload_api_attestor: str = "unix",
     ) -> None:
         self.revocations = revocations
+        # The type of the selectors the authority's own Workload API finds (the built-in unix
+        # plugin, unless an instance of that name is registered): entries may name it.
+        self._workload_api_attestor = workload_api_attestor
         self.ca = ca
         self._store = store
         self.attestors = attestors
@@ -164,13 +168,14 @@ class Authority:
                 "admin entries are served by the authority alone, not through a node agent"
             )
         parsed = self._entry_selectors(selectors, parent)
+        x509_ttl, jwt_ttl = self._entry_ttls(x509_ttl, jwt_ttl)
         unchecked = self._unproducible(parsed, parent, force=force)
         entry = RegistrationEntry(
             id=str(uuid.uuid4()),
             spiffe_id=sid,
             selectors=parsed,
-            x509_ttl=self._ttl(x509_ttl, self._limits.default_x509_ttl, self._limits.max_x509_ttl),
-            jwt_ttl=self._ttl(jwt_ttl, self._limits.default_jwt_ttl, self._limits.max_jwt_ttl),
+            x509_ttl=x509_ttl,
+            jwt_ttl=jwt_ttl,
             dns_names=self._entry_dns_names(dns_names),
             admin=admin,
             created_at=self._clock.now().replace(microsecond=0),
@@ -212,14 +217,11 @@ class Authority:
             parsed = self._entry_selectors(selectors, current.parent_id)
             unchecked = self._unproducible(parsed, current.parent_id, force=force)
             changes["selectors"] = parsed
+        new_x509_ttl, new_jwt_ttl = self._entry_ttls(x509_ttl, jwt_ttl)
         if x509_ttl is not None:
-            changes["x509_ttl"] = self._ttl(
-                x509_ttl, self._limits.default_x509_ttl, self._limits.max_x509_ttl
-            )
+            changes["x509_ttl"] = new_x509_ttl
         if jwt_ttl is not None:
-            changes["jwt_ttl"] = self._ttl(
-                jwt_ttl, self._limits.default_jwt_ttl, self._limits.max_jwt_ttl
-            )
+            changes["jwt_ttl"] = new_jwt_ttl
         if dns_names is not None:
             changes["dns_names"] = self._entry_dns_names(dns_names)
         if record_prompts is not None:
@@ -273,13 +275,15 @@ class Authority:
 
         An entry of the authority's: the selector's type must name a registered attestor
         instance, and its value be ``KEY:VALUE`` with a key the instance's plugin declares it
-        can produce. A node entry: its selectors are produced on the node by the agent's own
-        unix attestor (under the type the agent was given, ``unix`` by default), which is not
-        registered here: only the key is checked, against the unix plugin's."""
+        can produce; or name the authority's own Workload API attestor (``unix`` by default,
+        the built-in unix plugin when no instance of that name is registered). A node entry:
+        its selectors are produced on the node by the agent's own unix attestor (under the type
+        the agent was given, ``unix`` by default), which is not registered here: only the key
+        is checked, against the unix plugin's."""
         unchecked: list[str] = []
         for selector in sorted(selectors, key=str):
             try:
-                _check_producible(selector, parent, self.attestors)
+                _check_producible(selector, parent, self.attestors, self._workload_api_attestor)
             except InvalidArgument:
                 if not force:
                     raise
@@ -309,16 +313,29 @@ class Authority:
         )
 
     def _ttl(
-        self, value: dt.timedelta | None, default: dt.timedelta, cap: dt.timedelta
+        self,
+        value: dt.timedelta | None,
+        default: dt.timedelta,
+        cap: dt.timedelta,
+        what: str = "TTL",
     ) -> dt.timedelta:
         if value is None or value == dt.timedelta(0):
             return default
         if value < self._limits.min_ttl or value > cap:
             raise InvalidArgument(
-                f"TTL must be between {format_duration(self._limits.min_ttl)} and "
+                f"{what} must be between {format_duration(self._limits.min_ttl)} and "
                 f"{format_duration(cap)}"
             )
         return value
+
+    def _entry_ttls(
+        self, x509_ttl: dt.timedelta | None, jwt_ttl: dt.timedelta | None
+    ) -> tuple[dt.timedelta, dt.timedelta]:
+        limits = self._limits
+        return (
+            self._ttl(x509_ttl, limits.default_x509_ttl, limits.max_x509_ttl, "X.509-SVID TTL"),
+            self._ttl(jwt_ttl, limits.default_jwt_ttl, limits.max_jwt_ttl, "JWT-SVID TTL"),
+        )
 
     def list_entries(self) -> list[RegistrationEntry]:
         return sorted(self._entries.values(), key=lambda e: (e.spiffe_id, e.id))
@@ -1020,19 +1037,25 @@ def _entry_details(entry: RegistrationEntry) -> dict[str, object]:
     }
 
 
-def _check_producible(selector: Selector, parent: SpiffeId | None, attestors: AttestorHost) -> None:
+def _check_producible(
+    selector: Selector, parent: SpiffeId | None, attestors: AttestorHost, workload_api: str
+) -> None:
     """InvalidArgument when no workload could present ``selector`` (see ``_unproducible``)."""
     key, sep, rest = selector.value.partition(":")
     if parent is not None:
         where = "the node agent's unix attestor (node entries)"
         kinds: frozenset[str] | None = UnixAttestor.selector_kinds
+    elif selector.type == workload_api and not attestors.is_registered(selector.type):
+        where = f"the Workload API's built-in unix attestor {selector.type!r}"
+        kinds = UnixAttestor.selector_kinds
     else:
         if not attestors.is_registered(selector.type):
             registered = ", ".join(r.name for r in attestors.instances()) or "none"
             raise InvalidArgument(
-                f"selector {str(selector)[:128]!r}: no attestor named {selector.type!r} is "
-                f"registered (registered: {registered}); register it first, or --force for an "
-                "attestor registered later",
+                f"selector {str(selector)[:128]!r}: no attestor named {selector.type[:64]!r} "
+                f"is registered (registered: {registered}; the Workload API's: "
+                f"{workload_api}); register it first, or --force for an attestor registered "
+                "later",
                 reason="SELECTOR_UNKNOWN_ATTESTOR",
             )
         plugin = attestors.get(selector.type).plugin
@@ -1040,7 +1063,8 @@ def _check_producible(selector: Selector, parent: SpiffeId | None, attestors: At
         kinds = attestors.selector_kinds(selector.type)
     if not sep or not key or not rest:
         raise InvalidArgument(
-            f"selector {str(selector)[:128]!r}: {where} produces {selector.type}:KEY:VALUE",
+            f"selector {str(selector)[:128]!r}: {where} produces {selector.type}:KEY:VALUE "
+            "(--force to create it anyway)",
             reason="SELECTOR_KIND",
         )
     if kinds is not None and key not in kinds:

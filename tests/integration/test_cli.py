@@ -86,14 +86,15 @@ def leaf(folder: Path) -> x509.Certificate:
 
 
 def test_entry_create_list_show_delete_json(served: ServeProcess) -> None:
+    served.cli("attestor", "register", "local", "--plugin", "unix")
     created = create_entry(
-        served, AGENT, "--selector", "join_token:extra:value", "--x509-ttl", "10m",
+        served, AGENT, "--selector", "local:uid:1000", "--x509-ttl", "10m",
         "--jwt-ttl", "2m", "--dns-name", "agent.internal", "--admin",
     )  # fmt: skip
     assert created["spiffe_id"] == AGENT
     assert sorted((s["type"], s["value"]) for s in created["selectors"]) == [
-        ("join_token", "extra:value"),
         ("join_token", f"spiffe_id:{AGENT}"),
+        ("local", "uid:1000"),
     ]
     assert int(created["x509_ttl_seconds"]) == 600
     assert int(created["jwt_ttl_seconds"]) == 120

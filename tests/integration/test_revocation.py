@@ -547,9 +547,13 @@ async def test_security_event_tokens_verify_with_the_published_task_keys(
     replies = [
         await admin.Revoke(pb.RevokeRequest(kind="jti", target=issued.jti, reason="r1")),
         await admin.Revoke(
-            pb.RevokeRequest(kind="subject", target="spiffe://example.org/x", reason="r2")
+            pb.RevokeRequest(
+                kind="subject", target="spiffe://example.org/x", reason="r2", preemptive=True
+            )
         ),
-        await admin.Revoke(pb.RevokeRequest(kind="attestor", target="nobody", reason="r3")),
+        await admin.Revoke(
+            pb.RevokeRequest(kind="attestor", target="nobody", reason="r3", preemptive=True)
+        ),
     ]
     expected_types = [SESSION_REVOKED, SESSION_REVOKED, CREDENTIAL_CHANGE]
     for reply, event_type in zip(replies, expected_types, strict=True):
@@ -603,7 +607,9 @@ async def test_a_subscriber_behind_the_retention_window_gets_a_snapshot_and_conv
         recorder = Recorder(stub_stream(admin))
         options: dict[str, Any] = {"wall_clock": lambda: clock.now().timestamp()}
         async with watching(recorder, **options) as watcher:
-            await admin.Revoke(pb.RevokeRequest(kind="subject", target=first, reason="a"))
+            await admin.Revoke(
+                pb.RevokeRequest(kind="subject", target=first, reason="a", preemptive=True)
+            )
             await eventually(lambda: watcher.seq == 1, "the first revocation")
         assert recorder.bodies.count("snapshot") == 0
         last_seen = watcher.seq
@@ -612,12 +618,17 @@ async def test_a_subscriber_behind_the_retention_window_gets_a_snapshot_and_conv
         # forgets both, and a new one is made.
         await admin.Revoke(
             pb.RevokeRequest(
-                kind="subject", target="spiffe://example.org/victim/missed", reason="b"
+                kind="subject",
+                target="spiffe://example.org/victim/missed",
+                reason="b",
+                preemptive=True,
             )
         )
         clock.advance(dt.timedelta(days=1, hours=3))
         late = "spiffe://example.org/victim/late"
-        kept = await admin.Revoke(pb.RevokeRequest(kind="subject", target=late, reason="c"))
+        kept = await admin.Revoke(
+            pb.RevokeRequest(kind="subject", target=late, reason="c", preemptive=True)
+        )
         assert server._store is not None
         assert await server._store.prune(clock.now()) >= 2
         low, head = await server._store.revocation_bounds()
@@ -683,7 +694,9 @@ async def test_a_cut_feed_fails_closed_after_the_bound_and_recovers(
         agent = await running.attested("spiffe://example.org/agent/steady", tmp_path / "agent")
         issued = await exchange_read(agent)
         before = await running.admin().stub.Revoke(
-            pb.RevokeRequest(kind="subject", target="spiffe://example.org/victim/0", reason="x")
+            pb.RevokeRequest(
+                kind="subject", target="spiffe://example.org/victim/0", reason="x", preemptive=True
+            )
         )
         watcher = service.watcher
         await eventually(lambda: watcher.seq == before.revocations[0].seq, "the first event")
@@ -779,7 +792,7 @@ def test_cli_revoke_and_watch_json(served: ServeProcess, tmp_path: Path) -> None
         assert f"revoked task {task_id}" in revoked_task.stdout
         revoked_subject = served.cli(
             "revoke", "--spiffe-id", "spiffe://example.org/victim/cli", "--reason", "gone",
-            "--format", "json",
+            "--preemptive", "--format", "json",
         )  # fmt: skip
         assert json.loads(revoked_subject.stdout)["kind"] == "subject"
         assert watch.stdout is not None

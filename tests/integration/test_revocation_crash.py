@@ -196,7 +196,9 @@ class Writer:
             self.in_flight = target
             try:
                 reply = await self.stub.Revoke(
-                    pb.RevokeRequest(kind="subject", target=target, reason="crash test"),
+                    pb.RevokeRequest(
+                        kind="subject", target=target, reason="crash test", preemptive=True
+                    ),
                     timeout=10,
                     wait_for_ready=wait_for_ready,
                 )

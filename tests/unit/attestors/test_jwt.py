@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from attestors.api import AttestationRefused, Attestor, ConfigError
-from attestors.jwt_attestor import JwtAttestor
+from attestors.jwt_attestor import PRESETS, JwtAttestor
 from attestors.testing import FakeHost, ScriptedContext
 from authority.attestation import AttestorHost
 from authority.clock import FakeClock
@@ -180,6 +180,17 @@ async def test_a_github_actions_token_attests_with_keys_from_a_file(
     assert selectors["workflow"] == "release"
     assert selectors["sub"] == "repo:octo-org/app:ref:refs/heads/main"
     assert "environment" not in selectors  # absent claims make no selector
+    # Declared keys: sub and the kind's claims (entry create refuses others).
+    assert set(selectors) <= attestor.selector_kinds
+    assert "environment" in attestor.selector_kinds
+
+
+async def test_the_declared_selector_kinds_follow_the_configuration() -> None:
+    attestor = k8s(selector_claims={"team": "extra/team"})
+    assert attestor.selector_kinds == {"sub", "team", *PRESETS["kubernetes"]}
+    attested = await attestor.attest(sign(k8s_claims(extra={"team": "blue"})), ScriptedContext())
+    assert ("team", "blue") in attested.selectors
+    assert {k for k, _ in attested.selectors} <= attestor.selector_kinds
 
 
 async def test_an_inline_jwks_may_be_json_text() -> None:

@@ -102,6 +102,8 @@ async def test_the_selectors_come_from_the_kernel() -> None:
             ("group", grp.getgrgid(os.getgid()).gr_name),
         ]
     )
+    # The keys it declares (entry create refuses others) are exactly those it produces.
+    assert {k for k, _ in attested.selectors} == UnixAttestor.selector_kinds
     assert attested.bound_spiffe_id is None
     assert ctx.payloads == []
 

@@ -110,6 +110,8 @@ async def test_a_key_holder_attests_with_every_selector() -> None:
             ("ca_fingerprint", fingerprint(ca[0])),
         ]
     )
+    # The keys it declares (entry create refuses others) are exactly those it produces.
+    assert {k for k, _ in attested.selectors} == X509PopAttestor.selector_kinds
     assert attested.bound_spiffe_id is None
     assert attested.can_reattest is True
     assert len(ctx.payloads) == 1
