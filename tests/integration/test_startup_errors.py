@@ -22,7 +22,10 @@ import grpc
 import pytest
 
 from authority.api.status import REFUSAL_LOG_BURST, REFUSAL_LOG_WINDOW
+from authority.binding import ADDRESS_IN_USE
 from authority.client import WorkloadClient, new_key
+from authority.errors import FailedPrecondition
+from authority.server import _add_secure_port
 from tests.helpers import (
     ServeProcess,
     authority_command,
@@ -536,3 +539,14 @@ def test_watching_at_the_mutual_tls_port_says_so(served: ServeProcess, tmp_path:
     )  # fmt: skip
     assert_one_error_line(result, f"{served.mtls_address} is the mutual-TLS port")
     assert_clean(result)
+
+
+async def test_a_port_taken_after_the_check_is_the_same_one_line_error() -> None:
+    """The check and gRPC's bind are two steps: a port taken between them (a race) is refused
+    by the bind in the same words, not with gRPC's RuntimeError."""
+    server = grpc.aio.server()
+    with tcp_listener() as taken, pytest.raises(FailedPrecondition) as refused:
+        _add_secure_port(server, taken, "listen", grpc.local_server_credentials())
+    assert str(refused.value) == f"{taken} is already in use (listen); another authority running?"
+    assert refused.value.reason == ADDRESS_IN_USE
+    await server.stop(None)
