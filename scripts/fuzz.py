@@ -82,8 +82,10 @@ def main() -> int:
         round_ = 0
         try:
             while time.monotonic() < deadline and server.alive():
-                # The admin RPCs may have rotated the CA: verify against the current bundle.
-                server.refresh_targets()
+                # The admin RPCs may have rotated the CA or revoked the SVID: a fresh one, and
+                # the current bundle to verify the server against.
+                if (reason := server.reattest()) is not None:
+                    print(f"no fresh SVID for the mutual-TLS port this round: {reason}")
                 for connection in connections.values():
                     connection.close()
                 connections = {e: Connection(server.targets[e]) for e in ENDPOINTS}
