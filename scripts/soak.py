@@ -13,9 +13,11 @@ What runs, all on loopback and Unix sockets under temporary folders (removed at 
   AGENT_SVID_TTL, so their renewals keep meeting their entries' rotations), restarted later
   with the ``--trust-bundle`` they were first given and no token (as a unit file would);
 * ``--workloads`` workloads (asyncio tasks here, half on each agent), each holding a Workload API
-  ``FetchX509SVID`` stream through ``authority.client.WorkloadApiClient`` and reconnecting when
-  it breaks; every agent has three node entries (``unix:uid:<uid>``, 30-second X.509-SVIDs) that
-  each of its workloads must hold;
+  ``FetchX509SVID`` stream on the stub of ``authority.client.WorkloadApiClient`` and reconnecting
+  (0.1-2 s, jittered) when it breaks, so the soak knows when each is connected; every agent has
+  three node entries (``unix:uid:<uid>``, 30-second X.509-SVIDs) that each of its workloads
+  must hold; and ``--library-workloads`` more through ``WorkloadApiClient.watch_x509_svids``
+  (the library's own reconnects and backoff), of which only the gaps are checked;
 * an Exchange load (``--exchanges-per-second``, the example Cedar policy's ``read metrics``)
   over mutual TLS with the SVIDs the workloads hold;
 * five ``authority watch --format json`` processes reading the revocation feed;
@@ -81,6 +83,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -111,12 +114,18 @@ from _benchlib import (  # noqa: E402
     percentile,
 )
 from cryptography import x509  # noqa: E402
+from cryptography.exceptions import InvalidSignature  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
 import authority  # noqa: E402
 from authority._pb import authority_v1_authority_pb2 as pb  # noqa: E402
 from authority._pb import spiffe_workload_pb2 as wpb  # noqa: E402
-from authority.client import AdminClient, WorkloadApiClient, WorkloadClient  # noqa: E402
+from authority.client import (  # noqa: E402
+    AdminClient,
+    FetchedX509Svid,
+    WorkloadApiClient,
+    WorkloadClient,
+)
 
 # --- the bounds, stated -------------------------------------------------------------------------
 
@@ -454,10 +463,33 @@ class Parser:
             bundle_der=key[1],
         )
 
+    def fetched(self, svid: FetchedX509Svid) -> Svid:
+        """The same from what ``WorkloadApiClient.watch_x509_svids`` yields (PEM)."""
+        key = (svid.chain_pem, svid.bundle_pem)
+        known = self._cache.get(key)
+        if known is None:
+            known = self._check(
+                x509.load_pem_x509_certificates(svid.chain_pem),
+                x509.load_pem_x509_certificates(svid.bundle_pem),
+            )
+            if len(self._cache) > 2048:
+                self._cache.clear()
+            self._cache[key] = known
+        serial, issuer, not_before, not_after, ok = known
+        return Svid(svid.spiffe_id, serial, issuer, not_before, not_after, ok, b"", b"", b"")
+
     @staticmethod
     def _parse(chain_der: bytes, bundle_der: bytes) -> tuple[str, str, float, float, bool]:
-        chain = [x509.load_der_x509_certificate(c) for c in split_der(chain_der)]
-        roots = [x509.load_der_x509_certificate(c) for c in split_der(bundle_der)]
+        return Parser._check(
+            [x509.load_der_x509_certificate(c) for c in split_der(chain_der)],
+            [x509.load_der_x509_certificate(c) for c in split_der(bundle_der)],
+        )
+
+    @staticmethod
+    def _check(
+        chain: list[x509.Certificate], roots: list[x509.Certificate]
+    ) -> tuple[str, str, float, float, bool]:
+        """Serial, issuer, life, and whether the chain verifies up to one of ``roots``."""
         leaf = chain[0]
         ok = True
         try:
@@ -471,7 +503,7 @@ class Parser:
                 ok = False
             else:
                 top.verify_directly_issued_by(anchors[0])
-        except (ValueError, TypeError, x509.InvalidSignature):
+        except (ValueError, TypeError, InvalidSignature):
             ok = False
         return (
             format(leaf.serial_number, "x"),
@@ -495,6 +527,9 @@ class Workload:
     gap_since: float | None = None  # when it last stopped holding a valid SVID for each entry
     longest_gap: float = 0.0
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    # Through WorkloadApiClient.watch_x509_svids (its own reconnects, which it does not report:
+    # such a workload is never "connected", so only its gaps are checked).
+    library: bool = False
 
 
 # --- the soak -------------------------------------------------------------------------------------
@@ -534,6 +569,14 @@ class Soak:
             Proxy(self.proxy_mtls_port, self.mtls_port),
         ]
         self.admin_socket = sockets / "admin.sock"
+        # What the client library logs in this process (its reconnects), as a process would.
+        self.client_log = work / "soak-clients.log"
+        self.log_handler = logging.FileHandler(self.client_log)
+        self.log_handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        )
+        logging.getLogger("authority").addHandler(self.log_handler)
+        logging.getLogger("authority").setLevel(logging.INFO)
         self.bundle_file = work / "bundle.pem"  # what the agents were first given
         self.authority = Proc("authority")
         self.agents = {name: Proc(f"agent-{name}") for name in AGENTS}
@@ -689,7 +732,7 @@ class Soak:
 
     async def restart_agent(self, name: str, why: str) -> None:
         """Start it as its unit file would (the first bundle, no token); when that fails, record
-        it and start it with the current bundle, so the soak goes on."""
+        it and start it with the current bundle, then from scratch, so the soak goes on."""
         if await self.start_agent(name):
             return
         a = self.agents[name]
@@ -702,11 +745,27 @@ class Soak:
         _, out, _ = await self.cli("bundle", "show")
         fresh = self.work / f"bundle-now-{a.instances}.pem"
         fresh.write_text(out)
-        if not await self.start_agent(name, bundle=fresh):
+        if await self.start_agent(name, bundle=fresh):
+            return
+        self.record.violation(
+            "restart_failed",
+            f"agent-{name}#{a.instances}",
+            f"with the current bundle too (exit {a.returncode()}); log: {a.log_tail(8)}",
+        )
+        # Last resort, so the soak goes on: a fresh data directory and a new join token.
+        await asyncio.to_thread(shutil.rmtree, self.work / f"agent-{name}", True)
+        created = await self.admin(
+            lambda stub: stub.CreateJoinToken(
+                pb.CreateJoinTokenRequest(spiffe_id=agent_id(name), ttl_seconds=600),
+                timeout=RPC_TIMEOUT,
+            )
+        )
+        self.record.note("agent attested again", agent=name)
+        if not await self.start_agent(name, token=created.token, bundle=fresh):
             self.record.violation(
                 "restart_failed",
                 f"agent-{name}#{a.instances}",
-                f"with the current bundle too (exit {a.returncode()}); log: {a.log_tail(8)}",
+                f"attesting again too (exit {a.returncode()}); log: {a.log_tail(8)}",
             )
 
     # --- watchers ---
@@ -782,13 +841,22 @@ class Soak:
             await asyncio.sleep(self.jitter.uniform(delay / 2, delay))
             delay = min(2.0, delay * 2)
 
+    async def hold_library(self, w: Workload) -> None:
+        """The same through the client library's own reconnecting stream."""
+        async with WorkloadApiClient(w.socket) as client:
+            async for svids in client.watch_x509_svids():
+                w.messages += 1
+                self.receive(w, [self.parser.fetched(s) for s in svids])
+
     def on_message(self, w: Workload, reply: wpb.X509SVIDResponse) -> None:
-        now = time.time()
         w.messages += 1
         w.connected = True
+        self.receive(w, [self.parser.svid(item) for item in reply.svids])
+
+    def receive(self, w: Workload, svids: list[Svid]) -> None:
+        now = time.time()
         held = {}
-        for item in reply.svids:
-            svid = self.parser.svid(item)
+        for svid in svids:
             held[svid.spiffe_id] = svid
             if svid.not_after < now:
                 self.record.violation(
@@ -899,10 +967,11 @@ class Soak:
             intent=pb.Intent(action="read", resource="metrics/prod", purpose="soak"),
             audience="metrics-api",
         )
+        raw = [w for w in self.workloads if not w.library]  # those that hold the keys as sent
         try:
             while not self.stopping.is_set():
                 began = time.monotonic()
-                w = self.workloads[n % len(self.workloads)]
+                w = raw[n % len(raw)]
                 n += 1
                 svid = w.held.get(self.entries[w.agent][0])
                 if svid is not None and svid.not_after > time.time():
@@ -1161,11 +1230,15 @@ class Soak:
         await asyncio.sleep(0.5)
         while not self.stopping.is_set():
             now = time.time()
-            if all(w.connected and w.gap_since is None for w in self.workloads):
+            if all(w.library or (w.connected and not w.gap_since) for w in self.workloads):
                 figures["recovered_s"] = round(now - began, 2)
                 return
             if time.monotonic() > deadline:
-                lagging = [w.name for w in self.workloads if not w.connected or w.gap_since]
+                lagging = [
+                    w.name
+                    for w in self.workloads
+                    if not w.library and (not w.connected or w.gap_since)
+                ]
                 self.record.violation(
                     "slow_recovery",
                     f"{kind}@{figures['at_s']}",
@@ -1197,16 +1270,17 @@ class Soak:
                         "cpu_s": round(cpu_seconds(pid), 2),
                     }
                 )
-        for p in (self.authority, *self.agents.values(), *self.watchers):
+        logs = [(p.role, p.logs) for p in (self.authority, *self.agents.values(), *self.watchers)]
+        for role, paths in [*logs, ("soak", [self.client_log])]:
             count = 0
-            for log in p.logs:
+            for log in paths:
                 offset = self.log_offsets.get(log, 0)
                 with contextlib.suppress(OSError), open(log, "rb") as f:
                     f.seek(offset)
                     data = f.read()
                     self.log_offsets[log] = offset + len(data)
                     count += data.count(b"\n")
-            self.log_ticks[p.role].append((now, count))
+            self.log_ticks[role].append((now, count))
 
     async def prober(self) -> None:
         """Each agent's health check, every second: SERVING while its workloads have been
@@ -1287,7 +1361,14 @@ class Soak:
         for i in range(self.args.workloads):
             name = AGENTS[i % len(AGENTS)]
             self.workloads.append(Workload(f"w{i:02d}", name, self.agent_socket(name)))
-        self.tasks += [self.spawn(self.hold(w)) for w in self.workloads]
+        for i in range(self.args.library_workloads):
+            name = AGENTS[i % len(AGENTS)]
+            self.workloads.append(
+                Workload(f"lib{i:02d}", name, self.agent_socket(name), library=True)
+            )
+        self.tasks += [
+            self.spawn(self.hold_library(w) if w.library else self.hold(w)) for w in self.workloads
+        ]
         self.tasks.append(self.spawn(self.checker()))
         async with asyncio.timeout(60):
             await asyncio.gather(*(w.ready.wait() for w in self.workloads))
@@ -1354,6 +1435,8 @@ class Soak:
                     self.record.violation("stop_slow", f"{p.role}#{p.instances}", "at the end")
         for proxy in self.proxies:
             await proxy.close()
+        logging.getLogger("authority").removeHandler(self.log_handler)
+        self.log_handler.close()
         self.exits = exits
 
     # --- the report ---
@@ -1404,6 +1487,7 @@ class Soak:
             "minutes": self.args.minutes,
             "seed": self.args.seed,
             "workloads": len(self.workloads),
+            "library_workloads": sum(w.library for w in self.workloads),
             "bounds": {
                 "svid_ttl_s": SVID_TTL,
                 "expiry_grace_s": EXPIRY_GRACE,
@@ -1527,8 +1611,8 @@ def summary(report: dict[str, Any]) -> str:
         return "-" if missing else f"{value}"
 
     lines = [
-        f"soak: {report['minutes']} min, seed {report['seed']}, {report['workloads']} workloads, "
-        f"{WATCHERS} watchers, 2 agents",
+        f"soak: {report['minutes']} min, seed {report['seed']}, {report['workloads']} workloads "
+        f"({report['library_workloads']} through watch_x509_svids), {WATCHERS} watchers, 2 agents",
         f"faults injected: {report['fault_count']} {report['faults']}",
         f"violations: {report['violation_count']}",
     ]
@@ -1574,6 +1658,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--report", help="write the report (JSON) here")
     parser.add_argument("--workloads", type=int, default=24)
+    parser.add_argument(
+        "--library-workloads",
+        type=int,
+        default=4,
+        help="more, through WorkloadApiClient.watch_x509_svids (only their gaps are checked)",
+    )
     parser.add_argument("--exchanges-per-second", type=float, default=2.0)
     parser.add_argument("--fault-every", type=float, help="seconds (default: 20, or 45 past 5 min)")
     parser.add_argument("--rotate-every", type=float, help="seconds (default: 40, or 150)")
