@@ -11,6 +11,8 @@ the same words (``address_in_use``).
 from __future__ import annotations
 
 import errno
+import fcntl
+import os
 import socket
 from collections.abc import Iterable
 from pathlib import Path
@@ -70,6 +72,21 @@ def check_unix_socket_free(path: Path, key: str, program: str = "authority") -> 
     raise address_in_use(path, key, program)
 
 
+def lock_data_dir(path: Path) -> int:
+    """Create ``path`` (0700) if it is missing and hold an exclusive lock on it for the life of
+    the returned descriptor (``flock``, released by the kernel when the process dies): a second
+    authority on the same data directory, whatever its sockets, is refused (``address_in_use``
+    under the key ``data_dir``) before it opens the database or the keys."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise address_in_use(path, "data_dir") from None
+    return fd
+
+
 def check_free(tcp: Iterable[tuple[str, str]], unix: Iterable[tuple[Path, str]]) -> None:
     """Every (address, key) of ``tcp`` and (path, key) of ``unix``, in order; two TCP keys
     naming the same address are refused too."""
@@ -89,4 +106,5 @@ __all__ = [
     "check_free",
     "check_tcp_free",
     "check_unix_socket_free",
+    "lock_data_dir",
 ]

@@ -39,7 +39,7 @@ from authority.api.revocations import RevocationFeed
 from authority.api.workload import WorkloadService
 from authority.api.workload_api import AuthoritySource, SpiffeWorkloadApi
 from authority.attestation import AttestorHost
-from authority.binding import address_in_use, check_free
+from authority.binding import address_in_use, check_free, lock_data_dir
 from authority.ca import CertificateAuthority, Upstream
 from authority.changes import ChangeNotifier
 from authority.clock import Clock, SystemClock
@@ -215,6 +215,7 @@ class AuthorityServer:
         self._health_updates: set[asyncio.Task[None]] = set()
         self._servers: list[grpc.aio.Server] = []
         self._admin_bound = False  # the admin socket file is ours to remove
+        self._data_dir_lock: int | None = None  # held while serving (binding.lock_data_dir)
         self._store: SqliteStore | None = None
         self._local: grpclib.server.Server | None = None
         self._workload_api: grpclib.server.Server | None = None
@@ -243,12 +244,12 @@ class AuthorityServer:
                 ),
             ],
         )
+        self._data_dir_lock = lock_data_dir(config.data_dir)  # created here, 0700
         # The attest socket, and the Workload API's when it is served.
         local_sockets = 1 + (config.workload_api_socket is not None)
         fds = listeners.ensure_fd_limit(config.limits, local_sockets)
         self._local_connections = fds.per_local_socket
         data_dir = config.data_dir
-        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(data_dir, 0o700)
         self._store = store = await SqliteStore.open(data_dir / "authority.db")
         upstream = None
@@ -479,7 +480,8 @@ class AuthorityServer:
 
     async def stop(self, grace: float = 5.0) -> None:
         if self._store is None and not self._servers:
-            return  # nothing was started (a start refused before it created anything)
+            self._unlock_data_dir()
+            return  # nothing was started (a start refused before it opened the store)
         await self.supervisor.stop()
         await asyncio.gather(*self._health_updates, return_exceptions=True)
         if self._store is not None and self.authority is not None:
@@ -509,7 +511,13 @@ class AuthorityServer:
         if self._admin_bound:  # never another authority's (a start refused as in use)
             self.config.admin_socket_path.unlink(missing_ok=True)
             self._admin_bound = False
+        self._unlock_data_dir()
         log.info("authority stopped")
+
+    def _unlock_data_dir(self) -> None:
+        if self._data_dir_lock is not None:
+            os.close(self._data_dir_lock)
+            self._data_dir_lock = None
 
 
 async def serve(config: Config, stop: asyncio.Event) -> None:

@@ -140,6 +140,24 @@ def test_a_running_authority_s_data_directory_is_left_alone(
     assert list(socket_dir.iterdir()) == []
 
 
+def test_a_running_authority_s_data_directory_is_locked(
+    served: ServeProcess, tmp_path: Path, socket_dir: Path
+) -> None:
+    """Same data directory, every socket elsewhere: the directory's lock refuses it, before
+    the database or the keys are opened."""
+    config = tmp_path / "elsewhere.toml"
+    config.write_text(f'local_socket = "{socket_dir / "attest.sock"}"\n')
+    before = sorted(p.name for p in served.data_dir.rglob("*"))
+    result = run(
+        *serve_args(served.data_dir, socket_dir, free_address(), free_address()),
+        "--config", str(config),
+    )  # fmt: skip
+    assert_in_use(result, served.data_dir, "data_dir")
+    assert sorted(p.name for p in served.data_dir.rglob("*")) == before
+    assert list(socket_dir.iterdir()) == []
+    assert served.cli("entry", "list").returncode == 0
+
+
 def test_a_taken_workload_api_socket_is_one_line(tmp_path: Path, socket_dir: Path) -> None:
     data_dir = tmp_path / "fresh"
     with unix_listener(socket_dir / "workload.sock") as taken:
