@@ -342,7 +342,9 @@ async def run_one(
 ) -> tuple[RunReport, tuple[float, float], tuple[float, float]]:
     """Grow to ``n`` streams (from ``attached_before``), then time the revocations."""
     head = (await admin.Revoke(
-        pb.RevokeRequest(kind="subject", target=f"spiffe://{TRUST_DOMAIN}/warm/{n}", reason="w")
+        pb.RevokeRequest(  # made-up subjects: revoked before they exist
+            kind="subject", target=f"spiffe://{TRUST_DOMAIN}/warm/{n}", reason="w", preemptive=True
+        )
     )).revocations[0].seq  # fmt: skip
     rss_before = server.rss_kib()
     shares = split_evenly(n, len(subscribers))
@@ -369,7 +371,8 @@ async def run_one(
         target = f"spiffe://{TRUST_DOMAIN}/victim/{next(victims)}"
         started = time.monotonic()
         reply = await admin.Revoke(
-            pb.RevokeRequest(kind="subject", target=target, reason="bench"), timeout=RPC_TIMEOUT
+            pb.RevokeRequest(kind="subject", target=target, reason="bench", preemptive=True),
+            timeout=RPC_TIMEOUT,
         )
         returned = time.monotonic()
         timings[reply.revocations[0].seq] = (started, returned)
