@@ -1513,6 +1513,9 @@ class Soak:
             "fault_recoveries": self.fault_recoveries,
             "longest_without_valid_svid_s": round(longest.longest_gap, 2),
             "longest_without_valid_svid_workload": longest.name,
+            "without_valid_svid_by_workload_s": {
+                w.name: round(w.longest_gap, 2) for w in self.workloads if w.longest_gap > 0
+            },
             "revocations": len(self.revocations),
             "revocations_missed": missed,
             "watch_latency_s": {
