@@ -11,7 +11,6 @@ import base64
 import contextlib
 import datetime as dt
 import json
-import logging
 import os
 import signal
 import sys
@@ -988,9 +987,7 @@ def watch(
         read_trust_bundle(trust_bundle)  # one line now, not a failure on every reconnect
     if server and requires_client_certificate(server):  # else it would retry for ever
         raise CliError(_mtls_port_message(server))
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure("INFO")
 
     def show(message: pb.RevocationMessage, last: int) -> None:
         """``last``: the position before ``message``; what is at or below it was printed."""
