@@ -181,6 +181,7 @@ class PolicyAdmin:
                 "policy_id": state.policy_id,
                 "version": state.version,
                 "backend": state.backend,
+                "tests": state.tests_total,
                 "trigger": "file change",
             },
         )
