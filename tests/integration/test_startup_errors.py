@@ -415,8 +415,17 @@ def test_json_log_lines_parse_and_carry_no_token(tmp_path: Path) -> None:
             check=False,
         )  # fmt: skip
         assert again.returncode != 0  # a join token is single-use: refused, and logged
+        # A JWT-SVID is not a task token: presented as one, it is refused, and logged.
+        delegated = served.cli(
+            "workload", "delegate", "--server", served.address,
+            "--svid-dir", str(tmp_path / "svid"), "--token", jwt_svid,
+            "--to-svid", str(tmp_path / "svid" / "svid.pem"), check=False,
+        )  # fmt: skip
+        assert delegated.returncode != 0
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and '"JOIN_TOKEN_USED"' not in served.log():
+        while time.monotonic() < deadline and not (
+            '"JOIN_TOKEN_USED"' in served.log() and "WorkloadService.Delegate" in served.log()
+        ):
             time.sleep(0.1)
     log = served.log()
     records = [json.loads(line) for line in log.splitlines()]
@@ -428,6 +437,10 @@ def test_json_log_lines_parse_and_carry_no_token(tmp_path: Path) -> None:
     assert refusal["code"] == "PERMISSION_DENIED"
     assert refusal["method"] == "WorkloadService.Attest"
     assert refusal["peer"].startswith("ipv4:127.0.0.1:")
+    assert refusal["spiffe_id"] is None  # server TLS: no SVID, the address names the caller
+    (bad_token,) = [r for r in records if r.get("method") == "WorkloadService.Delegate"]
+    assert bad_token["code"] in ("UNAUTHENTICATED", "PERMISSION_DENIED")
+    assert bad_token["spiffe_id"] == WORKLOAD
     assert join_token
     assert join_token not in log
     assert jwt_svid
