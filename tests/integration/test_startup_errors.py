@@ -397,6 +397,24 @@ def test_a_denied_exchange_is_logged_with_the_caller_s_spiffe_id(
     assert "method=WorkloadService.Exchange" in line
 
 
+def test_a_revoked_caller_is_logged_with_its_spiffe_id(
+    served: ServeProcess, tmp_path: Path
+) -> None:
+    attest(served, WORKLOAD, tmp_path / "svid")
+    served.cli("revoke", "--spiffe-id", WORKLOAD, "--reason", "test")
+    result = served.cli(
+        "workload", "jwt", "--server", served.address, "--svid-dir", str(tmp_path / "svid"),
+        "--audience", "svc", check=False,
+    )  # fmt: skip
+    assert_one_error_line(result, "PERMISSION_DENIED", "[SUBJECT_REVOKED]")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not _refused(served.log(), "SUBJECT_REVOKED"):
+        time.sleep(0.1)
+    (line,) = _refused(served.log(), "SUBJECT_REVOKED")
+    assert f"spiffe_id={WORKLOAD} peer=ipv4:127.0.0.1:" in line
+    assert "method=WorkloadService.FetchJWTSVID" in line
+
+
 def test_json_log_lines_parse_and_carry_no_token(tmp_path: Path) -> None:
     with serve_process(tmp_path / "data", "--log-format", "json") as served:
         join_token = served.cli("token", "create", "--spiffe-id", WORKLOAD).stdout.strip()
