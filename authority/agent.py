@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -635,8 +636,10 @@ class NodeAgent:
                 self.stats.dropped += 1
                 log.info("agent dropped: entry=%s spiffe_id=%s", entry_id, held.entry.spiffe_id)
                 continue
-            kept[entry_id] = held
-        if len(kept) != len(self._held):
+            # An entry updated since it was signed (entry update: selectors, TTLs): what is
+            # held is served under the entry as it is now, not as it was.
+            kept[entry_id] = held if held.entry == entry else dataclasses.replace(held, entry=entry)
+        if kept != self._held:
             self._held = kept
             self._jwts.clear()
             self._changes.notify()

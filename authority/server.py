@@ -286,6 +286,7 @@ class AuthorityServer:
             limits=config.limits,
             reserved_dns_names=config.server_dns_names,
             reserved_ids=(server_spiffe_id(config),),
+            workload_api_attestor=config.workload_api_attestor,
         )
         await authority.start()
         self.policy = policy = PolicyAdmin.start(

@@ -51,6 +51,7 @@ from tests.helpers import (
     wait_held,
 )
 from tests.helpers import test_config as make_config
+from tests.security._attack import reason_of
 
 HEADER = (("workload.spiffe.io", "true"),)
 TD = "spiffe://example.org"
@@ -405,19 +406,9 @@ async def test_entry_created_while_streaming_is_picked_up(api: Api) -> None:
         call.cancel()
 
 
-async def test_entry_updated_while_streaming_is_followed(
-    api: Api, request: pytest.FixtureRequest
-) -> None:
+async def test_entry_updated_while_streaming_is_followed(api: Api) -> None:
     """``entry update`` is pushed like a creation: an entry whose selectors no longer match
     this workload leaves its stream, and comes back when they match again."""
-    if api.agent is not None:
-        # The agent gets the updated entry (SyncAgent), but matches callers against the entry
-        # as it was when it signed what it holds (HeldSvid.entry), until the next rotation.
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True, reason="agent matches held SVIDs by their entry at signing"
-            )
-        )
     await api.entry("stays", f"uid:{UID}")
     moving = await api.entry("moving", f"uid:{UID}")
     admin = api.running.admin().stub
@@ -654,3 +645,30 @@ def test_serve_option_serves_the_workload_api(tmp_path: Path) -> None:
         assert not socket.exists()
     finally:
         shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+async def test_entries_may_name_the_configured_workload_api_attestor(
+    tmp_path: Path, socket_dir: Path
+) -> None:
+    """``workload_api_attestor = "local"``: entries for the authority's own Workload API name
+    ``local:uid:...`` without an instance registered, and ``unix:`` is then an attestor no
+    workload can present (refused SELECTOR_UNKNOWN_ATTESTOR)."""
+    config = dataclasses.replace(_config(tmp_path, socket_dir), workload_api_attestor="local")
+    async with running_authority(config) as running:
+        admin = running.admin().stub
+        created = await admin.CreateEntry(
+            apb.CreateEntryRequest(
+                spiffe_id=f"{TD}/local-one",
+                selectors=[apb.Selector(type="local", value=f"uid:{UID}")],
+            )
+        )
+        assert created.id
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await admin.CreateEntry(
+                apb.CreateEntryRequest(
+                    spiffe_id=f"{TD}/unix-one",
+                    selectors=[apb.Selector(type="unix", value=f"uid:{UID}")],
+                )
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert reason_of(err.value) == "SELECTOR_UNKNOWN_ATTESTOR"
