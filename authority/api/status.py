@@ -43,6 +43,10 @@ CODES: tuple[tuple[type[errors.AuthorityError], grpc.StatusCode], ...] = (
     (errors.Internal, grpc.StatusCode.INTERNAL),
 )
 GENERIC_INTERNAL = "internal error; the server log has the details"
+# A status message may quote what the caller sent (an id, a name): past this it is cut, so an
+# answer's trailers stay far below gRPC's 16 KiB metadata limit (a client would otherwise get an
+# error of its own instead of the status) and a log line stays a line.
+MAX_STATUS_MESSAGE_CHARS = 1024
 REFUSAL_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 REFUSAL_LOG_BURST = 10  # lines per reason per window, then one summary line
 REFUSAL_LOG_WINDOW = 10.0  # seconds
@@ -120,6 +124,13 @@ def code_for(exc: errors.AuthorityError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def bounded_message(message: str) -> str:
+    """``message`` as a status (or a log line) carries it: at most MAX_STATUS_MESSAGE_CHARS."""
+    if len(message) <= MAX_STATUS_MESSAGE_CHARS:
+        return message
+    return f"{message[:MAX_STATUS_MESSAGE_CHARS]}... ({len(message)} characters)"
+
+
 async def abort(
     context: grpc.aio.ServicerContext[Any, Any],
     exc: errors.AuthorityError,
@@ -130,10 +141,10 @@ async def abort(
     (a relying service's interceptor and the listeners' guard log their own)."""
     code = code_for(exc)
     if code is grpc.StatusCode.INTERNAL:
-        log.error("internal error: reason=%s %s", exc.reason, exc.message)
+        log.error("internal error: reason=%s %s", exc.reason, bounded_message(exc.message))
         message = GENERIC_INTERNAL
     else:
-        message = exc.message
+        message = bounded_message(exc.message)
         if where is not None:
             log_refusal(exc, code, where, functools.partial(_grpc_caller, context))
     await context.abort(code, message, trailing_metadata=((REASON_KEY, exc.reason),))
@@ -201,9 +212,9 @@ async def fail_grpclib_stream(
 ) -> None:
     """The same mapping for the grpclib endpoints (Unix sockets): the status as trailers."""
     code = code_for(exc)
-    message = exc.message
+    message = bounded_message(exc.message)
     if code is grpc.StatusCode.INTERNAL:
-        log.error("internal error: reason=%s %s", exc.reason, exc.message)
+        log.error("internal error: reason=%s %s", exc.reason, message)
         message = GENERIC_INTERNAL
     else:
         method = str(getattr(stream, "_method_name", "") or "unknown")

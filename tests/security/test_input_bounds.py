@@ -272,3 +272,35 @@ async def test_end_task_reason_over_the_limit_is_invalid_argument(
 
     assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "TOO_LONG")
     assert audit_rows(authority) == before
+
+
+LONG_ID = "A" * 65537
+
+
+@pytest.mark.parametrize(
+    ("rpc", "request_message"),
+    [
+        ("GetEntry", pb.GetEntryRequest(id=LONG_ID)),
+        ("DeleteEntry", pb.DeleteEntryRequest(id=LONG_ID)),
+        ("GetAttestor", pb.GetAttestorRequest(name=LONG_ID)),
+        ("UnregisterAttestor", pb.UnregisterAttestorRequest(name=LONG_ID)),
+        ("GetApproval", pb.GetApprovalRequest(id=LONG_ID)),
+    ],
+)
+async def test_a_64k_id_is_not_echoed_back_in_full(
+    authority: Running, rpc: str, request_message: object, tmp_path: Path
+) -> None:
+    """An id or name of 64 KiB that names nothing: the answer is that status (not a client-side
+    error for trailers past gRPC's 16 KiB metadata limit), its message cut to a bounded size."""
+    admin = authority.admin().stub
+    if rpc == "GetApproval":
+        holder = await authority.attested(AGENT, tmp_path / "svid")
+        call = (await holder.mtls_stub()).GetApproval(request_message)
+    else:
+        call = getattr(admin, rpc)(request_message)
+    err = await rpc_error(call)
+    assert err.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT), (
+        err.code(),
+        (err.details() or "")[:200],
+    )
+    assert len(err.details() or "") <= 1100
