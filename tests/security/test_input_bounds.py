@@ -295,6 +295,7 @@ async def test_a_64k_id_is_not_echoed_back_in_full(
     admin = authority.admin().stub
     if rpc == "GetApproval":
         holder = await authority.attested(AGENT, tmp_path / "svid")
+        assert isinstance(request_message, pb.GetApprovalRequest)
         call = (await holder.mtls_stub()).GetApproval(request_message)
     else:
         call = getattr(admin, rpc)(request_message)
