@@ -960,7 +960,8 @@ class Soak:
     # --- Exchange load ---
 
     async def exchange_load(self) -> None:
-        clients: dict[str, WorkloadClient] = {}
+        # One client per (SVID, bundle) held: a workload builds its TLS from what it was sent.
+        clients: dict[tuple[str, bytes], WorkloadClient] = {}
         period = 1.0 / self.args.exchanges_per_second
         n = 0
         request = pb.ExchangeRequest(
@@ -975,25 +976,27 @@ class Soak:
                 n += 1
                 svid = w.held.get(self.entries[w.agent][0])
                 if svid is not None and svid.not_after > time.time():
-                    client = clients.get(svid.serial)
+                    key = (svid.serial, svid.bundle_der)
+                    client = clients.get(key)
                     if client is None:
-                        for serial in [s for s in clients if s not in self.held_serials()]:
-                            await clients.pop(serial).close()
+                        held = self.held_svids()
+                        for gone in [k for k in clients if k not in held]:
+                            await clients.pop(gone).close()
                         client = WorkloadClient(
                             f"{LOOPBACK}:{self.proxy_port}",
                             der_to_pem(svid.bundle_der),
                             svid_chain_pem=der_to_pem(svid.chain_der),
                             svid_key_pem=key_pem(svid.key_der),
                         )
-                        clients[svid.serial] = client
+                        clients[key] = client
                     await self.exchange_once(client, request)
                 await asyncio.sleep(max(0.0, period - (time.monotonic() - began)))
         finally:
             for client in clients.values():
                 await client.close()
 
-    def held_serials(self) -> set[str]:
-        return {s.serial for w in self.workloads for s in w.held.values()}
+    def held_svids(self) -> set[tuple[str, bytes]]:
+        return {(s.serial, s.bundle_der) for w in self.workloads for s in w.held.values()}
 
     async def exchange_once(self, client: WorkloadClient, request: pb.ExchangeRequest) -> None:
         try:
