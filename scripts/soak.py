@@ -1295,7 +1295,8 @@ class Soak:
                     continue
                 ok = await asyncio.to_thread(serving, self.agent_socket(name))
                 self.health[name][ok] += 1
-                mine = [w for w in self.workloads if w.agent == name]
+                # The soak's own streams (the library's may be waiting out its own backoff).
+                mine = [w for w in self.workloads if w.agent == name and not w.library]
                 stale = [w for w in mine if w.gap_since and now - w.gap_since > OUTAGE_BOUND]
                 if ok and stale:
                     self.record.violation(
