@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.fuzz.conftest import Fuzzing
 from tests.fuzz.harness import (
     MEMORY_BOUND_MB,
     Rpc,
@@ -29,6 +29,9 @@ from tests.fuzz.harness import (
     save_bad_cases,
     still_answers,
 )
+
+if TYPE_CHECKING:
+    from tests.fuzz.conftest import Fuzzing
 
 pytestmark = pytest.mark.fuzz
 
