@@ -49,6 +49,10 @@ from tests.helpers import ServeProcess, short_socket_dir, start_serve
 TD = "spiffe://example.org"
 WORKLOAD_ID = f"{TD}/fuzz/workload"
 MEMORY_BOUND_MB = 50  # server RSS growth allowed over a whole fuzz run
+# Server log written during one RPC's batch (at most 64 cases): refusals are one rate-limited
+# line each, so this is far above what they write (~5 KB at most, measured) and far below what
+# echoing a hostile 300 KB value, or a traceback per request, would.
+LOG_BOUND_BYTES = 64 * 1024
 TRACEBACK = "Traceback (most recent call last)"
 WORKLOAD_API_HEADER = (("workload.spiffe.io", "true"),)
 

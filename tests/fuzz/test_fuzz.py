@@ -5,11 +5,13 @@ endpoints: the server-TLS port, the mutual-TLS port (with an attested SVID), the
 socket, the SPIFFE Workload API socket and the admin socket. Each RPC gets a deterministic batch
 of well-typed hostile messages generated from its descriptor and of malformed requests
 (``tests/fuzz/strategies.py``); after each batch: no INTERNAL or UNKNOWN status, every call
-answered, no traceback in the server's log, the server's memory within ``MEMORY_BOUND_MB`` of
-where it started. At the end every endpoint still answers.
+answered, no traceback in the server's log and less than ``LOG_BOUND_BYTES`` of it, the
+server's memory within ``MEMORY_BOUND_MB`` of where it started. At the end every endpoint
+still answers.
 
 ``FUZZ_REPORT_ONLY=1`` records the failures without failing (to watch fixes land);
 ``FUZZ_SUMMARY=PATH`` writes the per-RPC table and the failing requests (``PATH.jsonl``).
+``FUZZ_ANSWER_WITHIN=S`` (default 10) is how long a call may go unanswered.
 The longer run before a release is ``scripts/fuzz.py --minutes N``.
 """
 
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.fuzz.harness import (
+    LOG_BOUND_BYTES,
     MEMORY_BOUND_MB,
     Rpc,
     all_rpcs,
@@ -80,6 +83,8 @@ def test_hostile_requests(fuzzing: Fuzzing, rpc: Rpc) -> None:
     # Hypothesis stops early once a small input space is exhausted (an empty request type).
     assert 0 < report.cases <= messages + raw
     problems = report.failures()
+    if report.log_bytes > LOG_BOUND_BYTES:
+        problems.append(f"{rpc.name}: the server logged {report.log_bytes} bytes for one batch")
     growth_mb = (report.rss_after_kb - fuzzing.rss_start_kb) / 1024
     if growth_mb > MEMORY_BOUND_MB:
         problems.append(f"{rpc.name}: server RSS grew {growth_mb:.0f} MB (bound {MEMORY_BOUND_MB})")
