@@ -16,7 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import message_factory
-from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
+from google.protobuf.descriptor import (
+    Descriptor,
+    FieldDescriptor,
+    MethodDescriptor,
+    OneofDescriptor,
+)
 from google.protobuf.message import Message
 from hypothesis import strategies as st
 
@@ -257,6 +262,11 @@ def _make(descriptor: Descriptor, cls: type[Message], values: dict[str, Any]) ->
     return message
 
 
+def _synthetic(oneof: OneofDescriptor) -> bool:
+    """proto3 ``optional``: a oneof of one field, named after it with a leading underscore."""
+    return len(oneof.fields) == 1 and oneof.name == f"_{oneof.fields[0].name}"
+
+
 def _deferred(fd: FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
     """Built when first drawn: recursive message types need not be walked to the end."""
     return st.deferred(lambda: field_strategy(fd, depth))
@@ -271,17 +281,15 @@ def message_strategy(descriptor: Descriptor, depth: int = 0) -> st.SearchStrateg
         return st.just(cls())
     plain: dict[str, st.SearchStrategy[Any]] = {}
     oneofs: list[st.SearchStrategy[tuple[str, Any] | None]] = []
-    for oneof in descriptor.oneofs:
-        members = [fd for fd in oneof.fields]
-        if len(members) == 1 and members[0].has_presence and oneof.name.startswith("_"):
-            continue  # a synthetic oneof (proto3 optional): a plain field
+    real_oneofs = [o for o in descriptor.oneofs if not _synthetic(o)]
+    for oneof in real_oneofs:
         oneofs.append(
             st.one_of(
                 st.none(),
-                *(st.tuples(st.just(fd.name), _deferred(fd, depth)) for fd in members),
+                *(st.tuples(st.just(fd.name), _deferred(fd, depth)) for fd in oneof.fields),
             )
         )
-    in_oneof = {fd.name for o in descriptor.oneofs for fd in o.fields if not o.name.startswith("_")}
+    in_oneof = {fd.name for oneof in real_oneofs for fd in oneof.fields}
     for fd in descriptor.fields:
         if fd.name in in_oneof:
             continue
