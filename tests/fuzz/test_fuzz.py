@@ -11,7 +11,7 @@ still answers.
 
 ``FUZZ_REPORT_ONLY=1`` records the failures without failing (to watch fixes land);
 ``FUZZ_SUMMARY=PATH`` writes the per-RPC table and the failing requests (``PATH.jsonl``).
-``FUZZ_ANSWER_WITHIN=S`` (default 10) is how long a call may go unanswered.
+``FUZZ_ANSWER_WITHIN=S`` (default 5) is how long a call may go unanswered.
 The longer run before a release is ``scripts/fuzz.py --minutes N``.
 """
 
