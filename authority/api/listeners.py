@@ -191,11 +191,14 @@ class _Malformed:
 MALFORMED = _Malformed()
 
 
+NO_MESSAGE = "the request holds no complete message"
+
+
 class MalformedRequest(InvalidArgument):
     reason = "MALFORMED_REQUEST"
 
-    def __init__(self) -> None:
-        super().__init__("the request message could not be decoded")
+    def __init__(self, message: str = "the request message could not be decoded") -> None:
+        super().__init__(message)
 
 
 def _guarded(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
@@ -320,10 +323,16 @@ class RequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             """The request, or its checking iterator; refuses what must be refused."""
             if handler.request_streaming:
                 return guard._checked(request, context, method)
-            if request is MALFORMED:
+            # A single-request method is served as a request stream (see _single): here
+            # ``request`` is that stream, and the method gets its first message.
+            first = await anext(aiter(request), None)
+            if first is None:
+                guard._log.note(context, method)
+                await abort(context, MalformedRequest(NO_MESSAGE))
+            if first is MALFORMED:
                 guard._log.note(context, method)
                 await abort(context, MalformedRequest())
-            return request
+            return first
 
         if inspect.isasyncgenfunction(inner):
             generator = behave
@@ -351,13 +360,13 @@ class RequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
             behavior = called
 
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(behavior, guarded, serializer)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(behavior, guarded, serializer)
+        # Every method is registered request-streaming. grpc core never answers a call to a
+        # single-request handler whose body holds no complete message (none, a cut length
+        # prefix, a length that lies): the call waits until the client gives up. As a request
+        # stream, the end of the body reaches Python and is refused (INVALID_ARGUMENT).
         if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(behavior, guarded, serializer)
-        return grpc.unary_unary_rpc_method_handler(behavior, guarded, serializer)
+            return grpc.stream_stream_rpc_method_handler(behavior, guarded, serializer)
+        return grpc.stream_unary_rpc_method_handler(behavior, guarded, serializer)
 
 
 __all__ = [

@@ -20,6 +20,7 @@ from authority._pb import authority_v1_authority_pb2 as pb
 from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
 from authority.client import SvidFiles, WorkloadClient, make_csr, new_key
 from authority.ids import SpiffeId
+from tests.fuzz.wire import Connection, Outcome, grpc_frame, tls_target
 from tests.helpers import Running, running_authority
 from tests.helpers import test_config as make_config
 from tests.security._attack import (
@@ -433,3 +434,27 @@ async def test_health_list_on_the_public_port_answers_without_a_traceback(
             )
     assert "Traceback" not in caplog.text
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(
+    ("case", "frames"),
+    [
+        ("no message", []),
+        ("half a length prefix", [b"\x00\x00"]),
+        ("a length that lies", [grpc_frame(b"\x08", length=4)]),
+    ],
+)
+@pytest.mark.parametrize("method", ["/authority.v1.Workload/Ping", "/grpc.health.v1.Health/Check"])
+async def test_a_request_without_a_complete_message_is_answered(
+    authority: Running, case: str, frames: list[bytes], method: str
+) -> None:
+    """grpc core never answers a single-request call whose body ends before one whole message:
+    the call hung until the client gave up. Served as a request stream, it is refused."""
+    target = tls_target("tls", authority.address, await authority.bundle_pem())
+
+    def call() -> Outcome:
+        with Connection(target) as connection:
+            return connection.call(method, frames, answer_within=CALL_TIMEOUT)
+
+    outcome = await asyncio.to_thread(call)
+    assert outcome.status == "INVALID_ARGUMENT", (case, outcome)
