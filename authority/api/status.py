@@ -14,6 +14,7 @@ counting those left out.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -147,7 +148,24 @@ async def abort(
         message = bounded_message(exc.message)
         if where is not None:
             log_refusal(exc, code, where, functools.partial(_grpc_caller, context))
-    await context.abort(code, message, trailing_metadata=((REASON_KEY, exc.reason),))
+    await _end(context, code, message, exc.reason)
+
+
+async def _end(
+    context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, message: str, reason: str
+) -> NoReturn:
+    """``context.abort``; a call its client has already left (cancelled between the refusal and
+    the answer) has nobody to answer: the handler ends as cancelled, without grpc's traceback
+    for an answer it could not send."""
+    try:
+        await context.abort(code, message, trailing_metadata=((REASON_KEY, reason),))
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        if not context.cancelled() and not context.done():
+            raise
+        log.debug("call ended before its %s answer could be sent", code.name)
+        raise asyncio.CancelledError from None
     raise AssertionError("unreachable")  # context.abort always raises
 
 
@@ -161,12 +179,7 @@ async def _fail(
     if isinstance(exc, errors.AuthorityError):
         await abort(context, exc, where=where)
     log.error("unhandled error in %s", where, exc_info=exc)
-    await context.abort(
-        grpc.StatusCode.INTERNAL,
-        GENERIC_INTERNAL,
-        trailing_metadata=((REASON_KEY, errors.Internal.reason),),
-    )
-    raise AssertionError("unreachable")  # context.abort always raises
+    await _end(context, grpc.StatusCode.INTERNAL, GENERIC_INTERNAL, errors.Internal.reason)
 
 
 _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
