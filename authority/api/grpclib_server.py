@@ -239,6 +239,10 @@ class _StrictCodec(ProtoCodec):
             raise _malformed("the request message does not decode", "MALFORMED_MESSAGE") from None
 
 
+# What grpclib's proto codec serves (its request handler checks the same, answering UNKNOWN).
+_CONTENT_TYPES = frozenset({"application/grpc", "application/grpc+proto"})
+
+
 def _check_headers(headers: _Headers) -> tuple[_Headers, float | None]:
     """The headers without ``grpc-timeout`` (enforced here) and the deadline it sets (seconds
     from now), or InvalidArgument."""
@@ -349,15 +353,22 @@ class _Handler(grpclib.server.Handler):
             finally:
                 release_stream()
             return
-        content_type = next((v for k, v in headers if k == "content-type"), "")
-        if not content_type.startswith("application/grpc"):  # grpclib answers HTTP 415
-            self._refusals.refused("BAD_CONTENT_TYPE", transport, method[:128])
+        http_status = "200"
         try:
+            content_type = next((v for k, v in headers if k == "content-type"), "")
+            if content_type not in _CONTENT_TYPES:
+                # HTTP 415 as the gRPC spec has it (grpclib's own answer said UNKNOWN).
+                http_status = "415"
+                raise InvalidArgument(
+                    "content-type must be application/grpc", reason="BAD_CONTENT_TYPE"
+                )
+            if [v for k, v in headers if k == "te"] != ["trailers"]:
+                raise InvalidArgument('a gRPC request carries "te: trailers"', reason="BAD_HEADER")
             kept, timeout = _check_headers(headers)
         except InvalidArgument as exc:
             try:
                 self._refusals.refused(exc.reason, transport, method[:128])
-                await _refuse_headers(stream, exc)
+                await _refuse_headers(stream, exc, http_status)
             finally:
                 release_stream()
             return
@@ -380,11 +391,11 @@ async def _reset(stream: H2Stream, code: h2.errors.ErrorCodes) -> None:
             await stream.reset(code)
 
 
-async def _refuse_headers(stream: H2Stream, exc: AuthorityError) -> None:
+async def _refuse_headers(stream: H2Stream, exc: AuthorityError, http_status: str = "200") -> None:
     """A trailers-only answer to a request refused before grpclib saw it."""
     status = grpclib.const.Status[code_for(exc).name]
     headers = [
-        (":status", "200"),
+        (":status", http_status),
         ("content-type", "application/grpc+proto"),
         ("grpc-status", str(status.value)),
         ("grpc-message", encode_grpc_message(exc.message)),

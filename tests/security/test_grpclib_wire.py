@@ -512,8 +512,28 @@ async def test_a_wrong_content_type_is_refused_415(
                 target.method, framed(b""), target.extra, content_type="text/plain"
             )
         assert answer.header(":status") == "415", (target.name, answer)
+        assert answer.status == INVALID_ARGUMENT, (target.name, answer)  # grpclib said UNKNOWN
         await target.normal_call()
     assert_clean_log(caplog, "BAD_CONTENT_TYPE")
+
+
+async def test_a_request_without_te_trailers_is_invalid_argument(
+    sockets: Sockets, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``te: gzip`` (or none) instead of ``te: trailers``: grpclib answered UNKNOWN."""
+    for target in sockets.targets:
+        for case in ("none", "gzip as well"):
+            async with RawH2.open(target.socket) as client:
+                if case == "none":
+                    answer = await client.call(
+                        target.method, framed(b""), target.extra, without=["te"]
+                    )
+                else:
+                    extra = [*target.extra, ("te", "gzip")]
+                    answer = await client.call(target.method, framed(b""), extra)
+            assert answer.status == INVALID_ARGUMENT, (target.name, case, answer)
+        await target.normal_call()
+    assert_clean_log(caplog, "BAD_HEADER")
 
 
 async def test_a_request_without_a_path_is_reset(
