@@ -355,8 +355,8 @@ class _Handler(grpclib.server.Handler):
             return
         http_status = "200"
         try:
-            content_type = next((v for k, v in headers if k == "content-type"), "")
-            if content_type not in _CONTENT_TYPES:
+            content_types = [v for k, v in headers if k == "content-type"]
+            if len(content_types) != 1 or content_types[0] not in _CONTENT_TYPES:
                 # HTTP 415 as the gRPC spec has it (grpclib's own answer said UNKNOWN).
                 http_status = "415"
                 raise InvalidArgument(

@@ -513,6 +513,11 @@ async def test_a_wrong_content_type_is_refused_415(
             )
         assert answer.header(":status") == "415", (target.name, answer)
         assert answer.status == INVALID_ARGUMENT, (target.name, answer)  # grpclib said UNKNOWN
+        async with RawH2.open(target.socket) as client:  # a second one, after a right one
+            answer = await client.call(
+                target.method, framed(b""), [*target.extra, ("content-type", "application/json")]
+            )
+        assert answer.status == INVALID_ARGUMENT, (target.name, answer)
         await target.normal_call()
     assert_clean_log(caplog, "BAD_CONTENT_TYPE")
 
