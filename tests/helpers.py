@@ -21,8 +21,10 @@ from cryptography import x509
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority.agent import AgentConfig, AttestProof, NodeAgent
 from authority.client import AdminClient, WorkloadClient, der_chain_to_pem
+from authority.clock import Clock
 from authority.config import Config, Limits
 from authority.server import AuthorityServer
+from authority.supervisor import Sleep
 
 
 def short_socket_dir() -> Path:
@@ -95,8 +97,12 @@ def test_config(data_dir: Path, socket_dir: Path, **limits: object) -> Config:
 
 
 @contextlib.asynccontextmanager
-async def running_authority(config: Config) -> AsyncIterator[Running]:
-    server = AuthorityServer(config)
+async def running_authority(
+    config: Config, clock: Clock | None = None, *, sleep: Sleep = asyncio.sleep
+) -> AsyncIterator[Running]:
+    """A real authority on ``config`` (on ``clock``, its scheduled jobs waiting with ``sleep``
+    when a test gives them), stopped at the end."""
+    server = AuthorityServer(config, clock=clock, sleep=sleep)
     await server.start()
     running = Running(
         server, config.data_dir, config.admin_socket_path, server.port, server.mtls_port

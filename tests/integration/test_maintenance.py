@@ -30,9 +30,8 @@ from authority.server import (
     CA_JOB,
     POLICY_JOB,
     SERVER_CERT_JOB,
-    AuthorityServer,
 )
-from tests.helpers import Running
+from tests.helpers import Running, running_authority
 from tests.helpers import test_config as make_config
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -54,16 +53,8 @@ async def running_on(
     config = dataclasses.replace(
         make_config(config_path / "data", socket_dir), policy_files=(str(policy),)
     )
-    server = AuthorityServer(config, clock=clock, sleep=quick)
-    await server.start()
-    running = Running(
-        server, config.data_dir, config.admin_socket_path, server.port, server.mtls_port
-    )
-    try:
+    async with running_authority(config, clock, sleep=quick) as running:
         yield running
-    finally:
-        await running.close_clients()
-        await server.stop(grace=0.5)
 
 
 async def health(running: Running, service: str) -> int:

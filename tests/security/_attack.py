@@ -23,8 +23,7 @@ from authority.api.status import REASON_KEY
 from authority.client import make_csr, new_key
 from authority.clock import Clock
 from authority.config import Config
-from authority.server import AuthorityServer
-from tests.helpers import Running
+from tests.helpers import Running, running_authority
 
 TD = "example.org"
 AGENT = f"spiffe://{TD}/agent/one"
@@ -40,16 +39,8 @@ PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 @contextlib.asynccontextmanager
 async def running_with_clock(config: Config, clock: Clock | None) -> AsyncIterator[Running]:
     """``tests.helpers.running_authority`` with a clock of the test's choosing."""
-    server = AuthorityServer(config, clock=clock)
-    await server.start()
-    running = Running(
-        server, config.data_dir, config.admin_socket_path, server.port, server.mtls_port
-    )
-    try:
+    async with running_authority(config, clock) as running:
         yield running
-    finally:
-        await running.close_clients()
-        await server.stop(grace=0.5)
 
 
 # --- statuses ----------------------------------------------------------------------------------
