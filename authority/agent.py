@@ -174,6 +174,25 @@ class NodeEntry:
         )
 
 
+def _union_pem(saved: bytes | None, configured: bytes) -> bytes:
+    """The certificates of both PEM bundles, each once (saved first)."""
+    if not saved:
+        return configured
+    seen: set[bytes] = set()
+    blocks: list[bytes] = []
+    for pem in (saved, configured):
+        try:
+            certificates = x509.load_pem_x509_certificates(pem)
+        except ValueError:
+            continue
+        for cert in certificates:
+            der = cert.public_bytes(serialization.Encoding.DER)
+            if der not in seen:
+                seen.add(der)
+                blocks.append(cert.public_bytes(serialization.Encoding.PEM))
+    return b"".join(blocks) or configured
+
+
 @dataclass(frozen=True, slots=True)
 class HeldSvid:
     """The X.509-SVID the agent holds for one entry (its key never leaves this process)."""
@@ -215,7 +234,7 @@ class NodeAgent:
         self._bundle_path = config.data_dir / "agent" / "bundle.pem"
         # The roots that verify the authority: the latest bundle received, kept on disk; the
         # configured trust bundle only until the first one arrives.
-        self._bundle_pem = self._saved_bundle() or config.trust_bundle_pem
+        self._bundle_pem = _union_pem(self._saved_bundle(), config.trust_bundle_pem)
         self._bundle: TrustBundle | None = None
         self._active_issuer: x509.Name | None = None
         # The bundle's X.509 authorities' key ids, by subject (what revocations of keys name).
@@ -346,6 +365,9 @@ class NodeAgent:
         return True
 
     def _saved_bundle(self) -> bytes | None:
+        # Trusted on start together with --trust-bundle (``_union_pem``): the saved one covers
+        # rotations since first contact, the configured one an agent stopped across a rotation
+        # whose operator handed it the current bundle.
         """The bundle kept by an earlier run, if it holds at least one certificate."""
         try:
             data = self._bundle_path.read_bytes()

@@ -499,3 +499,37 @@ async def test_an_identity_the_authority_refuses_to_sign_is_dropped_at_once(
             grpc.StatusCode.PERMISSION_DENIED,
             grpc.StatusCode.UNAVAILABLE,
         )
+
+
+async def test_an_agent_stopped_across_rotations_starts_with_the_current_trust_bundle(
+    tmp_path: Path, socket_dir: Path
+) -> None:
+    """The agent is down while the CA rotates twice: the bundle it saved knows none of the new
+    keys. Its operator restarts it with the current bundle as --trust-bundle: it trusts both
+    (the saved one no longer shadows the one it is given) and serves (soak finding 7)."""
+    config = short_lived(tmp_path / "data", socket_dir, own_ttl=60.0)
+    data_dir = tmp_path / "agent"
+    async with running_authority(config) as running:
+        entry_id = await node_entry(running, "w")
+        async with running_agent(running, socket_dir / "a.sock", data_dir) as agent:
+            await wait_held(agent, entry_id)
+        for _ in range(2):
+            await running.admin().stub.RotateCA(apb.RotateCARequest(immediate=True))
+        saved = x509.load_pem_x509_certificates((data_dir / "agent" / "bundle.pem").read_bytes())
+        current = x509.load_pem_x509_certificates(await running.bundle_pem())
+        assert not set(current) <= set(saved)  # the saved bundle missed the rotations
+
+        agent = NodeAgent(
+            AgentConfig(
+                server=running.address,
+                trust_bundle_pem=await running.bundle_pem(),
+                data_dir=data_dir,
+                socket=socket_dir / "b.sock",
+            )
+        )
+        await agent.start(timeout=20)
+        try:
+            reply = await fetch_x509(socket_dir / "b.sock")
+            assert reply.svids
+        finally:
+            await agent.stop()
