@@ -27,7 +27,7 @@ its health says NOT_SERVING when an SVID it serves is past 3/4 of its life (over
 or one of its tasks is down.
 
 Unattended: its tasks (sync, rotation, own renewal) run under a ``Supervisor``; every retry loop
-backs off with full jitter (0.5 s doubling to 30 s) and the authority's reachability is logged
+backs off with full jitter (0.5 s doubling to 10 s) and the authority's reachability is logged
 once per change ("authority lost: UNAVAILABLE ..." / "authority restored after 43s"). A call
 cut by the agent's own channel swap (its SVID renewed) is made again on the new channel. The
 latest bundle received is kept beside the SVID (``<data-dir>/agent/bundle.pem``, 0600, replaced
@@ -108,7 +108,9 @@ SIGN_BATCH = 64  # the authority's max_node_csrs default
 JWT_CACHE_SIZE = 4096
 UPSTREAM_CALLS = 64
 BACKOFF_INITIAL = 0.5  # every retry loop's backoff: full jitter, doubling from here...
-BACKOFF_MAX = 30.0  # ...up to this
+# ...up to this. The agent is one client per node, and what it serves expires: a short SVID
+# (30 s, rotated at half life) must be signed again within the 15 s an outage leaves it.
+BACKOFF_MAX = 10.0
 FEED_BACKOFF_MAX = 5.0  # the revocation feed's cap: what it misses is served meanwhile
 STALE_FEED = dt.timedelta(seconds=15)  # the revocation feed's silence that counts as stale
 OVERDUE = 0.75  # an SVID past this fraction of its life should have been rotated: unhealthy
