@@ -76,6 +76,7 @@ from grpclib.protocol import Stream as H2Stream
 from authority.api.status import REASON_KEY, code_for, fail_grpclib_stream
 from authority.config import Limits
 from authority.errors import AuthorityError, Internal, InvalidArgument, ResourceExhausted
+from authority.logs import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,10 @@ def peer_ids(transport: asyncio.BaseTransport | None) -> tuple[int, int] | None:
 
 class RefusalLog:
     """One line per refused request, naming the peer; at most ``burst`` lines per ``window``
-    seconds, then one line counting those left out (a flood does not flood the log)."""
+    seconds in all, then one line counting those left out (a flood does not flood the log).
+    ``authority.logs.RateLimitedLog`` under one key: the server, not the reason."""
+
+    KEY = "local socket"
 
     def __init__(
         self,
@@ -124,27 +128,13 @@ class RefusalLog:
         window: float = REFUSAL_LOG_WINDOW,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._burst = burst
-        self._window = window
-        self._clock = clock
-        self._started = clock()
-        self._logged = 0
-        self._suppressed = 0
+        self._lines = RateLimitedLog(
+            log, burst=burst, window=window, clock=clock, summary="malformed requests refused"
+        )
 
     def refused(self, reason: str, transport: asyncio.BaseTransport | None, method: str) -> None:
-        now = self._clock()
-        if now - self._started >= self._window:
-            if self._suppressed:
-                log.warning(
-                    "local socket: %d more malformed requests refused in the last %.0f s",
-                    self._suppressed,
-                    now - self._started,
-                )
-            self._started, self._logged, self._suppressed = now, 0, 0
-        if self._logged >= self._burst:
-            self._suppressed += 1
+        if not self._lines.admit(self.KEY):
             return
-        self._logged += 1
         ids = peer_ids(transport)
         peer = f"uid={ids[0]} pid={ids[1]}" if ids is not None else "peer=unknown"
         log.warning(

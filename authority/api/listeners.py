@@ -28,7 +28,6 @@ import datetime as dt
 import inspect
 import logging
 import resource
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -39,6 +38,7 @@ from authority.api.status import abort
 from authority.api.workload import peer_host
 from authority.config import Limits
 from authority.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from authority.logs import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -212,27 +212,17 @@ def _guarded(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
 
 class _Throttled:
-    """One log line per interval about undecodable requests; the others are counted in it."""
+    """Lines about undecodable requests: at most one per interval, the others counted into one
+    summary line (``authority.logs.RateLimitedLog`` under one key)."""
 
     def __init__(self, interval: float) -> None:
-        self._interval = interval
-        self._next = 0.0
-        self._quiet = 0
+        self._lines = RateLimitedLog(
+            log, burst=1, window=interval, summary="undecodable requests refused"
+        )
 
     def note(self, context: Context, method: str) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            self._quiet += 1
-            return
-        self._next = now + self._interval
-        quiet, self._quiet = self._quiet, 0
-        log.warning(
-            "undecodable request refused: peer=%s method=%s (%d more in the last %.0fs)",
-            context.peer(),
-            method,
-            quiet,
-            self._interval,
-        )
+        if self._lines.admit("grpc ports"):
+            log.warning("undecodable request refused: peer=%s method=%s", context.peer(), method)
 
 
 class RequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
