@@ -657,8 +657,7 @@ class NodeAgent:
         for entry_id, held in self._held.items():
             entry = self._entries.get(entry_id)
             if entry is None or self.revoked(entry) or now >= held.not_after:
-                self.stats.dropped += 1
-                log.info("agent dropped: entry=%s spiffe_id=%s", entry_id, held.entry.spiffe_id)
+                self._dropped(held)
                 continue
             # An entry updated since it was signed (entry update: selectors, TTLs): what is
             # held is served under the entry as it is now, not as it was.
@@ -732,10 +731,13 @@ class NodeAgent:
         held = self._held.pop(entry_id, None)
         if held is None:
             return
-        self.stats.dropped += 1
-        log.info("agent dropped: entry=%s spiffe_id=%s", entry_id, held.entry.spiffe_id)
+        self._dropped(held)
         self._jwts.clear()
         self._changes.notify()
+
+    def _dropped(self, held: HeldSvid) -> None:
+        self.stats.dropped += 1
+        log.info("agent dropped: entry=%s spiffe_id=%s", held.entry.id, held.entry.spiffe_id)
 
     async def _sign_call(self, request: pb.SignAgentSVIDsRequest) -> pb.SignAgentSVIDsResponse:
         return await self._call(lambda stub: stub.SignAgentSVIDs(request))
