@@ -872,15 +872,26 @@ class NodeAgent:
 
     def healthy(self) -> bool:
         """Its own SVID valid and not overdue for renewal, its revocation feed fresh, a bundle
-        in hand, no SVID it serves overdue for rotation (past 3/4 of its life) and none of its
-        tasks down."""
+        in hand, no SVID it serves overdue for rotation (past 3/4 of its life), none missing
+        while the authority is unreachable, and none of its tasks down."""
         now = _now()
         return (
             now < self._own_overdue_at
             and self._watcher.fresh()
             and self._bundle is not None
             and all(now < h.overdue_at for h in self._held.values())
+            and (self.reachable or not self._unserved())
             and self.supervisor.healthy()
+        )
+
+    def _unserved(self) -> bool:
+        """Whether an entry it should serve has no SVID held (one that expired was dropped):
+        unhealthy while the authority cannot be asked for one (a new entry, with the authority
+        answering, is only a signing round away)."""
+        clock = time.monotonic()
+        return any(
+            e.id not in self._held and not self.revoked(e) and self._refused.get(e.id, 0.0) <= clock
+            for e in self._entries.values()
         )
 
     def is_subject_revoked(self, subject: str) -> bool:
