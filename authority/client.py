@@ -77,6 +77,10 @@ RECONNECT_OPTIONS: dict[str, int | str] = {
     "grpc.max_reconnect_backoff_ms": int(DEFAULT_CAP * 1000),
 }
 
+# The Workload API is a local socket: reconnecting costs nothing, and the SVIDs it carries are
+# short (an agent restart must not leave a workload waiting out a 30 s backoff).
+LOCAL_BACKOFF_MAX = 5.0
+
 
 def channel_options(
     options: list[tuple[str, int | str]] | None = None,
@@ -313,7 +317,10 @@ class WorkloadApiClient(_OneChannel):
     HEADER = (("workload.spiffe.io", "true"),)
 
     def __init__(self, socket: str | Path | None = None) -> None:
-        self._channel = grpc.aio.insecure_channel(workload_api_target(socket), channel_options())
+        self._channel = grpc.aio.insecure_channel(
+            workload_api_target(socket),
+            channel_options([("grpc.max_reconnect_backoff_ms", int(LOCAL_BACKOFF_MAX * 1000))]),
+        )
         self.stub = spiffe_grpc.SpiffeWorkloadAPIStub(self._channel)
 
     async def fetch_x509_svids(self) -> list[FetchedX509Svid]:
@@ -333,10 +340,10 @@ class WorkloadApiClient(_OneChannel):
         """The caller's X.509-SVIDs, then each update, for as long as the caller iterates.
 
         A lost stream (the agent or authority restarting) is reopened after a ``backoff`` delay
-        (full jitter; default 0.5 s doubling up to 30 s); its first message is the current
+        (full jitter; default 0.5 s doubling up to 5 s); its first message is the current
         state, so nothing is missed. The loss and the recovery are logged once each, with the
         outage's duration. INVALID_ARGUMENT (a request the API will never accept) is raised."""
-        backoff = backoff or Backoff()
+        backoff = backoff or Backoff(cap=LOCAL_BACKOFF_MAX)
         link = LinkState("Workload API X.509-SVID stream", log)
         while True:
             call = self.stub.FetchX509SVID(spiffe_pb.X509SVIDRequest(), metadata=self.HEADER)
