@@ -175,6 +175,9 @@ class AuthorityKeyInfo:
     certificate: bytes = b""
     upstream_chain: tuple[bytes, ...] = ()
     tainted: bool = False
+    # The replica that holds the private key ("" on a single authority): each replica of a
+    # trust domain signs with its own keys; the bundle is the union of all replicas' keys.
+    replica: str = ""
 
     def __post_init__(self) -> None:
         if self.not_after <= self.not_before:

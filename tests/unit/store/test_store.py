@@ -40,7 +40,9 @@ from authority.models import (
 )
 from authority.store import Store
 from authority.store.memory import MemoryStore
-from authority.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore
+from authority.store.postgres import PostgresStore
+from authority.store.sqlite import SqliteStore
+from authority.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 NOW = dt.datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=dt.UTC)
@@ -129,11 +131,14 @@ def reason_of(info: pytest.ExceptionInfo[AuthorityError]) -> str:
     return info.value.reason
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "memory", "postgresql"])
 async def store(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> AsyncIterator[Store]:
+    """The contract runs unchanged on every backend."""
     backend: Store
     if request.param == "sqlite":
         backend = await SqliteStore.open(tmp_path / "authority.db")
+    elif request.param == "postgresql":
+        backend = await PostgresStore.open(request.getfixturevalue("pg_url"), "replica-a")
     else:
         backend = MemoryStore()
     try:
