@@ -418,23 +418,24 @@ class PgServer(PgCluster):
             raise PgError(f"initdb failed ({result.returncode}):\n{result.stdout}{result.stderr}")
 
     def _start(self, *, first: bool) -> None:
-        attempts = BIND_RETRIES if first else 1
+        """Start the postmaster until it is ready. A first start whose port was taken meanwhile
+        moves to another one; a restart waits for its own port to be free again."""
+        moves = BIND_RETRIES
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
-            start = self.log_path.stat().st_size if self.log_path.exists() else 0
+            offset = self.log_path.stat().st_size if self.log_path.exists() else 0
             if self._try_start(deadline):
                 return
-            log = self.log_path.read_text(errors="replace")[start:]
-            busy = "could not bind" in log or "already in use" in log
-            attempts -= 1
-            if busy and attempts > 0:
-                if first:
-                    self._move_to(free_port())
-                continue
-            if busy and not first and time.monotonic() < deadline:
-                time.sleep(0.2)  # the old postmaster's port is not free yet
-                continue
-            raise PgError(f"PostgreSQL did not start:\n{self.log_tail()}")
+            with open(self.log_path, "rb") as log:
+                log.seek(offset)
+                busy = b"could not bind" in log.read()
+            if busy and first and moves > 0:
+                moves -= 1
+                self._move_to(free_port())
+            elif busy and not first and time.monotonic() < deadline:
+                time.sleep(0.2)
+            else:
+                raise PgError(f"PostgreSQL did not start:\n{self.log_tail()}")
 
     def _add_to_passfile(self) -> None:
         hosts = [HOST, str(self.socket_dir)]
