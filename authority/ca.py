@@ -112,8 +112,14 @@ class CertificateAuthority:
         store: Store,
         vault: KeyVault,
         upstream: Upstream | None = None,
+        replica: str = "",
     ) -> None:
+        """``replica``: the replica this CA signs for; the keys of other replicas (on a shared
+        store) are published in the bundle, never signed with."""
         self.trust_domain = trust_domain
+        self.replica = replica
+        self._peers: dict[tuple[KeyKind, str], AuthorityKeyInfo] = {}
+        self._peer_public: dict[KeyKind, dict[str, ec.EllipticCurvePublicKey]] = {}
         self._config = config
         self._limits = limits
         self._clock = clock
@@ -138,10 +144,30 @@ class CertificateAuthority:
         """Load the keys, creating the first ones on first start, and bring them up to date."""
         async with self._lock:
             for info in await self._store.list_authority_keys():
-                self._keys[(info.kind, info.key_id)] = self._load_key(info)
+                if info.replica == self.replica:
+                    self._keys[(info.kind, info.key_id)] = self._load_key(info)
+                else:
+                    self._peers[(info.kind, info.key_id)] = info
+            self._peer_public = self._index_peers()
             self._sequence = await self._store.bundle_sequence()
             await self._maintain_locked(mode="schedule")
             self._bundle = self._build_bundle()
+
+    async def reload_peers(self) -> None:
+        """Read the other replicas' keys and the bundle sequence again (another replica
+        prepared, activated, retired or dropped a key); announce a changed bundle."""
+        async with self._lock:
+            peers = {
+                (info.kind, info.key_id): info
+                for info in await self._store.list_authority_keys()
+                if info.replica != self.replica
+            }
+            sequence = await self._store.bundle_sequence()
+            if peers == self._peers and sequence == self._sequence:
+                return
+            self._peers, self._sequence = peers, max(sequence, self._sequence)
+            self._peer_public = self._index_peers()
+            self._changed()
 
     async def maintain(self) -> bool:
         """Apply the rotation schedule now; True when the bundle changed."""
@@ -331,7 +357,18 @@ class CertificateAuthority:
         not_before = now - CLOCK_SKEW_BACKDATE
         not_after = now + self._config.ca_ttl
         if kind is not KeyKind.X509:
-            info = AuthorityKeyInfo(kind, kid, KeyState.PREPARED, not_before, not_after)
+            spki = private.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            info = AuthorityKeyInfo(
+                kind,
+                kid,
+                KeyState.PREPARED,
+                not_before,
+                not_after,
+                replica=self.replica,
+                public_key=spki,
+            )
             return _Key(info, private, None, (), None)
         cert, chain = self._make_ca_certificate(private, kid, not_before, not_after)
         info = AuthorityKeyInfo(
@@ -342,6 +379,7 @@ class CertificateAuthority:
             cert.not_valid_after_utc,
             certificate=cert.public_bytes(serialization.Encoding.DER),
             upstream_chain=tuple(c.public_bytes(serialization.Encoding.DER) for c in chain),
+            replica=self.replica,
         )
         return self._key_with_template(info, private, cert, chain)
 
@@ -459,12 +497,20 @@ class CertificateAuthority:
         else:
             x509_authorities = tuple(
                 k.certificate for k in keys if k.info.kind is KeyKind.X509 and k.certificate
+            ) + tuple(
+                x509.load_der_x509_certificate(info.certificate)
+                for info in self._peer_infos(KeyKind.X509)
             )
         return TrustBundle(
             trust_domain=self.trust_domain,
             x509_authorities=x509_authorities,
             jwt_authorities={
-                k.info.key_id: k.private.public_key() for k in keys if k.info.kind is KeyKind.JWT
+                **{
+                    k.info.key_id: k.private.public_key()
+                    for k in keys
+                    if k.info.kind is KeyKind.JWT
+                },
+                **self._peer_public_keys(KeyKind.JWT),
             },
             sequence=self._sequence,
             refresh_hint=self._config.refresh_hint,
@@ -486,10 +532,35 @@ class CertificateAuthority:
     def task_keys(self) -> dict[str, ec.EllipticCurvePublicKey]:
         """The task-token keys (prepared, active, old), by kid: what relying services trust."""
         return {
-            k.info.key_id: k.private.public_key()
-            for k in self._sorted()
-            if k.info.kind is KeyKind.TASK
+            **{
+                k.info.key_id: k.private.public_key()
+                for k in self._sorted()
+                if k.info.kind is KeyKind.TASK
+            },
+            **self._peer_public_keys(KeyKind.TASK),
         }
+
+    def _peer_infos(self, kind: KeyKind) -> list[AuthorityKeyInfo]:
+        """The other replicas' keys of ``kind``, oldest first."""
+        return sorted(
+            (info for info in self._peers.values() if info.kind is kind),
+            key=lambda info: (info.not_before, info.key_id),
+        )
+
+    def _peer_public_keys(self, kind: KeyKind) -> dict[str, ec.EllipticCurvePublicKey]:
+        return self._peer_public.get(kind, {})
+
+    def _index_peers(self) -> dict[KeyKind, dict[str, ec.EllipticCurvePublicKey]]:
+        """The other replicas' JWT and task-token public keys, parsed once per change."""
+        out: dict[KeyKind, dict[str, ec.EllipticCurvePublicKey]] = {}
+        for kind in (KeyKind.JWT, KeyKind.TASK):
+            for info in self._peer_infos(kind):
+                if not info.public_key:
+                    continue
+                public = serialization.load_der_public_key(info.public_key)
+                if isinstance(public, ec.EllipticCurvePublicKey):
+                    out.setdefault(kind, {})[info.key_id] = public
+        return out
 
     def task_jwks_json(self) -> bytes:
         """The task-token keys as a JWK Set (``use`` "sig", ``alg`` set, ``kid`` set)."""

@@ -247,6 +247,13 @@ def main() -> None:
     type=click.Choice(LOG_FORMATS),
     help="text (default) or json: one JSON object a line, for log shippers.",
 )
+@click.option(
+    "--store",
+    "store_url",
+    help="postgresql://HOST/DB: share that database with other replicas (password from "
+    "PGPASSFILE or the libpq environment, not the URL). Default: SQLite in the data directory.",
+)
+@click.option("--replica", help="This replica's name on a shared store (default: generated).")
 @command
 def serve(
     config_file: Path | None,
@@ -258,6 +265,8 @@ def serve(
     workload_api_socket: Path | None,
     log_level: str | None,
     log_format: str | None,
+    store_url: str | None,
+    replica: str | None,
 ) -> None:
     """Run the authority (creates its CA in the data directory on first start)."""
     from authority.server import serve as run_server  # the server's imports are heavier
@@ -279,6 +288,10 @@ def serve(
         "log_format": log_format,
     }
     doc.update({k: str(v) for k, v in overrides.items() if v is not None})
+    store_doc = dict(doc.get("store", {}))
+    store_doc.update({k: v for k, v in (("url", store_url), ("replica", replica)) if v})
+    if store_doc:
+        doc["store"] = store_doc
     config = Config.from_mapping(doc)
     logs.configure(config.log_level, config.log_format)
 

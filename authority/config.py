@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from authority.errors import InvalidArgument
 from authority.ids import TrustDomain
@@ -156,6 +156,28 @@ class CaConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreConfig:
+    # Empty: SQLite in the data directory (one authority). postgresql://...: replicas sharing
+    # that database form one trust domain (libpq's environment and PGPASSFILE apply; keep the
+    # password out of the URL).
+    url: str = ""
+    # This replica's name on a shared database; empty: generated on first start and kept in
+    # <data_dir>/replica-id.
+    replica: str = ""
+
+    def __post_init__(self) -> None:
+        if self.url and not self.url.startswith(("postgresql://", "postgres://")):
+            raise InvalidArgument("store.url must be a postgresql:// URL (or empty for SQLite)")
+        if self.replica and not _REPLICA_NAME.fullmatch(self.replica):
+            raise InvalidArgument(
+                "store.replica must be 1-32 letters, digits, '-' or '_', starting with a letter"
+            )
+
+
+_REPLICA_NAME: Final = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     trust_domain: TrustDomain = field(default_factory=lambda: TrustDomain("example.org"))
     data_dir: Path = Path("authority-data")
@@ -190,6 +212,7 @@ class Config:
     policy_files: tuple[str, ...] = ()
     ca: CaConfig = field(default_factory=CaConfig)
     limits: Limits = field(default_factory=Limits)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
     def __post_init__(self) -> None:
         if self.admin_socket_mode not in (0o600, 0o660):
@@ -230,7 +253,8 @@ class Config:
         top = dict(data)
         ca = _overlay(base.ca, top.pop("ca", {}), "ca")
         limits = _overlay(base.limits, top.pop("limits", {}), "limits")
-        return _overlay(base, top, "", ca=ca, limits=limits)
+        store = _overlay(base.store, top.pop("store", {}), "store")
+        return _overlay(base, top, "", ca=ca, limits=limits, store=store)
 
 
 def split_host_port(address: str) -> tuple[str, int]:

@@ -178,6 +178,9 @@ class AuthorityKeyInfo:
     # The replica that holds the private key ("" on a single authority): each replica of a
     # trust domain signs with its own keys; the bundle is the union of all replicas' keys.
     replica: str = ""
+    # JWT and task-token keys: the public key (SubjectPublicKeyInfo, DER), so that the other
+    # replicas can publish and check it without the private half.
+    public_key: bytes = b""
 
     def __post_init__(self) -> None:
         if self.not_after <= self.not_before:

@@ -133,12 +133,14 @@ class RevocationHub:
     def unsubscribe(self, sub: Subscription) -> None:
         self._subscribers.discard(sub)
 
-    async def publish_committed(self) -> None:
+    async def publish_committed(self) -> list[Revocation]:
         """Publish everything committed since the last publication, in order. Reading back
         from the store (rather than trusting the caller's list) keeps the order strict when
         revocations commit concurrently, and heals a publication a cancelled caller missed."""
         async with self._lock:
             events = await self._store.revocations_since(self.head)
+            if not events:
+                return []
             subscribers = list(self._subscribers)
             for event in events:
                 for sub in subscribers:
@@ -149,6 +151,7 @@ class RevocationHub:
                     except asyncio.QueueFull:
                         sub.overflowed = True
                 self.head = event.seq
+            return events
 
 
 @dataclass(slots=True)
@@ -201,6 +204,12 @@ class RevocationService:
             self.revoked.add(revocation)
         await self.hub.start()
 
+    async def catch_up(self) -> None:
+        """Publish what was committed since the last publication, this replica's and the
+        others' (on a shared store), and take the others' into the revoked set."""
+        for revocation in await self.hub.publish_committed():
+            self.revoked.add(revocation)
+
     def _identity_horizon(self, now: dt.datetime) -> dt.datetime:
         """When everything issued to an identity now has expired."""
         longest = max(self._limits.max_x509_ttl, self._limits.max_jwt_ttl, HARD_MAX_TTL)
@@ -252,7 +261,7 @@ class RevocationService:
         stored = await self._store.revoke(planned, audit=events)
         for revocation in stored:
             self.revoked.add(revocation)
-        await self.hub.publish_committed()
+        await self.catch_up()
         await self._side_effects(kind, target, reason, now)
         log.info(
             "revoked: kind=%s target=%s cascade=%d seq=%s%s",
@@ -406,7 +415,7 @@ class RevocationService:
         )
         for r in stored:
             self.revoked.add(r)
-        await self.hub.publish_committed()
+        await self.catch_up()
 
     # --- Security Event Tokens (RFC 8417), CAEP event types ------------------------------
 

@@ -15,6 +15,7 @@ import errno
 import ipaddress
 import logging
 import os
+import secrets
 import socket
 import threading
 from collections.abc import Callable
@@ -46,11 +47,15 @@ from authority.clock import Clock, SystemClock
 from authority.config import Config, split_host_port
 from authority.errors import AuthorityError
 from authority.exchange import ExchangeService
+from authority.files import write_atomic
 from authority.ids import SpiffeId
 from authority.keyvault import FileKeyVault, private_key_pem
 from authority.policy_admin import PolicyAdmin
 from authority.revocation import RevocationHub, RevocationService
 from authority.service import Authority
+from authority.store import sql
+from authority.store.postgres import PostgresStore, redact
+from authority.store.queries import SqlStore
 from authority.store.sqlite import SqliteStore
 from authority.supervisor import Sleep, Supervisor
 from authority.svid import X509Svid
@@ -68,6 +73,28 @@ SERVER_CERT_JOB = "server-certificate"
 PRUNE_JOB = "store-prune"
 CHECKPOINT_JOB = "audit-checkpoints"
 CHANGES_JOB = "workload-api-changes"
+STORE_JOB = "store"
+REPLICA_JOB = "replica-changes"
+STORE_PING_INTERVAL = 1.0
+REPLICA_ID_FILE = "replica-id"
+
+
+def replica_id(config: Config) -> str:
+    """The configured replica name, else the one kept in the data directory (made on first
+    start on a shared store)."""
+    if config.store.replica:
+        return config.store.replica
+    path = config.data_dir / REPLICA_ID_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        name = f"r-{secrets.token_hex(4)}"
+        write_atomic(path, name.encode())
+        return name
+
+
+def _now_us(clock: Clock) -> int:
+    return (clock.now() - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1)
 
 
 def server_spiffe_id(config: Config) -> SpiffeId:
@@ -216,7 +243,8 @@ class AuthorityServer:
         self._servers: list[grpc.aio.Server] = []
         self._admin_bound = False  # the admin socket file is ours to remove
         self._data_dir_lock: int | None = None  # held while serving (binding.lock_data_dir)
-        self._store: SqliteStore | None = None
+        self._store: SqlStore | None = None
+        self._remote_topics: asyncio.Queue[set[str]] = asyncio.Queue()
         self._local: grpclib.server.Server | None = None
         self._workload_api: grpclib.server.Server | None = None
         self._changes: ChangeNotifier | None = None
@@ -251,7 +279,15 @@ class AuthorityServer:
         self._local_connections = fds.per_local_socket
         data_dir = config.data_dir
         os.chmod(data_dir, 0o700)
-        self._store = store = await SqliteStore.open(data_dir / "authority.db")
+        store: SqlStore
+        if config.store.url:
+            replica = replica_id(config)
+            store = await PostgresStore.open(config.store.url, replica)
+            await store.register_replica(socket.gethostname(), _now_us(self.clock))
+            log.info("store: replica %s on %s", replica, redact(config.store.url))
+        else:
+            store = await SqliteStore.open(data_dir / "authority.db")
+        self._store = store
         upstream = None
         if config.ca.upstream_cert is not None and config.ca.upstream_key is not None:
             upstream = Upstream.load(
@@ -265,6 +301,7 @@ class AuthorityServer:
             store=store,
             vault=FileKeyVault(data_dir / "keys"),
             upstream=upstream,
+            replica=store.replica,
         )
         await ca.start()
         attestors = AttestorHost(store=store, clock=self.clock, limits=config.limits)
@@ -377,8 +414,9 @@ class AuthorityServer:
             await self._start_workload_api(config.workload_api_socket, authority, changes)
         await self._schedule()
         log.info(
-            "authority serving: trust_domain=%s tls=%s mtls=%s admin=%s local=%s",
+            "authority serving: trust_domain=%s replica=%s tls=%s mtls=%s admin=%s local=%s",
             config.trust_domain,
+            store.replica or "-",
             self.port,
             self.mtls_port,
             socket_path,
@@ -424,9 +462,23 @@ class AuthorityServer:
     async def _schedule(self) -> None:
         """Start the scheduled jobs, each under the supervisor, each SERVING to begin with."""
         if self._admin_health is not None:
-            for name in (POLICY_JOB, CA_JOB, SERVER_CERT_JOB, PRUNE_JOB, CHECKPOINT_JOB):
+            for name in (
+                POLICY_JOB,
+                CA_JOB,
+                SERVER_CERT_JOB,
+                PRUNE_JOB,
+                CHECKPOINT_JOB,
+                STORE_JOB,
+            ):
                 await self._admin_health.set(name, health_pb2.HealthCheckResponse.SERVING)
         supervisor = self.supervisor
+        assert self._store is not None
+        # While the database cannot be reached the whole server is NOT_SERVING; writes fail
+        # UNAVAILABLE meanwhile, and the store reconnects by itself.
+        supervisor.every(STORE_JOB, STORE_PING_INTERVAL, self._store.ping)
+        if isinstance(self._store, PostgresStore):
+            self._store.add_listener(self._remote_topics.put_nowait, remote_only=True)
+            supervisor.start(REPLICA_JOB, self._follow_replicas)
         checkpoints = self.config.audit_checkpoint_interval.total_seconds()
         supervisor.every(POLICY_JOB, MAINTENANCE_INTERVAL, self._reload_policy, critical=False)
         supervisor.every(CA_JOB, MAINTENANCE_INTERVAL, self._maintain_ca)
@@ -450,6 +502,24 @@ class AuthorityServer:
         task = asyncio.get_running_loop().create_task(update())
         self._health_updates.add(task)
         task.add_done_callback(self._health_updates.discard)
+
+    async def _follow_replicas(self) -> None:
+        """Bring this replica's views up to date with what the others committed: entries,
+        attestor instances, the other replicas' keys (the bundle), revocations."""
+        authority = self.authority
+        assert authority is not None
+        while True:
+            topics = await self._remote_topics.get()
+            while not self._remote_topics.empty():
+                topics |= self._remote_topics.get_nowait()
+            if sql.KEYS in topics:
+                await authority.ca.reload_peers()
+            if sql.ENTRIES in topics:
+                await authority.reload_entries()
+            if sql.ATTESTORS in topics:
+                await authority.attestors.load()
+            if sql.REVOCATIONS in topics:
+                await authority.revocations.catch_up()
 
     async def _reload_policy(self) -> None:
         await self.policy.reload_if_changed()

@@ -127,6 +127,14 @@ class Authority:
     async def start(self) -> None:
         self._entries = {e.id: e for e in await self._store.list_entries()}
 
+    async def reload_entries(self) -> None:
+        """Read the entries again (another replica changed them) and wake whoever serves
+        them."""
+        entries = {e.id: e for e in await self._store.list_entries()}
+        if entries != self._entries:
+            self._entries = entries
+            self._entries_changed()
+
     def now(self) -> dt.datetime:
         return self._clock.now()
 

@@ -190,6 +190,7 @@ CREATE TABLE authority_keys (
   kind TEXT NOT NULL, key_id TEXT NOT NULL, state TEXT NOT NULL,
   not_before_us BIGINT NOT NULL, not_after_us BIGINT NOT NULL, certificate BYTEA NOT NULL,
   upstream_chain TEXT NOT NULL, tainted INTEGER NOT NULL, replica TEXT NOT NULL DEFAULT '',
+  public_key BYTEA NOT NULL DEFAULT '',
   PRIMARY KEY (kind, key_id));
 CREATE TABLE entries (
   id TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, selectors TEXT NOT NULL,
@@ -311,7 +312,7 @@ class _Listener:
                 self._conn.execute(f"LISTEN {CHANNEL}")
                 delay = 0.2
                 if not first:  # anything may have changed while we were not listening
-                    self._store._committed(set(sql.TOPICS))
+                    self._store._committed(set(sql.TOPICS), remote=True)
                 first = False
                 self._listen(self._conn)
             except psycopg.Error as exc:
@@ -337,7 +338,7 @@ class _Listener:
                 swept = time.monotonic()
                 topics.add(sql.REVOCATIONS)
             if topics:
-                self._store._committed(topics)
+                self._store._committed(topics, remote=True)
 
     def stop(self) -> None:
         self._stop.set()

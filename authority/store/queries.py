@@ -85,7 +85,7 @@ class SqlStore:
         self.replica = replica
         self._writer = Writer(backend, append_records, self._committed)
         self._closing = False
-        self._listeners: list[tuple[asyncio.AbstractEventLoop, Listener]] = []
+        self._listeners: list[tuple[asyncio.AbstractEventLoop, Listener, bool]] = []
         self._writer.thread.start()
 
     async def _ready(self) -> None:
@@ -117,18 +117,20 @@ class SqlStore:
 
     # --- announcements of committed changes ---
 
-    def add_listener(self, listener: Listener) -> None:
+    def add_listener(self, listener: Listener, *, remote_only: bool = False) -> None:
         """Call ``listener`` (on this event loop) with the topics (``sql.TOPICS``) of every
-        committed change: this store's own, and other replicas' where the backend hears of
-        them."""
-        self._listeners.append((asyncio.get_running_loop(), listener))
+        committed change: this store's own (unless ``remote_only``), and other replicas' where
+        the backend hears of them."""
+        self._listeners.append((asyncio.get_running_loop(), listener, remote_only))
 
     def remove_listener(self, listener: Listener) -> None:
-        self._listeners = [(loop, fn) for loop, fn in self._listeners if fn is not listener]
+        self._listeners = [entry for entry in self._listeners if entry[1] is not listener]
 
-    def _committed(self, topics: set[str]) -> None:
+    def _committed(self, topics: set[str], *, remote: bool = False) -> None:
         """From any thread: hand ``topics`` to every listener on its own loop."""
-        for loop, listener in list(self._listeners):
+        for loop, listener, remote_only in list(self._listeners):
+            if remote_only and not remote:
+                continue
             with contextlib.suppress(RuntimeError):  # that loop is closed
                 loop.call_soon_threadsafe(listener, set(topics))
 
@@ -177,6 +179,7 @@ class SqlStore:
                 chain_text(key.upstream_chain),
                 int(key.tainted),
                 key.replica,
+                key.public_key,
             ]
             for key in keys
         ]
@@ -185,12 +188,12 @@ class SqlStore:
             for row in params:
                 tx.run(
                     "INSERT INTO authority_keys (kind, key_id, state, not_before_us,"
-                    " not_after_us, certificate, upstream_chain, tainted, replica)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (kind, key_id) DO UPDATE"
+                    " not_after_us, certificate, upstream_chain, tainted, replica, public_key)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (kind, key_id) DO UPDATE"
                     " SET state = excluded.state, not_before_us = excluded.not_before_us,"
                     " not_after_us = excluded.not_after_us, certificate = excluded.certificate,"
                     " upstream_chain = excluded.upstream_chain, tainted = excluded.tainted,"
-                    " replica = excluded.replica",
+                    " replica = excluded.replica, public_key = excluded.public_key",
                     row,
                 )
             if params or bump_sequence:

@@ -127,6 +127,7 @@ def key_from_row(row: Mapping[str, Any]) -> AuthorityKeyInfo:
         upstream_chain=from_chain(row["upstream_chain"]),
         tainted=bool(row["tainted"]),
         replica=row["replica"],
+        public_key=bytes(row["public_key"]),
     )
 
 

@@ -341,9 +341,11 @@ def _migration_7(db: Database) -> None:
 
 
 def _migration_8(db: Database) -> None:
-    """Replicas: each signing key names the replica holding it; revocation numbers come from a
+    """Replicas: each signing key names the replica holding it (and a JWT key carries its public
+    half, for the others' bundles); revocation numbers come from a
     counter row (so that they are handed out in commit order on every backend)."""
     db.execute("ALTER TABLE authority_keys ADD COLUMN replica TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE authority_keys ADD COLUMN public_key BLOB NOT NULL DEFAULT x''")
     db.execute(
         "INSERT INTO meta (key, value) VALUES (?, COALESCE("
         "(SELECT seq FROM sqlite_sequence WHERE name = 'revocations'), 0))",
