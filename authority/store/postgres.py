@@ -330,7 +330,9 @@ class _Listener:
         swept = time.monotonic()
         while not self._stop.is_set():
             topics: set[str] = set()
-            for note in conn.notifies(timeout=0.5, stop_after=64):
+            # One notification ends the wait (psycopg's timeout bounds the whole call: waiting
+            # for more would hold this one back for the rest of the window).
+            for note in conn.notifies(timeout=0.5, stop_after=1):
                 topic, _, origin = note.payload.partition(":")
                 if origin != self._replica and topic in sql.TOPICS:
                     topics.add(topic)
