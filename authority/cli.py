@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from functools import wraps
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -35,11 +35,11 @@ from authority.client import (
     AdminClient,
     FetchedX509Svid,
     RevocationWatcher,
+    ServerRotation,
     SvidFiles,
     WorkloadApiClient,
     WorkloadClient,
     der_chain_to_pem,
-    make_csr,
     read_trust_bundle,
     requires_client_certificate,
     x509pop_responder,
@@ -78,18 +78,16 @@ def _mtls_port_message(server: str) -> str:
     )
 
 
-def _run(coro: Coroutine[Any, Any, _T], server: str | None = None) -> _T:
-    """Run ``coro``; a failed call is one line. ``server``: the --server the command dialed
-    for server-TLS calls; when it turns out to be the mutual-TLS port, the line says so."""
+def _run(coro: Coroutine[Any, Any, _T], servers: Sequence[str] = ()) -> _T:
+    """Run ``coro``; a failed call is one line. ``servers``: the --server addresses the command
+    dialed for server-TLS calls; when one turns out to be a mutual-TLS port, the line says so."""
     try:
         return asyncio.run(coro)
     except grpc.aio.AioRpcError as exc:
-        if (
-            server is not None
-            and exc.code() is grpc.StatusCode.UNAVAILABLE
-            and requires_client_certificate(server)
-        ):
-            raise CliError(_mtls_port_message(server)) from None
+        if exc.code() is grpc.StatusCode.UNAVAILABLE:
+            for server in servers:
+                if requires_client_certificate(server):
+                    raise CliError(_mtls_port_message(server)) from None
         reason = status_reason(exc)
         suffix = f" [{reason}]" if reason else ""
         raise CliError(f"{exc.code().name}: {exc.details()}{suffix}") from None
@@ -522,12 +520,17 @@ def bundle() -> None:
     "--format", "fmt", type=click.Choice(["pem", "jwks"]), default="pem", show_default=True
 )
 @click.option(
-    "--server", type=SERVER, help="Fetch from a workload endpoint instead of the admin socket."
+    "--server",
+    type=SERVER,
+    multiple=True,
+    help="Fetch from a workload endpoint instead of the admin socket (repeat: replicas).",
 )
 @click.option("--trust-bundle", type=TRUST_BUNDLE)
 @admin_socket_option
 @command
-def bundle_show(fmt: str, server: str | None, trust_bundle: Path | None, admin_socket: str) -> None:
+def bundle_show(
+    fmt: str, server: tuple[str, ...], trust_bundle: Path | None, admin_socket: str
+) -> None:
     """Print the bundle as PEM or as the SPIFFE JWK Set."""
     if server:
         if trust_bundle is None:
@@ -536,7 +539,7 @@ def bundle_show(fmt: str, server: str | None, trust_bundle: Path | None, admin_s
 
         async def fetch() -> pb.Bundle:
             async with WorkloadClient(server, bundle_pem) as client:
-                return await client.tls_stub.GetBundle(pb.GetBundleRequest())
+                return await client.get_bundle()
 
         result = _run(fetch(), server)
     else:
@@ -970,7 +973,13 @@ def _event_json(event: pb.RevocationEvent) -> dict[str, Any]:
     "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
 )
 @click.option("--heartbeats", is_flag=True, help="Print heartbeats too.")
-@click.option("--server", type=SERVER, help="Subscribe as a relying service does (mutual TLS).")
+@click.option(
+    "--server",
+    type=SERVER,
+    multiple=True,
+    help="Subscribe as a relying service does (mutual TLS). Repeat it for the authority's "
+    "replicas: a lost stream resumes on the next one.",
+)
 @click.option("--svid-dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--trust-bundle", type=TRUST_BUNDLE)
 @admin_socket_option
@@ -979,7 +988,7 @@ def watch(
     since: int,
     fmt: str,
     heartbeats: bool,
-    server: str | None,
+    server: tuple[str, ...],
     svid_dir: Path | None,
     trust_bundle: Path | None,
     admin_socket: str,
@@ -998,9 +1007,11 @@ def watch(
         SvidFiles(svid_dir).read_checked()  # once now: a lost stream is retried for ever
     if trust_bundle is not None:
         read_trust_bundle(trust_bundle)  # one line now, not a failure on every reconnect
-    if server and requires_client_certificate(server):  # else it would retry for ever
-        raise CliError(_mtls_port_message(server))
+    for address in server:  # else it would retry for ever
+        if requires_client_certificate(address):
+            raise CliError(_mtls_port_message(address))
     logs.configure("INFO")
+    rotation = ServerRotation(server) if server else None  # shared by successive connections
 
     def show(message: pb.RevocationMessage, last: int) -> None:
         """``last``: the position before ``message``; what is at or below it was printed."""
@@ -1020,12 +1031,12 @@ def watch(
             click.echo("resync: reconnecting", err=True)
 
     async def mtls_stream(last: int) -> AsyncIterator[pb.RevocationMessage]:
-        assert server is not None
+        assert rotation is not None
         assert svid_dir is not None
-        # Read again on each connection: the SVID in the folder may have been renewed.
-        async with WorkloadClient.from_svid_dir(server, svid_dir, trust_bundle) as client:
-            stub = await client.mtls_stub()
-            async for message in stub.WatchRevocations(pb.WatchRevocationsRequest(since=last)):
+        # Read again on each connection: the SVID in the folder may have been renewed. A lost
+        # stream moves the rotation on: the next connection is to the next server.
+        async with WorkloadClient.from_svid_dir(rotation, svid_dir, trust_bundle) as client:
+            async for message in client.watch_revocations(last):
                 yield message
 
     async def admin_stream(last: int) -> AsyncIterator[pb.RevocationMessage]:
@@ -1243,13 +1254,22 @@ def workload() -> None:
 
 
 server_option = click.option(
-    "--server", type=SERVER, required=True, help="HOST:PORT of the server-TLS workload endpoint."
+    "--server",
+    type=SERVER,
+    required=True,
+    multiple=True,
+    help="HOST:PORT of the server-TLS workload endpoint; repeat it for the authority's "
+    "replicas, tried in turn when one cannot be reached.",
 )
 
 
 @workload.command("attest")
 @click.option(
-    "--server", type=SERVER, help="HOST:PORT of the server-TLS workload endpoint (not with --unix)."
+    "--server",
+    type=SERVER,
+    multiple=True,
+    help="HOST:PORT of the server-TLS workload endpoint (not with --unix); repeat it for the "
+    "authority's replicas.",
 )
 @click.option(
     "--trust-bundle",
@@ -1277,7 +1297,7 @@ server_option = click.option(
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @command
 def workload_attest(
-    server: str | None,
+    server: tuple[str, ...],
     trust_bundle: Path | None,
     join_token: str | None,
     x509pop_cert: Path | None,
@@ -1311,9 +1331,10 @@ def workload_attest(
             )
         plugin, evidence, respond = proof.attestor, proof.evidence, proof.respond
     if plugin == "unix":
-        target, bundle_pem = f"unix:{local_socket}", None
+        target: str | tuple[str, ...] = f"unix:{local_socket}"
+        bundle_pem = None
     else:
-        if server is None or trust_bundle is None:
+        if not server or trust_bundle is None:
             raise CliError("--server and --trust-bundle are required (except with --unix)")
         target, bundle_pem = server, read_trust_bundle(trust_bundle)
 
@@ -1325,7 +1346,7 @@ def workload_attest(
                 attestor or plugin, evidence, out, respond=respond, spiffe_id_hint=hint
             )
 
-    result = _run(go(), None if plugin == "unix" else server)
+    result = _run(go(), () if plugin == "unix" else server)
     for svid in result.svids[:1]:
         click.echo(f"attested as {svid.spiffe_id}; SVID written to {out}", err=True)
     for svid in result.svids[1:]:
@@ -1342,7 +1363,7 @@ def workload_attest(
 @click.option("--trust-bundle", type=TRUST_BUNDLE)
 @command
 def workload_jwt(
-    server: str,
+    server: tuple[str, ...],
     svid_dir: Path,
     audiences: tuple[str, ...],
     ttl: dt.timedelta | None,
@@ -1410,7 +1431,10 @@ def workload_fetch_jwt(socket: str | None, audiences: tuple[str, ...], spiffe_id
     "--server",
     type=SERVER,
     required=True,
-    help="HOST:PORT of the authority's server-TLS workload endpoint.",
+    multiple=True,
+    help="HOST:PORT of the authority's server-TLS workload endpoint; repeat it for the "
+    "authority's replicas: the agent moves to the next when one cannot be reached, and its "
+    "streams resume there.",
 )
 @click.option(
     "--trust-bundle",
@@ -1475,7 +1499,7 @@ def workload_fetch_jwt(socket: str | None, audiences: tuple[str, ...], spiffe_id
 )
 @command
 def agent(
-    server: str,
+    server: tuple[str, ...],
     trust_bundle: Path,
     data_dir: Path,
     workload_api_socket: Path,
@@ -1581,7 +1605,7 @@ def _with_context(fn: Callable[..., Any]) -> Callable[..., Any]:
 @_with_context
 @command
 def workload_exchange(
-    server: str,
+    server: tuple[str, ...],
     svid_dir: Path,
     action: str,
     resource: str,
@@ -1626,8 +1650,7 @@ def workload_exchange(
 
     async def go() -> pb.ExchangeResponse:
         async with WorkloadClient.from_svid_dir(server, svid_dir) as client:
-            stub = await client.mtls_stub()
-            return await stub.Exchange(request)
+            return await client.exchange(request)
 
     response = _run(go(), server)
     if response.WhichOneof("result") == "pending":
@@ -1662,7 +1685,7 @@ def workload_exchange(
 @click.option("--ttl", type=DURATION)
 @command
 def workload_delegate(
-    server: str,
+    server: tuple[str, ...],
     svid_dir: Path,
     token_text: str,
     to_svid: Path,
@@ -1687,8 +1710,7 @@ def workload_delegate(
 
     async def go() -> pb.ExchangeResponse:
         async with WorkloadClient.from_svid_dir(server, svid_dir) as client:
-            stub = await client.mtls_stub()
-            return await stub.Delegate(request)
+            return await client.delegate(request)
 
     click.echo(_run(go(), server).token.token)
 
@@ -1701,13 +1723,12 @@ def workload_delegate(
 @click.option("--task", "task_id", required=True)
 @click.option("--reason", default="")
 @command
-def workload_end_task(server: str, svid_dir: Path, task_id: str, reason: str) -> None:
+def workload_end_task(server: tuple[str, ...], svid_dir: Path, task_id: str, reason: str) -> None:
     """End a task: its tokens are revoked and nothing more is issued for it."""
 
     async def go() -> pb.EndTaskResponse:
         async with WorkloadClient.from_svid_dir(server, svid_dir) as client:
-            stub = await client.mtls_stub()
-            return await stub.EndTask(pb.EndTaskRequest(task_id=task_id, reason=reason))
+            return await client.end_task(pb.EndTaskRequest(task_id=task_id, reason=reason))
 
     ended = _run(go(), server)
     click.echo(f"task {task_id} ended; {len(ended.revoked_jtis)} tokens revoked", err=True)
@@ -1719,7 +1740,7 @@ def workload_end_task(server: str, svid_dir: Path, task_id: str, reason: str) ->
     "--svid-dir", required=True, type=click.Path(file_okay=False, exists=True, path_type=Path)
 )
 @command
-def workload_renew(server: str, svid_dir: Path) -> None:
+def workload_renew(server: tuple[str, ...], svid_dir: Path) -> None:
     """Renew the X.509-SVID in --svid-dir with a fresh key, in place."""
     from authority.client import new_key
 
@@ -1728,15 +1749,14 @@ def workload_renew(server: str, svid_dir: Path) -> None:
     async def go() -> tuple[pb.X509SVID, pb.Bundle]:
         async with WorkloadClient.from_svid_dir(server, svid_dir) as client:
             key = new_key()
-            stub = await client.mtls_stub()
-            renewed = await stub.RenewX509SVID(pb.RenewX509SVIDRequest(csr=make_csr(key)))
-            bundle_msg = await client.tls_stub.GetBundle(pb.GetBundleRequest())
+            renewed = await client.renew(key)
+            bundle_msg = await client.get_bundle()
             files.write(
-                der_chain_to_pem(list(renewed.svid.cert_chain)),
+                der_chain_to_pem(list(renewed.cert_chain)),
                 key,
                 der_chain_to_pem(list(bundle_msg.x509_authorities)),
             )
-            return renewed.svid, bundle_msg
+            return renewed, bundle_msg
 
     svid, _ = _run(go(), server)
     until = dt.datetime.fromtimestamp(svid.expires_at, dt.UTC).isoformat()

@@ -16,11 +16,11 @@ import os
 import socket
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
 import grpc
 from cryptography import x509
@@ -49,6 +49,7 @@ __all__ = [
     "AdminClient",
     "FetchedX509Svid",
     "RevocationWatcher",
+    "ServerRotation",
     "StaticKeys",
     "SvidFiles",
     "TaskKeySource",
@@ -62,6 +63,7 @@ __all__ = [
     "new_key",
     "read_trust_bundle",
     "requires_client_certificate",
+    "server_addresses",
     "stub_stream",
     "workload_api_target",
     "x509pop_responder",
@@ -69,6 +71,7 @@ __all__ = [
 
 Responder = Callable[[bytes], Awaitable[bytes]]
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # gRPC's own reconnect backoff (1 s doubling up to 120 s by default) would outlast ours: a call
 # made on a channel in its backoff fails at once. Aligned with ``authority.backoff``'s defaults.
@@ -412,6 +415,140 @@ def _split(address: str) -> tuple[str, str]:
     return host, port
 
 
+# --- several authority servers ------------------------------------------------------------------
+
+# A server that has not answered a connection attempt in this long is passed over for the next.
+CONNECT_TIMEOUT = 5.0
+# What moves a repeatable call to the next server: the server could not be reached, or did
+# not answer in time.
+_MOVE_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def server_addresses(servers: str | Sequence[str]) -> tuple[str, ...]:
+    """``servers`` (one address, or several) as a tuple, each address once, in the order
+    given; ValueError when there is none or one is empty."""
+    given = (servers,) if isinstance(servers, str) else tuple(servers)
+    addresses = tuple(dict.fromkeys(a.strip() for a in given))
+    if not addresses or not all(addresses):
+        raise ValueError("give at least one authority server address (HOST:PORT)")
+    return addresses
+
+
+class ServerRotation:
+    """Which of the authority's servers (replicas on one database) a client uses now.
+
+    No I/O: callers report what they saw. ``failed(address)`` moves to the next address only
+    while ``address`` is still the current one, so the calls and streams that all fail on one
+    dead server move once, not once each. A move away from a server that was answering is
+    logged (INFO); moves while every server is down are DEBUG, as the retries of an outage are.
+    The pacing (``authority.backoff``) is the caller's: a rotation never sleeps."""
+
+    def __init__(self, servers: str | Sequence[str], *, logger: logging.Logger = log) -> None:
+        self.addresses = server_addresses(servers)
+        self._index = 0
+        self._answering = False  # the current server has answered since the client moved to it
+        self._log = logger
+        self.moves = 0
+
+    @property
+    def current(self) -> str:
+        return self.addresses[self._index]
+
+    def __len__(self) -> int:
+        return len(self.addresses)
+
+    def ok(self, address: str) -> None:
+        """A call to ``address`` was answered."""
+        if address == self.current:
+            self._answering = True
+
+    def failed(self, address: str, reason: str) -> bool:
+        """A call to ``address`` could not reach it (or its stream was cut): use the next
+        address from now on. True when this moved the rotation."""
+        if len(self.addresses) == 1 or address != self.current:
+            return False
+        self._index = (self._index + 1) % len(self.addresses)
+        self.moves += 1
+        level = logging.INFO if self._answering else logging.DEBUG
+        self._answering = False
+        self._log.log(
+            level,
+            "authority server %s failed (%s): moving to %s",
+            address,
+            " ".join(reason.split())[:200],
+            self.current,
+        )
+        return True
+
+
+def _rotation(servers: str | Sequence[str] | ServerRotation) -> ServerRotation:
+    return servers if isinstance(servers, ServerRotation) else ServerRotation(servers)
+
+
+async def _connects(channel: grpc.aio.Channel, timeout: float) -> bool:  # noqa: ASYNC109
+    """Whether ``channel`` connects (READY) within ``timeout``: False at its first failure
+    (TRANSIENT_FAILURE, refused or a failed handshake) or when it hangs. Nothing is sent."""
+    ready, failure = grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE
+    try:
+        async with asyncio.timeout(timeout):
+            state = channel.get_state(try_to_connect=True)
+            while state is not ready:
+                if state is failure:
+                    return False
+                await channel.wait_for_state_change(state)
+                state = channel.get_state(try_to_connect=True)
+    except TimeoutError:
+        return False
+    return True
+
+
+class _Endpoint:
+    """One authority server: its server-TLS channel, and its mutual-TLS channel once the
+    address of that port is known (GetServerInfo). Each server is verified on its own name
+    against the roots: every replica presents an SVID of the trust domain with its own
+    addresses; no certificate is pinned."""
+
+    def __init__(
+        self,
+        address: str,
+        bundle: bytes | None,
+        chain: bytes | None,
+        key: bytes | None,
+        options: list[tuple[str, int | str]],
+    ) -> None:
+        self.address = address
+        self._bundle, self._chain, self._key, self._options = bundle, chain, key, options
+        if address.startswith("unix:"):
+            self.tls = grpc.aio.insecure_channel(address, options)
+        else:
+            if not bundle:
+                raise ValueError("a trust bundle is needed to verify the authority over TLS")
+            creds = grpc.ssl_channel_credentials(root_certificates=bundle)
+            self.tls = grpc.aio.secure_channel(address, creds, options)
+        self.tls_stub: pb_grpc.WorkloadAsyncStub = pb_grpc.WorkloadStub(self.tls)
+        self.mtls: grpc.aio.Channel | None = None
+        self._mtls_stub: pb_grpc.WorkloadAsyncStub | None = None
+
+    async def mtls_stub(self) -> pb_grpc.WorkloadAsyncStub:
+        if self._mtls_stub is None:
+            if self._chain is None or self._key is None:
+                raise ValueError("this client has no SVID: attest first or load an SVID folder")
+            info = await self.tls_stub.GetServerInfo(pb.GetServerInfoRequest())
+            host, port = _split(info.mtls_address)
+            address = f"{host or _split(self.address)[0]}:{port}"
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=self._bundle, private_key=self._key, certificate_chain=self._chain
+            )
+            self.mtls = grpc.aio.secure_channel(address, creds, self._options)
+            self._mtls_stub = pb_grpc.WorkloadStub(self.mtls)
+        return self._mtls_stub
+
+    async def close(self) -> None:
+        await self.tls.close(None)
+        if self.mtls is not None:
+            await self.mtls.close(None)
+
+
 class AdminClient(_OneChannel):
     """The operator API over the admin Unix socket."""
 
@@ -424,38 +561,51 @@ class WorkloadClient:
     """A workload's view of the authority: attest over server TLS (or the local Unix socket),
     then use its SVID over mutual TLS.
 
-    ``server`` is the server-TLS address, or ``unix:PATH`` for the authority's local socket
-    (where the kernel identifies the caller, and no TLS is needed); the mutual-TLS address is
-    discovered with GetServerInfo.
+    ``server`` is the server-TLS address (HOST:PORT; a DNS name with several addresses is
+    gRPC's to try in turn), several of them (replicas of one authority, in the order to try),
+    a ``ServerRotation`` shared with other clients, or ``unix:PATH`` for the authority's local
+    socket (where the kernel identifies the caller, and no TLS is needed); each server's
+    mutual-TLS address is discovered with GetServerInfo.
+
+    With several servers, ``call`` moves to the next one when the current one cannot be
+    reached, waiting a ``Backoff`` delay between servers, and makes a call again on the next
+    server only when that is safe: a ``repeatable`` call (a read, a renewal, a signing: done
+    twice, the caller still gets one answer it can use) after UNAVAILABLE or DEADLINE_EXCEEDED;
+    any call when the connection to the server could not be made, so nothing was sent. A call
+    that is not repeatable and may have run (UNAVAILABLE once connected) is never made twice.
     """
 
     def __init__(
         self,
-        server: str,
+        server: str | Sequence[str] | ServerRotation,
         trust_bundle_pem: bytes | None,
         *,
         svid_chain_pem: bytes | None = None,
         svid_key_pem: bytes | None = None,
         options: list[tuple[str, int | str]] | None = None,
+        backoff: Backoff | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
-        self._server = server
+        self.servers = _rotation(server)
         self._bundle = trust_bundle_pem
         self._options = channel_options(options)
-        if server.startswith("unix:"):
-            self._tls = grpc.aio.insecure_channel(server, self._options)
-        else:
-            if not trust_bundle_pem:
-                raise ValueError("a trust bundle is needed to verify the authority over TLS")
-            creds = grpc.ssl_channel_credentials(root_certificates=trust_bundle_pem)
-            self._tls = grpc.aio.secure_channel(server, creds, self._options)
-        self.tls_stub: pb_grpc.WorkloadAsyncStub = pb_grpc.WorkloadStub(self._tls)
-        self._mtls: grpc.aio.Channel | None = None
-        self._mtls_stub: pb_grpc.WorkloadAsyncStub | None = None
         self._chain = svid_chain_pem
         self._key = svid_key_pem
+        self._backoff = backoff or Backoff(DEFAULT_INITIAL, DEFAULT_CAP)
+        self._connect_timeout = connect_timeout
+        self._endpoints: dict[str, _Endpoint] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        if not trust_bundle_pem and any(not a.startswith("unix:") for a in self.servers.addresses):
+            raise ValueError("a trust bundle is needed to verify the authority over TLS")
+        self._endpoint(self.servers.current)
 
     @classmethod
-    def from_svid_dir(cls, server: str, folder: Path, trust_bundle: Path | None = None) -> Self:
+    def from_svid_dir(
+        cls,
+        server: str | Sequence[str] | ServerRotation,
+        folder: Path,
+        trust_bundle: Path | None = None,
+    ) -> Self:
         """A client holding the SVID saved in ``folder``: refused before anything is dialed
         (``FailedPrecondition``) when that SVID has expired or is not valid yet, which the
         mutual-TLS endpoint would otherwise answer with a bare closed socket, or when its key
@@ -465,10 +615,38 @@ class WorkloadClient:
             bundle = read_trust_bundle(trust_bundle)
         return cls(server, bundle, svid_chain_pem=chain, svid_key_pem=key)
 
+    def _endpoint(self, address: str) -> _Endpoint:
+        endpoint = self._endpoints.get(address)
+        if endpoint is None:
+            endpoint = _Endpoint(address, self._bundle, self._chain, self._key, self._options)
+            self._endpoints[address] = endpoint
+        return endpoint
+
+    @property
+    def address(self) -> str:
+        """The server this client uses now."""
+        return self.servers.current
+
+    @property
+    def tls_stub(self) -> pb_grpc.WorkloadAsyncStub:
+        """The current server's server-TLS stub (no failover: see ``call``)."""
+        return self._endpoint(self.servers.current).tls_stub
+
     async def close(self) -> None:
-        await self._tls.close(None)
-        if self._mtls is not None:
-            await self._mtls.close(None)
+        endpoints, self._endpoints = list(self._endpoints.values()), {}
+        for endpoint in endpoints:
+            await endpoint.close()
+        await asyncio.gather(*self._closing, return_exceptions=True)
+
+    def _discard(self, address: str) -> None:
+        """Forget the channels to a server that could not be connected to (so no call is live
+        on them): the next call to it dials afresh, paced by our backoff, instead of waiting
+        out gRPC's own reconnect backoff (up to 30 s) on a channel that failed before."""
+        endpoint = self._endpoints.pop(address, None)
+        if endpoint is not None:
+            closing = asyncio.get_running_loop().create_task(endpoint.close())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
 
     async def __aenter__(self) -> Self:
         return self
@@ -479,18 +657,101 @@ class WorkloadClient:
         await self.close()
 
     async def mtls_stub(self) -> pb_grpc.WorkloadAsyncStub:
-        if self._mtls_stub is None:
-            if self._chain is None or self._key is None:
-                raise ValueError("this client has no SVID: attest first or load an SVID folder")
-            info = await self.tls_stub.GetServerInfo(pb.GetServerInfoRequest())
-            host, port = _split(info.mtls_address)
-            address = f"{host or _split(self._server)[0]}:{port}"
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=self._bundle, private_key=self._key, certificate_chain=self._chain
-            )
-            self._mtls = grpc.aio.secure_channel(address, creds, self._options)
-            self._mtls_stub = pb_grpc.WorkloadStub(self._mtls)
-        return self._mtls_stub
+        """The current server's mutual-TLS stub (no failover: see ``call``)."""
+        return await self._endpoint(self.servers.current).mtls_stub()
+
+    def failover(self, address: str, reason: str) -> bool:
+        """A call or stream on ``address`` failed to reach it: use the next server from now on
+        (see ``ServerRotation.failed``)."""
+        return self.servers.failed(address, reason)
+
+    async def call(
+        self,
+        fn: Callable[[pb_grpc.WorkloadAsyncStub], Awaitable[_T]],
+        *,
+        mtls: bool,
+        repeatable: bool,
+    ) -> _T:
+        """``fn`` on the current server's stub (mutual TLS or server TLS), each server tried
+        at most once, from the current one on; the class's docstring says when a failed call
+        is made again on the next. The last server's failure is raised as gRPC reported it."""
+        attempts = len(self.servers)
+        for attempt in range(attempts):
+            if attempt:
+                await asyncio.sleep(self._backoff.next_delay())
+            last = attempt == attempts - 1
+            address = self.servers.current
+            endpoint = self._endpoint(address)
+            try:
+                stub = await endpoint.mtls_stub() if mtls else endpoint.tls_stub
+            except grpc.aio.AioRpcError as exc:  # GetServerInfo: a read, safe to move on
+                if last or exc.code() not in _MOVE_ON:
+                    self._failed(address, exc)
+                    raise
+                self._failed(address, exc)
+                continue
+            if not last:
+                channel = endpoint.mtls if mtls else endpoint.tls
+                assert channel is not None
+                if not await _connects(channel, self._connect_timeout):
+                    self._discard(address)
+                    self.servers.failed(address, "no connection")
+                    continue
+            try:
+                result = await fn(stub)
+            except grpc.aio.AioRpcError as exc:
+                self._failed(address, exc)
+                if last or not repeatable or exc.code() not in _MOVE_ON:
+                    raise
+                continue
+            self.servers.ok(address)
+            self._backoff.reset()
+            return result
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _failed(self, address: str, exc: grpc.aio.AioRpcError) -> None:
+        if exc.code() in _MOVE_ON:
+            self.servers.failed(address, f"{exc.code().name}: {exc.details()}")
+
+    async def watch_revocations(self, since: int) -> AsyncIterator[pb.RevocationMessage]:
+        """The revocation feed from ``since`` on the current server (mutual TLS): a stream
+        factory for ``RevocationWatcher``. When the server cannot be reached or ends the
+        stream, the next stream opens on the next server; the watcher resumes it from the
+        last sequence number it applied (global across replicas: one database)."""
+        address = self.servers.current
+        try:
+            stub = await self._endpoint(address).mtls_stub()
+            async for message in stub.WatchRevocations(pb.WatchRevocationsRequest(since=since)):
+                self.servers.ok(address)
+                yield message
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is not grpc.StatusCode.CANCELLED:
+                self.servers.failed(address, f"{exc.code().name}: {exc.details()}")
+            raise
+        self.servers.failed(address, "the stream ended")
+
+    async def get_bundle(self) -> pb.Bundle:
+        request = pb.GetBundleRequest()
+        return await self.call(lambda s: s.GetBundle(request), mtls=False, repeatable=True)
+
+    async def get_task_keys(self, *, timeout: float) -> pb.TaskKeys:  # noqa: ASYNC109
+        """The task-token keys (``TaskKeySource`` takes this client as its origin)."""
+        request = pb.GetTaskKeysRequest()
+        return await self.call(
+            lambda s: s.GetTaskKeys(request, timeout=timeout), mtls=False, repeatable=True
+        )
+
+    async def exchange(self, request: pb.ExchangeRequest) -> pb.ExchangeResponse:
+        """Not repeatable: it opens a task (or an approval) and is audited."""
+        return await self.call(lambda s: s.Exchange(request), mtls=True, repeatable=False)
+
+    async def delegate(self, request: pb.DelegateRequest) -> pb.ExchangeResponse:
+        """Not repeatable: it issues a token that is audited under its task."""
+        return await self.call(lambda s: s.Delegate(request), mtls=True, repeatable=False)
+
+    async def end_task(self, request: pb.EndTaskRequest) -> pb.EndTaskResponse:
+        """Not repeatable: done twice, the second answer would not be the first's."""
+        return await self.call(lambda s: s.EndTask(request), mtls=True, repeatable=False)
 
     async def attest(
         self,
@@ -501,7 +762,24 @@ class WorkloadClient:
         respond: Responder | None = None,
         spiffe_id_hint: str = "",
     ) -> pb.AttestResult:
-        """Run the Attest stream; ``respond`` answers the attestor's challenges, if it sends any."""
+        """Run the Attest stream; ``respond`` answers the attestor's challenges, if it sends any.
+        Not repeatable (a join token is spent by the first run): with several servers, it
+        moves on only while no connection could be made."""
+        return await self.call(
+            lambda stub: self._attest(stub, attestor, evidence, key, respond, spiffe_id_hint),
+            mtls=False,
+            repeatable=False,
+        )
+
+    @staticmethod
+    async def _attest(
+        stub: pb_grpc.WorkloadAsyncStub,
+        attestor: str,
+        evidence: bytes,
+        key: ec.EllipticCurvePrivateKey,
+        respond: Responder | None,
+        spiffe_id_hint: str,
+    ) -> pb.AttestResult:
         outbox: asyncio.Queue[pb.AttestRequest | None] = asyncio.Queue()
         outbox.put_nowait(
             pb.AttestRequest(
@@ -518,7 +796,7 @@ class WorkloadClient:
             while (item := await outbox.get()) is not None:
                 yield item
 
-        call = self.tls_stub.Attest(requests())
+        call = stub.Attest(requests())
         try:
             async for response in call:
                 if response.WhichOneof("step") == "result":
@@ -553,12 +831,12 @@ class WorkloadClient:
         return result
 
     async def fetch_jwt(self, audience: list[str], ttl_seconds: int = 0) -> pb.FetchJWTSVIDResponse:
-        stub = await self.mtls_stub()
-        return await stub.FetchJWTSVID(
-            pb.FetchJWTSVIDRequest(audience=audience, ttl_seconds=ttl_seconds)
-        )
+        """Repeatable: a second run mints a second token; the caller gets one."""
+        request = pb.FetchJWTSVIDRequest(audience=audience, ttl_seconds=ttl_seconds)
+        return await self.call(lambda s: s.FetchJWTSVID(request), mtls=True, repeatable=True)
 
     async def renew(self, key: ec.EllipticCurvePrivateKey) -> pb.X509SVID:
-        stub = await self.mtls_stub()
-        response = await stub.RenewX509SVID(pb.RenewX509SVIDRequest(csr=make_csr(key)))
+        """Repeatable: a second run signs the same key again; the caller keeps one."""
+        request = pb.RenewX509SVIDRequest(csr=make_csr(key))
+        response = await self.call(lambda s: s.RenewX509SVID(request), mtls=True, repeatable=True)
         return response.svid

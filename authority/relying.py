@@ -35,7 +35,7 @@ import inspect
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import grpc
 import jwt
@@ -183,6 +183,15 @@ def parse_task_jwks(data: bytes) -> dict[str, ec.EllipticCurvePublicKey]:
         ) from None
 
 
+@runtime_checkable
+class TaskKeysOrigin(Protocol):
+    """Where ``TaskKeySource`` asks for the keys: ``authority.client.WorkloadClient``, which
+    moves between the authority's servers (replicas) when one cannot be reached."""
+
+    async def get_task_keys(self, *, timeout: float) -> pb.TaskKeys:  # noqa: ASYNC109
+        ...
+
+
 class TaskKeySource:
     """Task-token keys from the authority's ``GetTaskKeys`` RPC, cached.
 
@@ -195,12 +204,14 @@ class TaskKeySource:
     loss and the recovery are logged once each (with the outage's duration), not every retry.
     The authority must answer for ``issuer``: keys of another trust domain are refused.
 
-    ``stub`` is any Workload stub, typically ``WorkloadClient.tls_stub`` (server TLS: the keys
-    are public, no SVID is needed to fetch them)."""
+    ``stub`` is a ``TaskKeysOrigin``, typically a ``WorkloadClient`` given the addresses of
+    the authority's servers (a fetch moves to the next server when one cannot be reached: a
+    read, safe to make again), or any one Workload stub, such as ``WorkloadClient.tls_stub``
+    (server TLS: the keys are public, no SVID is needed to fetch them)."""
 
     def __init__(
         self,
-        stub: pb_grpc.WorkloadAsyncStub,
+        stub: pb_grpc.WorkloadAsyncStub | TaskKeysOrigin,
         *,
         issuer: TrustDomain | str,
         clock: Clock | None = None,
@@ -278,7 +289,12 @@ class TaskKeySource:
                 return
             self._attempted_at = self._clock.now()
             try:
-                reply = await self._stub.GetTaskKeys(pb.GetTaskKeysRequest(), timeout=self._timeout)
+                if isinstance(self._stub, TaskKeysOrigin):
+                    reply = await self._stub.get_task_keys(timeout=self._timeout)
+                else:
+                    reply = await self._stub.GetTaskKeys(
+                        pb.GetTaskKeysRequest(), timeout=self._timeout
+                    )
                 if reply.issuer != self._issuer:
                     raise InvalidArgument(
                         f"the authority answered for {reply.issuer!r}, not {self._issuer!r}",

@@ -74,7 +74,12 @@ class RevocationWatcher:
     short by default because a service fails closed while the feed is stale); the loss and the
     recovery are logged once each, with the outage's duration, never each retry.
     ``on_message`` sees every message before it is applied (``seq`` is still the position
-    before it); ``on_event`` and ``on_snapshot`` after.
+    before it); ``on_event`` and ``on_snapshot`` after. ``on_event`` is told of each event once:
+    one at or below the position (a stream resumed on another server of the same database,
+    whose numbers are the same) is applied, never reported again.
+
+    With several authority servers, ``open_stream`` is ``WorkloadClient.watch_revocations``:
+    a lost stream reopens on the next server, from the last sequence number applied.
     """
 
     def __init__(
@@ -202,8 +207,9 @@ class RevocationWatcher:
             self._on_message(message)
         body = message.WhichOneof("body")
         if body == "event":
+            news = message.event.seq > self.revoked.seq
             self.revoked.apply(message.event)
-            if self._on_event is not None:
+            if news and self._on_event is not None:  # a replayed one was reported already
                 self._on_event(message.event)
         elif body == "snapshot":
             self.revoked.replace(message.snapshot)
