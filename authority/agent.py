@@ -32,6 +32,11 @@ once per change ("authority lost: UNAVAILABLE ..." / "authority restored after 4
 cut by the agent's own channel swap (its SVID renewed) is made again on the new channel. The
 latest bundle received is kept beside the SVID (``<data-dir>/agent/bundle.pem``, 0600, replaced
 atomically) and trusted on the next start: ``trust_bundle_pem`` is for first contact only.
+
+Several servers (``AgentConfig.server``: the authority's replicas on one database): a call or
+stream that cannot reach the current one moves the agent to the next (``ServerRotation``); its
+calls are all repeatable and are made there at once, its streams reopen there after their
+backoff, the revocation feed from the last sequence number it applied.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -82,10 +87,12 @@ from authority.bundle import TrustBundle, jwk_thumbprint
 from authority.changes import Waiters
 from authority.client import (
     Responder,
+    ServerRotation,
     WorkloadClient,
     der_chain_to_pem,
     make_csr,
     new_key,
+    server_addresses,
 )
 from authority.config import MAX_UNIX_SOCKET_PATH
 from authority.errors import (
@@ -142,7 +149,9 @@ class AttestProof:
 
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
-    server: str  # HOST:PORT of the authority's server-TLS endpoint
+    # HOST:PORT of the authority's server-TLS endpoint, or several (its replicas, in the order
+    # to try): the agent moves to the next when one cannot be reached.
+    server: str | Sequence[str]
     trust_bundle_pem: bytes  # roots that verify the authority at first contact
     data_dir: Path
     socket: Path  # where the Workload API is served
@@ -154,7 +163,12 @@ class AgentConfig:
     fail_closed: bool = False
     stale_after: dt.timedelta = STALE_FEED
 
+    @property
+    def servers(self) -> tuple[str, ...]:
+        return server_addresses(self.server)
+
     def __post_init__(self) -> None:
+        server_addresses(self.server)  # at least one
         if len(str(self.socket).encode()) > MAX_UNIX_SOCKET_PATH:
             raise InvalidArgument(
                 f"the Workload API socket path must be at most {MAX_UNIX_SOCKET_PATH} bytes"
@@ -243,7 +257,9 @@ class NodeAgent:
         self._authority_kids: dict[x509.Name, str] = {}
         self._synced_changes = False  # a sync brought news the streams have not been told
         self._client: WorkloadClient | None = None
-        self._stub: pb_grpc.WorkloadAsyncStub | None = None
+        # Which of the authority's servers is used now, kept across the clients of the agent's
+        # successive SVIDs: a renewal does not send it back to a server that failed.
+        self._servers = ServerRotation(config.servers, logger=log)
         self._own_not_after = _now()
         self._own_rotate_at = _now()
         self._own_overdue_at = _now()
@@ -392,7 +408,7 @@ class NodeAgent:
                 reason="AGENT_NO_PROOF",
             )
         key = new_key()
-        async with WorkloadClient(self.config.server, self._bundle_pem) as client:
+        async with WorkloadClient(self._servers, self._bundle_pem) as client:
             result = await client.attest(
                 proof.attestor,
                 proof.evidence,
@@ -444,29 +460,34 @@ class NodeAgent:
         self._generation += 1
         self._client_roots = self._bundle_pem
         self._client = WorkloadClient(
-            self.config.server, self._bundle_pem, svid_chain_pem=chain, svid_key_pem=key
+            self._servers,
+            self._bundle_pem,
+            svid_chain_pem=chain,
+            svid_key_pem=key,
+            backoff=Backoff(BACKOFF_INITIAL, BACKOFF_MAX),
         )
-        self._stub = None
         if old is not None:  # its streams end and reconnect on the new channel
             closing = asyncio.get_running_loop().create_task(old.close())
             self._closing.add(closing)
             closing.add_done_callback(self._closing.discard)
 
     async def _mtls(self) -> pb_grpc.WorkloadAsyncStub:
-        if self._stub is None:
-            assert self._client is not None
-            self._stub = await self._client.mtls_stub()
-        return self._stub
+        """The current server's mutual-TLS stub (its channels are kept by the client)."""
+        assert self._client is not None
+        return await self._client.mtls_stub()
 
     async def _call(self, call: Callable[[pb_grpc.WorkloadAsyncStub], Awaitable[_T]]) -> _T:
-        """One call to the authority on the current channel. A call cut by the agent's own
-        channel swap (its SVID renewed meanwhile) is made again on the new channel; a call
-        cancelled otherwise is a ConnectionError, not a silent end of the task making it."""
+        """One call to the authority, on the next server when the current one cannot be
+        reached: every call the agent makes is repeatable (SignAgentSVIDs and RenewX509SVID
+        sign fresh CSRs, FetchAgentJWTSVID mints a token: done twice, one answer is kept).
+        A call cut by the agent's own channel swap (its SVID renewed meanwhile) is made again
+        on the new channel; a call cancelled otherwise is a ConnectionError, not a silent end
+        of the task making it."""
         for _ in range(SWAP_RETRIES):
             generation = self._generation
-            stub = await self._mtls()
+            assert self._client is not None
             try:
-                return await call(stub)
+                return await self._client.call(call, mtls=True, repeatable=True)
             except asyncio.CancelledError:
                 if _cancelling():
                     raise
@@ -477,15 +498,21 @@ class NodeAgent:
                     raise
         raise ConnectionError("the agent's channel kept changing under its call")
 
-    def _unreachable(self, exc: BaseException) -> None:
-        """Logged once until the authority answers again. A channel made before the latest
-        bundle arrived is made again with it: the authority's certificate may be signed by a
-        key the old roots do not hold (a CA rotation while connected)."""
+    def _unreachable(self, exc: BaseException, address: str | None = None) -> None:
+        """Logged once until the authority answers again; a stream on ``address`` that was cut
+        moves the agent to the next server. A channel made before the latest bundle arrived
+        is made again with it: the authority's certificate may be signed by a key the old
+        roots do not hold (a CA rotation while connected)."""
         if isinstance(exc, grpc.aio.AioRpcError):
             details = " ".join((exc.details() or "").split())[:200]
-            self._reach.lost(f"{exc.code().name} {details}".strip())
+            reason = f"{exc.code().name} {details}".strip()
+            moves = exc.code() in _UNREACHABLE
         else:
-            self._reach.lost(describe(exc))
+            reason = describe(exc)
+            moves = isinstance(exc, ConnectionError | OSError)
+        self._reach.lost(reason)
+        if address is not None and moves:
+            self._servers.failed(address, reason)
         if self._client is not None and self._client_roots != self._bundle_pem:
             log.info("agent reconnecting with the latest bundle it received")
             self._connect()
@@ -498,6 +525,11 @@ class NodeAgent:
     @property
     def reachable(self) -> bool:
         return self._reach.up
+
+    @property
+    def server(self) -> str:
+        """The authority server (of those configured) the agent uses now."""
+        return self._servers.current
 
     async def renew(self) -> None:
         """Renew the agent's own SVID now (the renewal task does it at half its life)."""
@@ -540,9 +572,21 @@ class NodeAgent:
     # --- entries and bundle ----------------------------------------------------------------
 
     async def _first_sync(self) -> grpc.aio.UnaryStreamCall[Any, Any]:
-        stub = await self._mtls()
-        call = stub.SyncAgent(pb.SyncAgentRequest())
-        state = await call.read()
+        """The first state, from the first server that answers (the stream is repeatable:
+        it begins with the whole state); the stream stays open on that server."""
+
+        async def first(
+            stub: pb_grpc.WorkloadAsyncStub,
+        ) -> tuple[grpc.aio.UnaryStreamCall[Any, Any], Any]:
+            call = stub.SyncAgent(pb.SyncAgentRequest())
+            try:
+                return call, await call.read()
+            except BaseException:
+                call.cancel()
+                raise
+
+        assert self._client is not None
+        call, state = await self._client.call(first, mtls=True, repeatable=True)
         if not isinstance(state, pb.AgentState):  # grpc.aio.EOF: the stream ended at once
             raise ConnectionError("the authority closed the sync stream")
         self._apply(state)
@@ -554,6 +598,7 @@ class NodeAgent:
         backoff = Backoff(BACKOFF_INITIAL, BACKOFF_MAX)
         while True:
             generation = self._generation
+            address = self._servers.current  # the first call was made there too
             try:
                 if call is None:
                     call = (await self._mtls()).SyncAgent(pb.SyncAgentRequest())
@@ -569,14 +614,14 @@ class NodeAgent:
                         call.cancel()
                     raise
                 if self._generation == generation:  # not our swap: the call died under us
-                    self._unreachable(ConnectionError("the sync stream was cancelled"))
+                    self._unreachable(ConnectionError("the sync stream was cancelled"), address)
                     await asyncio.sleep(backoff.next_delay())
             except grpc.aio.AioRpcError as exc:
                 if exc.code() is not grpc.StatusCode.CANCELLED or self._generation == generation:
-                    self._unreachable(exc)
+                    self._unreachable(exc, address)
                     await asyncio.sleep(backoff.next_delay())
             except ConnectionError as exc:
-                self._unreachable(exc)
+                self._unreachable(exc, address)
                 await asyncio.sleep(backoff.next_delay())
             call = None
 
@@ -601,12 +646,13 @@ class NodeAgent:
         self._wake.set()
 
     def _open_feed(self, since: int) -> Any:
-        """The revocation feed from ``since`` (the watcher's last sequence number: it resumes)."""
+        """The revocation feed from ``since`` (the watcher's last sequence number: it resumes,
+        on the next server when the current one was lost: the numbers are the database's)."""
 
         async def stream() -> Any:
-            stub = await self._mtls()
+            assert self._client is not None
             try:
-                async for message in stub.WatchRevocations(pb.WatchRevocationsRequest(since=since)):
+                async for message in self._client.watch_revocations(since):
                     self._reached()
                     yield message
             except grpc.aio.AioRpcError as exc:
