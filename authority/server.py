@@ -475,7 +475,9 @@ class AuthorityServer:
         assert self._store is not None
         # While the database cannot be reached the whole server is NOT_SERVING; writes fail
         # UNAVAILABLE meanwhile, and the store reconnects by itself.
-        supervisor.every(STORE_JOB, STORE_PING_INTERVAL, self._store.ping)
+        supervisor.every(
+            STORE_JOB, STORE_PING_INTERVAL, self._store.ping, backoff_cap=STORE_PING_INTERVAL
+        )
         if isinstance(self._store, PostgresStore):
             self._store.add_listener(self._remote_topics.put_nowait, remote_only=True)
             supervisor.start(REPLICA_JOB, self._follow_replicas)

@@ -97,9 +97,16 @@ class Supervisor:
     # --- starting ---------------------------------------------------------------------------
 
     def start(
-        self, name: str, run: Callable[[], Awaitable[None]], *, critical: bool = True
+        self,
+        name: str,
+        run: Callable[[], Awaitable[None]],
+        *,
+        critical: bool = True,
+        backoff_cap: float | None = None,
     ) -> None:
-        """Run ``run()`` as the task ``name`` until ``stop``; ``critical``: health depends on it."""
+        """Run ``run()`` as the task ``name`` until ``stop``; ``critical``: health depends on it;
+        ``backoff_cap``: a shorter cap of its retry delays than the supervisor's (a cheap probe
+        whose recovery should show at once)."""
         if name in self._jobs:
             raise ValueError(f"a task named {name!r} is already supervised")
         outage = Outage(
@@ -109,7 +116,10 @@ class Supervisor:
             monotonic=self._monotonic,
             logger=self._log,
         )
-        backoff = Backoff(*self._backoff, rng=self._rng)
+        initial, cap = self._backoff
+        if backoff_cap is not None:
+            initial, cap = min(initial, backoff_cap), backoff_cap
+        backoff = Backoff(initial, cap, rng=self._rng)
         job = _Job(name, run, critical, outage, backoff)
         self._jobs[name] = job
         job.task = asyncio.create_task(self._runner(job), name=name)
@@ -121,6 +131,7 @@ class Supervisor:
         step: Callable[[], Awaitable[object]],
         *,
         critical: bool = True,
+        backoff_cap: float | None = None,
     ) -> None:
         """Run ``step()`` every ``interval`` seconds as the task ``name``: a step that raises
         marks it failing and is tried again after the backoff (at once after the delay, not
@@ -134,7 +145,7 @@ class Supervisor:
                 self.ok(name)
                 await self._sleep(interval)
 
-        self.start(name, periodic, critical=critical)
+        self.start(name, periodic, critical=critical, backoff_cap=backoff_cap)
 
     # --- what health asks -------------------------------------------------------------------
 
