@@ -300,27 +300,30 @@ class _Listener:
         self._url = url
         self._replica = replica
         self._stop = threading.Event()
+        self.listening = threading.Event()  # LISTEN has been run once (open waits for it)
         self._conn: psycopg.Connection[dict[str, Any]] | None = None
         self.thread = threading.Thread(target=self._main, name="store:listen", daemon=True)
 
     def _main(self) -> None:
         delay = 0.2
-        first = True
+        missed = False  # a connection was lost or refused: notifications may have gone unheard
         while not self._stop.is_set():
             try:
                 self._conn = _connect(self._url, self._replica, "listener")
                 self._conn.execute(f"LISTEN {CHANNEL}")
+                self.listening.set()
                 delay = 0.2
-                if not first:  # anything may have changed while we were not listening
+                if missed:  # anything may have changed while we were not listening
                     self._store._committed(set(sql.TOPICS), remote=True)
-                first = False
+                    missed = False
                 self._listen(self._conn)
             except psycopg.Error as exc:
+                missed = True
                 if self._stop.is_set():
                     break
                 log.warning("store: the change listener lost the database: %s", exc)
                 self._stop.wait(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, 1.0)
             finally:
                 conn, self._conn = self._conn, None
                 if conn is not None:
@@ -372,6 +375,10 @@ class PostgresStore(SqlStore):
                 reason="STORE_UNREACHABLE",
             ) from None
         store._listener.thread.start()
+        # A change another replica commits before this one listens would go unheard: serve
+        # only once listening (or, if the listener cannot connect yet, after its first try:
+        # it announces every topic when it does).
+        await asyncio.to_thread(store._listener.listening.wait, CONNECT_TIMEOUT + 1)
         return store
 
     async def close(self) -> None:
