@@ -48,6 +48,8 @@ READY_TIMEOUT = 30.0  # for the postmaster to accept connections
 STOP_TIMEOUT = 30.0  # for the postmaster to exit after a stop signal
 BIND_RETRIES = 5  # first start only: another process may take the free port first
 SERVER_USER_AS_ROOT = "nobody"
+# util-linux (every Debian has it): runs the server as SERVER_USER_AS_ROOT when the tests are root
+SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
 
 StopMode = Literal["smart", "fast", "immediate"]
 _STOP_SIGNALS: dict[str, signal.Signals] = {
@@ -348,18 +350,29 @@ class PgServer(PgCluster):
 
     def _run_as_server(self, command: list[str]) -> subprocess.CompletedProcess[str]:
         """Run ``command`` as the server's account, its output captured."""
-        account = self._account
         return subprocess.run(
-            command,
+            self._as_server(command),
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
             timeout=120,
             check=False,
-            user=None if account is None else account.pw_uid,
-            group=None if account is None else account.pw_gid,
-            extra_groups=None if account is None else [],
         )
+
+    def _as_server(self, command: list[str]) -> list[str]:
+        """``command`` run as the server's account through setpriv(1). Not Popen's ``user=``:
+        that makes Python fork (not vfork) the test process, whose gRPC threads and fork
+        handlers then crash the child now and then (a segfault seen in a CI run)."""
+        account = self._account
+        if account is None:
+            return command
+        return [
+            SETPRIV,
+            f"--reuid={account.pw_uid}",
+            f"--regid={account.pw_gid}",
+            "--clear-groups",
+            *command,
+        ]
 
     def _give(self, path: Path, mode: int) -> None:
         path.chmod(mode)
@@ -450,17 +463,13 @@ class PgServer(PgCluster):
         command = [str(self._bin / "postgres"), "-D", str(self.data), "-p", str(self.port)]
         for name, value in self._settings.items():
             command += ["-c", f"{name}={value}"]
-        account = self._account
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
-                command,
+                self._as_server(command),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # ^C in a terminal reaches the tests, not PostgreSQL
-                user=None if account is None else account.pw_uid,
-                group=None if account is None else account.pw_gid,
-                extra_groups=None if account is None else [],
             )
         pidfile = self.data / "postmaster.pid"
         while time.monotonic() < deadline:
