@@ -44,12 +44,16 @@ from tests.helpers import (
     ServeProcess,
     authority_command,
     free_port,
+    interrupt,
     running_authority,
     short_socket_dir,
     start_serve_on,
     wait_held,
+    wait_until,
 )
 from tests.helpers import test_config as make_config
+
+WAIT = 25.0  # seconds for a watch to print what a move between replicas delays
 
 TD = "example.org"
 UID = os.getuid()
@@ -61,14 +65,6 @@ async def until(predicate: Callable[[], bool], what: str, timeout: float = 25.0)
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 25.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def dead_address() -> str:
@@ -386,25 +382,22 @@ def test_watch_misses_nothing_while_it_moves_between_replicas(
         return [int(json.loads(line)["seq"]) for line in out.read_text().splitlines() if line]
 
     try:
-        wait_until(lambda: first in seqs(), "the replayed revocation")
+        wait_until(lambda: first in seqs(), "the replayed revocation", timeout=WAIT)
         # The replica it follows is killed; the other comes up and revokes at once, while the
         # watch is still moving (its backoff), then again once it has surely moved.
         replicas.move_to(1)
         moving = replicas.revoke("while-moving")
         after = replicas.revoke("after-moving")
-        wait_until(lambda: after in seqs(), "the revocations made on the second replica")
+        wait_until(
+            lambda: after in seqs(), "the revocations made on the second replica", timeout=WAIT
+        )
         # And back to the first pair of ports (the second replica dies in turn).
         replicas.move_to(0, signal.SIGTERM)
         back = replicas.revoke("back")
-        wait_until(lambda: back in seqs(), "the revocation made after moving back")
+        wait_until(lambda: back in seqs(), "the revocation made after moving back", timeout=WAIT)
         assert proc.poll() is None
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        interrupt(proc)
     # Each once, in order: nothing missed, nothing printed twice.
     assert seqs() == [first, moving, after, back], seqs()
     log = err.read_text()

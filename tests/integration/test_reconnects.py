@@ -39,6 +39,7 @@ from authority.errors import Unauthenticated, Unavailable
 from tests.helpers import (
     ServeProcess,
     authority_command,
+    interrupt,
     restart_serve,
     short_socket_dir,
     start_serve,
@@ -148,13 +149,7 @@ def watching(authority: Authority, folder: Path, *args: str) -> Iterator[Watch]:
     try:
         yield watch
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        interrupt(proc)
 
 
 @pytest.mark.parametrize("transport", ["admin", "mtls"])

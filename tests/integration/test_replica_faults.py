@@ -11,7 +11,7 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +21,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority._pb import authority_v1_authority_pb2_grpc as pb_grpc
 from authority.client import AdminClient
-from tests.helpers import ServeProcess, authority_command, short_socket_dir, start_serve
+from tests.helpers import (
+    ServeProcess,
+    authority_command,
+    interrupt,
+    short_socket_dir,
+    start_serve,
+    wait_until,
+)
 from tests.pg import PgServer
 
 TD = "spiffe://example.org"
@@ -47,14 +54,6 @@ def replicas(url: str, folder: Path, count: int = 2) -> Iterator[list[ServeProce
     finally:
         for s in served:
             s.stop(signal.SIGKILL if s.proc.poll() is None else signal.SIGTERM)
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def holds_both_cas(served: ServeProcess) -> bool:
@@ -222,13 +221,7 @@ def watching(served: ServeProcess, folder: Path, *args: str) -> Iterator[tuple[P
     try:
         yield out, err
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        interrupt(proc)
 
 
 def printed(out: Path) -> list[tuple[int, str]]:

@@ -7,10 +7,9 @@ import contextlib
 import functools
 import json
 import os
-import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -19,18 +18,17 @@ from cryptography import x509
 
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority.client import AdminClient, WorkloadApiClient, WorkloadClient, der_chain_to_pem
-from tests.helpers import ServeProcess, authority_command, short_socket_dir, start_serve
+from tests.helpers import (
+    ServeProcess,
+    authority_command,
+    interrupt,
+    short_socket_dir,
+    start_serve,
+    wait_until,
+)
 
 TD = "spiffe://example.org"
 UID = os.getuid()
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -190,12 +188,7 @@ def watching(served: ServeProcess, out: Path) -> Iterator[subprocess.Popen[bytes
     try:
         yield proc
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        interrupt(proc)
 
 
 def printed(out: Path) -> list[dict[str, object]]:
