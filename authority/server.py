@@ -93,10 +93,6 @@ def replica_id(config: Config) -> str:
         return name
 
 
-def _now_us(clock: Clock) -> int:
-    return (clock.now() - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1)
-
-
 def server_spiffe_id(config: Config) -> SpiffeId:
     return SpiffeId.from_segments(config.trust_domain, "authority")
 
@@ -283,7 +279,7 @@ class AuthorityServer:
         if config.store.url:
             replica = replica_id(config)
             store = await PostgresStore.open(config.store.url, replica)
-            await store.register_replica(socket.gethostname(), _now_us(self.clock))
+            await store.register_replica(socket.gethostname(), self.clock.now())
             log.info("store: replica %s on %s", replica, redact(config.store.url))
         else:
             store = await SqliteStore.open(data_dir / "authority.db")

@@ -23,6 +23,8 @@ Connection parameters come from the URL and libpq's environment (``PGPASSFILE``,
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import functools
 import logging
 import re
 import threading
@@ -33,12 +35,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 
 from authority.audit import GENESIS
 from authority.errors import AuthorityError, FailedPrecondition, Unavailable
 from authority.store import sql
 from authority.store.queries import BUNDLE_SEQUENCE, REVOCATION_SEQUENCE, SqlStore
+from authority.store.rows import instant
 from authority.store.sql import Duplicate, MissingReference
 
 log = logging.getLogger(__name__)
@@ -51,6 +55,7 @@ _LOCK_NAMESPACE: Final = 0x5350_4946  # "SPIF"
 _MIGRATION_LOCK: Final = 1
 
 _PLACEHOLDER = re.compile(r"\?")
+_IN_TRANSACTION: Final = (TransactionStatus.INTRANS, TransactionStatus.INERROR)
 
 
 def redact(url: str) -> str:
@@ -63,11 +68,10 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))
 
 
-def _pg(sql_text: str, cache: dict[str, str] = {}) -> str:  # noqa: B006 - a deliberate memo
-    converted = cache.get(sql_text)
-    if converted is None:
-        converted = cache[sql_text] = _PLACEHOLDER.sub("%s", sql_text)
-    return converted
+@functools.cache
+def _pg(sql_text: str) -> str:
+    """``sql_text`` with psycopg's placeholders (each statement converted once)."""
+    return _PLACEHOLDER.sub("%s", sql_text)
 
 
 class PostgresConnection:
@@ -81,7 +85,6 @@ class PostgresConnection:
         self._replica = replica
         self.cache: dict[str, Any] = {}
         self.topics: list[str] = []
-        self._in_transaction = False
 
     def one(self, sql_text: str, params: Sequence[object] = ()) -> dict[str, Any] | None:
         return self._conn.execute(_pg(sql_text), params).fetchone()
@@ -102,12 +105,12 @@ class PostgresConnection:
 
     @property
     def in_transaction(self) -> bool:
-        return self._in_transaction and not self._conn.broken
+        # INTRANS or INERROR (a failed statement); UNKNOWN once the connection is broken.
+        return self._conn.info.transaction_status in _IN_TRANSACTION
 
     def begin(self) -> None:
         self.cache.clear()  # other replicas write between our transactions
         self._conn.execute("BEGIN")
-        self._in_transaction = True
 
     def savepoint(self) -> None:
         self._conn.execute("SAVEPOINT job")
@@ -123,10 +126,8 @@ class PostgresConnection:
         for topic in sorted(set(self.topics)):
             self._conn.execute("SELECT pg_notify(%s, %s)", [CHANNEL, f"{topic}:{self._replica}"])
         self._conn.execute("COMMIT")
-        self._in_transaction = False
 
     def rollback(self) -> None:
-        self._in_transaction = False
         self._conn.execute("ROLLBACK")
 
     def close(self) -> None:
@@ -385,8 +386,9 @@ class PostgresStore(SqlStore):
         self._listener.stop()
         await super().close()
 
-    async def register_replica(self, host: str, now_us: int) -> None:
+    async def register_replica(self, host: str, now: dt.datetime) -> None:
         """Record (or refresh) this replica in ``replicas``."""
+        now_us = instant(now)
 
         def job(tx: sql.Tx) -> None:
             tx.run(

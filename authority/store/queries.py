@@ -503,7 +503,10 @@ class SqlStore:
     # --- audit ---
 
     async def append_audit(self, events: Sequence[AuditEvent]) -> list[AuditRecord]:
-        return await self._run(lambda tx: None, events, returns_records=True)  # type: ignore[arg-type,return-value]
+        def job(tx: Tx) -> list[AuditRecord]:
+            return []  # the writer appends ``events`` and returns their records instead
+
+        return await self._run(job, events, returns_records=True)
 
     async def audit_records(
         self,

@@ -308,24 +308,22 @@ class Writer:
             raise exc
         return error
 
-    def _abandon(self, conn: Connection, exc: Exception | None = None) -> AuthorityError:
-        """Roll back after a failed transaction; what to tell its callers."""
+    def _abandon(self, conn: Connection, exc: Exception) -> AuthorityError:
+        """Roll back after a failed transaction; what to tell its callers. Raises _Conflict when
+        the database aborted it for a conflict (the batch is to run again)."""
         conn.cache.clear()
         conn.topics.clear()
-        error: AuthorityError = Unavailable("the write was rolled back", reason="STORE_ERROR")
-        lost = False
-        if exc is not None:
-            known = self._backend.error(exc)
-            if known is not None:
-                error, retry, lost = known
-                if retry:
-                    lost = False
-            elif isinstance(exc, AuthorityError):
-                error = exc
-            else:
-                error = Internal(f"the store failed: {type(exc).__name__}")
+        known = self._backend.error(exc)
+        retry = lost = False
+        if known is not None:
+            error, retry, lost = known
             error.__cause__ = exc
-        if lost:
+        elif isinstance(exc, AuthorityError):
+            error = exc
+        else:
+            error = Internal(f"the store failed: {type(exc).__name__}")
+            error.__cause__ = exc
+        if lost and not retry:
             self._drop_connection()
             return error
         try:
@@ -333,7 +331,7 @@ class Writer:
                 conn.rollback()
         except Exception:  # a connection that cannot roll back is dropped
             self._drop_connection()
-        if exc is not None and (known := self._backend.error(exc)) is not None and known[1]:
+        if retry:
             raise _Conflict from exc
         return error
 
