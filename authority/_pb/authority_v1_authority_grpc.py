@@ -75,6 +75,14 @@ class WorkloadBase(abc.ABC):
     async def FetchAgentJWTSVID(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.FetchAgentJWTSVIDRequest, authority_v1_authority_pb2.FetchJWTSVIDResponse]') -> None:
         pass
 
+    @abc.abstractmethod
+    async def ListCallableTools(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.ListCallableToolsRequest, authority_v1_authority_pb2.ListCallableToolsResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def RecordToolCalls(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.RecordToolCallsRequest, authority_v1_authority_pb2.RecordToolCallsResponse]') -> None:
+        pass
+
     def __mapping__(self) -> typing.Dict[str, grpclib.const.Handler]:
         return {
             '/authority.v1.Workload/Attest': grpclib.const.Handler(
@@ -166,6 +174,18 @@ class WorkloadBase(abc.ABC):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 authority_v1_authority_pb2.FetchAgentJWTSVIDRequest,
                 authority_v1_authority_pb2.FetchJWTSVIDResponse,
+            ),
+            '/authority.v1.Workload/ListCallableTools': grpclib.const.Handler(
+                self.ListCallableTools,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                authority_v1_authority_pb2.ListCallableToolsRequest,
+                authority_v1_authority_pb2.ListCallableToolsResponse,
+            ),
+            '/authority.v1.Workload/RecordToolCalls': grpclib.const.Handler(
+                self.RecordToolCalls,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                authority_v1_authority_pb2.RecordToolCallsRequest,
+                authority_v1_authority_pb2.RecordToolCallsResponse,
             ),
         }
 
@@ -262,6 +282,18 @@ class WorkloadStub:
             '/authority.v1.Workload/FetchAgentJWTSVID',
             authority_v1_authority_pb2.FetchAgentJWTSVIDRequest,
             authority_v1_authority_pb2.FetchJWTSVIDResponse,
+        )
+        self.ListCallableTools = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/authority.v1.Workload/ListCallableTools',
+            authority_v1_authority_pb2.ListCallableToolsRequest,
+            authority_v1_authority_pb2.ListCallableToolsResponse,
+        )
+        self.RecordToolCalls = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/authority.v1.Workload/RecordToolCalls',
+            authority_v1_authority_pb2.RecordToolCallsRequest,
+            authority_v1_authority_pb2.RecordToolCallsResponse,
         )
 
 

@@ -169,6 +169,196 @@ class RegistrationEntry(_message.Message):
 Global___RegistrationEntry: _TypeAlias = RegistrationEntry  # noqa: Y015
 
 @_typing.final
+class ToolCall(_message.Message):
+    """One MCP tool call an Exchange asks a token for. The authority derives the intent from it
+    (action "tools.call", resource "mcp/<server>/<tool>", parameter "mcp.arguments_sha256": the
+    SHA-256 of the arguments in RFC 8785 canonical JSON); the policy sees the arguments.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVER_FIELD_NUMBER: _builtins.int
+    TOOL_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_JSON_FIELD_NUMBER: _builtins.int
+    server: _builtins.str
+    """the MCP server's name at the gateway"""
+    tool: _builtins.str
+    """the tool's name"""
+    arguments_json: _builtins.str
+    """the call's exact arguments, a JSON object ("" is {})"""
+    def __init__(
+        self,
+        *,
+        server: _builtins.str = ...,
+        tool: _builtins.str = ...,
+        arguments_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_json", b"arguments_json", "server", b"server", "tool", b"tool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCall: _TypeAlias = ToolCall  # noqa: Y015
+
+@_typing.final
+class ListCallableToolsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALLER_SVID_FIELD_NUMBER: _builtins.int
+    SERVER_FIELD_NUMBER: _builtins.int
+    AUDIENCE_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    caller_svid: _builtins.bytes
+    """the caller's X.509-SVID leaf (DER), from the gateway's mTLS"""
+    server: _builtins.str
+    audience: _builtins.str
+    """the gateway's audience, as tokens for it name it"""
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the upstream's tool names"""
+
+    def __init__(
+        self,
+        *,
+        caller_svid: _builtins.bytes = ...,
+        server: _builtins.str = ...,
+        audience: _builtins.str = ...,
+        tools: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "caller_svid", b"caller_svid", "server", b"server", "tools", b"tools"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCallableToolsRequest: _TypeAlias = ListCallableToolsRequest  # noqa: Y015
+
+@_typing.final
+class ListCallableToolsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOOLS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """those some call could be allowed (order kept)"""
+
+    def __init__(
+        self,
+        *,
+        tools: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tools", b"tools"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCallableToolsResponse: _TypeAlias = ListCallableToolsResponse  # noqa: Y015
+
+@_typing.final
+class ToolCallRecord(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALLER_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    JTI_FIELD_NUMBER: _builtins.int
+    SERVER_FIELD_NUMBER: _builtins.int
+    TOOL_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_SHA256_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    UPSTREAM_STATUS_FIELD_NUMBER: _builtins.int
+    DURATION_US_FIELD_NUMBER: _builtins.int
+    AT_US_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    caller: _builtins.str
+    """the caller's SPIFFE ID (its mTLS certificate)"""
+    task_id: _builtins.str
+    """the token's task, when a token was verified"""
+    jti: _builtins.str
+    server: _builtins.str
+    tool: _builtins.str
+    arguments_sha256: _builtins.str
+    decision: _builtins.str
+    """"forwarded" or "refused" """
+    reason: _builtins.str
+    """the refusal's reason (TOKEN_EXPIRED, ...)"""
+    upstream_status: _builtins.int
+    """HTTP status from the upstream; 0 when not forwarded"""
+    duration_us: _builtins.int
+    at_us: _builtins.int
+    """when the gateway received the call (Unix microseconds)"""
+    outcome: _builtins.str
+    """"ok", "error", "cut" (revoked mid-stream), "unreachable", "" """
+    request_id: _builtins.str
+    """the JSON-RPC id, as text"""
+    def __init__(
+        self,
+        *,
+        caller: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        jti: _builtins.str = ...,
+        server: _builtins.str = ...,
+        tool: _builtins.str = ...,
+        arguments_sha256: _builtins.str = ...,
+        decision: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        upstream_status: _builtins.int = ...,
+        duration_us: _builtins.int = ...,
+        at_us: _builtins.int = ...,
+        outcome: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_sha256", b"arguments_sha256", "at_us", b"at_us", "caller", b"caller", "decision", b"decision", "duration_us", b"duration_us", "jti", b"jti", "outcome", b"outcome", "reason", b"reason", "request_id", b"request_id", "server", b"server", "task_id", b"task_id", "tool", b"tool", "upstream_status", b"upstream_status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCallRecord: _TypeAlias = ToolCallRecord  # noqa: Y015
+
+@_typing.final
+class RecordToolCallsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCallRecord]: ...
+    def __init__(
+        self,
+        *,
+        records: _abc.Iterable[Global___ToolCallRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordToolCallsRequest: _TypeAlias = RecordToolCallsRequest  # noqa: Y015
+
+@_typing.final
+class RecordToolCallsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDED_FIELD_NUMBER: _builtins.int
+    recorded: _builtins.int
+    def __init__(
+        self,
+        *,
+        recorded: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recorded", b"recorded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordToolCallsResponse: _TypeAlias = RecordToolCallsResponse  # noqa: Y015
+
+@_typing.final
 class SyncAgentRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1458,6 +1648,7 @@ class ExchangeRequest(_message.Message):
     TASK_ID_FIELD_NUMBER: _builtins.int
     APPROVAL_ID_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_FIELD_NUMBER: _builtins.int
     audience: _builtins.str
     """exactly one relying service"""
     ttl_seconds: _builtins.int
@@ -1470,6 +1661,12 @@ class ExchangeRequest(_message.Message):
     def intent(self) -> Global___Intent: ...
     @_builtins.property
     def context(self) -> Global___AuditContext: ...
+    @_builtins.property
+    def tool_call(self) -> Global___ToolCall:
+        """An MCP tool call: the intent is derived from it (leave intent.action and intent.resource
+        empty or equal to the derived ones; intent.purpose is still required).
+        """
+
     def __init__(
         self,
         *,
@@ -1479,10 +1676,11 @@ class ExchangeRequest(_message.Message):
         task_id: _builtins.str = ...,
         approval_id: _builtins.str = ...,
         context: Global___AuditContext | None = ...,
+        tool_call: Global___ToolCall | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "intent", b"intent"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "intent", b"intent", "tool_call", b"tool_call"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "audience", b"audience", "context", b"context", "intent", b"intent", "task_id", b"task_id", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "audience", b"audience", "context", b"context", "intent", b"intent", "task_id", b"task_id", "tool_call", b"tool_call", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -114,6 +114,16 @@ class WorkloadStub:
                 request_serializer=authority_dot_v1_dot_authority__pb2.FetchAgentJWTSVIDRequest.SerializeToString,
                 response_deserializer=authority_dot_v1_dot_authority__pb2.FetchJWTSVIDResponse.FromString,
                 _registered_method=True)
+        self.ListCallableTools = channel.unary_unary(
+                '/authority.v1.Workload/ListCallableTools',
+                request_serializer=authority_dot_v1_dot_authority__pb2.ListCallableToolsRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.ListCallableToolsResponse.FromString,
+                _registered_method=True)
+        self.RecordToolCalls = channel.unary_unary(
+                '/authority.v1.Workload/RecordToolCalls',
+                request_serializer=authority_dot_v1_dot_authority__pb2.RecordToolCallsRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.RecordToolCallsResponse.FromString,
+                _registered_method=True)
 
 
 class WorkloadServicer:
@@ -233,6 +243,22 @@ class WorkloadServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCallableTools(self, request, context):
+        """Tool-call gateways (mutual TLS with an SVID the server's config names under `gateways`;
+        anyone else: PERMISSION_DENIED). Which of `tools` the caller (by its X.509-SVID, as the
+        gateway's mutual TLS verified it) could ever be allowed to call, by the current policy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordToolCalls(self, request, context):
+        """What a gateway did with tool calls, into the audit chain (each under its task).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkloadServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -310,6 +336,16 @@ def add_WorkloadServicer_to_server(servicer, server):
                     servicer.FetchAgentJWTSVID,
                     request_deserializer=authority_dot_v1_dot_authority__pb2.FetchAgentJWTSVIDRequest.FromString,
                     response_serializer=authority_dot_v1_dot_authority__pb2.FetchJWTSVIDResponse.SerializeToString,
+            ),
+            'ListCallableTools': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCallableTools,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.ListCallableToolsRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.ListCallableToolsResponse.SerializeToString,
+            ),
+            'RecordToolCalls': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordToolCalls,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.RecordToolCallsRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.RecordToolCallsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -721,6 +757,60 @@ class Workload:
             '/authority.v1.Workload/FetchAgentJWTSVID',
             authority_dot_v1_dot_authority__pb2.FetchAgentJWTSVIDRequest.SerializeToString,
             authority_dot_v1_dot_authority__pb2.FetchJWTSVIDResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCallableTools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authority.v1.Workload/ListCallableTools',
+            authority_dot_v1_dot_authority__pb2.ListCallableToolsRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.ListCallableToolsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordToolCalls(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authority.v1.Workload/RecordToolCalls',
+            authority_dot_v1_dot_authority__pb2.RecordToolCallsRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.RecordToolCallsResponse.FromString,
             options,
             channel_credentials,
             insecure,

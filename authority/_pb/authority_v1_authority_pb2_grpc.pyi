@@ -79,6 +79,13 @@ class WorkloadStub:
     """
     FetchAgentJWTSVID: _grpc.UnaryUnaryMultiCallable[_authority_pb2.FetchAgentJWTSVIDRequest, _authority_pb2.FetchJWTSVIDResponse]
     """A JWT-SVID for one node entry of the calling agent."""
+    ListCallableTools: _grpc.UnaryUnaryMultiCallable[_authority_pb2.ListCallableToolsRequest, _authority_pb2.ListCallableToolsResponse]
+    """Tool-call gateways (mutual TLS with an SVID the server's config names under `gateways`;
+    anyone else: PERMISSION_DENIED). Which of `tools` the caller (by its X.509-SVID, as the
+    gateway's mutual TLS verified it) could ever be allowed to call, by the current policy.
+    """
+    RecordToolCalls: _grpc.UnaryUnaryMultiCallable[_authority_pb2.RecordToolCallsRequest, _authority_pb2.RecordToolCallsResponse]
+    """What a gateway did with tool calls, into the audit chain (each under its task)."""
 
 @_typing.type_check_only
 class WorkloadAsyncStub(WorkloadStub):
@@ -128,6 +135,13 @@ class WorkloadAsyncStub(WorkloadStub):
     """
     FetchAgentJWTSVID: _aio.UnaryUnaryMultiCallable[_authority_pb2.FetchAgentJWTSVIDRequest, _authority_pb2.FetchJWTSVIDResponse]  # type: ignore[assignment]
     """A JWT-SVID for one node entry of the calling agent."""
+    ListCallableTools: _aio.UnaryUnaryMultiCallable[_authority_pb2.ListCallableToolsRequest, _authority_pb2.ListCallableToolsResponse]  # type: ignore[assignment]
+    """Tool-call gateways (mutual TLS with an SVID the server's config names under `gateways`;
+    anyone else: PERMISSION_DENIED). Which of `tools` the caller (by its X.509-SVID, as the
+    gateway's mutual TLS verified it) could ever be allowed to call, by the current policy.
+    """
+    RecordToolCalls: _aio.UnaryUnaryMultiCallable[_authority_pb2.RecordToolCallsRequest, _authority_pb2.RecordToolCallsResponse]  # type: ignore[assignment]
+    """What a gateway did with tool calls, into the audit chain (each under its task)."""
 
 class WorkloadServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------------------------------------
@@ -264,6 +278,25 @@ class WorkloadServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_authority_pb2.FetchJWTSVIDResponse, _abc.Awaitable[_authority_pb2.FetchJWTSVIDResponse]]:
         """A JWT-SVID for one node entry of the calling agent."""
+
+    @_abc_1.abstractmethod
+    def ListCallableTools(
+        self,
+        request: _authority_pb2.ListCallableToolsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authority_pb2.ListCallableToolsResponse, _abc.Awaitable[_authority_pb2.ListCallableToolsResponse]]:
+        """Tool-call gateways (mutual TLS with an SVID the server's config names under `gateways`;
+        anyone else: PERMISSION_DENIED). Which of `tools` the caller (by its X.509-SVID, as the
+        gateway's mutual TLS verified it) could ever be allowed to call, by the current policy.
+        """
+
+    @_abc_1.abstractmethod
+    def RecordToolCalls(
+        self,
+        request: _authority_pb2.RecordToolCallsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authority_pb2.RecordToolCallsResponse, _abc.Awaitable[_authority_pb2.RecordToolCallsResponse]]:
+        """What a gateway did with tool calls, into the audit chain (each under its task)."""
 
 def add_WorkloadServicer_to_server(servicer: WorkloadServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
