@@ -113,8 +113,9 @@ def request_context(inp: PolicyInput, facts: Facts) -> dict[str, object]:
     """What both backends give a policy beside principal, action and resource: Cedar as its
     ``context`` record, Rego in its input document. ``audience`` is asked for (a granted token
     is bound to it); ``requested`` is what the caller says (purpose, environment, parameters);
-    every other key is the authority's own fact."""
-    return {
+    every other key is the authority's own fact, ``tool`` among them (an MCP tool call: server,
+    name, arguments, arguments_sha256, discovery), present only for a tool call."""
+    context: dict[str, object] = {
         "audience": inp.audience,
         "time": facts.time,
         "hour": facts.hour,
@@ -125,6 +126,9 @@ def request_context(inp: PolicyInput, facts: Facts) -> dict[str, object]:
         "attributes": dict(inp.attributes),
         "requested": inp.requested.to_json(),
     }
+    if inp.tool is not None:  # absent unless the intent is an MCP tool call
+        context["tool"] = inp.tool.to_json()
+    return context
 
 
 @dataclass(frozen=True, slots=True)

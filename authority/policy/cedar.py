@@ -21,6 +21,30 @@ Derived by the authority:
   operator's approval of exactly this intent is presented) and ``context.attributes`` (a record
   of strings about the caller's attestation: ``attestor``, ``entry_id``, ``admin``).
 
+An MCP tool call (absent otherwise: ``context has tool`` is false) is the record ``context.tool``:
+``server``, ``name`` (the intent's resource is ``mcp/<server>/<name>``), ``arguments_sha256``
+(what the token is bound to), ``discovery`` (true only for a gateway's listing question, with
+empty ``arguments``) and ``arguments``, the call's JSON object mapped to Cedar values:
+
+- strings -> String, booleans -> Bool, objects -> records, arrays -> sets (order and duplicates
+  are lost, as Cedar sets have neither; test membership with ``contains``);
+- integers (and numbers JSON holds as whole, ``1.0`` being ``1``) -> Long;
+- other numbers -> ``decimal`` when Cedar's decimal holds them exactly (at most 4 digits after
+  the point, within its range): compare with ``.lessThan(decimal("500.0"))`` and the like;
+  a number it cannot hold exactly (``0.12345``, ``1e-7``, ``1e300``) denies the request, with
+  the argument's path as the reason, rather than becoming a value of another type;
+- ``null`` members of objects are left out (``has`` is false), ``null`` items of arrays too;
+- an object member whose name starts with ``__`` denies the request: Cedar's JSON reads
+  ``__entity`` and ``__extn`` as an entity reference or an extension value, which no argument
+  may forge.
+
+``arguments`` is absent when the authority does not hold the arguments (a delegated tool-call
+token is decided on its digest): a policy that reads them errors, so its permit does not grant.
+A permit that tests arguments should also hold in discovery (``context.tool.discovery ||
+context.tool.arguments.amount < 500``) for the tool to be listed; in discovery the arguments
+are empty, so a ``forbid`` that reads one must guard it with ``has`` (an erroring forbid
+denies).
+
 Asked for (what a granted token is bound to):
 
 - action ``Action::"<action>"`` (exactly one: ``read``, ``write``, ``deploy``, ...);
@@ -63,10 +87,12 @@ Semantics
 
 from __future__ import annotations
 
+import decimal
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import cedarpy
 
@@ -82,7 +108,7 @@ from authority.policy._host import (
     request_context,
     source_version,
 )
-from authority.policy.model import PolicyInput
+from authority.policy.model import PolicyInput, ToolFact
 
 PRINCIPAL_TYPE = "Workload"
 ACTION_TYPE = "Action"
@@ -233,6 +259,72 @@ def _compile(
     return policy_set, metas
 
 
+# Cedar's decimal: at most 4 digits after the point, a 64-bit integer of ten-thousandths.
+_DECIMAL_DIGITS = 4
+_DECIMAL_MAX = decimal.Decimal(2**63 - 1).scaleb(-_DECIMAL_DIGITS)
+_DECIMAL_MIN = decimal.Decimal(-(2**63)).scaleb(-_DECIMAL_DIGITS)
+_EXACT_INTEGER = 2**53
+
+
+class CedarValueError(ValueError):
+    """An argument Cedar cannot be given as the value it is (the request is denied)."""
+
+
+def _where(path: Sequence[str]) -> str:
+    shown = ".".join(path) or "arguments"
+    return shown if len(shown) <= 80 else shown[:80] + "..."
+
+
+def _cedar_number(value: float, path: Sequence[str]) -> object:
+    if value.is_integer() and abs(value) <= _EXACT_INTEGER:
+        return int(value)  # JSON's 1.0 is 1, as the digest has it
+    exact = decimal.Decimal(repr(value))
+    exponent = exact.as_tuple().exponent
+    if (
+        not isinstance(exponent, int)
+        or exponent < -_DECIMAL_DIGITS
+        or not _DECIMAL_MIN <= exact <= _DECIMAL_MAX
+    ):
+        raise CedarValueError(
+            f"tool argument {_where(path)} is a number Cedar's decimal cannot hold exactly "
+            f"(at most {_DECIMAL_DIGITS} digits after the point)"
+        )
+    text = format(exact, "f")
+    return {"__extn": {"fn": "decimal", "arg": text if "." in text else text + ".0"}}
+
+
+def cedar_value(value: Any, path: tuple[str, ...] = ("arguments",)) -> object:
+    """A JSON value of a tool call's arguments as a Cedar value in Cedar's JSON form."""
+    if isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return _cedar_number(value, path)
+    if isinstance(value, Mapping):
+        record: dict[str, object] = {}
+        for key, item in value.items():
+            if key.startswith("__"):
+                raise CedarValueError(
+                    f"tool argument {_where((*path, key[:32]))}: a member name starting with "
+                    "'__' is Cedar's JSON escape and cannot be given to a policy"
+                )
+            if item is not None:
+                record[key] = cedar_value(item, (*path, key))
+        return record
+    if isinstance(value, list):
+        return [cedar_value(item, (*path, "[]")) for item in value if item is not None]
+    raise CedarValueError(f"tool argument {_where(path)} is not a JSON value")
+
+
+def cedar_tool(tool: ToolFact) -> dict[str, object]:
+    """``context.tool``: the tool call's JSON form with its arguments as Cedar values."""
+    record = tool.to_json(with_arguments=False)
+    if tool.arguments is not None:
+        record["arguments"] = cedar_value(tool.arguments)
+    return record
+
+
 class CedarEngine(EngineBase):
     """A compiled Cedar policy set. Immutable once built; safe to share between threads."""
 
@@ -258,6 +350,10 @@ class CedarEngine(EngineBase):
             "resource": {"type": RESOURCE_TYPE, "id": inp.resource},
             "context": request_context(inp, facts),
         }
+        if inp.tool is not None:
+            context = request["context"]
+            assert isinstance(context, dict)
+            context["tool"] = cedar_tool(inp.tool)  # CedarValueError: denied, by _run
         entities, parsed = self._entities(inp, facts)
         result = cedarpy.is_authorized(request, self._policies, parsed)
         determining = [str(policy_id) for policy_id in result.diagnostics.reasons]

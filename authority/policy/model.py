@@ -10,6 +10,11 @@ derived by the authority (the caller's identity and attestation, time, risk, del
 approval, the resource's kind and environment from its name) or what the caller merely says,
 kept apart in :class:`Requested`, so that no policy can take a claim for a fact. Action, resource
 and audience are what is asked for, and a granted token is bound to them.
+
+An MCP tool call adds :class:`ToolFact`: the server, the tool, the call's exact arguments (the
+token is bound to their digest, so what the policy reads is what the token allows) or, for a
+gateway's discovery question ("could this caller ever call this tool?"), ``discovery`` true and
+no arguments.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
+from authority import toolcall
 from authority.errors import InvalidArgument
 
 MAX_RISK = 100
@@ -111,6 +117,109 @@ class Requested:
         }
 
 
+_TOOL_FIELDS = frozenset({"server", "name", "arguments", "arguments_sha256", "discovery"})
+
+
+@dataclass(frozen=True, slots=True)
+class ToolFact:
+    """The MCP tool call an intent is for: the authority's own fact, derived from the call the
+    Exchange carries (the intent's resource is ``mcp/<server>/<name>`` and its parameter
+    ``mcp.arguments_sha256`` is ``arguments_sha256``).
+
+    ``arguments`` is the parsed JSON object of the call; None when the authority does not hold
+    them (a delegation passes the call on by its digest alone), so a policy that reads them
+    finds them missing. ``discovery`` is true for a gateway's listing question: no call is
+    made, ``arguments`` is the empty object and ``arguments_sha256`` empty; a permit that
+    tests arguments should hold when ``discovery`` is true for the tool to be listed."""
+
+    server: str
+    name: str
+    arguments: Mapping[str, Any] | None = field(default_factory=dict)
+    arguments_sha256: str = ""
+    discovery: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            toolcall.check_server(self.server)
+            toolcall.check_tool(self.name)
+            if self.arguments is not None:
+                object.__setattr__(
+                    self,
+                    "arguments",
+                    types.MappingProxyType(toolcall.check_arguments(dict(self.arguments))),
+                )
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"tool: {exc.message}", reason=INPUT_INVALID) from None
+        if not isinstance(self.discovery, bool):
+            raise InvalidArgument("tool.discovery must be a boolean", reason=INPUT_INVALID)
+        digest = self.arguments_sha256
+        if not isinstance(digest, str) or (
+            digest and (len(digest) != 64 or not set(digest) <= set("0123456789abcdef"))
+        ):
+            raise InvalidArgument(
+                "tool.arguments_sha256 is a lower-case SHA-256 hex digest or empty",
+                reason=INPUT_INVALID,
+            )
+        if self.discovery and (self.arguments or digest):
+            raise InvalidArgument(
+                "a discovery question carries no arguments and no digest", reason=INPUT_INVALID
+            )
+        if not self.discovery and self.arguments is not None:
+            computed = toolcall.arguments_digest(self.arguments)
+            if digest and digest != computed:
+                raise InvalidArgument(
+                    "tool.arguments_sha256 is not the digest of tool.arguments",
+                    reason=INPUT_INVALID,
+                )
+            object.__setattr__(self, "arguments_sha256", computed)
+        if not self.discovery and not self.arguments_sha256:
+            raise InvalidArgument(
+                "a tool call without arguments needs their digest", reason=INPUT_INVALID
+            )
+
+    @property
+    def resource(self) -> str:
+        return toolcall.resource(self.server, self.name)
+
+    @classmethod
+    def discovering(cls, server: str, name: str) -> ToolFact:
+        return cls(server, name, {}, "", True)
+
+    @classmethod
+    def from_json(cls, obj: object) -> ToolFact:
+        """``server`` and ``name`` required; ``arguments`` (an object; null or absent with a
+        digest given: not known) defaults to ``{}``; ``arguments_sha256`` is computed from them
+        when absent and must match when given; ``discovery`` defaults to false."""
+        values = dict(_json_object("tool", obj, _TOOL_FIELDS))
+        missing = [name for name in ("server", "name") if name not in values]
+        if missing:
+            raise InvalidArgument(f"tool lacks {', '.join(missing)}", reason=INPUT_INVALID)
+        if "arguments" not in values and values.get("arguments_sha256"):
+            values["arguments"] = None  # a call known by its digest alone
+        if isinstance(values.get("arguments", {}), list | str | int | float):
+            raise InvalidArgument("tool.arguments must be a JSON object", reason=INPUT_INVALID)
+        return cls(**values)
+
+    def to_json(self, *, with_arguments: bool = True) -> dict[str, object]:
+        """The JSON form; ``with_arguments`` false leaves the argument values out (the audit
+        keeps their digest only)."""
+        out: dict[str, object] = {"server": self.server, "name": self.name}
+        if with_arguments and self.arguments is not None:
+            out["arguments"] = _plain(self.arguments)
+        out["arguments_sha256"] = self.arguments_sha256
+        out["discovery"] = self.discovery
+        return out
+
+
+def _plain(value: Any) -> Any:
+    """A JSON value with its read-only mappings turned back into dicts."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class PolicyInput:
     """One intent to decide on. Time is passed in; nothing here reads a clock.
@@ -119,7 +228,8 @@ class PolicyInput:
     ``risk``, ``delegation_depth``, ``approved``, ``attributes`` (of the caller's attestation),
     and the resource's kind and environment, derived from its name (properties, never given).
     What is asked for, and a granted token bound to: ``action``, ``resource``, ``audience``.
-    What the caller merely says: ``requested``."""
+    What the caller merely says: ``requested``. An MCP tool call: ``tool`` (None otherwise);
+    its resource must then be the tool's, ``mcp/<server>/<name>``."""
 
     principal: str
     action: str
@@ -131,6 +241,7 @@ class PolicyInput:
     approved: bool = False
     attributes: Mapping[str, str] = field(default_factory=dict)
     requested: Requested = field(default_factory=Requested)
+    tool: ToolFact | None = None
 
     def __post_init__(self) -> None:
         for name in ("principal", "action", "resource", "audience"):
@@ -155,6 +266,15 @@ class PolicyInput:
         object.__setattr__(self, "attributes", _frozen_str_map("attributes", self.attributes))
         if not isinstance(self.requested, Requested):
             raise InvalidArgument("requested must be a Requested", reason=INPUT_INVALID)
+        if self.tool is not None:
+            if not isinstance(self.tool, ToolFact):
+                raise InvalidArgument("tool must be a ToolFact", reason=INPUT_INVALID)
+            if self.resource != self.tool.resource or self.action != toolcall.ACTION:
+                raise InvalidArgument(
+                    f"a tool call's intent is action {toolcall.ACTION!r} on resource "
+                    f"{self.tool.resource!r}",
+                    reason=INPUT_INVALID,
+                )
 
     @property
     def resource_kind(self) -> str:
@@ -201,10 +321,14 @@ class PolicyInput:
             raise InvalidArgument(f"time is not ISO 8601: {exc}", reason=INPUT_INVALID) from exc
         if "requested" in values:
             values["requested"] = Requested.from_json(values["requested"])
+        if values.get("tool") is not None:
+            values["tool"] = ToolFact.from_json(values["tool"])
         return cls(**values)
 
-    def to_json(self) -> dict[str, object]:
-        return {
+    def to_json(self, *, with_arguments: bool = True) -> dict[str, object]:
+        """The JSON form ``from_json`` reads; ``with_arguments`` false leaves a tool call's
+        argument values out (for the audit: their digest stays)."""
+        out: dict[str, object] = {
             "principal": self.principal,
             "action": self.action,
             "resource": self.resource,
@@ -216,6 +340,9 @@ class PolicyInput:
             "attributes": dict(self.attributes),
             "requested": self.requested.to_json(),
         }
+        if self.tool is not None:
+            out["tool"] = self.tool.to_json(with_arguments=with_arguments)
+        return out
 
 
 @dataclass(frozen=True, slots=True)
