@@ -9,10 +9,26 @@ import pytest
 
 from authority import toolcall
 from authority.errors import InvalidArgument
-from authority.policy import Outcome, PolicyEngine, PolicyInput
+from authority.policy import (
+    Outcome,
+    PolicyEngine,
+    PolicyInput,
+    load_policy_set,
+    run_policy_tests,
+)
 from authority.policy.cedar import CedarValueError, cedar_value
+from authority.policy.loader import load_policy_tests
 from authority.policy.model import ToolFact
-from tests.unit.policy._support import AGENT, MONDAY_10, cedar, make_input, rego, requires_rego
+from authority.policy.rego import rego_available
+from tests.unit.policy._support import (
+    AGENT,
+    EXAMPLES,
+    MONDAY_10,
+    cedar,
+    make_input,
+    rego,
+    requires_rego,
+)
 
 
 def tool_input(tool: ToolFact | None, **overrides: Any) -> PolicyInput:
@@ -248,3 +264,33 @@ def test_a_forbid_over_arguments_must_guard_them_in_discovery() -> None:
 
 def test_time_is_the_inputs() -> None:
     assert tool_input(call({})).time == MONDAY_10
+
+
+# --- the example policy for a small tool set -----------------------------------------------------
+
+TOOLS_TESTS = EXAMPLES / "tools.tests.json"
+
+
+@pytest.mark.parametrize("suffix", [".cedar", ".rego"])
+def test_the_tools_example_passes_its_own_tests(suffix: str) -> None:
+    if suffix == ".rego" and not rego_available():
+        pytest.skip("regorus is not installed")
+    results = run_policy_tests(load_policy_set([EXAMPLES / f"tools{suffix}"]), [TOOLS_TESTS])
+    assert len(results) >= 20
+    assert [r.name for r in results if not r.passed] == []
+    names = " ".join(r.name for r in results)
+    assert "discovery" in names
+    assert "approval" in names
+
+
+@requires_rego
+def test_the_tools_example_decides_alike_in_both_backends() -> None:
+    both = [load_policy_set([EXAMPLES / f"tools{suffix}"]) for suffix in (".cedar", ".rego")]
+    for case in load_policy_tests(TOOLS_TESTS):
+        a, b = (engine.decide(case.input) for engine in both)
+        assert (a.outcome, a.ttl_cap, a.max_delegation_depth, set(a.reasons)) == (
+            b.outcome,
+            b.ttl_cap,
+            b.max_delegation_depth,
+            set(b.reasons),
+        ), case.name
