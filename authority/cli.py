@@ -1423,6 +1423,40 @@ def workload_fetch_jwt(socket: str | None, audiences: tuple[str, ...], spiffe_id
     click.echo(_run(go())[1])
 
 
+# --- MCP gateway ---------------------------------------------------------------------------
+
+
+@main.command("gateway")
+@click.option(
+    "--config",
+    "config_file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The gateway's TOML file (README: Tool calls through the MCP gateway).",
+)
+@click.option(
+    "--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"])
+)
+@click.option("--log-format", default="text", type=click.Choice(LOG_FORMATS))
+@command
+def gateway(config_file: Path, log_level: str, log_format: str) -> None:
+    """Run the MCP gateway: tool calls admitted only with a task token for that exact call."""
+    from authority.gateway.config import load
+    from authority.gateway.run import run_gateway
+
+    config = load(config_file)
+    logs.configure(log_level, log_format)
+
+    async def main_loop() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_gateway(config, stop)
+
+    _run(main_loop(), config.authority)
+
+
 # --- node agent ----------------------------------------------------------------------------
 
 
