@@ -485,6 +485,18 @@ class CertificateAuthority:
     def authorities(self) -> list[AuthorityKeyInfo]:
         return [k.info for k in self._sorted()]
 
+    def x509_intermediates(self) -> list[x509.Certificate]:
+        """What stands between the bundle and an X.509-SVID of this trust domain, on any
+        replica: with an upstream CA, each X.509 signing key's certificate and the upstream
+        chain above it; self-signed, nothing (each key's certificate is in the bundle)."""
+        if self._upstream is None:
+            return []
+        infos = [k.info for k in self._sorted()] + list(self._peer_infos(KeyKind.X509))
+        ders = [
+            d for i in infos if i.kind is KeyKind.X509 for d in (i.certificate, *i.upstream_chain)
+        ]
+        return [x509.load_der_x509_certificate(d) for d in dict.fromkeys(ders)]
+
     def bundle(self) -> TrustBundle:
         if self._bundle is None:
             raise FailedPrecondition("the CA has not started")

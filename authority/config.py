@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from authority.errors import InvalidArgument
-from authority.ids import TrustDomain
+from authority.ids import SpiffeId, TrustDomain
 
 _T = TypeVar("_T")
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)?$")
@@ -210,6 +210,8 @@ class Config:
     # Policy files (.cedar or .rego, tests in <name>.tests.json beside them) loaded at start and
     # reloaded when they change; empty: what an operator loaded last, else default deny.
     policy_files: tuple[str, ...] = ()
+    # SPIFFE IDs of the MCP gateways that may call ListCallableTools and RecordToolCalls.
+    gateways: tuple[str, ...] = ()
     ca: CaConfig = field(default_factory=CaConfig)
     limits: Limits = field(default_factory=Limits)
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -229,6 +231,8 @@ class Config:
             )
         if not _INSTANCE_NAME.fullmatch(self.workload_api_attestor):
             raise InvalidArgument("workload_api_attestor must be an attestor instance name")
+        for gateway in self.gateways:
+            SpiffeId.parse(gateway)  # InvalidSpiffeId names what is wrong
         if self.log_format not in LOG_FORMATS:
             raise InvalidArgument(f"log_format must be one of {', '.join(LOG_FORMATS)}")
 

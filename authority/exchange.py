@@ -16,6 +16,13 @@ approval, or nothing at all for a denial.
   same or a smaller scope and resource, the same audience, an earlier expiry, one less depth.
 - EndTask ends the task: no token is issued for it again, and its tokens are listed for
   revocation.
+- MCP tool calls: an Exchange that carries a tool call gets the intent the authority derives
+  from it (action ``tools.call``, resource ``mcp/<server>/<tool>``, the parameter
+  ``mcp.arguments_sha256`` computed from the arguments) and the policy sees the arguments
+  (``tool``); an Exchange without one may not ask for that action, that resource kind or a
+  parameter under ``mcp.``, so every tool-call token carries a digest the authority computed.
+  Its approval is bound to the digest with the rest of the intent; its delegation keeps the
+  exact resource and the digest.
 """
 
 from __future__ import annotations
@@ -28,13 +35,14 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from authority import toolcall
 from authority.audit import AuditEvent, bounded, digest
 from authority.ca import CertificateAuthority
 from authority.clock import Clock
@@ -60,7 +68,9 @@ from authority.policy import (
     PolicyInput,
     Requested,
     resource_environment,
+    resource_kind,
 )
+from authority.policy.model import ToolFact
 from authority.service import OPERATOR, Authority, Caller
 from authority.store import Store
 from authority.tokens import (
@@ -137,14 +147,124 @@ class AuditContext:
         return details
 
 
+TOOL_CALL_MISMATCH = "TOOL_CALL_MISMATCH"  # the intent or audit context names another call
+TOOL_CALL_REQUIRED = "TOOL_CALL_REQUIRED"  # tools.call / mcp/... asked for without a tool call
+RESERVED_PARAMETER = "RESERVED_PARAMETER"  # a parameter under mcp. named by the caller
+
+
+def _reserved_parameters(parameters: Mapping[str, str]) -> None:
+    reserved = sorted(k for k in parameters if k.startswith(toolcall.PARAMETER_PREFIX))
+    if reserved:
+        raise InvalidArgument(
+            f"parameter {bounded(reserved[0], 64)!r}: names under "
+            f"{toolcall.PARAMETER_PREFIX!r} are set by the authority only",
+            reason=RESERVED_PARAMETER,
+        )
+
+
+def check_plain_intent(intent: Intent) -> Intent:
+    """An intent asked for without a tool call: not one only a tool call may have."""
+    if intent.action == toolcall.ACTION or resource_kind(intent.resource) == toolcall.RESOURCE_KIND:
+        raise InvalidArgument(
+            f"action {toolcall.ACTION!r} and resources under {toolcall.RESOURCE_KIND + '/'!r} "
+            "are for MCP tool calls: send the call (ExchangeRequest.tool_call), and the "
+            "authority derives the intent from it",
+            reason=TOOL_CALL_REQUIRED,
+        )
+    _reserved_parameters(intent.parameters)
+    return intent
+
+
+def tool_call_intent(
+    call: toolcall.ToolCall,
+    *,
+    action: str,
+    resource: str,
+    purpose: str,
+    environment: str,
+    parameters: Mapping[str, str],
+) -> Intent:
+    """The intent of an Exchange for ``call``: the action and resource derived from it (those
+    the request names, if any, must be the same), the request's parameters plus the digest of
+    the arguments (the request may not name one under ``mcp.``)."""
+    if action and action != toolcall.ACTION:
+        raise InvalidArgument(
+            f"a tool call's action is {toolcall.ACTION!r}, not {bounded(action, 64)!r}",
+            reason=TOOL_CALL_MISMATCH,
+        )
+    if resource and resource != call.resource:
+        raise InvalidArgument(
+            f"the tool call's resource is {call.resource!r}, not {bounded(resource, 300)!r}",
+            reason=TOOL_CALL_MISMATCH,
+        )
+    _reserved_parameters(parameters)
+    return Intent(
+        action=toolcall.ACTION,
+        resource=call.resource,
+        purpose=purpose,
+        environment=environment,
+        parameters={**parameters, **call.parameters()},
+    )
+
+
+def tool_call_context(call: toolcall.ToolCall, context: AuditContext) -> AuditContext:
+    """The audit context of a tool call's Exchange: its tool name and argument digest are the
+    call's (given ones must be the same)."""
+    if context.tool_name and context.tool_name != call.tool:
+        raise InvalidArgument(
+            f"context.tool_name {bounded(context.tool_name, 128)!r} is not the call's tool "
+            f"{call.tool!r}",
+            reason=TOOL_CALL_MISMATCH,
+        )
+    if context.tool_args_digest and context.tool_args_digest != call.digest:
+        raise InvalidArgument(
+            "context.tool_args_sha256 is not the digest of the call's arguments",
+            reason=TOOL_CALL_MISMATCH,
+        )
+    return dataclasses.replace(context, tool_name=call.tool, tool_args_digest=call.digest)
+
+
 @dataclass(frozen=True, slots=True)
 class ExchangeRequest:
+    """An Exchange as the use case takes it. With ``tool_call``, ``intent`` and ``context``
+    must be those ``tool_call_intent`` and ``tool_call_context`` derive (checked again)."""
+
     intent: Intent
     audience: str
     ttl: dt.timedelta | None = None
     task_id: str = ""
     approval_id: str = ""
     context: AuditContext = field(default_factory=AuditContext)
+    tool_call: toolcall.ToolCall | None = None
+
+    def __post_init__(self) -> None:
+        call = self.tool_call
+        if call is None:
+            check_plain_intent(self.intent)
+            return
+        derived = tool_call_intent(
+            call,
+            action=self.intent.action,
+            resource=self.intent.resource,
+            purpose=self.intent.purpose,
+            environment=self.intent.environment,
+            parameters={
+                k: v for k, v in self.intent.parameters.items() if k != toolcall.ARGUMENTS_PARAMETER
+            },
+        )
+        if dict(derived.parameters) != dict(self.intent.parameters):
+            raise InvalidArgument(
+                "the intent's argument digest is not that of the call", reason=TOOL_CALL_MISMATCH
+            )
+        object.__setattr__(self, "context", tool_call_context(call, self.context))
+
+    @property
+    def tool(self) -> ToolFact | None:
+        """What the policy sees of the call."""
+        call = self.tool_call
+        if call is None:
+            return None
+        return ToolFact(call.server, call.tool, call.arguments, call.digest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +305,24 @@ def _check_audience(audience: str, limits: Limits) -> str:
     return audience
 
 
+def _delegated_tool(parent: Intent, action: str, resource: str) -> ToolFact | None:
+    """A tool-call token is passed on for exactly its call: the same action and resource (a
+    tool is a leaf), the digest copied with the parent's parameters. The delegate's policy
+    sees the call by its digest (the authority keeps no arguments: ``arguments`` absent)."""
+    if parent.action != toolcall.ACTION:
+        return None
+    called = toolcall.parse_resource(parent.resource)
+    digest_ = parent.parameters.get(toolcall.ARGUMENTS_PARAMETER, "")
+    if called is None or not digest_:
+        raise PermissionDenied("the token's tool call is malformed", reason="DELEGATION_WIDENS")
+    if action != parent.action or resource != parent.resource:
+        raise PermissionDenied(
+            "a tool-call token is delegated only for its own call (the same action and resource)",
+            reason="DELEGATION_WIDENS",
+        )
+    return ToolFact(called[0], called[1], None, digest_)
+
+
 class ExchangeService:
     def __init__(
         self,
@@ -209,6 +347,10 @@ class ExchangeService:
         self._open_tasks: dict[str, tuple[str, float]] = {}
 
     # --- the decision ------------------------------------------------------------------
+
+    def risk(self, principal: str) -> int:
+        """The principal's risk as a direct exchange would see it now (no denial counted)."""
+        return self._risk(principal, 0)
 
     def _risk(self, principal: str, depth: int) -> int:
         """A host-computed risk: recent denials of this principal, and delegation depth."""
@@ -265,6 +407,7 @@ class ExchangeService:
         depth: int,
         approved: bool,
         named_environment: str = "",
+        tool: ToolFact | None = None,
     ) -> tuple[Decision, PolicyInput]:
         """Every fact in the input is the authority's (the caller's identity and attestation,
         time, risk, depth, approval; the resource's kind and environment follow from its name);
@@ -290,6 +433,7 @@ class ExchangeService:
                 environment=named_environment,
                 parameters=dict(intent.parameters),
             ),
+            tool=tool,
         )
         decision = self._policy.current.decide(inp)
         if decision.outcome is Outcome.DENY:
@@ -313,9 +457,10 @@ class ExchangeService:
             task_id=task_id,
             decision_id=decision.decision_id,
             details={
-                # The input as `authority policy explain --input` takes it, and what the
-                # authority derived from the resource name.
-                "input": inp.to_json(),
+                # The input as `authority policy explain --input` takes it (a tool call's
+                # argument values left out: their digest stays), and what the authority
+                # derived from the resource name.
+                "input": inp.to_json(with_arguments=False),
                 "resource_facts": {
                     "kind": inp.resource_kind,
                     "environment": inp.resource_environment,
@@ -371,6 +516,7 @@ class ExchangeService:
             depth=0,
             approved=approval is not None,
             named_environment=named_environment,
+            tool=request.tool,
         )
         event = self._decision_event(caller, task_id, decision, inp, request.context)
         if decision.outcome is Outcome.DENY:
@@ -711,6 +857,7 @@ class ExchangeService:
             )
         action = action or parent.intent.action
         resource = resource or parent.intent.resource
+        tool = _delegated_tool(parent.intent, action, resource)
         if action not in parent.scopes:
             raise PermissionDenied(
                 f"delegation only narrows: {action!r} is not in {' '.join(parent.scopes)!r}",
@@ -736,7 +883,9 @@ class ExchangeService:
             parameters=dict(parent.intent.parameters),
         )
         depth = parent.depth + 1
-        decision, inp = self._decide(delegate, intent, parent.audience, depth=depth, approved=False)
+        decision, inp = self._decide(
+            delegate, intent, parent.audience, depth=depth, approved=False, tool=tool
+        )
         event = self._decision_event(delegate, parent.task_id, decision, inp, context)
         if decision.outcome is not Outcome.ALLOW:
             await self._store.append_audit([event])

@@ -59,6 +59,7 @@ from authority.store.queries import SqlStore
 from authority.store.sqlite import SqliteStore
 from authority.supervisor import Sleep, Supervisor
 from authority.svid import X509Svid
+from authority.tool_calls import ToolGateways
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +337,15 @@ class AuthorityServer:
             clock=self.clock,
             limits=config.limits,
         )
+        tool_gateways = ToolGateways(
+            authority=authority,
+            store=store,
+            policy=policy,
+            clock=self.clock,
+            limits=config.limits,
+            gateways=[SpiffeId.parse(g) for g in config.gateways],
+            risk=exchange,
+        )
         feed = RevocationFeed(revocations, store, self.clock, config.revocation_heartbeat)
         self._tls = tls = _TlsIdentity(ca, config)
         tls.refresh()
@@ -360,7 +370,13 @@ class AuthorityServer:
         self._changes = changes
         pb_grpc.add_WorkloadServicer_to_server(
             WorkloadService(
-                authority, exchange, feed, changes, mtls_address, server_spiffe_id(config).uri
+                authority,
+                exchange,
+                feed,
+                changes,
+                mtls_address,
+                server_spiffe_id(config).uri,
+                tool_gateways=tool_gateways,
             ),
             workload,
         )

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from authority import toolcall
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority.audit import AuditRecord, Checkpoint
 from authority.bundle import TrustBundle, parse_jwks
 from authority.config import Limits
 from authority.errors import InvalidArgument
-from authority.exchange import AuditContext, ExchangeOutcome
+from authority.exchange import (
+    AuditContext,
+    ExchangeOutcome,
+    ExchangeRequest,
+    tool_call_context,
+    tool_call_intent,
+)
 from authority.ids import TrustDomain
 from authority.models import (
     Approval,
@@ -26,6 +33,7 @@ from authority.policy_admin import PolicyState
 from authority.service import AttestResult
 from authority.svid import JwtSvid, X509Svid
 from authority.tokens import Intent, TaskToken
+from authority.tool_calls import MAX_RECORDS, TOO_MANY_RECORDS, ToolCallRecord
 
 
 def ts(when: dt.datetime) -> int:
@@ -220,6 +228,71 @@ def intent_from_pb(msg: pb.Intent) -> Intent:
         environment=msg.environment,
         parameters=dict(msg.parameters),
     )
+
+
+def tool_call_from_pb(msg: pb.ToolCall) -> toolcall.ToolCall:
+    """The call an Exchange asks a token for; INVALID_ARGUMENT (BAD_TOOL_CALL) when its names
+    or arguments are not valid."""
+    return toolcall.ToolCall.from_json(msg.server, msg.tool, msg.arguments_json)
+
+
+def exchange_request_from_pb(msg: pb.ExchangeRequest, limits: Limits) -> ExchangeRequest:
+    """An Exchange; with ``tool_call``, the intent and audit context derived from the call."""
+    context = audit_context_from_pb(msg.context)
+    call = tool_call_from_pb(msg.tool_call) if msg.HasField("tool_call") else None
+    if call is None:
+        intent = intent_from_pb(msg.intent)
+    else:
+        intent = tool_call_intent(
+            call,
+            action=msg.intent.action,
+            resource=msg.intent.resource,
+            purpose=msg.intent.purpose,
+            environment=msg.intent.environment,
+            parameters=dict(msg.intent.parameters),
+        )
+        context = tool_call_context(call, context)
+    return ExchangeRequest(
+        intent=intent,
+        audience=msg.audience,
+        ttl=seconds(msg.ttl_seconds, limits),
+        task_id=msg.task_id,
+        approval_id=msg.approval_id,
+        context=context,
+        tool_call=call,
+    )
+
+
+def tool_call_records_from_pb(messages: Sequence[pb.ToolCallRecord]) -> list[ToolCallRecord]:
+    """A gateway's records, each checked; the first bad one refuses the request, named by its
+    place (its reason kept). More than MAX_RECORDS: refused before any is read."""
+    if len(messages) > MAX_RECORDS:
+        raise InvalidArgument(
+            f"at most {MAX_RECORDS} records in one request", reason=TOO_MANY_RECORDS
+        )
+    records: list[ToolCallRecord] = []
+    for number, msg in enumerate(messages):
+        try:
+            records.append(
+                ToolCallRecord.from_fields(
+                    at_us=msg.at_us,
+                    caller=msg.caller,
+                    task_id=msg.task_id,
+                    jti=msg.jti,
+                    server=msg.server,
+                    tool=msg.tool,
+                    arguments_sha256=msg.arguments_sha256,
+                    decision=msg.decision,
+                    reason=msg.reason,
+                    upstream_status=msg.upstream_status,
+                    duration_us=msg.duration_us,
+                    outcome=msg.outcome,
+                    request_id=msg.request_id,
+                )
+            )
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"record {number}: {exc.message}", reason=exc.reason) from None
+    return records
 
 
 def audit_context_from_pb(msg: pb.AuditContext) -> AuditContext:

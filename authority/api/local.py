@@ -158,3 +158,9 @@ class LocalWorkloadService(pb_grpclib.WorkloadBase):
 
     async def FetchAgentJWTSVID(self, stream: Stream) -> None:
         raise grpclib.exceptions.GRPCError(Status.UNIMPLEMENTED, _UNIMPLEMENTED)
+
+    async def ListCallableTools(self, stream: Stream) -> None:
+        raise grpclib.exceptions.GRPCError(Status.UNIMPLEMENTED, _UNIMPLEMENTED)
+
+    async def RecordToolCalls(self, stream: Stream) -> None:
+        raise grpclib.exceptions.GRPCError(Status.UNIMPLEMENTED, _UNIMPLEMENTED)

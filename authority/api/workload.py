@@ -23,19 +23,21 @@ from authority.api.convert import (
     audit_context_from_pb,
     bundle_to_pb,
     entry_to_pb,
+    exchange_request_from_pb,
     exchange_response,
-    intent_from_pb,
     jwt_svid_to_pb,
     seconds,
     svid_to_pb,
     task_token_to_pb,
+    tool_call_records_from_pb,
 )
 from authority.api.revocations import RevocationFeed
 from authority.api.status import abort, rpc
 from authority.changes import ChangeNotifier
-from authority.errors import AuthorityError, InvalidArgument, Unauthenticated
-from authority.exchange import ExchangeRequest, ExchangeService
+from authority.errors import AuthorityError, InvalidArgument, PermissionDenied, Unauthenticated
+from authority.exchange import ExchangeService
 from authority.service import Authority, Caller
+from authority.tool_calls import NOT_A_GATEWAY, ToolGateways
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +88,11 @@ class WorkloadService(pb_grpc.WorkloadServicer):
         changes: ChangeNotifier,
         mtls_address: str,
         server_spiffe_id: str,
+        *,
+        tool_gateways: ToolGateways | None = None,
     ) -> None:
         self._authority = authority
+        self._tool_gateways = tool_gateways
         self._exchange = exchange
         self._feed = feed
         self._changes = changes
@@ -163,15 +168,7 @@ class WorkloadService(pb_grpc.WorkloadServicer):
     async def Exchange(self, request: pb.ExchangeRequest, context: Context) -> pb.ExchangeResponse:
         caller = await self._caller(context)
         outcome = await self._exchange.exchange(
-            caller,
-            ExchangeRequest(
-                intent=intent_from_pb(request.intent),
-                audience=request.audience,
-                ttl=seconds(request.ttl_seconds, self._authority.limits),
-                task_id=request.task_id,
-                approval_id=request.approval_id,
-                context=audit_context_from_pb(request.context),
-            ),
+            caller, exchange_request_from_pb(request, self._authority.limits)
         )
         return exchange_response(outcome, self._exchange_now())
 
@@ -202,6 +199,37 @@ class WorkloadService(pb_grpc.WorkloadServicer):
         caller = await self._caller(context)
         approval = await self._exchange.approval_status(caller, request.id)
         return approval_to_pb(approval, self._exchange_now())
+
+    # --- MCP gateways ---------------------------------------------------------------------
+
+    def _gateways(self) -> ToolGateways:
+        if self._tool_gateways is None:
+            raise PermissionDenied("no MCP gateway is configured here", reason=NOT_A_GATEWAY)
+        return self._tool_gateways
+
+    @rpc
+    async def ListCallableTools(
+        self, request: pb.ListCallableToolsRequest, context: Context
+    ) -> pb.ListCallableToolsResponse:
+        gateway = await self._caller(context)
+        tools = await self._gateways().callable_tools(
+            gateway,
+            caller_svid=request.caller_svid,
+            server=request.server,
+            audience=request.audience,
+            tools=list(request.tools),
+        )
+        return pb.ListCallableToolsResponse(tools=tools)
+
+    @rpc
+    async def RecordToolCalls(
+        self, request: pb.RecordToolCallsRequest, context: Context
+    ) -> pb.RecordToolCallsResponse:
+        gateway = await self._caller(context)
+        gateways = self._gateways()
+        gateways.check_gateway(gateway)  # before reading what a non-gateway sent
+        recorded = await gateways.record(gateway, tool_call_records_from_pb(request.records))
+        return pb.RecordToolCallsResponse(recorded=recorded)
 
     # --- node agents ---------------------------------------------------------------------
 
