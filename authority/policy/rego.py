@@ -28,6 +28,14 @@ environment is refused before any policy runs), ``time`` (UTC, ``YYYY-MM-DDThh:m
 ``hour`` (UTC), ``weekday`` (0 = Monday), ``risk``, ``delegation_depth``, ``approved`` and
 ``attributes`` (an object of strings about the caller's attestation).
 
+An MCP tool call (absent otherwise: ``not input.tool`` holds) is ``input.tool``: ``server``,
+``name`` (the resource is ``mcp/<server>/<name>``), ``arguments`` (the call's JSON object as it
+is), ``arguments_sha256`` (what the token is bound to) and ``discovery`` (true only for a
+gateway's listing question, with empty ``arguments``). A rule that tests an argument is
+undefined in discovery, so a permit that tests arguments needs a discovery rule of its own for
+the tool to be listed, and a forbid over arguments does not fire there. ``arguments`` is absent
+when the authority does not hold them (a delegated tool-call token is decided on its digest).
+
 Asked for (what a granted token is bound to): ``action``, ``resource``, ``audience``.
 
 Said by the caller, checked against nothing: ``input.requested.purpose``,

@@ -357,6 +357,8 @@ async def test_list_callable_tools(
     deploy = ["deploy", "delete_release", "rollback"]
     assert await listed(reporter.cert_der, "deploy", deploy) == ["deploy"]
     assert await listed(reporter.cert_der, "deploy", []) == []
+    many = [f"tool_{i}" for i in range(500)] + ["get_invoice", "delete_x", "refund"]
+    assert await listed(reporter.cert_der, "billing", many) == ["get_invoice", "refund"]
     web = await attest_agent(authority, WEB, tmp_path / "web")
     assert await listed(web.cert_der, "billing", billing) == []  # not an agent: nothing
     # Discovery is not audited as decisions, and hidden tools are not the caller's denials.
