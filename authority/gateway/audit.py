@@ -81,7 +81,7 @@ class AuditBatcher:
             return
         self._queue.append(record)
         self._idle.clear()
-        if len(self._queue) >= self._batch:
+        if len(self._queue) == 1 or len(self._queue) >= self._batch:
             self._wake.set()
 
     def start(self) -> None:
@@ -108,12 +108,13 @@ class AuditBatcher:
         while True:
             if not self._queue:
                 self._idle.set()
-                await self._wake.wait()
-            elif len(self._queue) < self._batch:
+                await self._wake.wait()  # the first record of a batch
+                self._wake.clear()
+            if len(self._queue) < self._batch:  # gather more, for at most the interval
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._interval):
                         await self._wake.wait()
-            self._wake.clear()
+                self._wake.clear()
             size = min(1 if self._singles else self._batch, len(self._queue))
             self._singles = max(0, self._singles - 1)
             batch = [self._queue[i] for i in range(size)]
