@@ -50,6 +50,13 @@ def _message(tool: str, arguments: dict[str, Any], request_id: int = 1) -> dict[
     }
 
 
+def _list_message(request_id: int = 2) -> dict[str, Any]:
+    message = _message("", {}, request_id)
+    message["method"] = "tools/list"
+    message["params"] = {"_meta": message["params"]["_meta"]}
+    return message
+
+
 def _headers(
     token: str | None = None, method: str = "tools/call", name: str = "", **extra: str
 ) -> dict[str, str]:
@@ -157,7 +164,7 @@ async def test_no_client_certificate_is_401(gw: Stack) -> None:
         response = await _call(http, gw, "echo", args, token)
         listing = await http.post(
             gw.url,
-            json={"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {}},
+            json=_list_message(),
             headers=_headers(method="tools/list"),
         )
         stream = await http.get(gw.url, headers=_headers())
@@ -380,7 +387,7 @@ async def test_the_upstream_credential_never_reaches_the_agent_the_log_or_the_au
             await _call(http, gw, "echo", {"text": "refused"}, token),
             await http.post(
                 gw.url,
-                json={"jsonrpc": "2.0", "id": 9, "method": "tools/list", "params": {}},
+                json=_list_message(9),
                 headers=_headers(method="tools/list"),
             ),
             await http.get(gw.url, headers=_headers()),
@@ -388,7 +395,8 @@ async def test_the_upstream_credential_never_reaches_the_agent_the_log_or_the_au
         ):
             seen.append(str(response.status_code) + repr(response.headers.multi_items()))
             seen.append(response.text)
-    assert seen[0].startswith("200")
+    statuses = [int(text[:3]) for text in seen[::2]]
+    assert statuses[:3] == [200, 403, 200]  # the call, a call with its token, the list
     # The records reach the authority's audit (batched): wait for this call's, then export.
     export = tmp_path / "audit.jsonl"
 
