@@ -179,8 +179,9 @@ def parse(doc: Mapping[str, Any], *, base: Path, env: Mapping[str, str]) -> Gate
     audience = _str(doc, "audience")
     if len(audience) > 256 or any(c.isspace() for c in audience):
         raise _fail("audience", "must be one name without spaces")
+    trust_domain_text = _str(doc, "trust_domain")
     try:
-        trust_domain = TrustDomain.parse(_str(doc, "trust_domain"))
+        trust_domain = TrustDomain.parse(trust_domain_text)
     except (InvalidArgument, ValueError) as exc:
         raise _fail("trust_domain", str(exc)) from None
     raw_authority = doc.get("authority")
