@@ -25,7 +25,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -107,6 +107,7 @@ class Refusal(Exception):
     data: dict[str, Any] = field(default_factory=dict)
     code: int = UNAUTHORIZED_CODE
     retry_after: int | None = None
+    request_id: str | int | None = None  # the JSON-RPC id of the request refused
 
 
 def _quote(text: str) -> str:
@@ -402,7 +403,7 @@ class GatewayApp:
         try:
             await self._endpoint(scope, receive, send, upstream)
         except Refusal as refusal:
-            await self._refuse(send, refusal, None)
+            await self._refuse(send, refusal)
 
     def metadata_url(self, server: str) -> str:
         return f"{self.config.public_url}{METADATA_PREFIX}/mcp/{server}"
@@ -448,10 +449,9 @@ class GatewayApp:
                     "mutual TLS with your X.509-SVID is required",
                 ),
             )
-        caller, x5t = self._peers.of(der)
         method = scope["method"]
         if method in ("GET", "DELETE"):
-            await self._forward(scope, receive, send, upstream, b"", None, None)
+            await self._forward(scope, receive, send, upstream, b"", None)
             return
         if method != "POST":
             raise Refusal(405, "METHOD_NOT_ALLOWED", f"{method} is not served", code=-32600)
@@ -469,10 +469,28 @@ class GatewayApp:
             )
         if not isinstance(message, dict):
             raise Refusal(400, "INVALID_REQUEST", "a JSON-RPC message is an object", code=-32600)
+        try:
+            await self._message(scope, receive, send, upstream, body, message, der)
+        except Refusal as refusal:
+            request_id = message.get("id")
+            if refusal.request_id is None and isinstance(request_id, str | int):
+                refusal.request_id = request_id
+            raise
+
+    async def _message(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        upstream: Upstream,
+        body: bytes,
+        message: dict[str, Any],
+        der: bytes,
+    ) -> None:
+        caller, x5t = self._peers.of(der)
         rpc_method = message.get("method")
-        request_id = message.get("id")
         if rpc_method is None:  # a response to the server's request: passes
-            await self._forward(scope, receive, send, upstream, body, None, None)
+            await self._forward(scope, receive, send, upstream, body, None)
             return
         if not isinstance(rpc_method, str):
             raise Refusal(400, "INVALID_REQUEST", "method is a string", code=-32600)
@@ -485,12 +503,11 @@ class GatewayApp:
                 "METHOD_NOT_ALLOWED",
                 f"{rpc_method[:64]!r} is not allowed through this gateway",
                 code=-32601,
-                data={"id": request_id},
             )
         if rpc_method == "tools/list":
             await self._tools_list(scope, receive, send, upstream, body, caller, der)
             return
-        await self._forward(scope, receive, send, upstream, body, None, None)
+        await self._forward(scope, receive, send, upstream, body, None)
 
     async def _body(self, scope: Scope, receive: Receive) -> bytes:
         limit = self.config.max_body_bytes
@@ -577,7 +594,7 @@ class GatewayApp:
             self._record(call, "refused", "INTERNAL")
             raise
         log.debug("tools/call admitted: %s jti=%s", resource, call.token.jti)
-        await self._forward(scope, receive, send, upstream, body, call, None)
+        await self._forward(scope, receive, send, upstream, body, call)
 
     def _token_refusal(
         self, exc: AuthorityError, server: str, resource: str, digest: str
@@ -794,7 +811,6 @@ class GatewayApp:
         upstream: Upstream,
         body: bytes,
         call: _Call | None,
-        _unused: None,
     ) -> None:
         try:
             response = await self._open(scope, upstream, body)
@@ -867,11 +883,10 @@ class GatewayApp:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _refuse(self, send: Send, refusal: Refusal, request_id: Any) -> None:
+    async def _refuse(self, send: Send, refusal: Refusal) -> None:
         data = dict(refusal.data)
         data.setdefault("reason", refusal.reason)
-        request_id = data.pop("id", request_id)
-        body = _rpc_error(request_id, refusal.code, refusal.message, data)
+        body = _rpc_error(refusal.request_id, refusal.code, refusal.message, data)
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
@@ -923,7 +938,3 @@ async def _respond(send: Send, status: int, body: bytes, content_type: str) -> N
         }
     )
     await send({"type": "http.response.body", "body": body})
-
-
-def _unused(_: Iterable[object]) -> None:
-    pass

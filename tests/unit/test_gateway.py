@@ -249,10 +249,17 @@ class Upstream200:
     """The MCP server, in memory: answers tools/call with JSON and tools/list with SSE."""
 
     seen: list[httpx2.Request] = field(default_factory=list)
+    mode: str = "ok"  # "down": no connection; "refusing": 401 to the gateway's credential
 
     def __call__(self, request: httpx2.Request) -> httpx2.Response:
+        if self.mode == "down":
+            raise httpx2.ConnectError("connection refused", request=request)
         self.seen.append(request)
+        if self.mode == "refusing":
+            return httpx2.Response(401, headers={"www-authenticate": 'Bearer realm="upstream"'})
         message = json.loads(request.content)
+        if "method" not in message:  # the client's answer to a request of the server
+            return httpx2.Response(202)
         if message["method"] == "tools/list":
             tools = [{"name": n} for n in ("echo", "refund", "delete_invoice")]
             event = {"jsonrpc": "2.0", "id": message["id"], "result": {"tools": tools}}
@@ -298,15 +305,21 @@ class Rig:
         ).token
 
     async def post(
-        self, message: Any, token: str | None = None, *, cert: bool = True
+        self,
+        message: Any,
+        token: str | None = None,
+        *,
+        cert: bool = True,
+        method: str = "POST",
+        path: str = "/mcp/billing",
     ) -> tuple[int, dict[str, str], bytes]:
         headers = [(b"content-type", b"application/json")]
         if token is not None:
             headers.append((b"authorization", f"Bearer {token}".encode()))
         scope: dict[str, Any] = {
             "type": "http",
-            "method": "POST",
-            "path": "/mcp/billing",
+            "method": method,
+            "path": path,
             "headers": headers,
             "extensions": {"tls": {"client_cert_der": self.cert_der if cert else None}},
         }
@@ -450,3 +463,32 @@ async def test_tools_list_keeps_only_callable_tools_and_fails_closed(rig: Rig) -
 
 def test_refusals_are_authority_errors() -> None:
     assert issubclass(AuditBacklogFull, AuthorityError)
+
+
+async def test_unknown_servers_other_verbs_and_a_failing_upstream(rig: Rig) -> None:
+    token = rig.token("echo", {"text": "hi"})
+    assert (await rig.post(_call("echo", {"text": "hi"}), token, path="/mcp/other"))[0] == 404
+    assert (await rig.post(_call("echo", {"text": "hi"}), token, method="PUT"))[0] == 405
+    rig.upstream.mode = "down"
+    status, _, body = await rig.post(_call("echo", {"text": "hi"}), token)
+    assert status == 502
+    assert json.loads(body)["error"]["data"]["reason"] == "UPSTREAM_UNREACHABLE"
+    rig.upstream.mode = "refusing"
+    status, headers, body = await rig.post(_call("echo", {"text": "hi"}), token)
+    assert status == 502
+    assert "www-authenticate" not in headers  # the upstream's challenge is not the agent's
+    error = json.loads(body)["error"]
+    assert error["data"]["reason"] == "UPSTREAM_REFUSED_GATEWAY"
+    assert json.loads(body)["id"] == 1  # refusals answer the request's JSON-RPC id
+    await rig.app.audit.flushed()
+    outcomes = [r for b in rig.authority.batches for r in b]
+    assert len(outcomes) == 2  # both forwarded calls were recorded
+
+
+async def test_a_response_from_the_client_passes_without_a_token(rig: Rig) -> None:
+    answer = {"jsonrpc": "2.0", "id": 9, "result": {"action": "accept"}}
+    status, _, _ = await rig.post(answer)
+    assert status == 202
+    assert len(rig.upstream.seen) == 1
+    status, _, _ = await rig.post(answer, cert=False)
+    assert status == 401
