@@ -28,8 +28,8 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
-import httpx2
 from cryptography import x509
 
 from authority import toolcall
@@ -43,6 +43,12 @@ from authority.errors import (
 )
 from authority.gateway.audit import AuditBatcher
 from authority.gateway.config import GatewayConfig, Upstream
+from authority.gateway.upstream import (
+    Headers,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamResponse,
+)
 from authority.httpserve import Receive, Scope, Send, peer_certificate_der
 from authority.relying import MAX_TOKEN_CHARS, TaskTokenVerifier
 from authority.tokens import TaskToken, x5t_s256
@@ -67,17 +73,17 @@ FORWARD_REQUEST_PREFIX = b"mcp-param-"
 # Response headers the upstream's answer may carry back (never its challenges or cookies).
 FORWARD_RESPONSE = frozenset(
     {
-        "content-type",
-        "mcp-session-id",
-        "mcp-protocol-version",
-        "cache-control",
-        "retry-after",
-        "allow",
+        b"content-type",
+        b"mcp-session-id",
+        b"mcp-protocol-version",
+        b"cache-control",
+        b"retry-after",
+        b"allow",
     }
 )
 UNAUTHORIZED_CODE = -32001  # JSON-RPC error code of a refused token (server-defined range)
 TOKEN_CACHE_SIZE = 10_000
-SSE = "text/event-stream"
+SSE = b"text/event-stream"
 
 
 class AuthorityPort(Protocol):
@@ -359,13 +365,14 @@ class GatewayApp:
         tokens: TokenCheck,
         callable_tools: CallableTools,
         audit: AuditBatcher,
-        http: httpx2.AsyncClient,
+        upstream: UpstreamClient,
     ) -> None:
         self.config = config
         self.tokens = tokens
         self.callable_tools = callable_tools
         self.audit = audit
-        self.http = http
+        self.upstream = upstream
+        self._own_headers = {name: _own_headers(u) for name, u in config.servers.items()}
         self._peers = _Peers()
         self._live: set[_Live] = set()
         self.cuts = 0
@@ -685,20 +692,21 @@ class GatewayApp:
         response = await self._open(scope, upstream, body)
         try:
             data = b""
-            async for chunk in response.aiter_raw():
+            async for chunk in response.body():
                 data += chunk
                 if len(data) > self.config.max_list_bytes:
                     raise Refusal(
                         502, "UPSTREAM_TOO_LARGE", "the upstream's tool list is too large"
                     )
+        except UpstreamError as exc:
+            raise Refusal(502, "UPSTREAM_BROKE_OFF", f"the upstream broke off: {exc}") from None
         finally:
             await response.aclose()
-        if response.status_code != 200:
+        if response.status != 200:
             await self._start(send, response, content_length=len(data))
             await send({"type": "http.response.body", "body": data})
             return
-        ctype = response.headers.get("content-type", "")
-        if ctype.startswith(SSE):
+        if _content_type(response.headers).startswith(SSE):
             out = []
             for event in sse_events(data):
                 payload = sse_data(event)
@@ -747,39 +755,37 @@ class GatewayApp:
     # --- relaying ------------------------------------------------------------------------
 
     def _upstream_headers(self, scope: Scope, upstream: Upstream) -> list[tuple[bytes, bytes]]:
+        """The agent's safe headers, then the gateway's own (Host, the credential)."""
         headers = [
             (k, v)
             for k, v in scope["headers"]
             if k in FORWARD_REQUEST or k.startswith(FORWARD_REQUEST_PREFIX)
         ]
-        headers.append((b"accept-encoding", b"identity"))
-        if upstream.credential is not None:
-            headers.append((upstream.credential_header.encode(), upstream.credential.encode()))
+        headers.extend(self._own_headers[upstream.name])
         return headers
 
-    async def _open(self, scope: Scope, upstream: Upstream, body: bytes) -> httpx2.Response:
-        request = self.http.build_request(
-            scope["method"],
-            upstream.url,
-            headers=self._upstream_headers(scope, upstream),
-            content=body if scope["method"] == "POST" else None,
-        )
+    async def _open(self, scope: Scope, upstream: Upstream, body: bytes) -> UpstreamResponse:
         try:
-            response = await self.http.send(request, stream=True)
-        except httpx2.HTTPError as exc:
-            log.warning("upstream %s unreachable: %s", upstream.name, type(exc).__name__)
+            response = await self.upstream.open(
+                scope["method"],
+                upstream.url,
+                self._upstream_headers(scope, upstream),
+                body if scope["method"] == "POST" else b"",
+            )
+        except UpstreamError as exc:
+            log.warning("upstream %s unreachable: %s", upstream.name, exc)
             raise Refusal(
                 502,
                 "UPSTREAM_UNREACHABLE",
                 f"the MCP server {upstream.name!r} is unreachable",
                 code=-32603,
             ) from None
-        if response.status_code in (401, 403):
+        if response.status in (401, 403):
             await response.aclose()
             log.error(
                 "upstream %s refused the gateway's credential (HTTP %d)",
                 upstream.name,
-                response.status_code,
+                response.status,
             )
             raise Refusal(
                 502,
@@ -790,18 +796,12 @@ class GatewayApp:
         return response
 
     async def _start(
-        self, send: Send, response: httpx2.Response, *, content_length: int | None = None
+        self, send: Send, response: UpstreamResponse, *, content_length: int | None = None
     ) -> None:
-        headers = [
-            (k.encode(), v.encode())
-            for k, v in response.headers.items()
-            if k.lower() in FORWARD_RESPONSE
-        ]
+        headers = [(k, v) for k, v in response.headers if k.lower() in FORWARD_RESPONSE]
         if content_length is not None:
             headers.append((b"content-length", str(content_length).encode()))
-        await send(
-            {"type": "http.response.start", "status": response.status_code, "headers": headers}
-        )
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
 
     async def _forward(
         self,
@@ -818,12 +818,19 @@ class GatewayApp:
             if call is not None:
                 self._record(call, "forwarded", refusal.reason, outcome="unreachable")
             raise
-        status = response.status_code
-        streaming = response.headers.get("content-type", "").startswith(SSE)
+        status = response.status
+        streaming = _content_type(response.headers).startswith(SSE)
         outcome = "ok" if status < 400 else "error"
         try:
             if not streaming:
-                data = await response.aread()
+                try:
+                    data = b"".join([chunk async for chunk in response.body()])
+                except UpstreamError as exc:
+                    if call is not None:
+                        outcome = "error"
+                    raise Refusal(
+                        502, "UPSTREAM_BROKE_OFF", f"the upstream broke off: {exc}", code=-32603
+                    ) from None
                 await self._start(send, response, content_length=len(data))
                 await send({"type": "http.response.body", "body": data})
                 return
@@ -877,8 +884,8 @@ class GatewayApp:
             if call is not None:
                 self._record(call, "forwarded", "", status=status, outcome=outcome)
 
-    async def _relay(self, response: httpx2.Response, send: Send) -> None:
-        async for chunk in response.aiter_raw():
+    async def _relay(self, response: UpstreamResponse, send: Send) -> None:
+        async for chunk in response.body():
             if chunk:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -897,6 +904,23 @@ class GatewayApp:
             headers.append((b"retry-after", str(refusal.retry_after).encode()))
         await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def _own_headers(upstream: Upstream) -> list[tuple[bytes, bytes]]:
+    own = [
+        (b"host", urlsplit(upstream.url).netloc.encode("idna")),
+        (b"accept-encoding", b"identity"),
+    ]
+    if upstream.credential is not None:
+        own.append((upstream.credential_header.lower().encode(), upstream.credential.encode()))
+    return own
+
+
+def _content_type(headers: Headers) -> bytes:
+    for key, value in headers:
+        if key.lower() == b"content-type":
+            return bytes(value).lower()
+    return b""
 
 
 def _id_text(request_id: Any) -> str:

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import grpc
-import httpx2
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -32,13 +31,12 @@ from authority.errors import FailedPrecondition
 from authority.gateway.app import CallableTools, GatewayApp, TokenCheck
 from authority.gateway.audit import AuditBatcher
 from authority.gateway.config import GatewayConfig
+from authority.gateway.upstream import HttpUpstream
 from authority.httpserve import HttpsServer, TlsIdentity
 from authority.relying import TaskKeySource, TaskTokenVerifier
 from authority.watch import RevocationWatcher
 
 log = logging.getLogger(__name__)
-# httpx2 logs each request at INFO: one line per relayed call is noise (and costs time).
-logging.getLogger("httpx2").setLevel(logging.WARNING)
 
 _T = TypeVar("_T")
 RPC_TIMEOUT = 5.0
@@ -161,19 +159,13 @@ class Gateway:
             batch=config.audit_batch,
             flush_interval=config.audit_flush_ms / 1000,
         )
-        timeout = config.upstream_timeout_seconds
-        self.http = httpx2.AsyncClient(
-            timeout=httpx2.Timeout(timeout, connect=min(timeout, 5.0)),
-            limits=httpx2.Limits(max_connections=256, max_keepalive_connections=64),
-            trust_env=False,
-            follow_redirects=False,
-        )
+        self.upstream = HttpUpstream(timeout=config.upstream_timeout_seconds)
         self.app = GatewayApp(
             config,
             TokenCheck(verifier, self.watcher),
             CallableTools(self.link, config.audience, config.tools_list_cache_seconds),
             self.audit,
-            self.http,
+            self.upstream,
         )
         self.server: HttpsServer | None = None
         self._svids: asyncio.Task[None] | None = None
@@ -247,7 +239,7 @@ class Gateway:
                 await self._svids
         await self.audit.close()
         await self.watcher.close()
-        await self.http.aclose()
+        await self.upstream.aclose()
         await self.link.close()
         await self.workload_api.close()
 

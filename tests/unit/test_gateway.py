@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import httpx2
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -30,6 +29,7 @@ from authority.errors import AuthorityError
 from authority.gateway.app import CallableTools, GatewayApp, TokenCheck
 from authority.gateway.audit import AuditBacklogFull, AuditBatcher
 from authority.gateway.config import GatewayConfig, GatewayConfigError, Upstream, load, parse
+from authority.gateway.upstream import UpstreamError
 from authority.ids import TrustDomain
 from authority.relying import StaticKeys, TaskTokenVerifier
 from authority.tokens import Intent, mint, x5t_s256
@@ -233,48 +233,59 @@ class Revocations:
         return self.is_fresh
 
 
-class _Body(httpx2.AsyncByteStream):
-    """A body that arrives as it would from the network (a constructed Response's bytes
-    count as read already)."""
+@dataclass
+class _Answer:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    data: bytes
+    closed: bool = False
 
-    def __init__(self, data: bytes) -> None:
-        self._data = data
+    async def body(self) -> AsyncIterator[bytes]:
+        yield self.data
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        yield self._data
+    async def aclose(self) -> None:
+        self.closed = True
 
 
 @dataclass
-class Upstream200:
-    """The MCP server, in memory: answers tools/call with JSON and tools/list with SSE."""
+class MemoryUpstream:
+    """The MCP server, in memory (an ``UpstreamClient``): answers tools/call with JSON and
+    tools/list with SSE."""
 
-    seen: list[httpx2.Request] = field(default_factory=list)
+    seen: list[tuple[str, list[tuple[bytes, bytes]], bytes]] = field(default_factory=list)
     mode: str = "ok"  # "down": no connection; "refusing": 401 to the gateway's credential
 
-    def __call__(self, request: httpx2.Request) -> httpx2.Response:
+    async def open(
+        self, method: str, url: str, headers: Sequence[tuple[bytes, bytes]], body: bytes
+    ) -> _Answer:
         if self.mode == "down":
-            raise httpx2.ConnectError("connection refused", request=request)
-        self.seen.append(request)
+            raise UpstreamError("ConnectError")
+        self.seen.append((method, list(headers), body))
         if self.mode == "refusing":
-            return httpx2.Response(401, headers={"www-authenticate": 'Bearer realm="upstream"'})
-        message = json.loads(request.content)
+            return _Answer(401, [(b"www-authenticate", b'Bearer realm="upstream"')], b"")
+        message = json.loads(body)
         if "method" not in message:  # the client's answer to a request of the server
-            return httpx2.Response(202)
+            return _Answer(202, [], b"")
         if message["method"] == "tools/list":
             tools = [{"name": n} for n in ("echo", "refund", "delete_invoice")]
             event = {"jsonrpc": "2.0", "id": message["id"], "result": {"tools": tools}}
-            body = b"event: message\ndata: " + json.dumps(event).encode() + b"\n\n"
-            return httpx2.Response(
-                200, stream=_Body(body), headers={"content-type": "text/event-stream"}
-            )
+            data = b"event: message\ndata: " + json.dumps(event).encode() + b"\n\n"
+            return _Answer(200, [(b"content-type", b"text/event-stream")], data)
         result = {"jsonrpc": "2.0", "id": message["id"], "result": {"content": []}}
-        return httpx2.Response(200, json=result, headers={"set-cookie": "s=1"})
+        return _Answer(
+            200,
+            [(b"content-type", b"application/json"), (b"set-cookie", b"s=1")],
+            json.dumps(result).encode(),
+        )
+
+    async def aclose(self) -> None:
+        pass
 
 
 @dataclass
 class Rig:
     app: GatewayApp
-    upstream: Upstream200
+    upstream: MemoryUpstream
     revocations: Revocations
     authority: FakeAuthority
     key: ec.EllipticCurvePrivateKey
@@ -371,30 +382,28 @@ async def rig(tmp_path: Path) -> Any:
         servers={"billing": Upstream("billing", "http://upstream/mcp", credential=CREDENTIAL)},
         public_url="https://gw.example",
     )
-    upstream = Upstream200()
+    upstream = MemoryUpstream()
     clock = [0.0]
     audit = AuditBatcher(authority.record_tool_calls, backlog=2, flush_interval=0.01)
-    http = httpx2.AsyncClient(transport=httpx2.MockTransport(upstream))
     app = GatewayApp(
         config,
         TokenCheck(verifier, revocations),
         CallableTools(authority, AUDIENCE, ttl=10, monotonic=lambda: clock[0]),
         audit,
-        http,
+        upstream,
     )
     audit.start()
     yield Rig(app, upstream, revocations, authority, key, cert_der, clock)
     await audit.close(timeout=0.1)
-    await http.aclose()
 
 
 async def test_an_exact_token_is_forwarded_with_the_credential_not_the_token(rig: Rig) -> None:
     token = rig.token("echo", {"text": "hi"})
     status, headers, _ = await rig.post(_call("echo", {"text": "hi"}), token)
     assert status == 200
-    (request,) = rig.upstream.seen
-    assert request.headers["authorization"] == CREDENTIAL
-    assert token not in str(request.headers)
+    ((_, headers_up, _),) = rig.upstream.seen
+    assert [v for k, v in headers_up if k.lower() == b"authorization"] == [CREDENTIAL.encode()]
+    assert token.encode() not in b"".join(k + v for k, v in headers_up)
     assert "set-cookie" not in headers  # only the safe response headers come back
     assert rig.app.tokens.hits == 0
     status, _, _ = await rig.post(_call("echo", {"text": "hi"}), token)
