@@ -417,3 +417,42 @@ async def test_the_upstream_credential_never_reaches_the_agent_the_log_or_the_au
     for text in texts:
         assert gw.credential not in text
         assert token not in text
+
+
+async def test_a_handshake_era_session_passes_initialize_its_get_stream_and_delete(
+    gw: Stack,
+) -> None:
+    """mode="legacy": initialize (Mcp-Session-Id), the server-to-client GET stream, tools, and
+    DELETE at the end, all through the gateway; the session id comes back to the client."""
+    folder = await gw.agent("legacy")
+    auth = PerCallToken(gw, folder)
+    text = _unique("legacy")
+    progress: list[float] = []
+    exchanges: list[tuple[str, int, bool]] = []  # method, status, session id sent back
+
+    async def seen(response: httpx2.Response) -> None:
+        exchanges.append(
+            (response.request.method, response.status_code, "mcp-session-id" in response.headers)
+        )
+
+    async def on_progress(done: float, total: float | None, message: str | None) -> None:
+        progress.append(done)
+
+    async with (
+        gw.http(folder, auth=auth, event_hooks={"response": [seen]}) as http,
+        Client(streamable_http_client(gw.url, http_client=http), mode="legacy") as client,
+    ):
+        assert client.protocol_version != PROTOCOL
+        names = {t.name for t in (await client.list_tools()).tools}
+        echoed = await client.call_tool("echo", {"text": text})
+        report = await client.call_tool(
+            "stream_report", {"steps": 2}, progress_callback=on_progress
+        )
+    assert "delete_invoice" not in names
+    assert echoed.structured_content == {"result": text}
+    assert report.structured_content == {"result": "report of 2 steps"}
+    assert progress == [1.0, 2.0]
+    assert auth.minted == 2
+    assert exchanges[0] == ("POST", 200, True)  # initialize: the session id comes back
+    assert ("GET", 200, False) in exchanges or ("GET", 200, True) in exchanges
+    assert exchanges[-1][:2] == ("DELETE", 200)
