@@ -427,7 +427,7 @@ async def test_a_handshake_era_session_passes_initialize_its_get_stream_and_dele
     folder = await gw.agent("legacy")
     auth = PerCallToken(gw, folder)
     text = _unique("legacy")
-    progress: list[float] = []
+    steps: list[float] = []
     exchanges: list[tuple[str, int, bool]] = []  # method, status, session id sent back
 
     async def seen(response: httpx2.Response) -> None:
@@ -435,8 +435,8 @@ async def test_a_handshake_era_session_passes_initialize_its_get_stream_and_dele
             (response.request.method, response.status_code, "mcp-session-id" in response.headers)
         )
 
-    async def on_progress(done: float, total: float | None, message: str | None) -> None:
-        progress.append(done)
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        steps.append(progress)
 
     async with (
         gw.http(folder, auth=auth, event_hooks={"response": [seen]}) as http,
@@ -451,7 +451,7 @@ async def test_a_handshake_era_session_passes_initialize_its_get_stream_and_dele
     assert "delete_invoice" not in names
     assert echoed.structured_content == {"result": text}
     assert report.structured_content == {"result": "report of 2 steps"}
-    assert progress == [1.0, 2.0]
+    assert steps == [1.0, 2.0]
     assert auth.minted == 2
     assert exchanges[0] == ("POST", 200, True)  # initialize: the session id comes back
     assert ("GET", 200, False) in exchanges or ("GET", 200, True) in exchanges
