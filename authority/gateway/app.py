@@ -83,6 +83,7 @@ FORWARD_RESPONSE = frozenset(
 )
 UNAUTHORIZED_CODE = -32001  # JSON-RPC error code of a refused token (server-defined range)
 TOKEN_CACHE_SIZE = 10_000
+MAX_SESSIONS = 100_000
 SSE = b"text/event-stream"
 
 
@@ -373,6 +374,8 @@ class GatewayApp:
         self.audit = audit
         self.upstream = upstream
         self._own_headers = {name: _own_headers(u) for name, u in config.servers.items()}
+        # (server, Mcp-Session-Id) -> the SPIFFE ID it was opened for, oldest first
+        self._sessions: OrderedDict[tuple[str, bytes], str] = OrderedDict()
         self._peers = _Peers()
         self._live: set[_Live] = set()
         self.cuts = 0
@@ -456,9 +459,11 @@ class GatewayApp:
                     "mutual TLS with your X.509-SVID is required",
                 ),
             )
+        caller, x5t = self._peers.of(der)
+        self._check_session(scope, upstream, caller)
         method = scope["method"]
         if method in ("GET", "DELETE"):
-            await self._forward(scope, receive, send, upstream, b"", None)
+            await self._forward(scope, receive, send, upstream, b"", None, caller)
             return
         if method != "POST":
             raise Refusal(405, "METHOD_NOT_ALLOWED", f"{method} is not served", code=-32600)
@@ -477,7 +482,7 @@ class GatewayApp:
         if not isinstance(message, dict):
             raise Refusal(400, "INVALID_REQUEST", "a JSON-RPC message is an object", code=-32600)
         try:
-            await self._message(scope, receive, send, upstream, body, message, der)
+            await self._message(scope, receive, send, upstream, body, message, der, caller, x5t)
         except Refusal as refusal:
             request_id = message.get("id")
             if refusal.request_id is None and isinstance(request_id, str | int):
@@ -493,11 +498,12 @@ class GatewayApp:
         body: bytes,
         message: dict[str, Any],
         der: bytes,
+        caller: str,
+        x5t: str,
     ) -> None:
-        caller, x5t = self._peers.of(der)
         rpc_method = message.get("method")
         if rpc_method is None:  # a response to the server's request: passes
-            await self._forward(scope, receive, send, upstream, body, None)
+            await self._forward(scope, receive, send, upstream, body, None, caller)
             return
         if not isinstance(rpc_method, str):
             raise Refusal(400, "INVALID_REQUEST", "method is a string", code=-32600)
@@ -514,7 +520,7 @@ class GatewayApp:
         if rpc_method == "tools/list":
             await self._tools_list(scope, receive, send, upstream, body, caller, der)
             return
-        await self._forward(scope, receive, send, upstream, body, None)
+        await self._forward(scope, receive, send, upstream, body, None, caller)
 
     async def _body(self, scope: Scope, receive: Receive) -> bytes:
         limit = self.config.max_body_bytes
@@ -601,7 +607,7 @@ class GatewayApp:
             self._record(call, "refused", "INTERNAL")
             raise
         log.debug("tools/call admitted: %s jti=%s", resource, call.token.jti)
-        await self._forward(scope, receive, send, upstream, body, call)
+        await self._forward(scope, receive, send, upstream, body, call, caller)
 
     def _token_refusal(
         self, exc: AuthorityError, server: str, resource: str, digest: str
@@ -691,6 +697,7 @@ class GatewayApp:
     ) -> None:
         response = await self._open(scope, upstream, body)
         try:
+            self._bind_session(scope, response, upstream, caller)
             data = b""
             async for chunk in response.body():
                 data += chunk
@@ -754,6 +761,41 @@ class GatewayApp:
 
     # --- relaying ------------------------------------------------------------------------
 
+    # --- sessions -------------------------------------------------------------------------
+
+    def _check_session(self, scope: Scope, upstream: Upstream, caller: str) -> None:
+        """A request naming a session must come from the caller the session was opened for
+        (the same SPIFFE ID); an unknown session is 404, which tells an MCP client to open a
+        new one. A session id alone must not let one agent read another's stream."""
+        session = _header(scope["headers"], b"mcp-session-id")
+        if session is None:
+            return
+        owner = self._sessions.get((upstream.name, session))
+        if owner != caller:
+            if owner is not None:
+                log.warning("refused: %s named a session of %s on %s", caller, owner, upstream.name)
+            raise Refusal(404, "SESSION_NOT_FOUND", "no such session", code=-32600)
+        self._sessions.move_to_end((upstream.name, session))
+
+    def _bind_session(
+        self, scope: Scope, response: UpstreamResponse, upstream: Upstream, caller: str
+    ) -> None:
+        key_session = _header(response.headers, b"mcp-session-id")
+        if scope["method"] == "DELETE" and response.status < 300:
+            asked = _header(scope["headers"], b"mcp-session-id")
+            if asked is not None:
+                self._sessions.pop((upstream.name, asked), None)
+            return
+        if key_session is None or response.status >= 400:
+            return
+        key = (upstream.name, key_session)
+        owner = self._sessions.setdefault(key, caller)
+        if owner != caller:
+            log.error("upstream %s gave %s a session of %s", upstream.name, caller, owner)
+            raise Refusal(502, "UPSTREAM_SESSION_CLASH", "the upstream reused a session id")
+        if len(self._sessions) > MAX_SESSIONS:
+            self._sessions.popitem(last=False)
+
     def _upstream_headers(self, scope: Scope, upstream: Upstream) -> list[tuple[bytes, bytes]]:
         """The agent's safe headers, then the gateway's own (Host, the credential)."""
         headers = [
@@ -811,9 +853,11 @@ class GatewayApp:
         upstream: Upstream,
         body: bytes,
         call: _Call | None,
+        caller: str,
     ) -> None:
         try:
             response = await self._open(scope, upstream, body)
+            self._bind_session(scope, response, upstream, caller)
         except Refusal as refusal:
             if call is not None:
                 self._record(call, "forwarded", refusal.reason, outcome="unreachable")
@@ -914,6 +958,13 @@ def _own_headers(upstream: Upstream) -> list[tuple[bytes, bytes]]:
     if upstream.credential is not None:
         own.append((upstream.credential_header.lower().encode(), upstream.credential.encode()))
     return own
+
+
+def _header(headers: Headers, name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return bytes(value)
+    return None
 
 
 def _content_type(headers: Headers) -> bytes:

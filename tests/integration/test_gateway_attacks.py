@@ -456,3 +456,33 @@ async def test_a_handshake_era_session_passes_initialize_its_get_stream_and_dele
     assert exchanges[0] == ("POST", 200, True)  # initialize: the session id comes back
     assert ("GET", 200, False) in exchanges or ("GET", 200, True) in exchanges
     assert exchanges[-1][:2] == ("DELETE", 200)
+
+
+async def test_another_agents_session_id_is_404(gw: Stack) -> None:
+    """A session belongs to the SPIFFE ID that opened it: another agent naming its id (to read
+    its server-to-client stream, or act within it) is answered 404 and nothing is forwarded."""
+    owner, intruder = await gw.agent("session-owner"), await gw.agent("session-intruder")
+    sessions: list[str] = []
+
+    async def seen(response: httpx2.Response) -> None:
+        if "mcp-session-id" in response.headers:
+            sessions.append(response.headers["mcp-session-id"])
+
+    async with (
+        gw.http(owner, auth=PerCallToken(gw, owner), event_hooks={"response": [seen]}) as http,
+        Client(streamable_http_client(gw.url, http_client=http), mode="legacy") as client,
+    ):
+        await client.list_tools()
+        session = sessions[0]
+        async with gw.http(intruder) as other:
+            stream = await other.get(gw.url, headers=_headers(**{"mcp-session-id": session}))
+            listing = await other.post(
+                gw.url,
+                json=_list_message(),
+                headers=_headers(method="tools/list", **{"mcp-session-id": session}),
+            )
+            ended = await other.delete(gw.url, headers=_headers(**{"mcp-session-id": session}))
+        for response in (stream, listing, ended):
+            assert response.status_code == 404, response.text
+            assert response.json()["error"]["data"]["reason"] == "SESSION_NOT_FOUND"
+        assert len((await client.list_tools()).tools) == 5  # the owner's session lives on
