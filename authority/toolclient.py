@@ -601,24 +601,30 @@ class ToolClient:
         self.start()
         async with asyncio.timeout(self._svid_timeout):
             await self._have_svid.wait()
+        idle: _Generation | None = None
         async with self._generation_lock:
             latest = self._latest
             assert latest is not None
             current = self._current
             if current is None or current.svid is not latest:
                 if current is not None:
-                    current.retired = True
-                    self._retired.add(current)
                     log.info(
                         "SVID renewed: new MCP sessions and tokens from now on (was x5t %s)",
                         current.thumbprint[:12],
                     )
+                    current.retired = True
+                    if current.users:
+                        self._retired.add(current)  # closed when its last call returns
+                    else:
+                        idle = current
                 current = _Generation(
                     latest, self._servers, self._bundle, self._margin, self._timeout
                 )
                 self._current = current
                 self.generations += 1
             current.users += 1
+        if idle is not None:
+            await idle.close()
         try:
             yield current
         finally:

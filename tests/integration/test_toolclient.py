@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from authority import toolcall
 from authority._pb import authority_v1_authority_pb2 as pb
@@ -57,6 +59,7 @@ from authority.toolclient import (
     ToolClient,
     describe,
 )
+from tests import gateway_stack
 from tests.helpers import ServeProcess, serve_process, short_socket_dir
 from tests.mcp_tools import CallLog, build
 
@@ -558,3 +561,69 @@ async def test_a_cached_token_near_its_end_is_not_used(world: World) -> None:
         clock.offset = dt.timedelta(seconds=91)
         await tools.call_tool(SERVER, "echo", {"text": "a"}, purpose=PURPOSE)
         assert tools.exchanges == 2
+
+
+# --- through the real gateway (authority gateway, tests/gateway_stack.py) ------------------------
+
+
+def _svid_of(folder: Path) -> FetchedX509Svid:
+    from authority.client import SvidFiles
+
+    chain, key_pem, bundle = SvidFiles(folder).read()
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    spiffe_id = (
+        x509.load_pem_x509_certificates(chain)[0]
+        .extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        .value.get_values_for_type(x509.UniformResourceIdentifier)[0]
+    )
+    return FetchedX509Svid(spiffe_id, chain, key, bundle)
+
+
+async def _until_refused(tools: ToolClient) -> None:
+    """Call until the gateway refuses (its revocation feed has the revocation: within 1 s)."""
+    async with asyncio.timeout(10):
+        while True:
+            await tools.call_tool(gateway_stack.SERVER, "echo", {"text": "hi"}, purpose=PURPOSE)
+            await asyncio.sleep(0.05)
+
+
+async def test_through_the_gateway(tmp_path: Path) -> None:
+    with gateway_stack.stack(tmp_path / "stack") as running:
+        folder = await running.agent("toolbot")
+        client = ToolClient(
+            StaticSvids([_svid_of(folder)]),
+            authority=running.served.address,
+            authority_bundle=running.bundle_path.read_bytes(),
+            gateways={gateway_stack.SERVER: Gateway(running.url, gateway_stack.AUDIENCE)},
+        )
+        async with client as tools:
+            listed = {t.name for t in await tools.list_tools(gateway_stack.SERVER)}
+            assert "echo" in listed
+            assert "delete_invoice" not in listed  # the policy forbids it: the gateway hides it
+
+            result = await tools.call_tool(
+                gateway_stack.SERVER, "echo", {"text": "hi"}, purpose=PURPOSE
+            )
+            assert describe(result) == "hi"
+            await tools.call_tool(gateway_stack.SERVER, "echo", {"text": "hi"}, purpose=PURPOSE)
+            assert tools.exchanges == 1
+            await tools.call_tool(gateway_stack.SERVER, "echo", {"text": "ho"}, purpose=PURPOSE)
+            assert tools.exchanges == 2
+            assert [c["arguments"]["text"] for c in running.tool_calls()] == ["hi", "hi", "ho"]
+
+            with pytest.raises(AuthorityRefused) as denied:
+                await tools.call_tool(
+                    gateway_stack.SERVER, "delete_invoice", {"invoice": "i"}, purpose=PURPOSE
+                )
+            assert denied.value.policy_reasons == ("never-delete",)
+
+            # The gateway's refusal, typed: the task's tokens revoked behind the library's back.
+            running.served.cli("revoke", "--task", tools.task_id, "--reason", "test")
+            with pytest.raises(GatewayRefused) as gone:
+                await _until_refused(tools)
+            assert (gone.value.status, gone.value.error, gone.value.reason) == (
+                401,
+                "invalid_token",
+                "TOKEN_REVOKED",
+            )
