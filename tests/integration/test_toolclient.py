@@ -19,6 +19,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -627,3 +629,46 @@ async def test_through_the_gateway(tmp_path: Path) -> None:
                 "invalid_token",
                 "TOKEN_REVOKED",
             )
+
+
+async def test_the_example_agent_calls_a_tool_through_the_gateway(tmp_path: Path) -> None:
+    with gateway_stack.stack(tmp_path / "stack") as running:
+        folder = await running.agent("example")
+        command = [
+            sys.executable,
+            str(gateway_stack.REPO / "examples" / "mcp_agent.py"),
+            "--authority",
+            running.served.address,
+            "--svid-dir",
+            str(folder),
+            "--tool",
+            "echo",
+            "--arguments",
+            '{"text": "from the example"}',
+            "--purpose",
+            "show the example",
+            "--prompt",
+            "a prompt that stays here",
+        ]
+        env = {
+            **os.environ,
+            "AUTHORITY_BUNDLE": str(running.bundle_path),
+            "MCP_GATEWAY_URL": running.url,
+            "MCP_SERVER": gateway_stack.SERVER,
+        }
+        done = await asyncio.to_thread(
+            subprocess.run,
+            command,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "tools: " in done.stdout
+        assert "echo" in done.stdout.split("\n")[0]
+        assert "result: from the example" in done.stdout
+        assert "eyJ" not in done.stdout + done.stderr  # no token, ever
+        assert "stays here" not in done.stdout + done.stderr
+        assert running.tool_calls()[-1]["arguments"] == {"text": "from the example"}
