@@ -457,10 +457,27 @@ class _Generation:
         self.cache = TokenCache(safety_margin)
         self.sessions: dict[str, _Session] = {}
         self.armed: dict[str, _Armed] = {}
+        self._exchanging: dict[CallKey, tuple[asyncio.Lock, int]] = {}
         self.users = 0
         self.retired = False
         self._timeout = timeout
         self._lock = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def exchanging(self, key: CallKey) -> AsyncIterator[None]:
+        """Held while a token for ``key`` is looked up or asked for (a lock per key, kept
+        while anyone waits on it)."""
+        lock, waiting = self._exchanging.get(key, (asyncio.Lock(), 0))
+        self._exchanging[key] = (lock, waiting + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, waiting = self._exchanging[key]
+            if waiting == 1:
+                del self._exchanging[key]
+            else:
+                self._exchanging[key] = (lock, waiting - 1)
 
     async def session(self, server: str, gateway: Gateway) -> tuple[Client, _Session]:
         async with self._lock:
@@ -694,22 +711,24 @@ class ToolClient:
             raise ValueError("prompt_sha256 is 64 lower-case hex digits")
         key = CallKey(server, tool, call.digest, purpose, gateway.audience)
         async with self._pinned() as generation:
-            token = generation.cache.get(key, self._clock.now())
-            if token is None:
-                request = self._request(
-                    call,
-                    gateway,
-                    purpose,
-                    prompt_sha256=prompt_sha256,
-                    prompt=prompt if send_prompt and prompt is not None else "",
-                    model=model or self._model,
-                )
-                token = await self._obtain(
-                    generation, request, approval_id, wait_for_approval, approval_deadline
-                )
-                generation.cache.put(key, token)
-            else:
-                log.debug("reusing task token jti=%s for %s", token.jti, call.resource)
+            # One Exchange for concurrent identical calls: the others wait and take its token.
+            async with generation.exchanging(key):
+                token = generation.cache.get(key, self._clock.now())
+                if token is None:
+                    request = self._request(
+                        call,
+                        gateway,
+                        purpose,
+                        prompt_sha256=prompt_sha256,
+                        prompt=prompt if send_prompt and prompt is not None else "",
+                        model=model or self._model,
+                    )
+                    token = await self._obtain(
+                        generation, request, approval_id, wait_for_approval, approval_deadline
+                    )
+                    generation.cache.put(key, token)
+                else:
+                    log.debug("reusing task token jti=%s for %s", token.jti, call.resource)
             return await self._send(generation, gateway, call, key, token)
 
     async def _send(

@@ -363,6 +363,19 @@ async def test_the_token_carries_the_arguments_digest(world: World) -> None:
     assert toolcall.arguments_digest({"text": "bound"}) in json.dumps(mine[0]["intent"])
 
 
+async def test_concurrent_identical_calls_share_one_exchange(world: World) -> None:
+    async with world.client() as tools:
+        results = await asyncio.gather(
+            *(tools.call_tool(SERVER, "echo", {"text": "same"}, purpose=PURPOSE) for _ in range(4)),
+            tools.call_tool(SERVER, "echo", {"text": "other"}, purpose=PURPOSE),
+        )
+        assert [describe(r) for r in results] == ["same"] * 4 + ["other"]
+        assert tools.exchanges == 2
+        calls = world.gateway.calls()
+        assert len({c.jti for c in calls}) == 2
+        assert len(calls) == 5
+
+
 async def test_approval_pending_raises_or_waits_and_a_denial_is_typed(world: World) -> None:
     async with world.client() as tools:
         with pytest.raises(ApprovalPending) as pending:

@@ -10,6 +10,7 @@ import httpx2
 import pytest
 
 from authority import toolcall
+from authority.errors import InvalidArgument
 from authority.toolclient import (
     BearerForToolCalls,
     CallKey,
@@ -179,3 +180,28 @@ async def test_the_bearer_goes_on_exactly_the_armed_call() -> None:
     ]
     refusal = auth.refusals[("refused", toolcall.arguments_digest({}))]
     assert (refusal.status, refusal.error) == (401, "invalid_token")
+
+
+async def test_a_call_is_checked_before_anything_is_dialled() -> None:
+    from authority.toolclient import Gateway, StaticSvids, ToolClient
+
+    with pytest.raises(ValueError, match="https"):
+        Gateway("http://gw/mcp/tools")
+    tools = ToolClient(
+        StaticSvids([]),
+        authority="127.0.0.1:1",
+        authority_bundle=b"-",
+        gateways={"tools": "https://127.0.0.1:1/mcp/tools"},
+    )
+    with pytest.raises(ValueError, match="no gateway"):
+        await tools.call_tool("billing", "refund", {}, purpose="p")
+    with pytest.raises(ValueError, match="purpose"):
+        await tools.call_tool("tools", "echo", {}, purpose="")
+    with pytest.raises(ValueError, match="prompt_sha256"):
+        await tools.call_tool("tools", "echo", {}, purpose="p", prompt_sha256="not hex")
+    with pytest.raises(InvalidArgument, match="name"):
+        await tools.call_tool("tools", "no spaces allowed", {}, purpose="p")
+    with pytest.raises(InvalidArgument):
+        await tools.call_tool("tools", "echo", {"n": float("nan")}, purpose="p")
+    assert tools.exchanges == 0
+    await tools.close()
