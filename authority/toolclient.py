@@ -606,6 +606,24 @@ class ToolClient:
             self._latest = chosen
             self._have_svid.set()
 
+    async def _first_svid(self) -> None:
+        """Until the SVID source gave one: ``TimeoutError`` after ``svid_timeout``, or what
+        stopped the source (the Workload API refusing the request, say)."""
+        assert self._watch is not None
+        waiting = asyncio.ensure_future(self._have_svid.wait())
+        try:
+            done, _ = await asyncio.wait(
+                [waiting, self._watch], timeout=self._svid_timeout, return_when="FIRST_COMPLETED"
+            )
+        finally:
+            waiting.cancel()
+        if self._have_svid.is_set():
+            return
+        if self._watch in done:
+            error = self._watch.exception()
+            raise ConnectionError(f"the SVID source stopped: {error}") from error
+        raise TimeoutError(f"no X.509-SVID from the Workload API in {self._svid_timeout:g} s")
+
     @property
     def spiffe_id(self) -> str:
         """The SPIFFE ID of the SVID in use (after the first call)."""
@@ -616,8 +634,8 @@ class ToolClient:
         """The generation of the latest SVID, held for one call (so the Exchange and the TLS
         connection that carries the token use one SVID)."""
         self.start()
-        async with asyncio.timeout(self._svid_timeout):
-            await self._have_svid.wait()
+        if not self._have_svid.is_set():
+            await self._first_svid()
         idle: _Generation | None = None
         async with self._generation_lock:
             latest = self._latest

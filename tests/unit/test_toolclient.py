@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import AsyncIterator
 
 import httpx2
 import pytest
 
 from authority import toolcall
+from authority.client import FetchedX509Svid
 from authority.errors import InvalidArgument
 from authority.toolclient import (
     BearerForToolCalls,
@@ -204,4 +206,34 @@ async def test_a_call_is_checked_before_anything_is_dialled() -> None:
     with pytest.raises(InvalidArgument):
         await tools.call_tool("tools", "echo", {"n": float("nan")}, purpose="p")
     assert tools.exchanges == 0
+    await tools.close()
+
+
+async def test_no_svid_is_a_clear_error_not_a_hang() -> None:
+    from authority.toolclient import StaticSvids, ToolClient
+
+    tools = ToolClient(
+        StaticSvids([]),
+        authority="127.0.0.1:1",
+        authority_bundle=b"-",
+        gateways={"tools": "https://127.0.0.1:1/mcp/tools"},
+        svid_timeout=0.2,
+    )
+    with pytest.raises(TimeoutError, match="no X"):
+        await tools.list_tools("tools")
+    await tools.close()
+
+    class Broken:
+        async def watch_x509_svids(self) -> AsyncIterator[list[FetchedX509Svid]]:
+            raise ConnectionError("the Workload API said no")
+            yield []
+
+    tools = ToolClient(
+        Broken(),
+        authority="127.0.0.1:1",
+        authority_bundle=b"-",
+        gateways={"tools": "https://127.0.0.1:1/mcp/tools"},
+    )
+    with pytest.raises(ConnectionError, match="said no"):
+        await tools.call_tool("tools", "echo", {}, purpose="p")
     await tools.close()
