@@ -17,7 +17,8 @@ HTTP request, and returns the tool's result.
   another SVID.
 - **A token per call, reused only for the identical call.** Cached by (server, tool, argument
   digest, purpose) until its expiry minus ``safety_margin``; any other arguments make a new
-  Exchange. A token the gateway refuses is dropped from the cache.
+  Exchange; concurrent identical calls share one Exchange. A token the gateway refuses is
+  dropped from the cache.
 - **Approvals.** A call the policy sends to an operator raises ``ApprovalPending`` (its id in
   hand, to resume with ``call_tool(..., approval_id=...)``), or, with ``wait_for_approval``,
   polls ``GetApproval`` with backoff up to a deadline, then collects the token.
@@ -27,6 +28,8 @@ HTTP request, and returns the tool's result.
 - **Nothing secret is logged.** Tokens appear as their jti, prompts and arguments as digests.
   The prompt itself is sent only when ``send_prompt=True`` (and kept only where the entry
   records prompts); otherwise only its SHA-256.
+- The SVID source (a ``WorkloadApiClient``) is the caller's to close; the client follows it
+  while open (``async with``).
 - ``end_task()`` ends the task every token of this client was issued under (``EndTask``): they
   are revoked, and the next call opens a new task.
 """
