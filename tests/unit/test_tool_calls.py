@@ -163,3 +163,14 @@ def test_bad_records_are_refused(overrides: dict[str, Any], reason: str) -> None
     with pytest.raises(InvalidArgument) as caught:
         record(**overrides)
     assert caught.value.reason == reason
+
+
+def test_gateways_are_spiffe_ids_in_the_configuration() -> None:
+    from authority.config import Config
+
+    config = Config.from_mapping({"gateways": ["spiffe://example.org/gateway/mcp"]})
+    assert config.gateways == ("spiffe://example.org/gateway/mcp",)
+    assert Config().gateways == ()
+    with pytest.raises(InvalidArgument) as caught:
+        Config.from_mapping({"gateways": ["gateway/mcp"]})
+    assert caught.value.reason == "INVALID_SPIFFE_ID"
