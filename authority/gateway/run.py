@@ -27,7 +27,7 @@ from authority.client import (
     WorkloadClient,
     read_trust_bundle,
 )
-from authority.errors import FailedPrecondition
+from authority.errors import AuthorityError, FailedPrecondition
 from authority.gateway.app import CallableTools, GatewayApp, TokenCheck
 from authority.gateway.audit import AuditBatcher
 from authority.gateway.config import GatewayConfig
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 RPC_TIMEOUT = 5.0
+STARTUP_WAIT = 10.0
 
 
 def _key_pem(svid: FetchedX509Svid) -> bytes:
@@ -218,6 +219,18 @@ class Gateway:
             await first
         self.watcher.start()
         self.audit.start()
+        # Serve once the feed is heard and the keys are held, or after a while regardless:
+        # until then every call is refused (503), never admitted unchecked.
+        try:
+            async with asyncio.timeout(STARTUP_WAIT):
+                await self.watcher.wait_synced(STARTUP_WAIT)
+                await self.keys.keys()
+        except (TimeoutError, AuthorityError) as exc:
+            log.warning(
+                "serving before the revocation feed or the task-token keys are in hand (%s): "
+                "calls are refused until they are",
+                type(exc).__name__,
+            )
         assert self.identity is not None
         host, _, port = self.config.listen.rpartition(":")
         self.server = HttpsServer(self.app, self.identity, host=host.strip("[]"), port=int(port))
