@@ -127,9 +127,10 @@ class Intent:
 
 @dataclass(frozen=True, slots=True)
 class TaskToken:
-    """A verified (or freshly minted) task token's claims."""
+    """A verified (or freshly minted) task token's claims. Its ``repr`` (what a handler that logs
+    the verified token prints) leaves the token itself out."""
 
-    token: str
+    token: str = field(repr=False)
     jti: str
     issuer: str
     subject: str

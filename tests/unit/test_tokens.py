@@ -187,6 +187,15 @@ def test_a_direct_token_has_neither_act_nor_parent(key: ec.EllipticCurvePrivateK
     assert "parent" not in claims
 
 
+def test_a_token_printed_or_logged_shows_its_jti_not_the_token(
+    key: ec.EllipticCurvePrivateKey,
+) -> None:
+    minted = make(key)
+    assert minted.token and minted.token not in repr(minted)
+    assert minted.token.split(".")[2] not in f"{minted!r} {minted!s}"
+    assert minted.jti in repr(minted)
+
+
 def test_two_level_delegation_nests_act_current_holder_outermost(
     key: ec.EllipticCurvePrivateKey, keys: dict[str, ec.EllipticCurvePublicKey]
 ) -> None:
