@@ -428,7 +428,6 @@ class GatewayApp:
         document = {
             "resource": self.resource_url(server),
             "resource_name": f"MCP server {server!r} behind the agent-authority gateway",
-            "authorization_servers": [],
             "bearer_methods_supported": ["header"],
             "tls_client_certificate_bound_access_tokens": True,
             "scopes_supported": [toolcall.ACTION],

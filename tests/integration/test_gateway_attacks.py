@@ -370,6 +370,7 @@ async def test_the_protected_resource_metadata(gw: Stack) -> None:
     assert document["bearer_methods_supported"] == ["header"]
     assert document["tls_client_certificate_bound_access_tokens"] is True
     assert document["authority_token_exchange"]["audience"] == AUDIENCE
+    assert "authorization_servers" not in document  # tokens come from Exchange, not OAuth
     assert unknown.status_code == 404
 
 
