@@ -50,6 +50,7 @@ from authority.gateway.upstream import (
     UpstreamResponse,
 )
 from authority.httpserve import Receive, Scope, Send, peer_certificate_der
+from authority.logs import RateLimitedLog
 from authority.relying import MAX_TOKEN_CHARS, TaskTokenVerifier
 from authority.tokens import TaskToken, x5t_s256
 
@@ -180,6 +181,14 @@ class TokenCheck:
     async def check(
         self, token: str, peer_der: bytes, peer_x5t: str, resource: str, digest: str
     ) -> TaskToken:
+        """The token, verified for this peer and exactly this call."""
+        parsed = await self.verified(token, peer_der, peer_x5t)
+        self.check_call(parsed, resource, digest)
+        return parsed
+
+    async def verified(self, token: str, peer_der: bytes, peer_x5t: str) -> TaskToken:
+        """The token, verified (signature, issuer, audience, time, cnf against this peer,
+        action tools.call), not revoked, the feed fresh: from the cache when held."""
         key = (hashlib.sha256(token.encode()).hexdigest(), peer_x5t)
         held = self._cache.get(key)
         if held is not None and self._wall() < held[1]:
@@ -201,11 +210,15 @@ class TokenCheck:
             self._cache[key] = (parsed, parsed.expires_at.timestamp())
             if len(self._cache) > self._size:
                 self._cache.popitem(last=False)
+        return parsed
+
+    @staticmethod
+    def check_call(parsed: TaskToken, resource: str, digest: str) -> None:
+        """The token is for exactly this tool and these arguments."""
         if parsed.intent.resource != resource:
             raise PermissionDenied("the token is for another tool", reason="TOKEN_RESOURCE")
         if parsed.intent.parameters.get(toolcall.ARGUMENTS_PARAMETER) != digest:
             raise PermissionDenied("the token is for other arguments", reason="TOKEN_ARGUMENTS")
-        return parsed
 
 
 # --- tools/list ----------------------------------------------------------------------------------
@@ -377,6 +390,7 @@ class GatewayApp:
         # (server, Mcp-Session-Id) -> the SPIFFE ID it was opened for, oldest first
         self._sessions: OrderedDict[tuple[str, bytes], str] = OrderedDict()
         self._peers = _Peers()
+        self._refusals = RateLimitedLog(log)
         self._live: set[_Live] = set()
         self.cuts = 0
 
@@ -592,13 +606,14 @@ class GatewayApp:
         try:
             self.audit.reserve()
         except Unavailable as exc:
-            log.warning("refusing a call of %s/%s: %s", upstream.name, call.tool, exc.message)
+            self._refused(call, exc.reason)  # not recorded: the backlog has no room
             raise Refusal(503, exc.reason, exc.message, code=-32603, retry_after=1) from None
         try:
             token = self._bearer(scope)
             if token is None:
                 raise Unauthenticated("a task token is required", reason="TOKEN_MISSING")
-            call.token = await self.tokens.check(token, der, x5t, resource, call.digest)
+            call.token = await self.tokens.verified(token, der, x5t)
+            self.tokens.check_call(call.token, resource, call.digest)
         except AuthorityError as exc:
             self._record(call, "refused", exc.reason)
             raise self._token_refusal(exc, upstream.name, resource, call.digest) from None
@@ -652,6 +667,20 @@ class GatewayApp:
             data={"reason": exc.reason, "required": required},
         )
 
+    def _refused(self, call: _Call, reason: str) -> None:
+        """One WARNING line per refused call (at most 10 per reason per 10 s, then a count):
+        the reason, the caller, the tool and the token's jti or digest, never the token."""
+        self._refusals.log(
+            reason,
+            logging.WARNING,
+            "refused tools/call: reason=%s caller=%s tool=mcp/%s/%s jti=%s",
+            reason,
+            call.caller or "-",
+            call.server,
+            call.tool or "-",
+            call.token.jti if call.token else "-",
+        )
+
     def _record(
         self,
         call: _Call,
@@ -662,6 +691,8 @@ class GatewayApp:
         outcome: str = "",
         reserved: bool = True,
     ) -> None:
+        if decision == "refused":
+            self._refused(call, reason)
         token = call.token
         self.audit.submit(
             pb.ToolCallRecord(

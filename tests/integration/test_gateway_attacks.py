@@ -414,6 +414,8 @@ async def test_the_upstream_credential_never_reaches_the_agent_the_log_or_the_au
         )
 
     await asyncio.to_thread(wait_until, exported, "this call's tool.call record in the audit", 10)
+    refused = "refused tools/call: reason=TOKEN_ARGUMENTS caller=spiffe://example.org/agent/"
+    assert f"{refused}credential tool=mcp/{SERVER}/echo jti={issued.jti}" in gw.log()
     texts = [*seen, gw.log(), export.read_text(), gw.served.log()]
     for text in texts:
         assert gw.credential not in text
