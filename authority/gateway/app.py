@@ -273,8 +273,14 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def filter_tools_message(message: Any, allowed: frozenset[str]) -> bool:
-    """Drop from a tools/list result the tools not in ``allowed``; True when it was one."""
+def filter_tools_message(
+    message: Any, allowed: frozenset[str], *, max_ttl_ms: int | None = None
+) -> bool:
+    """Drop from a tools/list result the tools not in ``allowed``; True when it was one.
+
+    The list is now this caller's: a 2026-07-28 result's cache hints become ``cacheScope``
+    "private" (no shared cache may hand it to another caller) and a ``ttlMs`` of at most
+    ``max_ttl_ms`` (the gateway's own cache: a policy change shows within it)."""
     if not isinstance(message, dict):
         return False
     result = message.get("result")
@@ -283,6 +289,11 @@ def filter_tools_message(message: Any, allowed: frozenset[str]) -> bool:
     result["tools"] = [
         t for t in result["tools"] if isinstance(t, dict) and t.get("name") in allowed
     ]
+    if "cacheScope" in result:
+        result["cacheScope"] = "private"
+    ttl = result.get("ttlMs")
+    if max_ttl_ms is not None and isinstance(ttl, int) and not isinstance(ttl, bool):
+        result["ttlMs"] = max(0, min(ttl, max_ttl_ms))
     return True
 
 
@@ -391,6 +402,7 @@ class GatewayApp:
         self._sessions: OrderedDict[tuple[str, bytes], str] = OrderedDict()
         self._peers = _Peers()
         self._refusals = RateLimitedLog(log)
+        self._list_ttl_ms = int(config.tools_list_cache_seconds * 1000)
         self._live: set[_Live] = set()
         self.cuts = 0
 
@@ -761,7 +773,7 @@ class GatewayApp:
             names = tool_names(message)
             if names:
                 allowed = await self._allowed(caller, der, upstream, names)
-                filter_tools_message(message, allowed)
+                filter_tools_message(message, allowed, max_ttl_ms=self._list_ttl_ms)
                 data = json.dumps(message).encode()
         await self._start(send, response, content_length=len(data))
         await send({"type": "http.response.body", "body": data})
@@ -777,7 +789,7 @@ class GatewayApp:
         if not names and not filter_tools_message(message, frozenset()):
             return event
         allowed = await self._allowed(caller, der, upstream, names) if names else frozenset()
-        filter_tools_message(message, allowed)
+        filter_tools_message(message, allowed, max_ttl_ms=self._list_ttl_ms)
         kept = [line for line in event if not line.startswith(b"data:")]
         return [*kept, b"data: " + json.dumps(message).encode()]
 

@@ -268,7 +268,8 @@ class MemoryUpstream:
             return _Answer(202, [], b"")
         if message["method"] == "tools/list":
             tools = [{"name": n} for n in ("echo", "refund", "delete_invoice")]
-            event = {"jsonrpc": "2.0", "id": message["id"], "result": {"tools": tools}}
+            result = {"tools": tools, "ttlMs": 60_000, "cacheScope": "public"}
+            event = {"jsonrpc": "2.0", "id": message["id"], "result": result}
             data = b"event: message\ndata: " + json.dumps(event).encode() + b"\n\n"
             return _Answer(200, [(b"content-type", b"text/event-stream")], data)
         result = {"jsonrpc": "2.0", "id": message["id"], "result": {"content": []}}
@@ -460,6 +461,8 @@ async def test_tools_list_keeps_only_callable_tools_and_fails_closed(rig: Rig) -
     assert headers["content-type"] == "text/event-stream"
     data = json.loads(body.split(b"data: ", 1)[1])
     assert [t["name"] for t in data["result"]["tools"]] == ["echo", "refund"]
+    assert data["result"]["cacheScope"] == "private"  # this caller's list, for no one else
+    assert data["result"]["ttlMs"] == 10_000  # the gateway's own cache bounds the client's
     assert int(headers["content-length"]) == len(body)
     await rig.post(listing)
     assert rig.authority.asked == 1  # cached per (caller, server, tool names)
