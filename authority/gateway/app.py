@@ -51,7 +51,7 @@ from authority.gateway.upstream import (
 )
 from authority.httpserve import Receive, Scope, Send, peer_certificate_der
 from authority.logs import RateLimitedLog
-from authority.relying import MAX_TOKEN_CHARS, TaskTokenVerifier
+from authority.relying import MAX_TOKEN_CHARS, RevocationView, TaskTokenVerifier
 from authority.tokens import TaskToken, x5t_s256
 
 log = logging.getLogger(__name__)
@@ -95,10 +95,6 @@ class AuthorityPort(Protocol):
     async def list_callable_tools(
         self, caller_svid: bytes, server: str, audience: str, tools: Sequence[str]
     ) -> list[str]: ...
-
-
-class Freshness(Protocol):
-    def fresh(self) -> bool: ...
 
 
 # --- refusals ------------------------------------------------------------------------------------
@@ -166,17 +162,22 @@ class TokenCheck:
     def __init__(
         self,
         verifier: TaskTokenVerifier,
-        freshness: Freshness,
+        revocations: RevocationView,
         *,
         wall: Any = time.time,
         size: int = TOKEN_CACHE_SIZE,
     ) -> None:
         self.verifier = verifier
-        self._freshness = freshness
+        self._revocations = revocations
         self._wall = wall
         self._size = size
         self._cache: OrderedDict[tuple[str, str], tuple[TaskToken, float]] = OrderedDict()
         self.hits = 0
+
+    def caller_revoked(self, caller: str) -> bool:
+        """The caller's SPIFFE ID (its certificate's) is revoked: its requests are refused
+        and its streams cut, whatever they carry."""
+        return bool(caller) and self._revocations.is_revoked("", "", caller, caller)
 
     async def check(
         self, token: str, peer_der: bytes, peer_x5t: str, resource: str, digest: str
@@ -194,7 +195,7 @@ class TokenCheck:
         if held is not None and self._wall() < held[1]:
             parsed = held[0]
             self.hits += 1
-            if not self._freshness.fresh():
+            if not self._revocations.fresh():
                 raise Unavailable(
                     "the revocation feed is stale; refusing until it catches up",
                     reason="REVOCATION_FEED_STALE",
@@ -359,9 +360,11 @@ def _rpc_error(request_id: Any, code: int, message: str, data: Mapping[str, Any]
 
 @dataclass(eq=False, slots=True)
 class _Live:
-    """A tools/call whose response is being relayed, and the token it was admitted with."""
+    """A response being relayed as a stream: a tools/call's (with the token it was admitted
+    with) or a session's GET stream (``token`` None), and whose it is."""
 
-    token: TaskToken
+    token: TaskToken | None
+    caller: str
     relay: asyncio.Task[None]
     cut: bool = False
 
@@ -412,13 +415,17 @@ class GatewayApp:
         """The feed brought a revocation (or a snapshot): cut each stream whose token it
         covers. Called from the watcher, on the loop."""
         for live in list(self._live):
-            if not live.cut and self.tokens.verifier.is_revoked(live.token):
+            if live.cut:
+                continue
+            if (
+                live.token is not None and self.tokens.verifier.is_revoked(live.token)
+            ) or self.tokens.caller_revoked(live.caller):
                 live.cut = True
                 self.cuts += 1
                 log.info(
-                    "revoked while streaming: cutting the call of jti=%s task=%s",
-                    live.token.jti,
-                    live.token.task_id,
+                    "revoked while streaming: cutting the stream of %s (jti=%s)",
+                    live.caller,
+                    live.token.jti if live.token else "-",
                 )
                 live.relay.cancel()
 
@@ -485,6 +492,15 @@ class GatewayApp:
                 ),
             )
         caller, x5t = self._peers.of(der)
+        if self.tokens.caller_revoked(caller):
+            raise Refusal(
+                401,
+                "CALLER_REVOKED",
+                "your SPIFFE ID is revoked",
+                _challenge(
+                    self.metadata_url(upstream.name), "invalid_token", "the caller is revoked"
+                ),
+            )
         self._check_session(scope, upstream, caller)
         method = scope["method"]
         if method in ("GET", "DELETE"):
@@ -922,9 +938,8 @@ class GatewayApp:
                 return
             await self._start(send, response)
             relay = asyncio.create_task(self._relay(response, send))
-            live = _Live(call.token, relay) if call is not None and call.token else None
-            if live is not None:
-                self._live.add(live)
+            live = _Live(call.token if call is not None else None, caller, relay)
+            self._live.add(live)
             gone = asyncio.create_task(_disconnected(receive))
             try:
                 await asyncio.wait({relay, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -934,9 +949,11 @@ class GatewayApp:
                     relay.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await relay
-                if live is not None:
-                    self._live.discard(live)
-            if live is not None and live.cut:
+                self._live.discard(live)
+            if live.cut and call is None:  # a GET stream: it just ends
+                with contextlib.suppress(Exception):
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+            elif live.cut:
                 outcome = "cut"
                 notice = _rpc_error(
                     _request_id(call),

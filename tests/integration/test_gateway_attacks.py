@@ -489,3 +489,32 @@ async def test_another_agents_session_id_is_404(gw: Stack) -> None:
             assert response.status_code == 404, response.text
             assert response.json()["error"]["data"]["reason"] == "SESSION_NOT_FOUND"
         assert len((await client.list_tools()).tools) == 5  # the owner's session lives on
+
+
+async def test_a_revoked_agent_is_refused_everything_within_a_second(gw: Stack) -> None:
+    folder = await gw.agent("revoked-agent")
+    args = {"text": _unique("revoked-agent")}
+    token = await gw.token(folder, "echo", args)
+    async with gw.http(folder) as http:
+        listing = await http.post(
+            gw.url, json=_list_message(), headers=_headers(method="tools/list")
+        )
+        assert listing.status_code == 200
+        await asyncio.to_thread(
+            gw.served.cli,
+            "revoke", "--spiffe-id", "spiffe://example.org/agent/revoked-agent",
+            "--reason", "attack test",
+        )  # fmt: skip
+        revoked_at = time.monotonic()
+        while True:
+            listing = await http.post(
+                gw.url, json=_list_message(), headers=_headers(method="tools/list")
+            )
+            if listing.status_code != 200:
+                break
+            assert time.monotonic() - revoked_at < 1.0, "still served a second after revoke"
+            await asyncio.sleep(0.02)
+        call = await _call(http, gw, "echo", args, token)
+    _refused_401(gw, listing, "CALLER_REVOKED")
+    _refused_401(gw, call, "CALLER_REVOKED")
+    _never_called(gw, args)

@@ -10,6 +10,7 @@ gateway are in ``tests/integration/test_gateway_attacks.py``.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import secrets
@@ -240,8 +241,15 @@ class _Answer:
     data: bytes
     closed: bool = False
 
+    endless: bool = False  # a GET stream: an event, then keep-alives until closed
+    relaying: asyncio.Event = field(default_factory=asyncio.Event)
+
     async def body(self) -> AsyncIterator[bytes]:
+        self.relaying.set()
         yield self.data
+        while self.endless:
+            await asyncio.sleep(0.01)
+            yield b": keep-alive\n\n"
 
     async def aclose(self) -> None:
         self.closed = True
@@ -254,6 +262,8 @@ class MemoryUpstream:
 
     seen: list[tuple[str, list[tuple[bytes, bytes]], bytes]] = field(default_factory=list)
     mode: str = "ok"  # "down": no connection; "refusing": 401 to the gateway's credential
+    streams: list[_Answer] = field(default_factory=list)
+    opened: asyncio.Event = field(default_factory=asyncio.Event)  # a GET stream was opened
 
     async def open(
         self, method: str, url: str, headers: Sequence[tuple[bytes, bytes]], body: bytes
@@ -261,6 +271,12 @@ class MemoryUpstream:
         if self.mode == "down":
             raise UpstreamError("ConnectError")
         self.seen.append((method, list(headers), body))
+        if method == "GET":
+            self.streams.append(
+                _Answer(200, [(b"content-type", b"text/event-stream")], b": open\n\n", endless=True)
+            )
+            self.opened.set()
+            return self.streams[-1]
         if self.mode == "refusing":
             return _Answer(401, [(b"www-authenticate", b'Bearer realm="upstream"')], b"")
         message = json.loads(body)
@@ -340,7 +356,10 @@ class Rig:
         events = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def receive() -> dict[str, Any]:
-            return events.pop(0) if events else {"type": "http.disconnect"}
+            if events:
+                return events.pop(0)
+            await asyncio.Event().wait()  # the client stays connected
+            raise AssertionError("unreachable")
 
         async def send(event: Any) -> None:
             sent.append(dict(event))
@@ -504,3 +523,21 @@ async def test_a_response_from_the_client_passes_without_a_token(rig: Rig) -> No
     assert len(rig.upstream.seen) == 1
     status, _, _ = await rig.post(answer, cert=False)
     assert status == 401
+
+
+async def test_a_revoked_caller_is_refused_and_its_open_stream_cut(rig: Rig) -> None:
+    opened = asyncio.create_task(rig.post(None, method="GET"))
+    await asyncio.wait_for(rig.upstream.opened.wait(), 5)
+    await asyncio.wait_for(rig.upstream.streams[0].relaying.wait(), 5)
+    rig.revocations.revoked.add(CALLER)
+    rig.app.revocations_changed()  # what the watcher calls on the event
+    status, _, _ = await asyncio.wait_for(opened, 5)
+    assert status == 200  # it had begun; now it has ended
+    assert rig.upstream.streams[0].closed  # and the upstream's stream is closed
+    assert rig.app.cuts == 1
+    listing = {"jsonrpc": "2.0", "id": 5, "method": "tools/list", "params": {}}
+    status, headers, body = await rig.post(listing)
+    assert status == 401
+    assert 'error="invalid_token"' in headers["www-authenticate"]
+    assert json.loads(body)["error"]["data"]["reason"] == "CALLER_REVOKED"
+    assert len(rig.upstream.seen) == 1  # the GET only
