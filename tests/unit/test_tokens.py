@@ -191,7 +191,8 @@ def test_a_token_printed_or_logged_shows_its_jti_not_the_token(
     key: ec.EllipticCurvePrivateKey,
 ) -> None:
     minted = make(key)
-    assert minted.token and minted.token not in repr(minted)
+    assert minted.token
+    assert minted.token not in repr(minted)
     assert minted.token.split(".")[2] not in f"{minted!r} {minted!s}"
     assert minted.jti in repr(minted)
 
