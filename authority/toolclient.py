@@ -408,8 +408,10 @@ class _Session:
         await self._ready.wait()
         if self.client is None:
             error = self._error
+            while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+                error = error.exceptions[0]  # the task group's one failure says what happened
             if isinstance(error, Exception):
-                raise ConnectionError(f"MCP session to {self.url} failed: {error}") from error
+                raise ConnectionError(f"MCP session to {self.url} failed: {error!r}") from error
             raise ConnectionError(f"MCP session to {self.url} is closed")
         return self.client
 

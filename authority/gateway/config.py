@@ -46,6 +46,9 @@ class GatewayConfig:
     workload_api_socket: str
     servers: Mapping[str, Upstream]
     public_url: str
+    # which of the Workload API's SVIDs is the gateway's (a workload may hold several): by
+    # default the first
+    spiffe_id: str = ""
     methods: frozenset[str] = DEFAULT_METHODS
     max_body_bytes: int = 1024 * 1024
     max_list_bytes: int = 4 * 1024 * 1024
@@ -157,6 +160,7 @@ _TOP_KEYS = {
     "authority",
     "trust_bundle",
     "workload_api_socket",
+    "spiffe_id",
     "public_url",
     "methods",
     "max_body_bytes",
@@ -199,6 +203,10 @@ def parse(doc: Mapping[str, Any], *, base: Path, env: Mapping[str, str]) -> Gate
     socket = _str(doc, "workload_api_socket")
     if not socket.startswith(("unix:", "tcp:")):
         socket = str(base / socket)
+    spiffe_id = doc.get("spiffe_id", "")
+    prefix = trust_domain.id.uri + "/"
+    if spiffe_id and (not isinstance(spiffe_id, str) or not spiffe_id.startswith(prefix)):
+        raise _fail("spiffe_id", f"must be a SPIFFE ID of {trust_domain}")
     raw_servers = doc.get("servers")
     if not isinstance(raw_servers, list) or not raw_servers:
         raise _fail("servers", "at least one [[servers]] table is required")
@@ -224,6 +232,7 @@ def parse(doc: Mapping[str, Any], *, base: Path, env: Mapping[str, str]) -> Gate
         trust_bundle=bundle,
         workload_api_socket=socket,
         servers=servers,
+        spiffe_id=spiffe_id,
         public_url=public_url,
         methods=DEFAULT_METHODS | frozenset(raw_methods),
         max_body_bytes=int(_number(doc, "max_body_bytes", 1024 * 1024, 1024, 64 * 1024 * 1024)),

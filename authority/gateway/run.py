@@ -200,11 +200,14 @@ class Gateway:
         first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         async def follow() -> None:
+            wanted = self.config.spiffe_id
             async for svids in self.workload_api.watch_x509_svids():
-                if not svids:
+                mine = [s for s in svids if not wanted or s.spiffe_id == wanted]
+                if not mine:
+                    log.warning("the Workload API holds no SVID for %s", wanted or "the gateway")
                     continue
                 try:
-                    self._take(svids[0])
+                    self._take(mine[0])
                 except Exception as exc:
                     if not first.done():
                         first.set_exception(exc)

@@ -110,6 +110,8 @@ def test_a_good_configuration(tmp_path: Path) -> None:
         ({"methods": "tools/call"}, "methods"),
         ({"max_body_bytes": 1}, "max_body_bytes"),
         ({"public_url": "http://gw"}, "public_url"),
+        ({"spiffe_id": "spiffe://other.org/gateway"}, "spiffe_id"),
+        ({"spiffe_id": 7}, "spiffe_id"),
         ({"colour": "red"}, "colour"),
     ],
 )  # fmt: skip
