@@ -35,7 +35,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -96,6 +96,10 @@ RISK_PER_DENIAL = 10  # eight denials in ten minutes reach 80
 # in it is always read from the store; EndTask here forgets the task at once.
 OPEN_TASK_SECONDS = 60.0
 _OPEN_TASKS_MAX = 10_000
+
+
+# Told of a pending approval this process created: the approval, its intent, the decision.
+ApprovalHook = Callable[[Approval, Intent, Decision], None]
 
 
 class PolicySource(Protocol):
@@ -333,13 +337,17 @@ class ExchangeService:
         policy: PolicySource,
         clock: Clock,
         limits: Limits,
+        on_approval: ApprovalHook | None = None,
     ) -> None:
+        """``on_approval``: told of each approval this Exchange created, once it is stored (the
+        webhooks: authority.notify); it must not block, and what it raises is logged only."""
         self._authority = authority
         self._ca = ca
         self._store = store
         self._policy = policy
         self._clock = clock
         self._limits = limits
+        self._on_approval = on_approval
         self._denials: dict[str, collections.deque[float]] = collections.defaultdict(
             lambda: collections.deque(maxlen=16)
         )
@@ -628,6 +636,8 @@ class ExchangeService:
             decision_id=decision.decision_id,
             may_delegate=max(0, may_delegate),
             parent_jti=parent.jti if parent else "",
+            # a delegated token carries its parent's: one approval, one call, whoever makes it
+            approval_id=approval.id if approval else (parent.approval_id if parent else ""),
         )
         record = TaskTokenRecord(
             jti=token.jti,
@@ -728,6 +738,11 @@ class ExchangeService:
             approval.principal,
             task_id,
         )
+        if self._on_approval is not None:
+            try:
+                self._on_approval(approval, intent, decision)
+            except Exception:
+                log.exception("approval hook failed: id=%s", approval.id)
         return approval
 
     async def _approval_for(self, caller: Caller, request: ExchangeRequest) -> Approval:

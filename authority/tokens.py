@@ -12,7 +12,9 @@ Exchange drafts where the meaning is the same:
 - ``cnf`` ``{"x5t#S256": ...}``: the SHA-256 thumbprint of the holder's X.509-SVID (RFC 8705);
 - ``act`` the delegation chain, RFC 8693 nesting: the outermost ``act.sub`` is the current holder;
 - ``decision_id`` the policy decision that allowed it; ``del`` how many further delegations it
-  allows; ``parent`` the jti it was delegated from.
+  allows; ``parent`` the jti it was delegated from;
+- ``apr`` the approval it was collected with (an operator's elevation), when it was: a relying
+  service that enforces single use (the MCP gateway does) admits one call per approval.
 
 Tokens are signed with task-token keys of their own (never the JWT-SVID keys), published in a
 separate JWK Set.
@@ -146,6 +148,7 @@ class TaskToken:
     may_delegate: int
     parent_jti: str
     key_id: str
+    approval_id: str = ""  # the approval it was collected with ("apr"), if any
 
     @property
     def holder(self) -> str:
@@ -197,6 +200,7 @@ def mint(
     decision_id: str,
     may_delegate: int,
     parent_jti: str = "",
+    approval_id: str = "",
 ) -> TaskToken:
     if expires_at - now > HARD_MAX_TTL + dt.timedelta(seconds=1):
         raise InvalidArgument("a task token lives at most 15 minutes")
@@ -221,6 +225,8 @@ def mint(
         claims["act"] = act
     if parent_jti:
         claims["parent"] = parent_jti
+    if approval_id:
+        claims["apr"] = approval_id
     token = jwt.encode(
         claims, key, algorithm=algorithm, headers={"kid": key_id, "typ": TASK_TOKEN_TYP}
     )
@@ -241,6 +247,7 @@ def mint(
         may_delegate=may_delegate,
         parent_jti=parent_jti,
         key_id=key_id,
+        approval_id=approval_id,
     )
 
 
@@ -345,6 +352,7 @@ def verify(
             may_delegate=int(claims.get("del", 0)),
             parent_jti=str(claims.get("parent", "")),
             key_id=str(kid),
+            approval_id=str(claims.get("apr", "")),
         )
     except (KeyError, TypeError, ValueError, InvalidArgument):
         raise Unauthenticated(

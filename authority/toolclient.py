@@ -21,7 +21,9 @@ HTTP request, and returns the tool's result.
   dropped from the cache.
 - **Approvals.** A call the policy sends to an operator raises ``ApprovalPending`` (its id in
   hand, to resume with ``call_tool(..., approval_id=...)``), or, with ``wait_for_approval``,
-  polls ``GetApproval`` with backoff up to a deadline, then collects the token.
+  polls ``GetApproval`` with backoff up to a deadline, then collects the token. A token
+  collected with an approval is used for that one call and never cached: the gateway admits
+  one call per approval (``APPROVAL_SPENT``).
 - **Refusals are typed**: ``AuthorityRefused`` (the authority's code, stable reason and, for a
   policy denial, the policy's reasons), ``ApprovalRefused``, ``GatewayRefused`` (HTTP status and
   the RFC 6750 ``error`` of ``WWW-Authenticate``, with the gateway's reason when it gives one).
@@ -214,6 +216,7 @@ class IssuedToken:
     jti: str
     task_id: str
     expires_at: dt.datetime
+    approved: bool = False  # collected with an approval: good for one call, never cached
 
 
 class TokenCache:
@@ -749,7 +752,8 @@ class ToolClient:
                     token = await self._obtain(
                         generation, request, approval_id, wait_for_approval, approval_deadline
                     )
-                    generation.cache.put(key, token)
+                    if not token.approved:
+                        generation.cache.put(key, token)
                 else:
                     log.debug("reusing task token jti=%s for %s", token.jti, call.resource)
             return await self._send(generation, gateway, call, key, token)
@@ -873,6 +877,7 @@ class ToolClient:
             issued.jti,
             issued.task_id,
             dt.datetime.fromtimestamp(issued.expires_at, dt.UTC),
+            approved=bool(request.approval_id),
         )
 
     async def _await_approval(

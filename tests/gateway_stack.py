@@ -47,7 +47,13 @@ POLICY = """
 @id("agents-call-tools") @ttl("300")
 permit (principal, action == Action::"tools.call", resource)
 when { principal.trust_domain == "example.org" && principal.path like "/agent/*" &&
-       resource.kind == "mcp" };
+       resource.kind == "mcp" }
+unless { context has tool && context.tool.name == "deploy" };
+
+@id("deploy-with-approval") @ttl("300") @approval("required")
+permit (principal, action == Action::"tools.call", resource)
+when { principal.trust_domain == "example.org" && principal.path like "/agent/*" &&
+       context has tool && context.tool.name == "deploy" };
 
 @id("never-delete")
 forbid (principal, action == Action::"tools.call", resource)

@@ -172,6 +172,8 @@ class TokenCheck:
         self._wall = wall
         self._size = size
         self._cache: OrderedDict[tuple[str, str], tuple[TaskToken, float]] = OrderedDict()
+        # approvals whose one call was admitted -> when their token expires (then forgotten)
+        self._spent: dict[str, float] = {}
         self.hits = 0
 
     def caller_revoked(self, caller: str) -> bool:
@@ -185,7 +187,25 @@ class TokenCheck:
         """The token, verified for this peer and exactly this call."""
         parsed = await self.verified(token, peer_der, peer_x5t)
         self.check_call(parsed, resource, digest)
+        self.spend(parsed)
         return parsed
+
+    def spend(self, parsed: TaskToken) -> None:
+        """A token collected with an operator's approval admits one call: the approval was
+        given for one call with these arguments, not for as many as fit in the token's life.
+        (Kept in this gateway's memory: each gateway replica admits it once.) Other tokens
+        pass as often as their life allows."""
+        if not parsed.approval_id:
+            return
+        now = self._wall()
+        if len(self._spent) > self._size:
+            self._spent = {k: until for k, until in self._spent.items() if until > now}
+        if parsed.approval_id in self._spent:
+            raise Unauthenticated(
+                "the token's approval admitted its one call already; ask for another approval",
+                reason="APPROVAL_SPENT",
+            )
+        self._spent[parsed.approval_id] = parsed.expires_at.timestamp() + 60
 
     async def verified(self, token: str, peer_der: bytes, peer_x5t: str) -> TaskToken:
         """The token, verified (signature, issuer, audience, time, cnf against this peer,
@@ -642,6 +662,7 @@ class GatewayApp:
                 raise Unauthenticated("a task token is required", reason="TOKEN_MISSING")
             call.token = await self.tokens.verified(token, der, x5t)
             self.tokens.check_call(call.token, resource, call.digest)
+            self.tokens.spend(call.token)
         except AuthorityError as exc:
             self._record(call, "refused", exc.reason)
             raise self._token_refusal(exc, upstream.name, resource, call.digest) from None

@@ -20,6 +20,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from authority import toolcall
+from authority._pb import authority_v1_authority_pb2 as pb
 from authority.client import WorkloadClient
 from tests.gateway_stack import AUDIENCE, SERVER, PerCallToken, Stack, stack
 from tests.helpers import wait_until
@@ -154,6 +155,34 @@ async def test_the_sdk_client_lists_only_callable_tools_and_calls_through(gw: St
     assert names == {"echo", "refund", "deploy", "get_invoice", "stream_report"}  # no delete_*
     assert result.structured_content == {"result": text}
     assert auth.minted == 1
+
+
+async def test_a_token_collected_with_an_approval_admits_one_call(gw: Stack) -> None:
+    """An operator approved one call with these arguments: the token collected with that
+    approval (its ``apr`` claim) passes once; replayed within its life, it is refused."""
+    folder = await gw.agent("approved")
+    args = {"service": _unique("web"), "environment": "production"}
+    request = pb.ExchangeRequest(
+        intent=pb.Intent(purpose="ship fix 42"),
+        audience=AUDIENCE,
+        ttl_seconds=300,
+        tool_call=pb.ToolCall(server=SERVER, tool="deploy", arguments_json=json.dumps(args)),
+    )
+    async with WorkloadClient.from_svid_dir(gw.served.address, folder, gw.bundle_path) as client:
+        pending = await client.exchange(request)
+        assert pending.WhichOneof("result") == "pending"
+        gw.served.cli("approve", pending.pending.id, "--for", "10m", "--note", "one deploy")
+        request.approval_id = pending.pending.id
+        reply = await client.exchange(request)
+    assert reply.WhichOneof("result") == "token"
+    async with gw.http(folder) as http:
+        first = await _call(http, gw, "deploy", args, reply.token.token)
+        again = await _call(http, gw, "deploy", args, reply.token.token)
+    assert first.status_code == 200, first.text
+    _refused_401(gw, again, "APPROVAL_SPENT")
+    assert [c for c in gw.tool_calls() if c["arguments"] == args] == [
+        {"tool": "deploy", "arguments": args}
+    ]
 
 
 async def test_no_client_certificate_is_401(gw: Stack) -> None:

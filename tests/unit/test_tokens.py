@@ -187,6 +187,17 @@ def test_a_direct_token_has_neither_act_nor_parent(key: ec.EllipticCurvePrivateK
     assert "parent" not in claims
 
 
+def test_a_token_collected_with_an_approval_names_it_and_others_do_not(
+    key: ec.EllipticCurvePrivateKey,
+) -> None:
+    approved = make(key, approval_id="apr-42")
+    assert jwt.decode(approved.token, options={"verify_signature": False})["apr"] == "apr-42"
+    assert check(approved.token, {KID: key.public_key()}).approval_id == "apr-42"
+    plain = make(key)
+    assert "apr" not in jwt.decode(plain.token, options={"verify_signature": False})
+    assert check(plain.token, {KID: key.public_key()}).approval_id == ""
+
+
 def test_a_token_printed_or_logged_shows_its_jti_not_the_token(
     key: ec.EllipticCurvePrivateKey,
 ) -> None:
