@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import ipaddress
 import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +99,9 @@ class Limits:
     approval_wait: dt.timedelta = dt.timedelta(minutes=15)  # a pending approval expires
     default_approval_grant: dt.timedelta = dt.timedelta(minutes=15)
     max_approval_grant: dt.timedelta = dt.timedelta(hours=1)
+    # Webhook deliveries of pending approvals waiting to be sent (authority.notify); more are
+    # dropped (logged and counted).
+    notify_queue: int = 1000
     # Input bounds: every string a request can put into the store or the audit, every integer
     # of a request, every JSON document the server parses, checked before parsing or storing.
     max_name_chars: int = 64  # attestor and plugin names (the selector-type rule)
@@ -175,6 +180,70 @@ class StoreConfig:
 
 
 _REPLICA_NAME: Final = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+WEBHOOK_FORMATS: Final = ("json", "slack")
+MAX_WEBHOOKS: Final = 16
+
+
+def check_webhook_url(url: str, *, allow_http: bool = False) -> str:
+    """An https URL with a host, or http to a loopback host (any host with ``allow_http``).
+    Errors name the problem, never the URL (its path or query may be the webhook's secret)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.scheme not in ("https", "http") or not host:
+        raise InvalidArgument("a webhook url is https://HOST/... (or http:// to loopback)")
+    if parts.username is not None or parts.password is not None:
+        raise InvalidArgument("a webhook url carries no user:password@ (use secret_file)")
+    if any(c.isspace() or ord(c) < 0x21 for c in url) or parts.fragment:
+        raise InvalidArgument("a webhook url has no spaces, control characters or #fragment")
+    if parts.scheme == "http" and not allow_http and not _loopback(host):
+        raise InvalidArgument(
+            f"webhook host {host!r}: http only to loopback (or set allow_http = true)"
+        )
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise InvalidArgument(f"webhook host {host!r}: bad port") from None
+    return url
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    """One ``[[webhooks]]`` entry: where pending approvals are posted (authority.notify)."""
+
+    url: str = field(repr=False)  # a Slack webhook's path is its secret
+    format: str = "json"  # "json": the generic body; "slack": Slack incoming-webhook text+blocks
+    secret_file: Path | None = None  # HMAC-SHA256 key: the file's bytes (stripped of whitespace)
+    secret_env: str = ""  # ... or this environment variable's value
+    timeout: dt.timedelta = dt.timedelta(seconds=10)  # one attempt, connect to answer
+    max_attempts: int = 5  # then given up (logged); 4xx but 429 ends it at once
+    allow_http: bool = False  # plain http to a host that is not loopback
+
+    def __post_init__(self) -> None:
+        check_webhook_url(self.url, allow_http=self.allow_http)
+        if self.format not in WEBHOOK_FORMATS:
+            raise InvalidArgument(f"webhooks.format must be one of {', '.join(WEBHOOK_FORMATS)}")
+        if self.secret_file is not None and self.secret_env:
+            raise InvalidArgument("webhooks: secret_file or secret_env, not both")
+        if not 1 <= self.max_attempts <= 20:
+            raise InvalidArgument("webhooks.max_attempts must be 1..20")
+        if not dt.timedelta(0) < self.timeout <= dt.timedelta(minutes=1):
+            raise InvalidArgument("webhooks.timeout must be positive and at most 1m")
+
+    @property
+    def host(self) -> str:
+        """What logs name: the host, never the path or query."""
+        return urllib.parse.urlsplit(self.url).hostname or ""
+
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +281,10 @@ class Config:
     policy_files: tuple[str, ...] = ()
     # SPIFFE IDs of the MCP gateways that may call ListCallableTools and RecordToolCalls.
     gateways: tuple[str, ...] = ()
+    # The console's public URL: a pending approval's page is <console_url>/approvals/<id>.
+    console_url: str = ""
+    # Where pending approvals are posted ([[webhooks]] tables; authority.notify).
+    webhooks: tuple[WebhookConfig, ...] = ()
     ca: CaConfig = field(default_factory=CaConfig)
     limits: Limits = field(default_factory=Limits)
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -235,6 +308,10 @@ class Config:
             SpiffeId.parse(gateway)  # InvalidSpiffeId names what is wrong
         if self.log_format not in LOG_FORMATS:
             raise InvalidArgument(f"log_format must be one of {', '.join(LOG_FORMATS)}")
+        if self.console_url:
+            check_webhook_url(self.console_url, allow_http=True)
+        if len(self.webhooks) > MAX_WEBHOOKS:
+            raise InvalidArgument(f"at most {MAX_WEBHOOKS} webhooks")
 
     @property
     def admin_socket_path(self) -> Path:
@@ -258,7 +335,8 @@ class Config:
         ca = _overlay(base.ca, top.pop("ca", {}), "ca")
         limits = _overlay(base.limits, top.pop("limits", {}), "limits")
         store = _overlay(base.store, top.pop("store", {}), "store")
-        return _overlay(base, top, "", ca=ca, limits=limits, store=store)
+        webhooks = _webhooks(top.pop("webhooks")) if "webhooks" in top else base.webhooks
+        return _overlay(base, top, "", ca=ca, limits=limits, store=store, webhooks=webhooks)
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -268,8 +346,22 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _webhooks(data: object) -> tuple[WebhookConfig, ...]:
+    """``[[webhooks]]``: a list of tables, each with a ``url``."""
+    if not isinstance(data, list | tuple):
+        raise InvalidArgument("webhooks must be a list of tables ([[webhooks]])")
+    out = []
+    for i, entry in enumerate(data):
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("url"), str):
+            raise InvalidArgument(f"webhooks[{i}] must be a table with a url")
+        base = WebhookConfig(url=entry["url"], allow_http=entry.get("allow_http") is True)
+        out.append(_overlay(base, entry, f"webhooks[{i}]"))
+    return tuple(out)
+
+
 _OPTIONAL_PATHS = frozenset(
     {
+        "secret_file",
         "admin_socket",
         "local_socket",
         "workload_api_socket",

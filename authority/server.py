@@ -50,6 +50,7 @@ from authority.exchange import ExchangeService
 from authority.files import write_atomic
 from authority.ids import SpiffeId
 from authority.keyvault import FileKeyVault, private_key_pem
+from authority.notify import Notifier, load_webhooks
 from authority.policy_admin import PolicyAdmin
 from authority.revocation import RevocationHub, RevocationService
 from authority.service import Authority
@@ -76,6 +77,7 @@ CHECKPOINT_JOB = "audit-checkpoints"
 CHANGES_JOB = "workload-api-changes"
 STORE_JOB = "store"
 REPLICA_JOB = "replica-changes"
+NOTIFY_JOB = "approval-webhooks"
 STORE_PING_INTERVAL = 1.0
 REPLICA_ID_FILE = "replica-id"
 
@@ -235,6 +237,8 @@ class AuthorityServer:
         self.supervisor = Supervisor(
             sleep=sleep, expected=(AuthorityError, OSError), on_change=self._job_changed
         )
+        self._sleep = sleep
+        self.notifier: Notifier | None = None  # pending approvals to the webhooks, when any
         self._admin_health: HealthServicer | None = None
         self._health_updates: set[asyncio.Task[None]] = set()
         self._servers: list[grpc.aio.Server] = []
@@ -329,6 +333,14 @@ class AuthorityServer:
             store=store,
             clock=self.clock,
         )
+        if config.webhooks:
+            self.notifier = Notifier(
+                load_webhooks(config),
+                console_url=config.console_url,
+                clock=self.clock,
+                queue_size=config.limits.notify_queue,
+                sleep=self._sleep,
+            )
         self.exchange = exchange = ExchangeService(
             authority=authority,
             ca=ca,
@@ -336,6 +348,7 @@ class AuthorityServer:
             policy=policy,
             clock=self.clock,
             limits=config.limits,
+            on_approval=self.notifier.approval_requested if self.notifier else None,
         )
         tool_gateways = ToolGateways(
             authority=authority,
@@ -499,6 +512,8 @@ class AuthorityServer:
         supervisor.every(SERVER_CERT_JOB, MAINTENANCE_INTERVAL, self._refresh_server_certificate)
         supervisor.every(PRUNE_JOB, PRUNE_INTERVAL, self._prune_once, critical=False)
         supervisor.every(CHECKPOINT_JOB, checkpoints, self._checkpoint_once, critical=False)
+        if self.notifier is not None:
+            supervisor.start(NOTIFY_JOB, self.notifier.run, critical=False)
 
     def _job_changed(self, name: str, up: bool) -> None:
         """A job failing or recovered: its health, and the whole server's when it is critical."""
@@ -568,6 +583,8 @@ class AuthorityServer:
             self._unlock_data_dir()
             return  # nothing was started (a start refused before it opened the store)
         await self.supervisor.stop()
+        if self.notifier is not None:
+            await self.notifier.aclose()
         await asyncio.gather(*self._health_updates, return_exceptions=True)
         if self._store is not None and self.authority is not None:
             try:
