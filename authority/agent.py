@@ -954,6 +954,26 @@ class NodeAgent:
     def feed_seq(self) -> int:
         return self._watcher.seq
 
+    # --- read by the metrics endpoint (authority/prom.py) ---
+
+    @property
+    def own_not_after(self) -> dt.datetime:
+        return self._own_not_after
+
+    @property
+    def workload_streams(self) -> int:
+        """Workload API streams open (each X.509-SVID or bundle stream watches for changes)."""
+        return self._changes.watching
+
+    @property
+    def sync_connected(self) -> bool:
+        return self._reach.up and not self.supervisor.is_down(SYNC_TASK)
+
+    @property
+    def feed_staleness(self) -> float | None:
+        """Seconds since the revocation feed was last heard (None: never)."""
+        return self._watcher.staleness()
+
 
 def _cancelling() -> bool:
     """Whether the running task is being cancelled (not merely a gRPC call inside it)."""

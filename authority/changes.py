@@ -24,6 +24,11 @@ class Waiters:
     def __init__(self) -> None:
         self._waiters: set[asyncio.Event] = set()
 
+    @property
+    def watching(self) -> int:
+        """How many streams are waiting."""
+        return len(self._waiters)
+
     def notify(self) -> None:
         for event in self._waiters:
             event.set()

@@ -28,7 +28,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import grpc
 from google.protobuf.message import Message
 
-from authority import audit_cli, backoff, logs
+from authority import audit_cli, backoff, logs, prom_cli
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority.api.status import status_reason
 from authority.client import (
@@ -44,7 +44,14 @@ from authority.client import (
     requires_client_certificate,
     x509pop_responder,
 )
-from authority.config import LOG_FORMATS, Config, format_duration, parse_duration, split_host_port
+from authority.config import (
+    LOG_FORMATS,
+    Config,
+    check_metrics_listen,
+    format_duration,
+    parse_duration,
+    split_host_port,
+)
 from authority.errors import AuthorityError
 from authority.files import check_private_folder
 from authority.watch import unseen
@@ -222,6 +229,10 @@ def main() -> None:
     """A SPIFFE credential authority for autonomous agents."""
 
 
+main.add_command(prom_cli.healthcheck)
+main.add_command(prom_cli.metrics)
+
+
 # --- serve ---------------------------------------------------------------------------------
 
 
@@ -252,6 +263,14 @@ def main() -> None:
     "PGPASSFILE or the libpq environment, not the URL). Default: SQLite in the data directory.",
 )
 @click.option("--replica", help="This replica's name on a shared store (default: generated).")
+@click.option(
+    "--metrics-listen",
+    help="HOST:PORT: Prometheus metrics at http://HOST:PORT/metrics (loopback unless "
+    "--metrics-allow-remote).",
+)
+@click.option(
+    "--metrics-allow-remote", is_flag=True, help="Let --metrics-listen bind a non-loopback address."
+)
 @command
 def serve(
     config_file: Path | None,
@@ -265,6 +284,8 @@ def serve(
     log_format: str | None,
     store_url: str | None,
     replica: str | None,
+    metrics_listen: str | None,
+    metrics_allow_remote: bool,
 ) -> None:
     """Run the authority (creates its CA in the data directory on first start)."""
     from authority.server import serve as run_server  # the server's imports are heavier
@@ -284,8 +305,11 @@ def serve(
         "workload_api_socket": workload_api_socket,
         "log_level": log_level,
         "log_format": log_format,
+        "metrics_listen": metrics_listen,
     }
     doc.update({k: str(v) for k, v in overrides.items() if v is not None})
+    if metrics_allow_remote:
+        doc["metrics_allow_remote"] = True
     store_doc = dict(doc.get("store", {}))
     store_doc.update({k: v for k, v in (("url", store_url), ("replica", replica)) if v})
     if store_doc:
@@ -1531,6 +1555,14 @@ def gateway(config_file: Path, log_level: str, log_format: str) -> None:
     type=click.Choice(LOG_FORMATS),
     help="json: one JSON object a line, for log shippers.",
 )
+@click.option(
+    "--metrics-listen",
+    help="HOST:PORT: the agent's Prometheus metrics at http://HOST:PORT/metrics "
+    "(loopback unless --metrics-allow-remote).",
+)
+@click.option(
+    "--metrics-allow-remote", is_flag=True, help="Let --metrics-listen bind a non-loopback address."
+)
 @command
 def agent(
     server: tuple[str, ...],
@@ -1548,6 +1580,8 @@ def agent(
     stale_after: dt.timedelta,
     log_level: str,
     log_format: str,
+    metrics_listen: str | None,
+    metrics_allow_remote: bool,
 ) -> None:
     """Run a node agent: attest this machine to the authority, then serve the SPIFFE Workload
     API to its local workloads (the node entries whose --parent-id is the agent's SPIFFE ID).
@@ -1557,6 +1591,8 @@ def agent(
     """
     from authority.agent import AgentConfig, run_agent
 
+    if metrics_listen:
+        check_metrics_listen(metrics_listen, allow_remote=metrics_allow_remote)
     config = AgentConfig(
         server=server,
         trust_bundle_pem=read_trust_bundle(trust_bundle),
@@ -1575,7 +1611,12 @@ def agent(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await run_agent(config, stop)
+        if metrics_listen:
+            from authority.prom import run_agent_with_metrics
+
+            await run_agent_with_metrics(config, stop, metrics_listen)
+        else:
+            await run_agent(config, stop)
 
     _run(main_loop(), server)
 

@@ -244,8 +244,6 @@ class WebhookConfig:
         return urllib.parse.urlsplit(self.url).hostname or ""
 
 
-
-
 @dataclass(frozen=True, slots=True)
 class Config:
     trust_domain: TrustDomain = field(default_factory=lambda: TrustDomain("example.org"))
@@ -281,6 +279,10 @@ class Config:
     policy_files: tuple[str, ...] = ()
     # SPIFFE IDs of the MCP gateways that may call ListCallableTools and RecordToolCalls.
     gateways: tuple[str, ...] = ()
+    # Prometheus metrics on HOST:PORT (GET /metrics; off when empty): loopback only unless
+    # metrics_allow_remote (they carry no secrets but reveal counts).
+    metrics_listen: str = ""
+    metrics_allow_remote: bool = False
     # The console's public URL: a pending approval's page is <console_url>/approvals/<id>.
     console_url: str = ""
     # Where pending approvals are posted ([[webhooks]] tables; authority.notify).
@@ -308,6 +310,8 @@ class Config:
             SpiffeId.parse(gateway)  # InvalidSpiffeId names what is wrong
         if self.log_format not in LOG_FORMATS:
             raise InvalidArgument(f"log_format must be one of {', '.join(LOG_FORMATS)}")
+        if self.metrics_listen:
+            check_metrics_listen(self.metrics_listen, allow_remote=self.metrics_allow_remote)
         if self.console_url:
             check_webhook_url(self.console_url, allow_http=True)
         if len(self.webhooks) > MAX_WEBHOOKS:
@@ -337,6 +341,25 @@ class Config:
         store = _overlay(base.store, top.pop("store", {}), "store")
         webhooks = _webhooks(top.pop("webhooks")) if "webhooks" in top else base.webhooks
         return _overlay(base, top, "", ca=ca, limits=limits, store=store, webhooks=webhooks)
+
+
+def check_metrics_listen(address: str, *, allow_remote: bool, key: str = "metrics_listen") -> None:
+    """HOST:PORT on a loopback address (or localhost), unless ``allow_remote``: metrics carry
+    no secrets but reveal counts (workloads, issuance, pending approvals)."""
+    import ipaddress
+
+    host, _ = split_host_port(address)
+    if allow_remote or host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise InvalidArgument(
+            f"{key} {address!r} is not a loopback address: metrics reveal counts "
+            "(metrics_allow_remote / --metrics-allow-remote exposes them)"
+        )
 
 
 def split_host_port(address: str) -> tuple[str, int]:

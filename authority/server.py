@@ -52,6 +52,7 @@ from authority.ids import SpiffeId
 from authority.keyvault import FileKeyVault, private_key_pem
 from authority.notify import Notifier, load_webhooks
 from authority.policy_admin import PolicyAdmin
+from authority.prom import ServerMetrics
 from authority.revocation import RevocationHub, RevocationService
 from authority.service import Authority
 from authority.store import sql
@@ -252,6 +253,8 @@ class AuthorityServer:
         self._checkpointed = 0
         self._local_connections = 0  # each Unix socket's connection cap, fitted at start
         self.authority: Authority | None = None
+        # Prometheus metrics (config.metrics_listen): None when off, and then no interceptor.
+        self.metrics: ServerMetrics | None = None
 
     @property
     def admin_socket(self) -> Path:
@@ -341,11 +344,13 @@ class AuthorityServer:
                 queue_size=config.limits.notify_queue,
                 sleep=self._sleep,
             )
+        metrics = self.metrics = ServerMetrics(self.clock) if config.metrics_listen else None
+        decisions = metrics.policy(policy) if metrics is not None else policy
         self.exchange = exchange = ExchangeService(
             authority=authority,
             ca=ca,
             store=store,
-            policy=policy,
+            policy=decisions,
             clock=self.clock,
             limits=config.limits,
             on_approval=self.notifier.approval_requested if self.notifier else None,
@@ -353,20 +358,33 @@ class AuthorityServer:
         tool_gateways = ToolGateways(
             authority=authority,
             store=store,
-            policy=policy,
+            policy=decisions,
             clock=self.clock,
             limits=config.limits,
             gateways=[SpiffeId.parse(g) for g in config.gateways],
             risk=exchange,
         )
         feed = RevocationFeed(revocations, store, self.clock, config.revocation_heartbeat)
+        if metrics is not None:
+            feed.on_sent = metrics.revocation_sent
+            metrics.bind(
+                store=store,
+                backend="postgresql" if config.store.url else "sqlite",
+                ca=ca,
+                hub=revocations.hub,
+                supervisor=self.supervisor,
+            )
+        outermost = [metrics.interceptor] if metrics is not None else []
         self._tls = tls = _TlsIdentity(ca, config)
         tls.refresh()
         ca.add_listener(tls.refresh)
 
         workload = grpc.aio.server(
             options=listeners.workload_options(config.limits, fds.per_listener),
-            interceptors=[listeners.RequestGuard(config.limits.max_calls_per_peer)],
+            interceptors=[
+                *outermost,
+                listeners.RequestGuard(config.limits.max_calls_per_peer),
+            ],
         )
         self.port = _add_secure_port(
             workload, config.listen, "listen", tls.credentials("tls", require_client_auth=False)
@@ -400,7 +418,7 @@ class AuthorityServer:
 
         admin = grpc.aio.server(
             options=listeners.admin_options(config.limits),
-            interceptors=[listeners.RequestGuard()],
+            interceptors=[*outermost, listeners.RequestGuard()],
         )
         socket_path = config.admin_socket_path
         _prepare_unix_socket(socket_path, "admin_socket")
@@ -438,6 +456,13 @@ class AuthorityServer:
         if config.workload_api_socket is not None:
             await self._start_workload_api(config.workload_api_socket, authority, changes)
         await self._schedule()
+        if metrics is not None:
+            try:
+                await metrics.start(config.metrics_listen)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise address_in_use(config.metrics_listen, "metrics_listen") from None
+                raise
         log.info(
             "authority serving: trust_domain=%s replica=%s tls=%s mtls=%s admin=%s local=%s",
             config.trust_domain,
@@ -582,6 +607,8 @@ class AuthorityServer:
         if self._store is None and not self._servers:
             self._unlock_data_dir()
             return  # nothing was started (a start refused before it opened the store)
+        if self.metrics is not None:
+            await self.metrics.stop()
         await self.supervisor.stop()
         if self.notifier is not None:
             await self.notifier.aclose()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from authority._pb import authority_v1_authority_pb2 as pb
@@ -54,6 +54,8 @@ class RevocationFeed:
         self._listeners: set[_Listener] = set()
         self._ticker: asyncio.TimerHandle | None = None
         self._beat: tuple[int, pb.RevocationMessage] | None = None  # (head, message) this tick
+        # Called as a published revocation is handed to a subscriber's stream (metrics: lag).
+        self.on_sent: Callable[[Revocation], None] | None = None
 
     def event(self, revocation: Revocation) -> pb.RevocationEvent:
         return pb.RevocationEvent(
@@ -184,6 +186,8 @@ class RevocationFeed:
                     revocation = queue.get_nowait()
                     if revocation.seq <= last:
                         continue
+                    if self.on_sent is not None:
+                        self.on_sent(revocation)
                     yield self._message(revocation)
                     last = revocation.seq
                     listener.sent_at = loop.time()

@@ -97,6 +97,11 @@ class SqlStore:
             self._writer.thread.join()
             raise
 
+    def observe_commits(self, observer: Callable[[float, Sequence[AuditEvent]], None]) -> None:
+        """Call ``observer`` in the writer's thread after each commit, with the commit's wall
+        time and the audit events it committed (metrics)."""
+        self._writer.observers.append(observer)
+
     @property
     def commit_count(self) -> int:
         """How many transactions the store has committed since it was opened."""

@@ -134,6 +134,8 @@ class Writer:
         self._backend = backend
         self._append_audit = append_audit
         self._on_commit = on_commit
+        # Called in this thread after each commit: (its wall time, the audit events committed).
+        self.observers: list[Callable[[float, Sequence[AuditEvent]], None]] = []
         self._conn: Connection | None = None
         self._next_connect = 0.0
         self.thread = threading.Thread(target=self._main, name=f"store:{backend.name}", daemon=True)
@@ -266,7 +268,10 @@ class Writer:
                 self._append(conn, results, audited)
             started = time.perf_counter()
             conn.commit()
-            _COMMIT.add(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            _COMMIT.add(elapsed)
+            if self.observers:
+                self._observe(elapsed, audited)
             _BATCH.add(len(batch))
             self.commits += 1
             topics = set(conn.topics)
@@ -279,6 +284,14 @@ class Writer:
             done = {id(job) for job, _, _ in results}
             results.extend((job, cause, None) for job in batch if id(job) not in done)
         return results
+
+    def _observe(self, elapsed: float, audited: list[tuple[int, Sequence[AuditEvent]]]) -> None:
+        events = [event for _, job_events in audited for event in job_events]
+        for observer in self.observers:
+            try:
+                observer(elapsed, events)
+            except Exception:
+                log.exception("commit observer failed")
 
     def _append(
         self,
