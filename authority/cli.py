@@ -271,6 +271,20 @@ main.add_command(prom_cli.metrics)
 @click.option(
     "--metrics-allow-remote", is_flag=True, help="Let --metrics-listen bind a non-loopback address."
 )
+@click.option("--console-listen", help="HOST:PORT of the operators' console (off by default).")
+@click.option("--console-url", help="The console's public URL (default: from the bound address).")
+@click.option(
+    "--console-tls-cert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="PEM chain for the console (default: a certificate of the authority's own).",
+)
+@click.option("--console-tls-key", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--console-plain-http", is_flag=True, help="Serve the console without TLS.")
+@click.option(
+    "--console-allow-plain-http",
+    is_flag=True,
+    help="Allow --console-plain-http on an address other than loopback (clear-text cookies).",
+)
 @command
 def serve(
     config_file: Path | None,
@@ -286,6 +300,12 @@ def serve(
     replica: str | None,
     metrics_listen: str | None,
     metrics_allow_remote: bool,
+    console_listen: str | None,
+    console_url: str | None,
+    console_tls_cert: Path | None,
+    console_tls_key: Path | None,
+    console_plain_http: bool,
+    console_allow_plain_http: bool,
 ) -> None:
     """Run the authority (creates its CA in the data directory on first start)."""
     from authority.server import serve as run_server  # the server's imports are heavier
@@ -306,10 +326,20 @@ def serve(
         "log_level": log_level,
         "log_format": log_format,
         "metrics_listen": metrics_listen,
+        "console_listen": console_listen,
+        "console_url": console_url,
+        "console_tls_cert": console_tls_cert,
+        "console_tls_key": console_tls_key,
     }
     doc.update({k: str(v) for k, v in overrides.items() if v is not None})
     if metrics_allow_remote:
         doc["metrics_allow_remote"] = True
+    for key, flag in (
+        ("console_plain_http", console_plain_http),
+        ("console_allow_plain_http", console_allow_plain_http),
+    ):
+        if flag:
+            doc[key] = True
     store_doc = dict(doc.get("store", {}))
     store_doc.update({k: v for k, v in (("url", store_url), ("replica", replica)) if v})
     if store_doc:
@@ -811,6 +841,29 @@ def deny(approval_id: str, reason: str, admin_socket: str) -> None:
     """Deny an elevation."""
     request = pb.DenyRequest(id=approval_id, reason=reason)
     click.echo(_approval_text(_admin_call(admin_socket, lambda c: c.stub.Deny(request))))
+
+
+@main.group()
+def console() -> None:
+    """The operators' console (authority serve --console-listen)."""
+
+
+@console.command("login")
+@click.option(
+    "--operator", required=True, help="Your name: approvals you decide record it as decided_by."
+)
+@click.option("--ttl", type=DURATION, help="How long the link may wait to be used (default 5m).")
+@admin_socket_option
+@command
+def console_login(operator: str, ttl: dt.timedelta | None, admin_socket: str) -> None:
+    """Print a one-time sign-in link to the console (it signs in once, within minutes)."""
+    request = pb.CreateConsoleSignInRequest(
+        operator=operator, ttl_seconds=int(ttl.total_seconds()) if ttl else 0
+    )
+    link = _admin_call(admin_socket, lambda c: c.stub.CreateConsoleSignIn(request))
+    expires = dt.datetime.fromtimestamp(link.expires_at, dt.UTC)
+    click.echo(link.url)
+    click.echo(f"signs in once, until {expires.isoformat(timespec='seconds')}", err=True)
 
 
 @main.group()

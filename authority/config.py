@@ -283,6 +283,14 @@ class Config:
     # metrics_allow_remote (they carry no secrets but reveal counts).
     metrics_listen: str = ""
     metrics_allow_remote: bool = False
+    # The operators' console (authority.console), off unless console_listen is set; TLS with
+    # the authority's own certificate unless console_tls_cert/key or console_plain_http.
+    console_listen: str = ""
+    console_tls_cert: Path | None = None
+    console_tls_key: Path | None = None
+    console_plain_http: bool = False  # refused beyond loopback without console_allow_plain_http
+    console_allow_plain_http: bool = False
+    console_session_ttl: dt.timedelta = dt.timedelta(hours=8)
     # The console's public URL: a pending approval's page is <console_url>/approvals/<id>.
     console_url: str = ""
     # Where pending approvals are posted ([[webhooks]] tables; authority.notify).
@@ -298,6 +306,8 @@ class Config:
             raise InvalidArgument("local_socket_mode must be 0600, 0660 or 0666")
         for address in (self.listen, self.listen_mtls):
             split_host_port(address)
+        if self.console_listen:
+            split_host_port(self.console_listen)
         if self.workload_api_socket is not None and (
             len(str(self.workload_api_socket).encode()) > MAX_UNIX_SOCKET_PATH
         ):
@@ -388,6 +398,8 @@ _OPTIONAL_PATHS = frozenset(
         "admin_socket",
         "local_socket",
         "workload_api_socket",
+        "console_tls_cert",
+        "console_tls_key",
         "upstream_cert",
         "upstream_key",
         "upstream_bundle",

@@ -45,6 +45,7 @@ from authority.ca import CertificateAuthority, Upstream
 from authority.changes import ChangeNotifier
 from authority.clock import Clock, SystemClock
 from authority.config import Config, split_host_port
+from authority.console.server import ConsoleServer, check_console_config
 from authority.errors import AuthorityError
 from authority.exchange import ExchangeService
 from authority.files import write_atomic
@@ -253,6 +254,7 @@ class AuthorityServer:
         self._checkpointed = 0
         self._local_connections = 0  # each Unix socket's connection cap, fitted at start
         self.authority: Authority | None = None
+        self.console: ConsoleServer | None = None  # the operators' console (console_listen)
         # Prometheus metrics (config.metrics_listen): None when off, and then no interceptor.
         self.metrics: ServerMetrics | None = None
 
@@ -276,6 +278,7 @@ class AuthorityServer:
                 ),
             ],
         )
+        check_console_config(config)  # plain HTTP beyond loopback is refused before anything
         self._data_dir_lock = lock_data_dir(config.data_dir)  # created here, 0700
         # The attest socket, and the Workload API's when it is served.
         local_sockets = 1 + (config.workload_api_socket is not None)
@@ -430,7 +433,19 @@ class AuthorityServer:
             raise address_in_use(socket_path, "admin_socket") from None
         finally:
             os.umask(old_umask)
-        pb_grpc.add_AdminServicer_to_server(AdminService(authority, exchange, policy, feed), admin)
+        if config.console_listen:
+            self.console = ConsoleServer(
+                config,
+                authority=authority,
+                exchange=exchange,
+                policy=policy,
+                store=store,
+                clock=self.clock,
+            )
+            await self.console.start()
+        pb_grpc.add_AdminServicer_to_server(
+            AdminService(authority, exchange, policy, feed, console=self.console), admin
+        )
         self._admin_health = await self._add_health_and_reflection(admin, "authority.v1.Admin")
 
         await workload.start()
@@ -585,6 +600,8 @@ class AuthorityServer:
     async def _refresh_server_certificate(self) -> None:
         if self._tls.due(self.clock.now()):
             self._tls.refresh()
+        if self.console is not None:
+            await self.console.maintain()
 
     async def _checkpoint_once(self) -> None:
         assert self.authority is not None
@@ -610,6 +627,8 @@ class AuthorityServer:
         if self.metrics is not None:
             await self.metrics.stop()
         await self.supervisor.stop()
+        if self.console is not None:
+            await self.console.stop()
         if self.notifier is not None:
             await self.notifier.aclose()
         await asyncio.gather(*self._health_updates, return_exceptions=True)

@@ -384,6 +384,10 @@ class AdminBase(abc.ABC):
         pass
 
     @abc.abstractmethod
+    async def CreateConsoleSignIn(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.CreateConsoleSignInRequest, authority_v1_authority_pb2.ConsoleSignIn]') -> None:
+        pass
+
+    @abc.abstractmethod
     async def LoadPolicy(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.LoadPolicyRequest, authority_v1_authority_pb2.PolicyInfo]') -> None:
         pass
 
@@ -534,6 +538,12 @@ class AdminBase(abc.ABC):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 authority_v1_authority_pb2.DenyRequest,
                 authority_v1_authority_pb2.ApprovalInfo,
+            ),
+            '/authority.v1.Admin/CreateConsoleSignIn': grpclib.const.Handler(
+                self.CreateConsoleSignIn,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                authority_v1_authority_pb2.CreateConsoleSignInRequest,
+                authority_v1_authority_pb2.ConsoleSignIn,
             ),
             '/authority.v1.Admin/LoadPolicy': grpclib.const.Handler(
                 self.LoadPolicy,
@@ -702,6 +712,12 @@ class AdminStub:
             '/authority.v1.Admin/Deny',
             authority_v1_authority_pb2.DenyRequest,
             authority_v1_authority_pb2.ApprovalInfo,
+        )
+        self.CreateConsoleSignIn = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/authority.v1.Admin/CreateConsoleSignIn',
+            authority_v1_authority_pb2.CreateConsoleSignInRequest,
+            authority_v1_authority_pb2.ConsoleSignIn,
         )
         self.LoadPolicy = grpclib.client.UnaryUnaryMethod(
             channel,

@@ -2028,6 +2028,54 @@ class DenyRequest(_message.Message):
 Global___DenyRequest: _TypeAlias = DenyRequest  # noqa: Y015
 
 @_typing.final
+class CreateConsoleSignInRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATOR_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    operator: _builtins.str
+    """recorded as decided_by of what this operator approves or denies"""
+    ttl_seconds: _builtins.int
+    """0: 5 minutes; at most 15 minutes"""
+    def __init__(
+        self,
+        *,
+        operator: _builtins.str = ...,
+        ttl_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operator", b"operator", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateConsoleSignInRequest: _TypeAlias = CreateConsoleSignInRequest  # noqa: Y015
+
+@_typing.final
+class ConsoleSignIn(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """<console_url>/signin?code=...: the code is shown once"""
+    expires_at: _builtins.int
+    """Unix seconds"""
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        expires_at: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsoleSignIn: _TypeAlias = ConsoleSignIn  # noqa: Y015
+
+@_typing.final
 class PolicyFile(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

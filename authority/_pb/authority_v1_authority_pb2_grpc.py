@@ -940,6 +940,11 @@ class AdminStub:
                 request_serializer=authority_dot_v1_dot_authority__pb2.DenyRequest.SerializeToString,
                 response_deserializer=authority_dot_v1_dot_authority__pb2.ApprovalInfo.FromString,
                 _registered_method=True)
+        self.CreateConsoleSignIn = channel.unary_unary(
+                '/authority.v1.Admin/CreateConsoleSignIn',
+                request_serializer=authority_dot_v1_dot_authority__pb2.CreateConsoleSignInRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.ConsoleSignIn.FromString,
+                _registered_method=True)
         self.LoadPolicy = channel.unary_unary(
                 '/authority.v1.Admin/LoadPolicy',
                 request_serializer=authority_dot_v1_dot_authority__pb2.LoadPolicyRequest.SerializeToString,
@@ -1112,6 +1117,15 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateConsoleSignIn(self, request, context):
+        """The operators' console: a one-time sign-in link for a named operator (the console keeps
+        only its hash; it signs in once, within ttl_seconds). FAILED_PRECONDITION when no console
+        is served.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def LoadPolicy(self, request, context):
         """Policy-as-code: replace the running policy (only if it compiles and its tests pass),
         show it, and explain a decision for an input.
@@ -1259,6 +1273,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Deny,
                     request_deserializer=authority_dot_v1_dot_authority__pb2.DenyRequest.FromString,
                     response_serializer=authority_dot_v1_dot_authority__pb2.ApprovalInfo.SerializeToString,
+            ),
+            'CreateConsoleSignIn': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateConsoleSignIn,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.CreateConsoleSignInRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.ConsoleSignIn.SerializeToString,
             ),
             'LoadPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadPolicy,
@@ -1862,6 +1881,33 @@ class Admin:
             '/authority.v1.Admin/Deny',
             authority_dot_v1_dot_authority__pb2.DenyRequest.SerializeToString,
             authority_dot_v1_dot_authority__pb2.ApprovalInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateConsoleSignIn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authority.v1.Admin/CreateConsoleSignIn',
+            authority_dot_v1_dot_authority__pb2.CreateConsoleSignInRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.ConsoleSignIn.FromString,
             options,
             channel_credentials,
             insecure,

@@ -341,6 +341,11 @@ class AdminStub:
     """Elevations waiting for (or given) an answer."""
     Approve: _grpc.UnaryUnaryMultiCallable[_authority_pb2.ApproveRequest, _authority_pb2.ApprovalInfo]
     Deny: _grpc.UnaryUnaryMultiCallable[_authority_pb2.DenyRequest, _authority_pb2.ApprovalInfo]
+    CreateConsoleSignIn: _grpc.UnaryUnaryMultiCallable[_authority_pb2.CreateConsoleSignInRequest, _authority_pb2.ConsoleSignIn]
+    """The operators' console: a one-time sign-in link for a named operator (the console keeps
+    only its hash; it signs in once, within ttl_seconds). FAILED_PRECONDITION when no console
+    is served.
+    """
     LoadPolicy: _grpc.UnaryUnaryMultiCallable[_authority_pb2.LoadPolicyRequest, _authority_pb2.PolicyInfo]
     """Policy-as-code: replace the running policy (only if it compiles and its tests pass),
     show it, and explain a decision for an input.
@@ -392,6 +397,11 @@ class AdminAsyncStub(AdminStub):
     """Elevations waiting for (or given) an answer."""
     Approve: _aio.UnaryUnaryMultiCallable[_authority_pb2.ApproveRequest, _authority_pb2.ApprovalInfo]  # type: ignore[assignment]
     Deny: _aio.UnaryUnaryMultiCallable[_authority_pb2.DenyRequest, _authority_pb2.ApprovalInfo]  # type: ignore[assignment]
+    CreateConsoleSignIn: _aio.UnaryUnaryMultiCallable[_authority_pb2.CreateConsoleSignInRequest, _authority_pb2.ConsoleSignIn]  # type: ignore[assignment]
+    """The operators' console: a one-time sign-in link for a named operator (the console keeps
+    only its hash; it signs in once, within ttl_seconds). FAILED_PRECONDITION when no console
+    is served.
+    """
     LoadPolicy: _aio.UnaryUnaryMultiCallable[_authority_pb2.LoadPolicyRequest, _authority_pb2.PolicyInfo]  # type: ignore[assignment]
     """Policy-as-code: replace the running policy (only if it compiles and its tests pass),
     show it, and explain a decision for an input.
@@ -566,6 +576,17 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _authority_pb2.DenyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_authority_pb2.ApprovalInfo, _abc.Awaitable[_authority_pb2.ApprovalInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateConsoleSignIn(
+        self,
+        request: _authority_pb2.CreateConsoleSignInRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authority_pb2.ConsoleSignIn, _abc.Awaitable[_authority_pb2.ConsoleSignIn]]:
+        """The operators' console: a one-time sign-in link for a named operator (the console keeps
+        only its hash; it signs in once, within ttl_seconds). FAILED_PRECONDITION when no console
+        is served.
+        """
 
     @_abc_1.abstractmethod
     def LoadPolicy(

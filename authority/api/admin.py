@@ -30,6 +30,7 @@ from authority.api.convert import (
 from authority.api.revocations import RevocationFeed
 from authority.api.status import REASON_KEY, rpc, rpc_stream
 from authority.attestation import parse_config
+from authority.console.server import ConsoleServer
 from authority.errors import FailedPrecondition, InvalidArgument
 from authority.exchange import ExchangeService
 from authority.metrics import METRICS
@@ -51,8 +52,11 @@ class AdminService(pb_grpc.AdminServicer):
         exchange: ExchangeService,
         policy: PolicyAdmin,
         feed: RevocationFeed,
+        *,
+        console: ConsoleServer | None = None,
     ) -> None:
         self._authority = authority
+        self._console = console
         self._exchange = exchange
         self._policy = policy
         self._feed = feed
@@ -256,6 +260,21 @@ class AdminService(pb_grpc.AdminServicer):
     async def Deny(self, request: pb.DenyRequest, context: Context) -> pb.ApprovalInfo:
         approval = await self._exchange.deny(request.id, reason=request.reason)
         return approval_to_pb(approval, self._authority.now())
+
+    @rpc
+    async def CreateConsoleSignIn(
+        self, request: pb.CreateConsoleSignInRequest, context: Context
+    ) -> pb.ConsoleSignIn:
+        links = self._console.links if self._console is not None else None
+        if links is None:
+            raise FailedPrecondition(
+                "no console is served here (authority serve --console-listen)",
+                reason="NO_CONSOLE",
+            )
+        url, expires = await links.mint(
+            request.operator, seconds(request.ttl_seconds, self._limits, "ttl_seconds")
+        )
+        return pb.ConsoleSignIn(url=url, expires_at=int(expires.timestamp()))
 
     @rpc
     async def LoadPolicy(self, request: pb.LoadPolicyRequest, context: Context) -> pb.PolicyInfo:

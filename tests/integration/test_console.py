@@ -1,0 +1,429 @@
+"""The operators' console, in a real browser (Debian's Chromium, driven by Playwright) against
+the real server: sign-in links, approvals decided in the browser and collected by a real agent's
+Exchange, a task's trace with the chain verified, and the refusals, one test each.
+
+Screenshots go to a folder under pytest's tmp dir (printed), and to $AUTHORITY_TEST_ARTIFACTS
+when set."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import re
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+
+from authority._pb import authority_v1_authority_pb2 as pb
+from authority.errors import FailedPrecondition
+from authority.server import AuthorityServer
+from tests.helpers import Running, running_authority
+from tests.helpers import test_config as make_config
+from tests.integration.test_exchange import (
+    REPORTER,
+    Agent,
+    attest_agent,
+    claims_of,
+    load_agents_policy,
+)
+from tests.security._attack import assert_status, rpc_error
+
+CHROMIUM = Path("/usr/bin/chromium")
+OPERATOR = "alice"
+INJECTED = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
+
+
+def _chromium() -> Path:
+    if not CHROMIUM.exists():
+        pytest.fail(
+            f"the console's browser tests need Debian's Chromium at {CHROMIUM} "
+            "(apt-get install chromium); they are not skipped without it"
+        )
+    return CHROMIUM
+
+
+@contextlib.asynccontextmanager
+async def console_authority(
+    tmp_path: Path, socket_dir: Path, **console: object
+) -> AsyncIterator[Running]:
+    config = dataclasses.replace(
+        make_config(tmp_path / "data", socket_dir),
+        console_listen="127.0.0.1:0",
+        **console,  # type: ignore[arg-type]
+    )
+    async with running_authority(config) as running:
+        await load_agents_policy(running)
+        yield running
+
+
+def console_url(running: Running) -> str:
+    assert running.server.console is not None
+    return running.server.console.url
+
+
+async def sign_in_link(running: Running, operator: str = OPERATOR) -> str:
+    link = await running.admin().stub.CreateConsoleSignIn(
+        pb.CreateConsoleSignInRequest(operator=operator)
+    )
+    assert link.url.startswith(console_url(running) + "/signin?code=")
+    return link.url
+
+
+async def pending_approval(agent: Agent, task_id: str, **kwargs: object) -> str:
+    response = await agent.exchange(
+        "deploy",
+        "deploy/production",
+        "deployer",
+        task_id=task_id,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    assert response.WhichOneof("result") == "pending", response
+    return response.pending.id
+
+
+def screenshots_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "screenshots"
+    folder.mkdir(exist_ok=True)
+    print(f"console screenshots: {folder}")
+    return folder
+
+
+def publish(shot: Path) -> None:
+    target = os.environ.get("AUTHORITY_TEST_ARTIFACTS")
+    if target:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(target) / shot.name)
+
+
+# --- in the browser ------------------------------------------------------------------------------
+
+
+async def test_operator_signs_in_approves_denies_and_reads_the_trace(
+    tmp_path: Path, socket_dir: Path
+) -> None:
+    from playwright.async_api import async_playwright, expect
+
+    shots = screenshots_dir(tmp_path)
+    async with console_authority(tmp_path, socket_dir) as running, async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=str(_chromium()))
+        try:
+            context = await browser.new_context(ignore_https_errors=True)
+            page = await context.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+
+            link = await sign_in_link(running)
+            await page.goto(link)
+            await page.click("#signin")
+            await expect(page).to_have_url(f"{console_url(running)}/approvals")
+            await expect(page.locator("header .who")).to_contain_text(f"signed in as {OPERATOR}")
+
+            # The same link, a second time (another browser context: no session to reuse).
+            other = await (await browser.new_context(ignore_https_errors=True)).new_page()
+            await other.goto(link)
+            await other.click("#signin")
+            await expect(other.locator("#message")).to_contain_text("already used")
+
+            # A real agent: an earlier step in the task, then a production deploy (pending).
+            agent = await attest_agent(running, REPORTER, tmp_path / "reporter")
+            task = "t-console"
+            await agent.token("read", "metrics/prod", "metrics-api", task_id=task)
+            approval_id = await pending_approval(agent, task, parameters={"change": "42"})
+
+            # The open list shows it without a reload (the console's script polls).
+            row = page.locator(f'tr.approval[data-id="{approval_id}"]')
+            await expect(row).to_be_visible(timeout=10_000)
+            await expect(row).to_contain_text(REPORTER)
+            await page.screenshot(path=shots / "console-approvals.png", full_page=True)
+
+            await row.get_by_role("link", name="Review").click()
+            await expect(page.locator("#principal")).to_have_text(REPORTER)
+            facts = page.locator("dl.facts")
+            await expect(facts).to_contain_text("join_token")  # how it attested
+            await expect(facts).to_contain_text("agents-deploy-production")  # the rule
+            await expect(facts).to_contain_text("ab" * 32)  # the prompt digest
+            await expect(facts).to_contain_text("metrics.query")  # the tool
+            await expect(facts).to_contain_text("test-model")
+            await expect(page.locator("#parameters")).to_contain_text("42")
+            await expect(page.locator("ol.timeline")).to_contain_text("task_token.issued")
+            await expect(page.locator(".countdown")).to_contain_text("m")
+            await page.screenshot(path=shots / "console-approval.png", full_page=True)
+
+            await page.select_option("select[name=minutes]", "10")
+            await page.fill("input[name=note]", "change 42")
+            await page.click("#approve")
+            await expect(page.locator("#state")).to_have_text("approved")
+            await expect(page.locator("#decided-by")).to_have_text(OPERATOR)
+
+            # The agent collects its token, once, living no longer than the 10 minutes.
+            collected = await agent.exchange(
+                "deploy",
+                "deploy/production",
+                "deployer",
+                task_id=task,
+                approval_id=approval_id,
+                parameters={"change": "42"},
+            )
+            assert collected.WhichOneof("result") == "token", collected
+            claims = claims_of(collected.token.token)
+            assert claims["exp"] - claims["iat"] <= 600
+
+            # Another request, denied in the browser; the agent is refused with it.
+            second = await pending_approval(agent, task, purpose="ship fix 43")
+            await page.goto(f"{console_url(running)}/approvals/{second}")
+            await page.fill("input[name=reason]", "not during the freeze")
+            await page.click("#deny")
+            await expect(page.locator("#state")).to_have_text("denied")
+            refused = await rpc_error(
+                agent.exchange(
+                    "deploy",
+                    "deploy/production",
+                    "deployer",
+                    task_id=task,
+                    approval_id=second,
+                    purpose="ship fix 43",
+                )
+            )
+            assert_status(refused, grpc.StatusCode.PERMISSION_DENIED, "APPROVAL_DENIED")
+
+            # The task's trace: every step, and the chain verified.
+            await page.goto(f"{console_url(running)}/tasks/{task}")
+            await expect(page.locator("#chain")).to_contain_text("chain verified")
+            steps = page.locator("#timeline li.step .kind")
+            kinds = await steps.all_inner_texts()
+            for kind in (
+                "policy.decided",
+                "task_token.issued",
+                "approval.requested",
+                "approval.approved",
+                "approval.denied",
+            ):
+                assert kind in kinds, kinds
+            assert kinds.count("task_token.issued") == 2, kinds
+            await page.screenshot(path=shots / "console-task-trace.png", full_page=True)
+
+            await page.goto(f"{console_url(running)}/trust")
+            await expect(page.locator("main")).to_contain_text("tests: ")
+            await page.screenshot(path=shots / "console-trust.png", full_page=True)
+            assert not errors, errors
+        finally:
+            await browser.close()
+        # Recorded as the operator who signed in, in the approvals and in the audit chain.
+        listed = await running.admin().stub.ListApprovals(pb.ListApprovalsRequest(all=True))
+        decided_by = {a.id: a.decided_by for a in listed.approvals}
+        assert decided_by[approval_id] == decided_by[second] == OPERATOR
+        records = await running.server.authority.audit_records(task_ids=[task])  # type: ignore[union-attr]
+        actors = {r.kind: r.actor for r in records}
+        assert actors["approval.approved"] == actors["approval.denied"] == OPERATOR
+    for shot in sorted(shots.iterdir()):
+        publish(shot)
+
+
+async def test_agent_supplied_markup_is_shown_as_text_and_never_runs(
+    tmp_path: Path, socket_dir: Path
+) -> None:
+    from playwright.async_api import async_playwright, expect
+
+    async with console_authority(tmp_path, socket_dir) as running, async_playwright() as pw:
+        agent = await attest_agent(running, REPORTER, tmp_path / "reporter")
+        approval_id = await pending_approval(
+            agent, "t-inject", purpose=INJECTED, parameters={"note": INJECTED}
+        )
+        browser = await pw.chromium.launch(executable_path=str(_chromium()))
+        try:
+            page = await (await browser.new_context(ignore_https_errors=True)).new_page()
+            dialogs: list[str] = []
+            page.on("dialog", lambda d: dialogs.append(d.message))
+            await page.goto(await sign_in_link(running))
+            await page.click("#signin")
+            row = page.locator(f'tr.approval[data-id="{approval_id}"]')
+            await expect(row.locator(".purpose")).to_have_text(INJECTED)
+            await page.goto(f"{console_url(running)}/approvals/{approval_id}")
+            await expect(page.locator("#purpose")).to_have_text(INJECTED)
+            await expect(page.locator("#parameters")).to_contain_text(INJECTED)
+            assert await page.locator("main script").count() == 0
+            assert await page.locator("main img").count() == 0
+            assert await page.evaluate("window.__pwned") is None
+            await page.goto(f"{console_url(running)}/tasks/t-inject")
+            assert await page.evaluate("window.__pwned") is None
+            assert not dialogs
+        finally:
+            await browser.close()
+
+
+# --- refusals, over plain HTTP requests -----------------------------------------------------------
+
+
+def _client() -> httpx.AsyncClient:
+    return httpx.AsyncClient(verify=False, follow_redirects=False)  # noqa: S501 - own cert
+
+
+async def _signed_in(running: Running, client: httpx.AsyncClient) -> tuple[str, str]:
+    """(cookie header value, the session's CSRF token), signed in with a fresh link."""
+    link = await sign_in_link(running)
+    code = link.split("code=", 1)[1]
+    base = console_url(running)
+    response = await client.post(f"{base}/signin", data={"code": code}, headers={"origin": base})
+    assert response.status_code == 303, response.text
+    cookie = response.headers["set-cookie"]
+    for attribute in ("HttpOnly", "Secure", "SameSite=strict", "Path=/"):
+        assert attribute.lower() in cookie.lower(), cookie
+    assert cookie.startswith("__Host-console=")
+    pair = cookie.split(";", 1)[0]
+    page = await client.get(f"{base}/approvals", headers={"cookie": pair})
+    assert page.status_code == 200
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert csrf is not None
+    return pair, csrf.group(1)
+
+
+async def test_no_session_is_refused(tmp_path: Path, socket_dir: Path) -> None:
+    async with console_authority(tmp_path, socket_dir) as running, _client() as client:
+        base = console_url(running)
+        for path in ("/approvals", "/approvals/apr-x", "/tasks/t1", "/trust"):
+            response = await client.get(base + path)
+            assert response.status_code == 401, path
+            assert "Sign in" in response.text
+            assert "script-src 'self'" in response.headers["content-security-policy"]
+            assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+            assert response.headers["x-frame-options"] == "DENY"
+        agent = await attest_agent(running, REPORTER, tmp_path / "reporter")
+        approval_id = await pending_approval(agent, "t-nosession")
+        response = await client.post(
+            f"{base}/approvals/{approval_id}/approve",
+            data={"minutes": "10", "csrf": "x"},
+            headers={"origin": base},
+        )
+        assert response.status_code == 401
+        await _still_pending(running, approval_id)
+
+
+async def _still_pending(running: Running, approval_id: str) -> None:
+    listed = await running.admin().stub.ListApprovals(pb.ListApprovalsRequest(all=True))
+    states = {a.id: a.state for a in listed.approvals}
+    assert states[approval_id] == "pending", states
+
+
+async def test_an_expired_session_is_refused(tmp_path: Path, socket_dir: Path) -> None:
+    import asyncio
+    import datetime as dt
+
+    async with (
+        console_authority(
+            tmp_path, socket_dir, console_session_ttl=dt.timedelta(seconds=2)
+        ) as running,
+        _client() as client,
+    ):
+        cookie, _ = await _signed_in(running, client)  # usable at first (checked there)
+        base = console_url(running)
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            response = await client.get(f"{base}/approvals", headers={"cookie": cookie})
+            if response.status_code == 401:
+                break
+            assert response.status_code == 200
+            assert asyncio.get_running_loop().time() < deadline, "the session never expired"
+            await asyncio.sleep(0.2)
+        assert "Sign in" in response.text
+
+
+async def test_a_forged_cookie_is_refused(tmp_path: Path, socket_dir: Path) -> None:
+    async with console_authority(tmp_path, socket_dir) as running, _client() as client:
+        cookie, _ = await _signed_in(running, client)
+        base = console_url(running)
+        name, value = cookie.split("=", 1)
+        for forged in (f"{name}={value[:-2]}xx", f"{name}=admin", f"{name}="):
+            response = await client.get(f"{base}/approvals", headers={"cookie": forged})
+            assert response.status_code == 401, forged
+
+
+async def test_a_cookie_replayed_after_sign_out_is_refused(
+    tmp_path: Path, socket_dir: Path
+) -> None:
+    async with console_authority(tmp_path, socket_dir) as running, _client() as client:
+        cookie, csrf = await _signed_in(running, client)
+        base = console_url(running)
+        out = await client.post(
+            f"{base}/signout", data={"csrf": csrf}, headers={"cookie": cookie, "origin": base}
+        )
+        assert out.status_code == 303
+        response = await client.get(f"{base}/approvals", headers={"cookie": cookie})
+        assert response.status_code == 401
+
+
+async def test_a_post_without_the_csrf_token_is_refused(tmp_path: Path, socket_dir: Path) -> None:
+    async with console_authority(tmp_path, socket_dir) as running, _client() as client:
+        cookie, csrf = await _signed_in(running, client)
+        base = console_url(running)
+        agent = await attest_agent(running, REPORTER, tmp_path / "reporter")
+        approval_id = await pending_approval(agent, "t-csrf")
+        url = f"{base}/approvals/{approval_id}/approve"
+        for form in ({"minutes": "10"}, {"minutes": "10", "csrf": csrf[:-1] + "A"}):
+            response = await client.post(url, data=form, headers={"cookie": cookie, "origin": base})
+            assert response.status_code == 403, form
+        await _still_pending(running, approval_id)
+        # The same form with its token goes through: the refusals above were the token's.
+        done = await client.post(
+            url, data={"minutes": "10", "csrf": csrf}, headers={"cookie": cookie, "origin": base}
+        )
+        assert done.status_code == 303
+
+
+async def test_a_post_from_another_origin_is_refused(tmp_path: Path, socket_dir: Path) -> None:
+    async with console_authority(tmp_path, socket_dir) as running, _client() as client:
+        cookie, csrf = await _signed_in(running, client)
+        base = console_url(running)
+        agent = await attest_agent(running, REPORTER, tmp_path / "reporter")
+        approval_id = await pending_approval(agent, "t-origin")
+        url = f"{base}/approvals/{approval_id}/approve"
+        form = {"minutes": "10", "csrf": csrf}
+        for headers in (
+            {"origin": "https://evil.example"},
+            {},  # no Origin at all
+            {"origin": base, "sec-fetch-site": "cross-site"},
+            {"origin": "null"},
+        ):
+            response = await client.post(url, data=form, headers={"cookie": cookie, **headers})
+            assert response.status_code == 403, headers
+        await _still_pending(running, approval_id)
+
+
+async def test_plain_http_beyond_loopback_is_refused_at_start(
+    tmp_path: Path, socket_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = dataclasses.replace(
+        make_config(tmp_path / "data", socket_dir),
+        console_listen="0.0.0.0:0",
+        console_plain_http=True,
+    )
+    server = AuthorityServer(config)
+    with pytest.raises(FailedPrecondition) as refused:
+        await server.start()
+    await server.stop(grace=0)
+    assert refused.value.reason == "CONSOLE_PLAIN_HTTP"
+    assert not (tmp_path / "data").exists()  # refused before anything was created
+    # Explicitly allowed: it serves, with a loud warning.
+    allowed = dataclasses.replace(config, console_allow_plain_http=True)
+    with caplog.at_level(logging.WARNING, logger="authority.console.server"):
+        async with running_authority(allowed) as running, _client() as client:
+            url = console_url(running)
+            assert url.startswith("http://")
+            response = await client.get(url + "/approvals")
+            assert response.status_code == 401
+    assert any("CONSOLE WITHOUT TLS" in r.getMessage() for r in caplog.records)
+
+
+async def test_console_login_needs_a_console(tmp_path: Path, socket_dir: Path) -> None:
+    async with running_authority(make_config(tmp_path / "data", socket_dir)) as running:
+        err = await rpc_error(
+            running.admin().stub.CreateConsoleSignIn(
+                pb.CreateConsoleSignInRequest(operator=OPERATOR)
+            )
+        )
+        assert_status(err, grpc.StatusCode.FAILED_PRECONDITION, "NO_CONSOLE")
