@@ -326,7 +326,9 @@ class HttpTransport:
     async def post(
         self, url: str, headers: Sequence[tuple[str, str]], body: bytes, time_limit: float
     ) -> Answer:
-        sent = [(k.encode(), v.encode()) for k, v in headers]
+        host = urllib.parse.urlsplit(url).netloc  # no user:password@ (config refuses one)
+        sent = [(b"host", host.encode("idna"))]
+        sent += [(k.encode(), v.encode()) for k, v in headers]
         sent += [(b"content-length", str(len(body)).encode()), (b"user-agent", _USER_AGENT)]
         request = httpcore2.Request(
             "POST",
