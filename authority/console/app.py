@@ -10,12 +10,12 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from cryptography import x509
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -28,7 +28,6 @@ from authority.console.auth import ConsoleAuth, Operator, Session
 from authority.console.views import ConsoleData, human_seconds
 from authority.errors import AuthorityError
 from authority.httpserve import peer_certificate_der
-from authority.ids import SpiffeId
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +119,18 @@ class Console:
         html = template.render(session=session, console_url=self.public_url, **values)
         return HTMLResponse(html, status_code=status)
 
-    def _session(self, request: Request) -> Session | None:
+    async def _session(self, request: Request) -> Session | None:
         session = self.auth.session(request.cookies.get(self.cookie, ""))
         if session is None:
             return None
         if session.operator.how == "certificate":
-            # A certificate's session holds only on a connection presenting that certificate.
+            # A certificate's session holds only on a connection presenting that certificate,
+            # and only while it is still an operator's (revoked, entry deleted or no longer
+            # admin: refused at the next request).
             der = peer_certificate_der(request.scope) or b""
             if hashlib.sha256(der).hexdigest() != session.operator.cert_sha256:
+                return None
+            if await self._operator_certificate(der) != session.operator.name:
                 return None
         return session
 
@@ -151,7 +154,7 @@ class Console:
             return self.render(
                 "error.html", None, status=403, message="Cross-origin request refused."
             )
-        session = self._session(request)
+        session = await self._session(request)
         if session is None:
             return self._refuse_signin(request, "Sign in first.")
         form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
@@ -220,7 +223,7 @@ class Console:
                 "error.html", None, status=403, message="Cross-origin request refused."
             )
         der = peer_certificate_der(request.scope)
-        spiffe_id = self._operator_certificate(der)
+        spiffe_id = await self._operator_certificate(der)
         if der is None or spiffe_id is None:
             return self._refuse_signin(
                 request, "No certificate of an operator entry was presented on this connection."
@@ -228,26 +231,23 @@ class Console:
         operator = Operator(spiffe_id, "certificate", hashlib.sha256(der).hexdigest())
         return await self._signed_in(operator)
 
-    def _operator_certificate(self, der: bytes | None) -> str | None:
-        """The SPIFFE ID of a verified client certificate naming an admin-marked entry's ID."""
+    async def _operator_certificate(self, der: bytes | None) -> str | None:
+        """The SPIFFE ID of the connection's client certificate (TLS verified it against the
+        bundle) when it is an X.509-SVID the authority stands behind (``authenticate``: issued
+        here, valid now, its entry and attestor still there, nothing revoked) under an entry
+        marked admin (``entry create --admin``)."""
         if not der:
             return None
+        pem = ssl.DER_cert_to_PEM_cert(der).encode()
         try:
-            cert = x509.load_der_x509_certificate(der)
-            sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
-            if len(uris) != 1:
-                return None
-            spiffe_id = SpiffeId.parse(uris[0])
-        except (ValueError, x509.ExtensionNotFound, AuthorityError):
+            caller = await self.data.authority.authenticate(pem)
+        except AuthorityError as exc:
+            log.warning("console: a client certificate was refused: %s", exc.reason)
             return None
-        now = self.data.now()
-        if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
+        if not caller.identity.admin:
+            log.warning("console: %s is not an operator (its entry is not admin)", caller.spiffe_id)
             return None
-        operators = {e.spiffe_id.uri for e in self.data.authority.list_entries() if e.admin}
-        if spiffe_id.uri not in operators:
-            return None
-        return spiffe_id.uri
+        return caller.spiffe_id.uri
 
     async def signout(self, request: Request) -> Response:
         guarded = await self._guarded_post(request)
@@ -262,14 +262,14 @@ class Console:
 
     # --- pages ----------------------------------------------------------------------------
 
-    def _page(self, request: Request) -> Session | Response:
-        session = self._session(request)
+    async def _page(self, request: Request) -> Session | Response:
+        session = await self._session(request)
         if session is None:
             return self._refuse_signin(request, "Sign in to use the console.")
         return session
 
     async def approvals(self, request: Request) -> Response:
-        session = self._page(request)
+        session = await self._page(request)
         if isinstance(session, Response):
             return session
         pending, decided = await self.data.approvals()
@@ -277,7 +277,7 @@ class Console:
         return self.render(name, session, pending=pending, decided=decided)
 
     async def approval(self, request: Request) -> Response:
-        session = self._page(request)
+        session = await self._page(request)
         if isinstance(session, Response):
             return session
         view = await self.data.approval(request.path_params["approval_id"])
@@ -339,7 +339,7 @@ class Console:
         return await self._decide(request, act)
 
     async def task(self, request: Request) -> Response:
-        session = self._page(request)
+        session = await self._page(request)
         if isinstance(session, Response):
             return session
         task_id = request.path_params["task_id"]
@@ -353,7 +353,7 @@ class Console:
         )
 
     async def trust(self, request: Request) -> Response:
-        session = self._page(request)
+        session = await self._page(request)
         if isinstance(session, Response):
             return session
         return self.render("trust.html", session, **await self.data.trust_domain())

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -427,3 +428,77 @@ async def test_console_login_needs_a_console(tmp_path: Path, socket_dir: Path) -
             )
         )
         assert_status(err, grpc.StatusCode.FAILED_PRECONDITION, "NO_CONSOLE")
+
+
+# --- operators by certificate ------------------------------------------------------------------
+
+BOB = "spiffe://example.org/operator/bob"
+
+
+async def _operator_svid(running: Running, spiffe_id: str, folder: Path, *, admin: bool) -> None:
+    """An X.509-SVID for ``spiffe_id`` under an entry marked admin (or not)."""
+    await running.admin().stub.CreateEntry(
+        pb.CreateEntryRequest(
+            spiffe_id=spiffe_id,
+            selectors=[pb.Selector(type="join_token", value=f"spiffe_id:{spiffe_id}")],
+            admin=admin,
+        )
+    )
+    await running.attested(spiffe_id, folder)
+
+
+def _cert_client(folder: Path) -> httpx.AsyncClient:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the console's own certificate: not under test here
+    context.load_cert_chain(folder / "svid.pem", folder / "svid.key")
+    return httpx.AsyncClient(verify=context, follow_redirects=False)
+
+
+async def test_an_operator_entry_signs_in_with_its_certificate(
+    tmp_path: Path, socket_dir: Path
+) -> None:
+    async with console_authority(tmp_path, socket_dir) as running:
+        base = console_url(running)
+        await _operator_svid(running, BOB, tmp_path / "bob", admin=True)
+        agent = await attest_agent(running, REPORTER, tmp_path / "reporter")
+        approval_id = await pending_approval(agent, "t-cert")
+        async with _cert_client(tmp_path / "bob") as client, _client() as bare:
+            signed = await client.post(f"{base}/signin/certificate", headers={"origin": base})
+            assert signed.status_code == 303, signed.text
+            cookie = signed.headers["set-cookie"].split(";", 1)[0]
+            page = await client.get(f"{base}/approvals", headers={"cookie": cookie})
+            assert page.status_code == 200
+            assert BOB in page.text
+            csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+            assert csrf is not None
+            # The session holds only on a connection presenting that certificate.
+            stolen = await bare.get(f"{base}/approvals", headers={"cookie": cookie})
+            assert stolen.status_code == 401
+            done = await client.post(
+                f"{base}/approvals/{approval_id}/approve",
+                data={"minutes": "5", "csrf": csrf.group(1)},
+                headers={"cookie": cookie, "origin": base},
+            )
+            assert done.status_code == 303
+            listed = await running.admin().stub.ListApprovals(pb.ListApprovalsRequest(all=True))
+            assert {a.id: a.decided_by for a in listed.approvals}[approval_id] == BOB
+            # Revoked, the certificate no longer holds the session.
+            await running.admin().stub.Revoke(
+                pb.RevokeRequest(kind="subject", target=BOB, reason="left the team")
+            )
+            after = await client.get(f"{base}/approvals", headers={"cookie": cookie})
+            assert after.status_code == 401
+
+
+async def test_a_certificate_of_an_entry_not_marked_admin_is_refused(
+    tmp_path: Path, socket_dir: Path
+) -> None:
+    async with console_authority(tmp_path, socket_dir) as running:
+        base = console_url(running)
+        carol = "spiffe://example.org/operator/carol"
+        await _operator_svid(running, carol, tmp_path / "carol", admin=False)
+        async with _cert_client(tmp_path / "carol") as client:
+            refused = await client.post(f"{base}/signin/certificate", headers={"origin": base})
+            assert refused.status_code == 401
+            assert "set-cookie" not in refused.headers
