@@ -24,8 +24,8 @@ import pytest
 
 from authority import notify
 from authority._pb import authority_v1_authority_pb2 as pb
-from authority.config import WebhookConfig
-from tests.helpers import Running, running_authority
+from authority.config import Config, StoreConfig, WebhookConfig
+from tests.helpers import Running, running_authority, short_socket_dir
 from tests.helpers import test_config as config_in
 from tests.integration.test_exchange import REPORTER, attest_agent, load_agents_policy
 
@@ -273,3 +273,50 @@ async def test_a_pending_approval_is_posted_to_every_webhook(
     assert SECRET not in logged
     assert token not in logged
     assert "hunter2" not in logged
+
+
+# --- replicas: the one that created the approval posts it, once --------------------------------
+
+
+async def test_with_replicas_only_the_creating_one_notifies(
+    pg_url: str, tmp_path: Path, hooks: Receiver
+) -> None:
+    def replica(name: str) -> Config:
+        sockets = short_socket_dir()
+        return dataclasses.replace(
+            config_in(tmp_path / name / "data", sockets),
+            store=StoreConfig(url=pg_url, replica=name),
+            console_url=CONSOLE,
+            # Both replicas post to the same receiver: a second post of an approval would show.
+            webhooks=(WebhookConfig(url=hooks.url("/generic")),),
+        )
+
+    async with (
+        running_authority(replica("ra"), sleep=quick) as a,
+        running_authority(replica("rb"), sleep=quick) as b,
+    ):
+        before = notify.stats()
+        pending = []
+        for running, folder in ((a, "agent-a"), (b, "agent-b")):
+            await load_agents_policy(running)
+            agent = await attest_agent(running, REPORTER, tmp_path / folder)
+            response = await agent.exchange("deploy", "deploy/production", "deployer")
+            assert response.WhichOneof("result") == "pending"
+            pending.append(response.pending.id)
+        # Both replicas see every approval (one database); only its creator posts it.
+        for running in (a, b):
+            listed = await running.admin().stub.ListApprovals(pb.ListApprovalsRequest())
+            assert set(pending) <= {x.id for x in listed.approvals}
+
+        def posted() -> list[str]:
+            return [json.loads(r.body)["approval"]["id"] for r in hooks.on("/generic")]
+
+        await until(lambda: set(posted()) == set(pending), "both approvals posted")
+        await until(
+            lambda: notify.stats()["delivered"] - before["delivered"] == 2, "two deliveries"
+        )
+        # Each once: the hook is in the Exchange that created it, not on the store's changes
+        # (replica B, which saw A's approval in the database before creating its own, and
+        # posted its own, posted nothing of A's).
+        assert sorted(posted()) == sorted(pending)
+        assert notify.stats()["delivered"] - before["delivered"] == 2
