@@ -32,7 +32,9 @@ def digest(secret: str) -> str:
 def check_operator_name(name: str) -> str:
     """An operator's name as given to ``console login --operator``: what approvals record."""
     if not 1 <= len(name) <= 64 or not set(name) <= _OPERATOR_CHARS:
-        raise ValueError("an operator name is 1-64 of letters, digits and . _ @ -")
+        raise InvalidArgument(
+            "an operator name is 1-64 of letters, digits and . _ @ -", reason="BAD_OPERATOR"
+        )
     return name
 
 

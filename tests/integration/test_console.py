@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import ssl
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,7 +25,14 @@ import pytest
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority.errors import FailedPrecondition
 from authority.server import AuthorityServer
-from tests.helpers import Running, running_authority
+from tests.helpers import (
+    Running,
+    authority_command,
+    free_port,
+    running_authority,
+    serve_process,
+    short_socket_dir,
+)
 from tests.helpers import test_config as make_config
 from tests.integration.test_exchange import (
     REPORTER,
@@ -502,3 +510,59 @@ async def test_a_certificate_of_an_entry_not_marked_admin_is_refused(
             refused = await client.post(f"{base}/signin/certificate", headers={"origin": base})
             assert refused.status_code == 401
             assert "set-cookie" not in refused.headers
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+def test_serve_with_a_console_and_console_login(tmp_path: Path) -> None:
+    port = free_port()
+    base = f"https://127.0.0.1:{port}"
+    with serve_process(tmp_path / "data", "--console-listen", f"127.0.0.1:{port}") as served:
+        url = served.cli("console", "login", "--operator", "dana").stdout.strip()
+        assert url.startswith(f"{base}/signin?code="), url
+        code = url.split("code=", 1)[1]
+        with httpx.Client(verify=False, follow_redirects=False) as client:  # noqa: S501
+            form = {"code": code}
+            first = client.post(f"{base}/signin", data=form, headers={"origin": base})
+            assert first.status_code == 303
+            cookie = first.headers["set-cookie"].split(";", 1)[0].split("=", 1)[1]
+            again = client.post(f"{base}/signin", data=form, headers={"origin": base})
+            assert again.status_code == 401
+        log = served.log()
+        assert f"console serving: {base}" in log
+        assert code not in log
+        assert cookie not in log
+        refused = served.cli("console", "login", "--operator", "<script>", check=False)
+        assert refused.returncode != 0
+        assert "operator name" in refused.stderr
+
+
+def test_serve_refuses_a_plain_http_console_beyond_loopback(tmp_path: Path) -> None:
+    socket_dir = short_socket_dir()
+    try:
+        result = subprocess.run(
+            [
+                *authority_command(),
+                "serve",
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--listen",
+                f"127.0.0.1:{free_port()}",
+                "--listen-mtls",
+                f"127.0.0.1:{free_port()}",
+                "--admin-socket",
+                str(socket_dir / "admin.sock"),
+                "--console-listen",
+                f"0.0.0.0:{free_port()}",
+                "--console-plain-http",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        shutil.rmtree(socket_dir, ignore_errors=True)
+    assert result.returncode != 0
+    assert "console_allow_plain_http" in result.stderr, result.stderr
