@@ -387,8 +387,11 @@ def load_webhooks(config: Config, environ: Mapping[str, str] = os.environ) -> li
     for i, entry in enumerate(config.webhooks):
         secret: bytes | None = None
         if entry.secret_file is not None:
-            secret = Path(entry.secret_file).read_bytes().strip()
+            path = Path(entry.secret_file)
+            secret = path.read_bytes().strip()
             where = f"webhooks[{i}].secret_file"
+            if path.stat().st_mode & 0o077:
+                log.warning("%s: %s is readable by others than its owner (chmod 600)", where, path)
         elif entry.secret_env:
             secret = environ.get(entry.secret_env, "").strip().encode()
             where = f"webhooks[{i}].secret_env ({entry.secret_env})"

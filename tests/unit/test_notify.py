@@ -3,11 +3,14 @@ the queue bound, and the webhook URL rules (authority.config)."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import logging
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 
@@ -418,7 +421,7 @@ def test_bad_webhook_entries_are_refused(entry: dict[str, object]) -> None:
         Config.from_mapping({"webhooks": [entry]})
 
 
-def test_secrets_are_read_at_start(tmp_path: object) -> None:
+def test_secrets_are_read_at_start() -> None:
     config = Config.from_mapping(
         {"webhooks": [{"url": "https://h.example.com/", "secret_env": "HOOK_SECRET"}]}
     )
@@ -426,3 +429,92 @@ def test_secrets_are_read_at_start(tmp_path: object) -> None:
     assert hook.secret == b"s3"
     with pytest.raises(ValueError, match="empty"):
         notify.load_webhooks(config, {})
+
+
+def test_a_secret_file_others_can_read_is_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s3\n")
+    secret.chmod(0o600)
+    config = Config.from_mapping(
+        {"webhooks": [{"url": "https://h.example.com/", "secret_file": str(secret)}]}
+    )
+    with caplog.at_level(logging.WARNING, logger="authority.notify"):
+        (hook,) = notify.load_webhooks(config, {})
+        assert hook.secret == b"s3"
+        assert not caplog.records
+        secret.chmod(0o644)
+        notify.load_webhooks(config, {})
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "chmod 600" in line
+    assert "s3" not in line.replace(str(secret), "")
+
+
+# --- the job ------------------------------------------------------------------------------------
+
+
+class Gated(Scripted):
+    """Answers 200 once the test opens the gate; counts the posts in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.in_flight = 0
+        self.most = 0
+
+    async def post(
+        self, url: str, headers: Sequence[tuple[str, str]], body: bytes, time_limit: float
+    ) -> Answer:
+        self.sent.append((url, dict(headers), body))
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            await self.gate.wait()
+        finally:
+            self.in_flight -= 1
+        return Answer(200)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        await asyncio.sleep(0.01)
+
+
+async def test_the_job_sends_at_most_max_in_flight_at_once() -> None:
+    transport = Gated()
+    hook = Webhook(WebhookConfig(url="https://hooks.example.com/x"))
+    n = Notifier(
+        [hook], console_url="", clock=FakeClock(START), transport=transport, max_in_flight=2
+    )
+    for i in range(5):
+        n.approval_requested(approval(f"apr-{i}"), INTENT, DECISION)
+    before = notify.stats()
+    job = asyncio.create_task(n.run())
+    await until(lambda: transport.in_flight == 2)
+    assert n.queued == 3  # the rest wait for a slot
+    transport.gate.set()
+    await until(lambda: notify.stats()["delivered"] - before["delivered"] == 5)
+    assert transport.most == 2
+    assert [json.loads(b)["approval"]["id"] for _, _, b in transport.sent] == [
+        f"apr-{i}" for i in range(5)
+    ]
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+
+
+async def test_stopping_the_job_cancels_the_deliveries_under_way() -> None:
+    transport = Gated()
+    hook = Webhook(WebhookConfig(url="https://hooks.example.com/x"))
+    n = Notifier([hook], console_url="", clock=FakeClock(START), transport=transport)
+    n.approval_requested(approval(), INTENT, DECISION)
+    job = asyncio.create_task(n.run())
+    await until(lambda: transport.in_flight == 1)
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    assert transport.in_flight == 0  # cancelled, not left running
