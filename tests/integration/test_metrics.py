@@ -26,6 +26,7 @@ from tests.helpers import (
     wait_until,
 )
 from tests.integration.test_exchange import POLICIES, Agent
+from tests.unit.test_grafana_dashboard import queried_metrics
 
 TD = "example.org"
 REPORTER = f"spiffe://{TD}/agent/reporter"
@@ -232,7 +233,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_agent_metrics_healthcheck_and_the_metrics_command(tmp_path: Path) -> None:
     """The node agent's /metrics shows its SVID's expiry and what it holds; the authority's
-    shows the agent's revocation subscription and, after a revoke, its delivery lag;
+    shows the agent's revocation subscription and, after a revoke, its delivery lag; every
+    metric the Grafana dashboard queries is in one or the other;
     ``authority healthcheck`` is 0 against both while they serve and 1 once they are gone;
     ``authority metrics`` prints a few lines per family."""
     socket_dir = short_socket_dir()
@@ -308,6 +310,10 @@ def test_agent_metrics_healthcheck_and_the_metrics_command(tmp_path: Path) -> No
                 assert (agent_ok.returncode, agent_ok.stdout) == (0, "SERVING\n")
                 server_ok = _cli("healthcheck", "--admin-socket", str(served.admin_socket))
                 assert (server_ok.returncode, server_ok.stdout) == (0, "SERVING\n")
+
+                exposed = {name for name, _ in scrape(server_url)} | {name for name, _ in series}
+                missing = queried_metrics() - exposed
+                assert not missing, f"the dashboard queries metrics nobody exposes: {missing}"
 
                 shown = _cli("metrics", "--url", server_url)
                 assert shown.returncode == 0, shown.stderr
