@@ -338,6 +338,18 @@ class Approval:
 
 
 @dataclass(frozen=True, slots=True)
+class HeldSvid:
+    """A live X.509-SVID the authority signed for a node agent's workload (the operators'
+    console shows what each agent holds). ``signed_at`` is notAfter less the identity's TTL."""
+
+    agent: str  # the node agent's SPIFFE ID
+    spiffe_id: str
+    serial: str
+    signed_at: dt.datetime
+    not_after: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
 class TaskRecord:
     task_id: str
     principal: str

@@ -11,7 +11,7 @@ from typing import Any
 from authority.audit import AuditRecord, Verification, verify_chain
 from authority.bundle import parse_jwks
 from authority.exchange import ExchangeService
-from authority.models import Approval
+from authority.models import Approval, HeldSvid
 from authority.policy_admin import PolicyAdmin
 from authority.service import Authority
 from authority.store import Store
@@ -167,22 +167,40 @@ class ConsoleData:
         authority = self.authority
         now = self.now()
         entries = sorted(authority.list_entries(), key=lambda e: e.spiffe_id.uri)
-        parents: dict[str, list[str]] = {}
+        agents: dict[str, NodeAgentView] = {}
         for entry in entries:
             if entry.parent_id is not None:
-                parents.setdefault(entry.parent_id.uri, []).append(entry.spiffe_id.uri)
+                agent = agents.setdefault(entry.parent_id.uri, NodeAgentView(entry.parent_id.uri))
+                agent.entries.append(entry.spiffe_id.uri)
+        for held in await self.store.node_svids(now):
+            agent = agents.setdefault(held.agent, NodeAgentView(held.agent))
+            agent.svids.append(held)
         revocations = await self.store.active_revocations(now)
         revocations.sort(key=lambda r: r.seq, reverse=True)
         return {
             "trust_domain": authority.trust_domain,
             "entries": entries,
-            "node_agents": sorted(parents.items()),
+            "node_agents": [agents[k] for k in sorted(agents)],
             "attestors": sorted(authority.attestors.instances(), key=lambda a: a.name),
             "keys": authority.ca.authorities(),
             "revocations": revocations[:50],
             "policy": self.policy.state(),
             "now": now,
         }
+
+
+@dataclass
+class NodeAgentView:
+    """A node agent as the store knows it: the entries it serves and the live SVIDs signed
+    for them (last seen: the latest signing)."""
+
+    spiffe_id: str
+    entries: list[str] = field(default_factory=list)
+    svids: list[HeldSvid] = field(default_factory=list)
+
+    @property
+    def last_seen(self) -> dt.datetime | None:
+        return max((s.signed_at for s in self.svids), default=None)
 
 
 def _first_seq(records: Sequence[AuditRecord], approval: Approval) -> int:

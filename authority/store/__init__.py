@@ -22,6 +22,7 @@ from authority.models import (
     Approval,
     AttestorInstance,
     AuthorityKeyInfo,
+    HeldSvid,
     Identity,
     IssuedX509,
     JoinToken,
@@ -128,6 +129,10 @@ class Store(Protocol):
         ...
 
     async def find_issued_x509(self, serial: str) -> tuple[IssuedX509, Identity] | None: ...
+
+    async def node_svids(self, now: dt.datetime) -> list[HeldSvid]:
+        """The live X.509-SVIDs signed for node agents' workloads, by agent."""
+        ...
 
     # --- attestor instances ---
     async def create_attestor(

@@ -31,6 +31,7 @@ from authority.models import (
     ApprovalState,
     AttestorInstance,
     AuthorityKeyInfo,
+    HeldSvid,
     Identity,
     IssuedX509,
     JoinToken,
@@ -837,6 +838,30 @@ class SqlStore:
 
     async def subjects_issued_through(self, agent: str, now: dt.datetime) -> list[str]:
         return await self._live_subjects("parent_id", agent, now)
+
+    async def node_svids(self, now: dt.datetime) -> list[HeldSvid]:
+        now_us = instant(now)
+
+        def job(tx: Tx) -> list[HeldSvid]:
+            rows = tx.all(
+                "SELECT i.parent_id, x.spiffe_id, x.serial, x.not_after_us, i.x509_ttl_us"
+                " FROM issued_x509 AS x JOIN identities AS i ON i.id = x.identity_id"
+                " WHERE i.parent_id != '' AND x.not_after_us > ?"
+                " ORDER BY i.parent_id, x.spiffe_id, x.not_after_us",
+                [now_us],
+            )
+            return [
+                HeldSvid(
+                    agent=row["parent_id"],
+                    spiffe_id=row["spiffe_id"],
+                    serial=row["serial"],
+                    signed_at=from_instant(int(row["not_after_us"]) - int(row["x509_ttl_us"])),
+                    not_after=from_instant(int(row["not_after_us"])),
+                )
+                for row in rows
+            ]
+
+        return await self._run(job)
 
     async def _live_subjects(
         self, column: Literal["attestor", "parent_id"], value: str, now: dt.datetime

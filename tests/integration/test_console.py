@@ -29,9 +29,11 @@ from tests.helpers import (
     Running,
     authority_command,
     free_port,
+    running_agent,
     running_authority,
     serve_process,
     short_socket_dir,
+    wait_held,
 )
 from tests.helpers import test_config as make_config
 from tests.integration.test_exchange import (
@@ -217,9 +219,6 @@ async def test_operator_signs_in_approves_denies_and_reads_the_trace(
             assert kinds.count("task_token.issued") == 2, kinds
             await page.screenshot(path=shots / "console-task-trace.png", full_page=True)
 
-            await page.goto(f"{console_url(running)}/trust")
-            await expect(page.locator("main")).to_contain_text("tests: ")
-            await page.screenshot(path=shots / "console-trust.png", full_page=True)
             assert not errors, errors
         finally:
             await browser.close()
@@ -566,3 +565,58 @@ def test_serve_refuses_a_plain_http_console_beyond_loopback(tmp_path: Path) -> N
         shutil.rmtree(socket_dir, ignore_errors=True)
     assert result.returncode != 0
     assert "console_allow_plain_http" in result.stderr, result.stderr
+
+
+# --- the trust domain ----------------------------------------------------------------------------
+
+NODE = "spiffe://example.org/node/node1"
+
+
+async def test_the_trust_domain_page(tmp_path: Path, socket_dir: Path) -> None:
+    from playwright.async_api import async_playwright, expect
+
+    shots = screenshots_dir(tmp_path)
+    async with (
+        console_authority(tmp_path, socket_dir) as running,
+        running_agent(running, socket_dir / "a.sock", tmp_path / "agent", NODE) as agent,
+        async_playwright() as pw,
+    ):
+        workload = "spiffe://example.org/svc/billing"
+        created = await running.admin().stub.CreateEntry(
+            pb.CreateEntryRequest(
+                spiffe_id=workload,
+                selectors=[pb.Selector(type="unix", value=f"uid:{os.getuid()}")],
+                parent_id=NODE,
+            )
+        )
+        await wait_held(agent, created.id)
+        keys = await running.admin().stub.ListAuthorities(pb.ListAuthoritiesRequest())
+        browser = await pw.chromium.launch(executable_path=str(_chromium()))
+        try:
+            page = await (await browser.new_context(ignore_https_errors=True)).new_page()
+            await page.goto(await sign_in_link(running))
+            await page.click("#signin")
+            await page.goto(f"{console_url(running)}/trust")
+            main = page.locator("main")
+            await expect(main).to_contain_text(NODE)
+            await expect(main).to_contain_text(workload)  # its entry, and the SVID it holds
+            await expect(main).to_contain_text("last seen 20")
+            await expect(main).to_contain_text("join_token")  # an attestor instance
+            await expect(main).to_contain_text("successor prepared")  # the rotation schedule
+            for key in keys.authorities:
+                await expect(main).to_contain_text(key.key_id[:16])
+            policy = await running.admin().stub.GetPolicy(pb.GetPolicyRequest())
+            await expect(main).to_contain_text(
+                f"tests: {policy.tests_passed}/{policy.tests_total} passed"
+            )
+            # The revocation feed, live: a revocation shows without a reload.
+            await running.admin().stub.Revoke(
+                pb.RevokeRequest(kind="subject", target=workload, reason="decommissioned")
+            )
+            await expect(page.locator("#revocations")).to_contain_text(workload, timeout=10_000)
+            await expect(page.locator("#revocations")).to_contain_text("decommissioned")
+            await page.screenshot(path=shots / "console-trust.png", full_page=True)
+        finally:
+            await browser.close()
+    for shot in sorted(shots.iterdir()):
+        publish(shot)

@@ -12,17 +12,19 @@
     });
   }
   setInterval(tick, 1000);
-  var live = document.querySelector("[data-live]");
-  if (!live) { return; }
-  async function refresh() {
+  // An element with data-live="URL" and an id is replaced by the element of the same id in
+  // what URL answers now (server-rendered, escaped HTML parsed as a document: nothing runs).
+  async function refresh(el) {
     try {
-      var response = await fetch(live.dataset.live, { credentials: "same-origin" });
+      var response = await fetch(el.dataset.live, { credentials: "same-origin" });
       if (!response.ok) { return; }
       var doc = new DOMParser().parseFromString(await response.text(), "text/html");
-      var fresh = doc.getElementById("approvals-list");
-      var current = document.getElementById("approvals-list");
+      var fresh = doc.getElementById(el.id);
+      var current = document.getElementById(el.id);
       if (fresh && current) { current.replaceWith(fresh); }
     } catch (e) { /* the next poll tries again */ }
   }
-  setInterval(refresh, 2000);
+  setInterval(function () {
+    document.querySelectorAll("[data-live][id]").forEach(refresh);
+  }, 2000);
 })();
