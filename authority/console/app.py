@@ -344,10 +344,9 @@ class Console:
             return session
         task_id = request.path_params["task_id"]
         try:
-            records = await self.data.task_records(task_id)
+            records, verification = await self.data.trace(task_id)
         except AuthorityError as exc:
             return self.render("error.html", session, status=400, message=str(exc))
-        verification = await self.data.verify()
         return self.render(
             "task.html", session, task_id=task_id, records=records, verification=verification
         )

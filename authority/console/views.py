@@ -133,7 +133,7 @@ class ConsoleData:
 
     async def task_records(self, task_id: str, *, follow: bool = True) -> list[AuditRecord]:
         """The task's records (and, ``follow``ing, those of tasks delegated from it), in chain
-        order: what ``authority audit trace`` shows, without the attestations around it."""
+        order."""
         seen: set[str] = set()
         pending = [task_id]
         found: dict[int, AuditRecord] = {}
@@ -150,18 +150,43 @@ class ConsoleData:
                     pending.append(child)
         return [found[seq] for seq in sorted(found)]
 
-    async def verify(self) -> Verification:
-        """``authority audit verify`` on the live chain: every record from the anchor, every
-        checkpoint's signature against the bundle's JWT authorities."""
+    async def trace(self, task_id: str) -> tuple[list[AuditRecord], Verification]:
+        """What ``authority audit trace`` shows (the task's records, those of tasks delegated
+        from it, the attestations behind its callers' SVIDs, revocations of its tokens by jti)
+        and what ``authority audit verify`` says of the whole chain, from one read of it."""
+        found = {r.seq: r for r in await self.task_records(task_id)}
+        jtis = {
+            str(r.details.get("jti"))
+            for r in found.values()
+            if r.kind in ("task_token.issued", "task_token.delegated")
+        }
+        identities = {
+            str(caller.get("identity_id"))
+            for r in found.values()
+            if r.kind == "policy.decided" and isinstance(caller := r.details.get("caller"), dict)
+        }
         (anchor_seq, anchor_hash), _, checkpoints = await self.authority.audit_info()
-        records = await self._pages(after=anchor_seq - 1)
-        return verify_chain(
-            records,
+        chain = await self._pages(after=anchor_seq - 1)
+        for record in chain:
+            if record.seq in found:
+                continue
+            if (
+                record.kind in ("attest.succeeded", "x509.issued")
+                and record.details.get("identity_id") in identities
+            ) or (
+                record.kind == "revocation.created"
+                and record.details.get("kind") == "jti"
+                and record.subject in jtis
+            ):
+                found[record.seq] = record
+        verification = verify_chain(
+            chain,
             checkpoints,
             parse_jwks(self.authority.ca.bundle().jwks_json()),
             start_seq=anchor_seq,
             start_prev_hash=anchor_hash,
         )
+        return [found[seq] for seq in sorted(found)], verification
 
     async def trust_domain(self) -> dict[str, Any]:
         authority = self.authority

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import sqlite3
 import ssl
 import subprocess
 from collections.abc import AsyncIterator
@@ -209,6 +210,7 @@ async def test_operator_signs_in_approves_denies_and_reads_the_trace(
             steps = page.locator("#timeline li.step .kind")
             kinds = await steps.all_inner_texts()
             for kind in (
+                "attest.succeeded",  # the attestation behind the agent's SVID
                 "policy.decided",
                 "task_token.issued",
                 "approval.requested",
@@ -620,3 +622,22 @@ async def test_the_trust_domain_page(tmp_path: Path, socket_dir: Path) -> None:
             await browser.close()
     for shot in sorted(shots.iterdir()):
         publish(shot)
+
+
+async def test_a_task_trace_names_an_altered_chain(tmp_path: Path, socket_dir: Path) -> None:
+    async with console_authority(tmp_path, socket_dir) as running, _client() as client:
+        cookie, _ = await _signed_in(running, client)
+        base = console_url(running)
+        agent = await attest_agent(running, REPORTER, tmp_path / "reporter")
+        await agent.token("read", "metrics/prod", "metrics-api", task_id="t-chain")
+        page = await client.get(f"{base}/tasks/t-chain", headers={"cookie": cookie})
+        assert "chain verified" in page.text
+        records = await running.server.authority.audit_records(task_ids=["t-chain"])  # type: ignore[union-attr]
+        seq = records[0].seq
+        db = sqlite3.connect(running.data_dir / "authority.db")
+        with db:
+            db.execute("UPDATE audit SET actor = ? WHERE seq = ?", ("spiffe://x/innocent", seq))
+        db.close()
+        page = await client.get(f"{base}/tasks/t-chain", headers={"cookie": cookie})
+        assert "chain verified" not in page.text
+        assert f"chain NOT verified: record {seq}: its content was altered" in page.text
