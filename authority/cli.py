@@ -866,6 +866,17 @@ def console_login(operator: str, ttl: dt.timedelta | None, admin_socket: str) ->
     click.echo(f"signs in once, until {expires.isoformat(timespec='seconds')}", err=True)
 
 
+@console.command("logout")
+@click.option("--operator", required=True, help="The name given to console login, or a SPIFFE ID.")
+@admin_socket_option
+@command
+def console_logout(operator: str, admin_socket: str) -> None:
+    """End every console session of an operator, and its unused sign-in links."""
+    request = pb.EndConsoleSessionsRequest(operator=operator)
+    ended = _admin_call(admin_socket, lambda c: c.stub.EndConsoleSessions(request))
+    click.echo(f"{operator}: {ended.sessions} sessions ended, {ended.links} unused links dropped")
+
+
 @main.group()
 def policy() -> None:
     """Policy-as-code (Cedar, or Rego with the rego extra)."""

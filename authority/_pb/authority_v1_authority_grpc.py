@@ -388,6 +388,10 @@ class AdminBase(abc.ABC):
         pass
 
     @abc.abstractmethod
+    async def EndConsoleSessions(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.EndConsoleSessionsRequest, authority_v1_authority_pb2.EndConsoleSessionsResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
     async def LoadPolicy(self, stream: 'grpclib.server.Stream[authority_v1_authority_pb2.LoadPolicyRequest, authority_v1_authority_pb2.PolicyInfo]') -> None:
         pass
 
@@ -544,6 +548,12 @@ class AdminBase(abc.ABC):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 authority_v1_authority_pb2.CreateConsoleSignInRequest,
                 authority_v1_authority_pb2.ConsoleSignIn,
+            ),
+            '/authority.v1.Admin/EndConsoleSessions': grpclib.const.Handler(
+                self.EndConsoleSessions,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                authority_v1_authority_pb2.EndConsoleSessionsRequest,
+                authority_v1_authority_pb2.EndConsoleSessionsResponse,
             ),
             '/authority.v1.Admin/LoadPolicy': grpclib.const.Handler(
                 self.LoadPolicy,
@@ -718,6 +728,12 @@ class AdminStub:
             '/authority.v1.Admin/CreateConsoleSignIn',
             authority_v1_authority_pb2.CreateConsoleSignInRequest,
             authority_v1_authority_pb2.ConsoleSignIn,
+        )
+        self.EndConsoleSessions = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/authority.v1.Admin/EndConsoleSessions',
+            authority_v1_authority_pb2.EndConsoleSessionsRequest,
+            authority_v1_authority_pb2.EndConsoleSessionsResponse,
         )
         self.LoadPolicy = grpclib.client.UnaryUnaryMethod(
             channel,

@@ -2076,6 +2076,49 @@ class ConsoleSignIn(_message.Message):
 Global___ConsoleSignIn: _TypeAlias = ConsoleSignIn  # noqa: Y015
 
 @_typing.final
+class EndConsoleSessionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATOR_FIELD_NUMBER: _builtins.int
+    operator: _builtins.str
+    def __init__(
+        self,
+        *,
+        operator: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operator", b"operator"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndConsoleSessionsRequest: _TypeAlias = EndConsoleSessionsRequest  # noqa: Y015
+
+@_typing.final
+class EndConsoleSessionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    LINKS_FIELD_NUMBER: _builtins.int
+    sessions: _builtins.int
+    """sessions ended"""
+    links: _builtins.int
+    """unused sign-in links dropped"""
+    def __init__(
+        self,
+        *,
+        sessions: _builtins.int = ...,
+        links: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["links", b"links", "sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndConsoleSessionsResponse: _TypeAlias = EndConsoleSessionsResponse  # noqa: Y015
+
+@_typing.final
 class PolicyFile(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

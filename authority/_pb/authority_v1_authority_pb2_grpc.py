@@ -945,6 +945,11 @@ class AdminStub:
                 request_serializer=authority_dot_v1_dot_authority__pb2.CreateConsoleSignInRequest.SerializeToString,
                 response_deserializer=authority_dot_v1_dot_authority__pb2.ConsoleSignIn.FromString,
                 _registered_method=True)
+        self.EndConsoleSessions = channel.unary_unary(
+                '/authority.v1.Admin/EndConsoleSessions',
+                request_serializer=authority_dot_v1_dot_authority__pb2.EndConsoleSessionsRequest.SerializeToString,
+                response_deserializer=authority_dot_v1_dot_authority__pb2.EndConsoleSessionsResponse.FromString,
+                _registered_method=True)
         self.LoadPolicy = channel.unary_unary(
                 '/authority.v1.Admin/LoadPolicy',
                 request_serializer=authority_dot_v1_dot_authority__pb2.LoadPolicyRequest.SerializeToString,
@@ -1126,6 +1131,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EndConsoleSessions(self, request, context):
+        """End every console session of an operator (a link operator's name, or a certificate
+        operator's SPIFFE ID) and drop the sign-in links not yet used for that name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def LoadPolicy(self, request, context):
         """Policy-as-code: replace the running policy (only if it compiles and its tests pass),
         show it, and explain a decision for an input.
@@ -1278,6 +1291,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.CreateConsoleSignIn,
                     request_deserializer=authority_dot_v1_dot_authority__pb2.CreateConsoleSignInRequest.FromString,
                     response_serializer=authority_dot_v1_dot_authority__pb2.ConsoleSignIn.SerializeToString,
+            ),
+            'EndConsoleSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndConsoleSessions,
+                    request_deserializer=authority_dot_v1_dot_authority__pb2.EndConsoleSessionsRequest.FromString,
+                    response_serializer=authority_dot_v1_dot_authority__pb2.EndConsoleSessionsResponse.SerializeToString,
             ),
             'LoadPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadPolicy,
@@ -1908,6 +1926,33 @@ class Admin:
             '/authority.v1.Admin/CreateConsoleSignIn',
             authority_dot_v1_dot_authority__pb2.CreateConsoleSignInRequest.SerializeToString,
             authority_dot_v1_dot_authority__pb2.ConsoleSignIn.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndConsoleSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authority.v1.Admin/EndConsoleSessions',
+            authority_dot_v1_dot_authority__pb2.EndConsoleSessionsRequest.SerializeToString,
+            authority_dot_v1_dot_authority__pb2.EndConsoleSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

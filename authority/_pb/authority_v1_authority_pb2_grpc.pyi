@@ -346,6 +346,10 @@ class AdminStub:
     only its hash; it signs in once, within ttl_seconds). FAILED_PRECONDITION when no console
     is served.
     """
+    EndConsoleSessions: _grpc.UnaryUnaryMultiCallable[_authority_pb2.EndConsoleSessionsRequest, _authority_pb2.EndConsoleSessionsResponse]
+    """End every console session of an operator (a link operator's name, or a certificate
+    operator's SPIFFE ID) and drop the sign-in links not yet used for that name.
+    """
     LoadPolicy: _grpc.UnaryUnaryMultiCallable[_authority_pb2.LoadPolicyRequest, _authority_pb2.PolicyInfo]
     """Policy-as-code: replace the running policy (only if it compiles and its tests pass),
     show it, and explain a decision for an input.
@@ -401,6 +405,10 @@ class AdminAsyncStub(AdminStub):
     """The operators' console: a one-time sign-in link for a named operator (the console keeps
     only its hash; it signs in once, within ttl_seconds). FAILED_PRECONDITION when no console
     is served.
+    """
+    EndConsoleSessions: _aio.UnaryUnaryMultiCallable[_authority_pb2.EndConsoleSessionsRequest, _authority_pb2.EndConsoleSessionsResponse]  # type: ignore[assignment]
+    """End every console session of an operator (a link operator's name, or a certificate
+    operator's SPIFFE ID) and drop the sign-in links not yet used for that name.
     """
     LoadPolicy: _aio.UnaryUnaryMultiCallable[_authority_pb2.LoadPolicyRequest, _authority_pb2.PolicyInfo]  # type: ignore[assignment]
     """Policy-as-code: replace the running policy (only if it compiles and its tests pass),
@@ -586,6 +594,16 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         """The operators' console: a one-time sign-in link for a named operator (the console keeps
         only its hash; it signs in once, within ttl_seconds). FAILED_PRECONDITION when no console
         is served.
+        """
+
+    @_abc_1.abstractmethod
+    def EndConsoleSessions(
+        self,
+        request: _authority_pb2.EndConsoleSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authority_pb2.EndConsoleSessionsResponse, _abc.Awaitable[_authority_pb2.EndConsoleSessionsResponse]]:
+        """End every console session of an operator (a link operator's name, or a certificate
+        operator's SPIFFE ID) and drop the sign-in links not yet used for that name.
         """
 
     @_abc_1.abstractmethod

@@ -34,7 +34,7 @@ from authority.console.server import ConsoleServer
 from authority.errors import FailedPrecondition, InvalidArgument
 from authority.exchange import ExchangeService
 from authority.metrics import METRICS
-from authority.models import RevocationKind, check_json
+from authority.models import RevocationKind, check_json, check_length
 from authority.policy_admin import PolicyAdmin
 from authority.service import Authority
 
@@ -275,6 +275,20 @@ class AdminService(pb_grpc.AdminServicer):
             request.operator, seconds(request.ttl_seconds, self._limits, "ttl_seconds")
         )
         return pb.ConsoleSignIn(url=url, expires_at=int(expires.timestamp()))
+
+    @rpc
+    async def EndConsoleSessions(
+        self, request: pb.EndConsoleSessionsRequest, context: Context
+    ) -> pb.EndConsoleSessionsResponse:
+        links = self._console.links if self._console is not None else None
+        if links is None:
+            raise FailedPrecondition(
+                "no console is served here (authority serve --console-listen)",
+                reason="NO_CONSOLE",
+            )
+        check_length(request.operator, self._limits.max_reason_chars, "operator")
+        sessions, dropped = await links.end_sessions(request.operator)
+        return pb.EndConsoleSessionsResponse(sessions=sessions, links=dropped)
 
     @rpc
     async def LoadPolicy(self, request: pb.LoadPolicyRequest, context: Context) -> pb.PolicyInfo:

@@ -135,6 +135,13 @@ class ConsoleAuth:
             del self._sessions[key]
         return len(keys)
 
+    def drop_codes(self, operator_name: str) -> int:
+        """Forget the unused sign-in codes made for an operator; how many."""
+        keys = [k for k, c in self._codes.items() if c.operator.name == operator_name]
+        for key in keys:
+            del self._codes[key]
+        return len(keys)
+
     @staticmethod
     def csrf_ok(session: Session, token: str) -> bool:
         return bool(token) and hmac.compare_digest(session.csrf, token)

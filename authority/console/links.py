@@ -33,3 +33,17 @@ class SignInLinks:
         )
         await self._store.append_audit([event])
         return f"{self._url}/signin?code={code}", expires
+
+    async def end_sessions(self, operator: str, actor: str = ADMIN_ACTOR) -> tuple[int, int]:
+        """Sign ``operator`` out of every session and drop its unused links: (sessions, links)."""
+        sessions = self._auth.close_all(operator)
+        links = self._auth.drop_codes(operator)
+        event = AuditEvent(
+            "console.sessions_ended",
+            self._clock.now(),
+            actor=actor,
+            subject=operator,
+            details={"sessions": sessions, "links": links},
+        )
+        await self._store.append_audit([event])
+        return sessions, links

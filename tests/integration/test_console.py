@@ -530,6 +530,10 @@ def test_serve_with_a_console_and_console_login(tmp_path: Path) -> None:
             cookie = first.headers["set-cookie"].split(";", 1)[0].split("=", 1)[1]
             again = client.post(f"{base}/signin", data=form, headers={"origin": base})
             assert again.status_code == 401
+            out = served.cli("console", "logout", "--operator", "dana").stdout
+            assert out.strip() == "dana: 1 sessions ended, 0 unused links dropped"
+            cookies = {"cookie": f"__Host-console={cookie}"}
+            assert client.get(f"{base}/approvals", headers=cookies).status_code == 401
         log = served.log()
         assert f"console serving: {base}" in log
         assert code not in log
@@ -641,3 +645,23 @@ async def test_a_task_trace_names_an_altered_chain(tmp_path: Path, socket_dir: P
         page = await client.get(f"{base}/tasks/t-chain", headers={"cookie": cookie})
         assert "chain verified" not in page.text
         assert f"chain NOT verified: record {seq}: its content was altered" in page.text
+
+
+async def test_an_operators_sessions_end_from_the_admin_socket(
+    tmp_path: Path, socket_dir: Path
+) -> None:
+    async with console_authority(tmp_path, socket_dir) as running, _client() as client:
+        base = console_url(running)
+        cookie, _ = await _signed_in(running, client)
+        other, _ = await _signed_in(running, client)
+        unused = await sign_in_link(running)
+        ended = await running.admin().stub.EndConsoleSessions(
+            pb.EndConsoleSessionsRequest(operator=OPERATOR)
+        )
+        assert (ended.sessions, ended.links) == (2, 1)
+        for value in (cookie, other):
+            response = await client.get(f"{base}/approvals", headers={"cookie": value})
+            assert response.status_code == 401
+        code = unused.split("code=", 1)[1]
+        spent = await client.post(f"{base}/signin", data={"code": code}, headers={"origin": base})
+        assert spent.status_code == 401
