@@ -665,3 +665,25 @@ async def test_an_operators_sessions_end_from_the_admin_socket(
         code = unused.split("code=", 1)[1]
         spent = await client.post(f"{base}/signin", data={"code": code}, headers={"origin": base})
         assert spent.status_code == 401
+
+
+async def test_the_console_works_without_javascript(tmp_path: Path, socket_dir: Path) -> None:
+    from playwright.async_api import async_playwright, expect
+
+    async with console_authority(tmp_path, socket_dir) as running, async_playwright() as pw:
+        agent = await attest_agent(running, REPORTER, tmp_path / "reporter")
+        browser = await pw.chromium.launch(executable_path=str(_chromium()))
+        try:
+            context = await browser.new_context(ignore_https_errors=True, java_script_enabled=False)
+            page = await context.new_page()
+            await page.goto(await sign_in_link(running))
+            await page.click("#signin")
+            await expect(page.locator("#approvals-list")).to_contain_text("No approval is waiting")
+            approval_id = await pending_approval(agent, "t-nojs")
+            await page.reload()  # no script: the list is what the server rendered
+            await page.locator(f'tr.approval[data-id="{approval_id}"] a.button').click()
+            await page.click("#approve")
+            await expect(page.locator("#state")).to_have_text("approved")
+            await expect(page.locator("#decided-by")).to_have_text(OPERATOR)
+        finally:
+            await browser.close()
