@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import ipaddress
 import logging
 import socket
@@ -20,6 +21,7 @@ import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from authority.binding import address_in_use, check_tcp_free
 from authority.ca import CertificateAuthority
 from authority.clock import Clock
 from authority.config import Config, split_host_port
@@ -66,6 +68,7 @@ def check_console_config(config: Config) -> None:
         raise FailedPrecondition(
             "console_tls_cert and console_tls_key go together", reason="CONSOLE_TLS_FILES"
         )
+    check_tcp_free(config.console_listen, "console_listen")
 
 
 class _FileIdentity(TlsIdentity):
@@ -176,11 +179,8 @@ class ConsoleServer:
         expires = self._svid_expires
         return expires is not None and now >= expires - CONSOLE_SVID_TTL / 2
 
-    async def start(self) -> None:
+    def _bind(self, app: AsgiApp, host: str, port: int) -> HttpsServer:
         config = self._config
-        check_console_config(config)
-        host, port = split_host_port(config.console_listen)
-        app = _Deferred()
         if config.console_plain_http:
             if not is_loopback(host):
                 log.warning(
@@ -188,22 +188,29 @@ class ConsoleServer:
                     "session cookies cross the network in clear text",
                     config.console_listen,
                 )
-            server: HttpsServer = _PlainServer(app, host=host, port=port)
+            return _PlainServer(app, host=host, port=port)
+        bundle = self._ca.bundle().pem()
+        if config.console_tls_cert is not None and config.console_tls_key is not None:
+            self._identity = _FileIdentity(config.console_tls_cert, config.console_tls_key, bundle)
         else:
-            bundle = self._ca.bundle().pem()
-            if config.console_tls_cert is not None and config.console_tls_key is not None:
-                self._identity = _FileIdentity(
-                    config.console_tls_cert, config.console_tls_key, bundle
-                )
-            else:
-                self._identity = TlsIdentity(*self._issue())
-                self._ca.add_listener(self.refresh)
-            server = HttpsServer(app, self._identity, host=host, port=port)
+            self._identity = TlsIdentity(*self._issue())
+            self._ca.add_listener(self.refresh)
+        return HttpsServer(app, self._identity, host=host, port=port)
+
+    async def start(self) -> None:
+        config = self._config
+        host, port = split_host_port(config.console_listen)
+        app = _Deferred()
+        try:
+            server = self._bind(app, host, port)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise address_in_use(config.console_listen, "console_listen") from None
+            raise
         self.url = (config.console_url or server.url).rstrip("/")
-        console = Console(
+        app.app = Console(
             self._data, self.auth, public_url=self.url, secure=not config.console_plain_http
         )
-        app.app = console
         self.links = SignInLinks(self.auth, self.url, self._store, self._clock)
         await server.start()
         self._server = server

@@ -85,10 +85,9 @@ class ConsoleData:
         """One approval with what the operator needs to decide it: the decision that asked for
         review (its reasons, the caller's attestor, the audit context) and the task's earlier
         steps."""
-        found = [a for a in await self.exchange.list_approvals() if a.id == approval_id]
-        if not found:
+        approval = await self.store.get_approval(approval_id)
+        if approval is None:
             return None
-        approval = found[0]
         now = self.now()
         records = await self.task_records(approval.task_id, follow=False)
         attestor, rule = "", ""

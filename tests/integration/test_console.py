@@ -687,3 +687,22 @@ async def test_the_console_works_without_javascript(tmp_path: Path, socket_dir: 
             await expect(page.locator("#decided-by")).to_have_text(OPERATOR)
         finally:
             await browser.close()
+
+
+async def test_a_console_port_in_use_is_refused_at_start(tmp_path: Path, socket_dir: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        config = dataclasses.replace(
+            make_config(tmp_path / "data", socket_dir), console_listen=address
+        )
+        server = AuthorityServer(config)
+        with pytest.raises(FailedPrecondition) as refused:
+            await server.start()
+        await server.stop(grace=0)
+    assert refused.value.reason == "ADDRESS_IN_USE"
+    assert "console_listen" in str(refused.value)
+    assert not (tmp_path / "data").exists()
