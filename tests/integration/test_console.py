@@ -7,8 +7,11 @@ when set."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
+import ipaddress
 import logging
 import os
 import re
@@ -22,6 +25,11 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority.errors import FailedPrecondition
@@ -321,8 +329,6 @@ async def _still_pending(running: Running, approval_id: str) -> None:
 
 
 async def test_an_expired_session_is_refused(tmp_path: Path, socket_dir: Path) -> None:
-    import asyncio
-    import datetime as dt
 
     async with (
         console_authority(
@@ -706,3 +712,90 @@ async def test_a_console_port_in_use_is_refused_at_start(tmp_path: Path, socket_
     assert refused.value.reason == "ADDRESS_IN_USE"
     assert "console_listen" in str(refused.value)
     assert not (tmp_path / "data").exists()
+
+
+# --- the console's certificate -------------------------------------------------------------------
+
+
+def _served_certificate(url: str) -> x509.Certificate:
+    host, port = url.removeprefix("https://").rsplit(":", 1)
+    pem = ssl.get_server_certificate((host, int(port)))
+    return x509.load_pem_x509_certificate(pem.encode())
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "console.test")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = folder / "console.pem", folder / "console.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path, cert
+
+
+async def test_the_console_serves_the_certificate_files_it_is_given(
+    tmp_path: Path, socket_dir: Path
+) -> None:
+    cert_path, key_path, cert = _self_signed(tmp_path / "tls")
+    async with console_authority(
+        tmp_path, socket_dir, console_tls_cert=cert_path, console_tls_key=key_path
+    ) as running:
+        served = await asyncio.to_thread(_served_certificate, console_url(running))
+        assert served == cert
+    alone = dataclasses.replace(
+        make_config(tmp_path / "data2", socket_dir),
+        console_listen="127.0.0.1:0",
+        console_tls_cert=cert_path,
+    )
+    with pytest.raises(FailedPrecondition) as refused:
+        await AuthorityServer(alone).start()
+    assert refused.value.reason == "CONSOLE_TLS_FILES"
+
+
+async def test_the_consoles_own_certificate_follows_a_ca_rotation(
+    tmp_path: Path, socket_dir: Path
+) -> None:
+    async with console_authority(tmp_path, socket_dir) as running:
+        url = console_url(running)
+        before = await asyncio.to_thread(_served_certificate, url)
+        uris = before.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert uris.get_values_for_type(x509.UniformResourceIdentifier) == [
+            "spiffe://example.org/authority"
+        ]
+        await running.admin().stub.RotateCA(pb.RotateCARequest(immediate=True))
+        after = await asyncio.to_thread(_served_certificate, url)
+        assert after.serial_number != before.serial_number
+        bundle = x509.load_pem_x509_certificates(await running.bundle_pem())
+        # Signed by the new key: another root of the bundle than the one before.
+        assert _issuer(after, bundle) != _issuer(before, bundle)
+
+
+def _issuer(cert: x509.Certificate, roots: list[x509.Certificate]) -> x509.Certificate:
+    for root in roots:
+        try:
+            cert.verify_directly_issued_by(root)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return root
+    raise AssertionError("no root of the bundle issued it")
