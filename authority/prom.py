@@ -559,16 +559,9 @@ class ServerMetrics:
         store = self._store
         if store is None:
             return
-        from authority.models import ApprovalState
-
         now = self.clock.now()
-        pending = [
-            a
-            for a in await store.list_approvals()
-            if a.state is ApprovalState.PENDING and a.expires_at > now
-        ]
-        self.approvals_pending.set(len(pending))
-        oldest = min((a.requested_at for a in pending), default=None)
+        pending, oldest = await store.pending_approvals(now)
+        self.approvals_pending.set(pending)
         self.approvals_oldest.set(0.0 if oldest is None else (now - oldest).total_seconds())
 
     async def start(self, address: str) -> None:

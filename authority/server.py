@@ -267,7 +267,11 @@ class AuthorityServer:
         # Before anything is created: a second authority on the same addresses, or a port
         # taken by another program, is one line, and leaves no CA or database behind.
         check_free(
-            [(config.listen, "listen"), (config.listen_mtls, "listen_mtls")],
+            [
+                (config.listen, "listen"),
+                (config.listen_mtls, "listen_mtls"),
+                *([(config.metrics_listen, "metrics_listen")] if config.metrics_listen else []),
+            ],
             [
                 (config.admin_socket_path, "admin_socket"),
                 (config.local_socket_path, "local_socket"),

@@ -732,6 +732,22 @@ class SqlStore:
 
         return await self._run(job)
 
+    async def pending_approvals(self, now: dt.datetime) -> tuple[int, dt.datetime | None]:
+        """How many approvals wait for an answer at ``now``, and when the oldest was asked
+        (metrics: one indexed aggregate, not the list)."""
+
+        def job(tx: Tx) -> tuple[int, dt.datetime | None]:
+            row = tx.one(
+                "SELECT COUNT(*) AS n, MIN(requested_at_us) AS oldest FROM approvals"
+                " WHERE state = ? AND expires_at_us > ?",
+                [str(ApprovalState.PENDING), instant(now)],
+            )
+            if row is None or not row["n"]:
+                return 0, None
+            return int(row["n"]), from_instant(int(row["oldest"]))
+
+        return await self._run(job)
+
     async def decide_approval(
         self, decided: Approval, now: dt.datetime, *, audit: Sequence[AuditEvent] = ()
     ) -> None:

@@ -351,3 +351,40 @@ def test_a_stopped_server_answers_1_not_serving(tmp_path: Path) -> None:
         assert len(result.stdout.splitlines()) == 1
     finally:
         shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+def test_serve_refuses_a_metrics_address_beyond_loopback_or_taken(tmp_path: Path) -> None:
+    """One line each, before anything is created; --metrics-allow-remote is the way out."""
+    import socket as sockets
+
+    data = tmp_path / "data"
+    common = ["--data-dir", str(data), "--listen", "127.0.0.1:0", "--listen-mtls", "127.0.0.1:0"]
+    remote = _cli("serve", *common, "--metrics-listen", "0.0.0.0:9464")
+    assert remote.returncode == 1
+    assert remote.stderr.splitlines() == [
+        "error: metrics_listen '0.0.0.0:9464' is not a loopback address: "
+        "metrics reveal counts (metrics_allow_remote / --metrics-allow-remote exposes them)"
+    ]
+    with sockets.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = _cli("serve", *common, "--metrics-listen", f"127.0.0.1:{port}")
+    assert busy.returncode == 1
+    assert len(busy.stderr.splitlines()) == 1
+    assert f"127.0.0.1:{port} is already in use (metrics_listen)" in busy.stderr
+    assert not (data / "authority.db").exists()
+    agent = _cli(
+        "agent",
+        "--server",
+        "127.0.0.1:1",
+        "--trust-bundle",
+        str(tmp_path / "none.pem"),
+        "--workload-api-socket",
+        str(tmp_path / "a.sock"),
+        "--metrics-listen",
+        "10.0.0.1:9465",
+    )
+    assert agent.returncode == 1
+    assert len(agent.stderr.splitlines()) == 1
+    assert "not a loopback address" in agent.stderr

@@ -831,3 +831,28 @@ async def test_acknowledged_writes_survive_sigkill(tmp_path: pathlib.Path) -> No
     missing = set(acknowledged) - stored
     assert len(acknowledged) >= 300
     assert not missing, f"{len(missing)} acknowledged writes lost"
+
+
+async def test_pending_approvals_counts_the_unanswered_unexpired_and_dates_the_oldest(
+    store: Store,
+) -> None:
+    from authority.models import Approval
+
+    def approval(approval_id: str, asked: dt.datetime, expires: dt.datetime) -> Approval:
+        return Approval(
+            id=approval_id,
+            principal="spiffe://example.org/agent",
+            task_id="task-1",
+            audience="db",
+            intent_json="{}",
+            intent_fingerprint="f" * 64,
+            decision_id=f"d-{approval_id}",
+            requested_at=asked,
+            expires_at=expires,
+        )
+
+    assert await store.pending_approvals(NOW) == (0, None)
+    await store.create_approval(approval("expired", NOW - 2 * HOUR, NOW - HOUR))
+    await store.create_approval(approval("older", NOW - 10 * MINUTE, NOW + HOUR))
+    await store.create_approval(approval("newer", NOW - MINUTE, NOW + HOUR))
+    assert await store.pending_approvals(NOW) == (2, NOW - 10 * MINUTE)
