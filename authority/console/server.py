@@ -116,6 +116,19 @@ class _PlainServer(HttpsServer):
         return f"http://{host}:{self.port}"
 
 
+def _derived_url(server: HttpsServer) -> str:
+    """The bound address as a URL; an unspecified one (0.0.0.0, ::) by this host's name, which
+    browsers can reach (set console_url when they reach it by another)."""
+    try:
+        unspecified = ipaddress.ip_address(server.host).is_unspecified
+    except ValueError:
+        unspecified = False
+    if not unspecified:
+        return server.url
+    scheme = server.url.split("://", 1)[0]
+    return f"{scheme}://{socket.gethostname()}:{server.port}"
+
+
 class _Deferred:
     """The application, set once the bound port (and so the public URL) is known."""
 
@@ -207,7 +220,7 @@ class ConsoleServer:
             if exc.errno == errno.EADDRINUSE:
                 raise address_in_use(config.console_listen, "console_listen") from None
             raise
-        self.url = (config.console_url or server.url).rstrip("/")
+        self.url = (config.console_url or _derived_url(server)).rstrip("/")
         app.app = Console(
             self._data, self.auth, public_url=self.url, secure=not config.console_plain_http
         )
