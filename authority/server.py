@@ -352,6 +352,7 @@ class AuthorityServer:
                 sleep=self._sleep,
             )
         metrics = self.metrics = ServerMetrics(self.clock) if config.metrics_listen else None
+        # Exchange's decisions (and Delegate's) counted by effect and timed, when metrics are on.
         decisions = metrics.policy(policy) if metrics is not None else policy
         self.exchange = exchange = ExchangeService(
             authority=authority,
@@ -362,10 +363,10 @@ class AuthorityServer:
             limits=config.limits,
             on_approval=self.notifier.approval_requested if self.notifier else None,
         )
-        tool_gateways = ToolGateways(
+        tool_gateways = ToolGateways(  # its tools/list filter: not decisions the metrics count
             authority=authority,
             store=store,
-            policy=decisions,
+            policy=policy,
             clock=self.clock,
             limits=config.limits,
             gateways=[SpiffeId.parse(g) for g in config.gateways],
