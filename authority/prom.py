@@ -13,7 +13,8 @@ Where the figures come from:
   responses only: a stream's life is not a latency).
 - Credentials issued and revocations: the audit records the store's writer committed (what
   happened, counted once, after the commit), with the commit's wall time per batch.
-- Policy decisions: the engine's ``decide`` timed around the call (``perf_counter``).
+- Policy decisions: Exchange's and Delegate's ``decide`` timed around the call
+  (``perf_counter``); the gateways' tools/list filter is not counted.
 - Revocation feed lag: from the revocation's time to the moment the feed hands it to a
   subscriber's stream (once per subscriber).
 - Gauges (approvals, keys, subscribers, restarts; the agent's SVIDs and streams): read from the
@@ -109,6 +110,7 @@ KEY_SLOTS: Final = {KeyState.ACTIVE: "active", KeyState.PREPARED: "next", KeySta
 MAX_REQUEST_HEAD: Final = 8192
 REQUEST_TIMEOUT: Final = 5.0
 MAX_SCRAPES: Final = 4
+REFRESH_INTERVAL: Final = 1.0  # seconds between two store queries for scrapes
 
 
 # --- gRPC ------------------------------------------------------------------------------------
@@ -502,6 +504,7 @@ class ServerMetrics:
         self._revoked = {kind: self.revocations.labels(kind) for kind in REVOCATION_KINDS}
         self.interceptor = RpcMetrics(self.rpc_handled, self.rpc_seconds, known_methods())
         self._store: Store | None = None
+        self._refreshed = -REFRESH_INTERVAL  # time.monotonic() of the last store query
         self.endpoint = MetricsEndpoint(registry, self._refresh)
 
     # -- wiring --
@@ -556,9 +559,11 @@ class ServerMetrics:
         self.revocation_lag.observe(max(0.0, lag))
 
     async def _refresh(self) -> None:
+        """The store's figures, at most once a second (scrapes in a burst share them)."""
         store = self._store
-        if store is None:
+        if store is None or time.monotonic() - self._refreshed < REFRESH_INTERVAL:
             return
+        self._refreshed = time.monotonic()
         now = self.clock.now()
         pending, oldest = await store.pending_approvals(now)
         self.approvals_pending.set(pending)

@@ -107,7 +107,15 @@ async def test_counters_move_by_what_was_done(
         assert pending.WhichOneof("result") == "pending"
         jti = allowed.token.jti
         await admin.stub.Revoke(pb.RevokeRequest(kind="jti", target=jti, reason="test"))
-        after = scrape(url)
+        # The store's figures are refreshed at most once a second: until the approval shows.
+        scraped: list[Series] = []
+
+        def approval_shown() -> bool:
+            scraped.append(scrape(url))
+            return value(scraped[-1], "authority_approvals_pending") == 1
+
+        wait_until(approval_shown, "the pending approval in the metrics")
+        after = scraped[-1]
         await holder.close()
     finally:
         await workload.close()
