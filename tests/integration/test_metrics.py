@@ -4,6 +4,7 @@ own with ``--metrics-listen``, scraped over HTTP and parsed with prometheus_clie
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -233,6 +234,23 @@ def _start_agent(
     return proc
 
 
+@contextlib.contextmanager
+def _x509_stream(socket: Path) -> Iterator[None]:
+    """A workload's FetchX509SVID stream held open on the agent's socket (its first reply read)."""
+    from authority._pb import spiffe_workload_pb2 as wl
+    from authority._pb import spiffe_workload_pb2_grpc as wl_grpc
+
+    with grpc.insecure_channel(f"unix:{socket}") as channel:
+        call = wl_grpc.SpiffeWorkloadAPIStub(channel).FetchX509SVID(
+            wl.X509SVIDRequest(), metadata=(("workload.spiffe.io", "true"),), timeout=30
+        )
+        assert next(iter(call)).svids
+        try:
+            yield
+        finally:
+            call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*authority_command(), *args], capture_output=True, text=True, timeout=60, check=False
@@ -293,6 +311,17 @@ def test_agent_metrics_healthcheck_and_the_metrics_command(tmp_path: Path) -> No
                 assert 0 < value(series, "authority_agent_soonest_svid_expiry_seconds") <= 3600
                 assert value(series, "authority_agent_sync_connected") == 1
                 assert value(series, "authority_agent_workload_api_streams") == 0
+                with _x509_stream(socket):
+                    wait_until(
+                        lambda: (
+                            value(scrape(agent_url), "authority_agent_workload_api_streams") == 1
+                        ),
+                        "the open Workload API stream in the agent's metrics",
+                    )
+                wait_until(
+                    lambda: value(scrape(agent_url), "authority_agent_workload_api_streams") == 0,
+                    "the closed stream gone from the agent's metrics",
+                )
                 assert 0 <= value(series, "authority_agent_revocation_feed_staleness_seconds") < 30
 
                 wait_until(
