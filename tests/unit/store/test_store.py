@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 import pytest
 from sqlite_utils import Database
 
+from authority.audit import AuditEvent
 from authority.errors import (
     AlreadyExists,
     AuthorityError,
@@ -856,3 +857,26 @@ async def test_pending_approvals_counts_the_unanswered_unexpired_and_dates_the_o
     await store.create_approval(approval("older", NOW - 10 * MINUTE, NOW + HOUR))
     await store.create_approval(approval("newer", NOW - MINUTE, NOW + HOUR))
     assert await store.pending_approvals(NOW) == (2, NOW - 10 * MINUTE)
+
+
+def _audit(kind: str) -> AuditEvent:
+    return AuditEvent(kind, NOW)
+
+
+async def test_commit_observers_see_the_audit_events_committed_and_no_others() -> None:
+    """What the metrics count issuance from: a job that failed (rolled back to its savepoint)
+    brings none of its events."""
+    store = MemoryStore()
+    seen: list[tuple[float, list[str]]] = []
+    store.observe_commits(lambda seconds, events: seen.append((seconds, [e.kind for e in events])))
+    try:
+        token = make_token("observed")
+        await store.create_join_token(token, audit=[_audit("join_token.created")])
+        with pytest.raises(AlreadyExists):
+            await store.create_join_token(token, audit=[_audit("join_token.twice")])
+        await store.append_audit([_audit("jwt.issued")])
+    finally:
+        await store.close()
+    kinds = [kind for _, batch in seen for kind in batch]
+    assert kinds == ["join_token.created", "jwt.issued"]
+    assert all(seconds >= 0 for seconds, _ in seen)
