@@ -432,7 +432,7 @@ class Notifier:
         max_in_flight: int = MAX_IN_FLIGHT,
     ) -> None:
         self.webhooks = tuple(webhooks)
-        self._console_url = console_url
+        self.console_url = console_url  # where approval links point (<url>/approvals/<id>)
         self._clock = clock
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue(maxsize=queue_size)
         self._transport = transport or HttpTransport()
@@ -453,7 +453,7 @@ class Notifier:
 
     def approval_requested(self, approval: Approval, intent: Intent, decision: Decision) -> None:
         try:
-            notice = ApprovalNotice.of(approval, intent, decision, self._console_url)
+            notice = ApprovalNotice.of(approval, intent, decision, self.console_url)
             for webhook in self.webhooks:
                 delivery = Delivery(
                     webhook, notice, encode(webhook.config.format, notice), time.monotonic()

@@ -448,6 +448,8 @@ class AuthorityServer:
                 clock=self.clock,
             )
             await self.console.start()
+            if self.notifier is not None and not config.console_url:
+                self.notifier.console_url = self.console.url  # links to where it is served
         pb_grpc.add_AdminServicer_to_server(
             AdminService(authority, exchange, policy, feed, console=self.console), admin
         )

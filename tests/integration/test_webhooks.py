@@ -320,3 +320,33 @@ async def test_with_replicas_only_the_creating_one_notifies(
         # posted its own, posted nothing of A's).
         assert sorted(posted()) == sorted(pending)
         assert notify.stats()["delivered"] - before["delivered"] == 2
+
+
+async def test_without_console_url_the_link_names_the_served_console(
+    hooks: Receiver, tmp_path: Path, socket_dir: Path
+) -> None:
+    """``console_url`` unset, the console served: the notice links to where it is served."""
+    config = dataclasses.replace(
+        config_in(tmp_path / "data", socket_dir),
+        console_listen="127.0.0.1:0",
+        console_plain_http=True,
+        webhooks=(WebhookConfig(url=hooks.url("/generic")),),
+    )
+    async with running_authority(config, sleep=quick) as running:
+        assert running.server.console is not None
+        served = running.server.console.url
+        await load_agents_policy(running)
+        agent = await attest_agent(running, REPORTER, tmp_path / "reporter")
+        stub = await agent.stub()
+        pending = await stub.Exchange(
+            pb.ExchangeRequest(
+                intent=pb.Intent(action="deploy", resource="deploy/production", purpose="ship"),
+                audience="deployer",
+            )
+        )
+        assert pending.WhichOneof("result") == "pending"
+        await until(lambda: bool(hooks.on("/generic")), "the notice")
+    (notice,) = hooks.on("/generic")
+    link = json.loads(notice.body)["approval"]["url"]
+    assert served.startswith("http://127.0.0.1:")
+    assert link == f"{served}/approvals/{pending.pending.id}"
