@@ -45,7 +45,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from authority import __version__
+from authority import __version__, notify
 from authority.audit import AuditEvent
 from authority.config import check_metrics_listen, split_host_port
 from authority.models import KeyKind, KeyState, RevocationKind
@@ -321,6 +321,18 @@ def _restarts(supervisor: Supervisor) -> Iterator[Metric]:
     yield family
 
 
+def _webhooks() -> Iterator[Metric]:
+    family = CounterMetricFamily(
+        f"{NAMESPACE}_webhook_deliveries",
+        "Approval notices to webhooks by outcome (delivered, retried: attempts made again, "
+        "gave_up, dropped: the queue was full), counted by the notifier (authority.notify).",
+        labels=["outcome"],
+    )
+    for outcome, count in sorted(notify.stats().items()):
+        family.add_metric([outcome], count)
+    yield family
+
+
 # --- the endpoint ------------------------------------------------------------------------------
 
 
@@ -536,6 +548,7 @@ class ServerMetrics:
         self.registry.register(_Collector(lambda: _keys(ca, clock)))
         self.registry.register(_Collector(lambda: _subscribers(hub)))
         self.registry.register(_Collector(lambda: _restarts(supervisor)))
+        self.registry.register(_Collector(_webhooks))
 
     def count_events(self, events: Iterable[AuditEvent]) -> None:
         """Issuance and revocations from committed audit records (the writer's thread)."""

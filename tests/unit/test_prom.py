@@ -9,8 +9,10 @@ from typing import Any
 
 import grpc
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
+from authority import notify, prom
 from authority.audit import AuditEvent
 from authority.clock import FakeClock
 from authority.config import Config, check_metrics_listen
@@ -289,3 +291,15 @@ authority_store_commit_seconds_sum{backend="sqlite"} 0.005
         "authority_store_commit_seconds (histogram): 10 observations",
         "  backend=sqlite: n=10 mean=0.50ms p50<=1.00ms p99<=10.00ms",
     ]
+
+
+def test_webhook_outcomes_are_counted_by_outcome(monkeypatch: pytest.MonkeyPatch) -> None:
+    counts = {"delivered": 3, "retried": 2, "gave_up": 1, "dropped": 0}
+    monkeypatch.setattr(notify, "STATS", dict(counts))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(prom._Collector(prom._webhooks))
+    text = generate_latest(registry).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    family = families["authority_webhook_deliveries"]
+    got = {s.labels["outcome"]: s.value for s in family.samples if s.name.endswith("_total")}
+    assert got == counts
