@@ -185,12 +185,14 @@ class _Server(uvicorn.Server):
 
 
 class HttpsServer:
-    """An ASGI application served over TLS on one address, until ``stop``."""
+    """An ASGI application served over TLS on one address, until ``stop``. With no
+    ``identity``, plain HTTP: only for a caller that decided so explicitly (the console's
+    ``console_plain_http``)."""
 
     def __init__(
         self,
         app: AsgiApp,
-        identity: TlsIdentity,
+        identity: TlsIdentity | None,
         *,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -209,16 +211,20 @@ class HttpsServer:
             self._socket.close()
             raise
         self.host, self.port = host, self._socket.getsockname()[1]
+        tls: dict[str, Any] = {}
+        if identity is not None:
+            listening = identity.listening
+            tls["ssl_context_factory"] = lambda _config, _default: listening
         config = uvicorn.Config(
             app,
             http=PeerHttpToolsProtocol if HTTP == "httptools" else PeerH11Protocol,
-            ssl_context_factory=lambda _config, _default: identity.listening,
             lifespan="off",
             log_level=log_level,
             access_log=False,
             server_header=False,
             timeout_keep_alive=int(timeout_keep_alive),
             ws="none",
+            **tls,
         )
         self._server = _Server(config)
         self._task: asyncio.Task[None] | None = None
@@ -226,7 +232,7 @@ class HttpsServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"https://{host}:{self.port}"
+        return f"{'http' if self.identity is None else 'https'}://{host}:{self.port}"
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]))

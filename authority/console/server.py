@@ -17,7 +17,6 @@ import socket
 import ssl
 from pathlib import Path
 
-import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -31,7 +30,7 @@ from authority.console.links import SignInLinks
 from authority.console.views import ConsoleData
 from authority.errors import FailedPrecondition
 from authority.exchange import ExchangeService
-from authority.httpserve import AsgiApp, HttpsServer, Receive, Scope, Send, TlsIdentity, _Server
+from authority.httpserve import AsgiApp, HttpsServer, Receive, Scope, Send, TlsIdentity
 from authority.ids import SpiffeId
 from authority.keyvault import private_key_pem
 from authority.policy_admin import PolicyAdmin
@@ -83,37 +82,6 @@ class _FileIdentity(TlsIdentity):
         self.listening.set_alpn_protocols(["http/1.1"])
         self._current = self.listening
         self.updates = 0
-
-
-class _PlainServer(HttpsServer):
-    """HttpsServer's binding and lifecycle, without TLS."""
-
-    def __init__(self, app: AsgiApp, *, host: str, port: int) -> None:
-        self.identity = None  # type: ignore[assignment]
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self._socket.bind((host, port))
-        except OSError:
-            self._socket.close()
-            raise
-        self.host, self.port = host, self._socket.getsockname()[1]
-        config = uvicorn.Config(
-            app,
-            lifespan="off",
-            log_level="warning",
-            access_log=False,
-            server_header=False,
-            ws="none",
-        )
-        self._server = _Server(config)
-        self._task = None
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
 
 
 def _derived_url(server: HttpsServer) -> str:
@@ -201,7 +169,7 @@ class ConsoleServer:
                     "session cookies cross the network in clear text",
                     config.console_listen,
                 )
-            return _PlainServer(app, host=host, port=port)
+            return HttpsServer(app, None, host=host, port=port)
         bundle = self._ca.bundle().pem()
         if config.console_tls_cert is not None and config.console_tls_key is not None:
             self._identity = _FileIdentity(config.console_tls_cert, config.console_tls_key, bundle)
