@@ -27,6 +27,18 @@ HTTP request, and returns the tool's result.
 - **Refusals are typed**: ``AuthorityRefused`` (the authority's code, stable reason and, for a
   policy denial, the policy's reasons), ``ApprovalRefused``, ``GatewayRefused`` (HTTP status and
   the RFC 6750 ``error`` of ``WWW-Authenticate``, with the gateway's reason when it gives one).
+- **The gateway is authenticated by its SPIFFE ID** (``Gateway.spiffe_id``). The server's
+  chain is verified against the trust bundle, which any workload of the trust domain passes;
+  so with ``spiffe_id`` set, the TLS context of that gateway's connections is one whose
+  ``sslobject_class`` (and ``sslsocket_class``) checks, the moment ``do_handshake`` completes,
+  that the server certificate's URI SAN is exactly that ID. It raises
+  ``GatewayIdentityMismatch`` from inside the handshake, before the TLS stack (anyio's, under
+  httpcore2) writes anything more: no HTTP request, token, argument or prompt digest ever goes
+  on that connection, and every connection (a reconnect too) is checked. ``call_tool`` opens
+  the session before it asks for a token, so a mismatch costs no Exchange either. The context
+  stays a plain ``ssl.SSLContext`` (anyio calls its ``wrap_bio`` directly, not in a worker
+  thread), and none of httpx2's or httpcore2's internals are touched. Without ``spiffe_id``
+  only the chain is checked, as before, and the ``ToolClient`` logs a warning once.
 - **Nothing secret is logged.** Tokens appear as their jti, prompts and arguments as digests.
   The prompt itself is sent only when ``send_prompt=True`` (and kept only where the entry
   records prompts); otherwise only its SHA-256.
@@ -45,11 +57,12 @@ import hashlib
 import json
 import logging
 import re
+import ssl
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, ClassVar, Protocol, Self
 
 import grpc
 import httpx2
@@ -76,6 +89,7 @@ __all__ = [
     "AuthorityRefused",
     "CallKey",
     "Gateway",
+    "GatewayIdentityMismatch",
     "GatewayRefused",
     "IssuedToken",
     "StaticSvids",
@@ -149,6 +163,99 @@ class GatewayRefused(ToolClientError):
         self.error = error
         self.reason = reason
         self.description = description
+
+
+class GatewayIdentityMismatch(ToolClientError):
+    """The server at a gateway's URL presented a certificate that chains to the trust bundle
+    but names another SPIFFE ID (``presented``; empty: none) than the ``expected`` gateway's.
+    Raised from the TLS handshake: nothing was sent on that connection."""
+
+    def __init__(self, expected: str, presented: str) -> None:
+        super().__init__(
+            f"the gateway presented {presented or 'no SPIFFE ID'}, not {expected}: "
+            "the connection was closed before anything was sent"
+        )
+        self.expected = expected
+        self.presented = presented
+
+
+def certificate_spiffe_id(der: bytes | None) -> str:
+    """The SPIFFE ID a DER certificate names: its URI SANs (an X.509-SVID has exactly one),
+    joined by ``", "`` when there are several; empty when it has none (or no certificate)."""
+    if not der:
+        return ""
+    from cryptography import x509
+
+    try:
+        certificate = x509.load_der_x509_certificate(der)
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except (ValueError, x509.ExtensionNotFound):
+        return ""
+    return ", ".join(san.value.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+def check_gateway_identity(der: bytes | None, expected: str) -> None:
+    """``GatewayIdentityMismatch`` unless the certificate's only URI SAN is exactly
+    ``expected`` (compared as given: no case folding, no normalisation)."""
+    presented = certificate_spiffe_id(der)
+    if presented != expected:
+        raise GatewayIdentityMismatch(expected, presented)
+
+
+class _PinnedSSLObject(ssl.SSLObject):
+    """An ``SSLObject`` (memory BIOs: anyio, asyncio) whose handshake, once complete, checks
+    the server's SPIFFE ID (``expected``, set on a subclass per context)."""
+
+    expected: ClassVar[str] = ""
+
+    def do_handshake(self) -> None:
+        super().do_handshake()  # raises SSLWantReadError etc. until the handshake completes
+        check_gateway_identity(self.getpeercert(binary_form=True), self.expected)
+
+
+class _PinnedSSLSocket(ssl.SSLSocket):
+    """The same for a blocking ``SSLSocket`` (``wrap_socket``), closed on a mismatch."""
+
+    expected: ClassVar[str] = ""
+
+    def do_handshake(self, block: bool = False) -> None:
+        super().do_handshake(block)
+        try:
+            check_gateway_identity(self.getpeercert(binary_form=True), self.expected)
+        except GatewayIdentityMismatch:
+            self.close()
+            raise
+
+
+def pin_server_spiffe_id(context: ssl.SSLContext, expected: str) -> ssl.SSLContext:
+    """Make every connection of the client ``context`` check, at the end of its TLS handshake
+    and before the caller can write a byte on it, that the server's certificate names exactly
+    ``expected`` (``GatewayIdentityMismatch`` otherwise). Python's ssl has no per-certificate
+    verification callback; this sets the context's own ``sslobject_class`` and
+    ``sslsocket_class`` (instance attributes: ``context`` stays an ``ssl.SSLContext``)."""
+    if not expected:
+        raise ValueError("pin_server_spiffe_id needs a SPIFFE ID")
+    attrs = {"expected": expected, "__module__": __name__}
+    context.sslobject_class = type("PinnedSSLObject", (_PinnedSSLObject,), attrs)
+    context.sslsocket_class = type("PinnedSSLSocket", (_PinnedSSLSocket,), attrs)
+    return context
+
+
+def _identity_mismatch(error: BaseException | None) -> GatewayIdentityMismatch | None:
+    """The ``GatewayIdentityMismatch`` behind ``error`` (its causes, contexts, groups)."""
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, GatewayIdentityMismatch):
+            return current
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        pending.extend((current.__cause__, current.__context__))
+    return None
 
 
 _CHALLENGE_PARAM = re.compile(r'([A-Za-z_]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
@@ -411,6 +518,9 @@ class _Session:
         await self._ready.wait()
         if self.client is None:
             error = self._error
+            mismatch = _identity_mismatch(error)
+            if mismatch is not None:  # refused at the handshake: typed, not a ConnectionError
+                raise mismatch from None
             while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
                 error = error.exceptions[0]  # the task group's one failure says what happened
             if isinstance(error, Exception):
@@ -433,14 +543,20 @@ class _Session:
 @dataclass(frozen=True, slots=True)
 class Gateway:
     """Where the tools of one MCP server are called: the gateway's URL for that server (e.g.
-    ``https://gw:8443/mcp/github``) and the audience its tokens must name."""
+    ``https://gw:8443/mcp/github``), the audience its tokens must name, and ``spiffe_id``, the
+    SPIFFE ID the gateway's certificate must name (e.g. ``spiffe://example.org/gateway``):
+    any other server, even one with an SVID of the trust domain, is refused at the handshake
+    (``GatewayIdentityMismatch``). Empty: only the chain is checked (a warning says so)."""
 
     url: str
     audience: str = DEFAULT_AUDIENCE
+    spiffe_id: str = ""
 
     def __post_init__(self) -> None:
         if not self.url.startswith("https://"):
             raise ValueError(f"a gateway URL is https:// (mutual TLS): {self.url!r}")
+        if self.spiffe_id and not self.spiffe_id.startswith("spiffe://"):
+            raise ValueError(f"a gateway's SPIFFE ID is spiffe://...: {self.spiffe_id!r}")
 
 
 class _Generation:
@@ -461,7 +577,9 @@ class _Generation:
         self.workload = WorkloadClient(
             servers, authority_bundle, svid_chain_pem=svid.chain_pem, svid_key_pem=key_pem
         )
+        self._key_pem = key_pem
         self.tls = client_context(svid.chain_pem, key_pem, svid.bundle_pem)
+        self._pinned_tls: dict[str, ssl.SSLContext] = {}
         self.cache = TokenCache(safety_margin)
         self.sessions: dict[str, _Session] = {}
         self.armed: dict[str, _Armed] = {}
@@ -487,6 +605,20 @@ class _Generation:
             else:
                 self._exchanging[key] = (lock, waiting - 1)
 
+    def tls_for(self, gateway: Gateway) -> ssl.SSLContext:
+        """The TLS context for ``gateway``'s connections: this SVID, and the gateway's SPIFFE
+        ID checked at each handshake when it names one (a context per ID)."""
+        if not gateway.spiffe_id:
+            return self.tls
+        context = self._pinned_tls.get(gateway.spiffe_id)
+        if context is None:
+            context = pin_server_spiffe_id(
+                client_context(self.svid.chain_pem, self._key_pem, self.svid.bundle_pem),
+                gateway.spiffe_id,
+            )
+            self._pinned_tls[gateway.spiffe_id] = context
+        return context
+
     async def session(self, server: str, gateway: Gateway) -> tuple[Client, _Session]:
         async with self._lock:
             session = self.sessions.get(server)
@@ -494,11 +626,13 @@ class _Generation:
                 if session is not None:
                     await session.close()
                 armed = self.armed.setdefault(server, _Armed())
-                session = _Session(gateway.url, self.tls, BearerForToolCalls(armed), self._timeout)
+                session = _Session(
+                    gateway.url, self.tls_for(gateway), BearerForToolCalls(armed), self._timeout
+                )
                 self.sessions[server] = session
         try:
             return await session.ready(), session
-        except ConnectionError:
+        except (ConnectionError, GatewayIdentityMismatch):
             async with self._lock:
                 if self.sessions.get(server) is session:
                     del self.sessions[server]
@@ -558,6 +692,13 @@ class ToolClient:
             toolcall.check_server(name): g if isinstance(g, Gateway) else Gateway(g)
             for name, g in gateways.items()
         }
+        unchecked = sorted(name for name, g in self._gateways.items() if not g.spiffe_id)
+        if unchecked:
+            log.warning(
+                "the gateway's identity is not checked for %s (any server with a certificate "
+                "of the trust bundle is trusted): give each Gateway its spiffe_id",
+                ", ".join(unchecked),
+            )
         self._spiffe_id = spiffe_id
         self.task_id = task_id
         self._model = model
@@ -700,8 +841,11 @@ class ToolClient:
                         return tools
             except MCPError:
                 raise
-            except Exception:
+            except Exception as exc:
                 session.broken = True
+                mismatch = _identity_mismatch(exc)
+                if mismatch is not None:
+                    raise mismatch from None
                 raise
 
     async def call_tool(
@@ -737,6 +881,9 @@ class ToolClient:
             raise ValueError("prompt_sha256 is 64 lower-case hex digits")
         key = CallKey(server, tool, call.digest, purpose, gateway.audience)
         async with self._pinned() as generation:
+            # The session first: a server that is not the gateway is refused at its handshake
+            # before a token is even asked for.
+            await generation.session(server, gateway)
             # One Exchange for concurrent identical calls: the others wait and take its token.
             async with generation.exchanging(key):
                 token = generation.cache.get(key, self._clock.now())
@@ -786,8 +933,12 @@ class ToolClient:
                 )
                 raise refusal from None
             raise
-        except Exception:
+        except Exception as exc:
             session.broken = True  # the transport failed: the next call opens a new session
+            mismatch = _identity_mismatch(exc)
+            if mismatch is not None:  # a new connection refused at its handshake: not sent
+                generation.cache.drop(key)
+                raise mismatch from None
             raise
         log.debug("called %s with jti=%s", call.resource, token.jti)
         return result

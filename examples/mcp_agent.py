@@ -3,13 +3,16 @@
     export SPIFFE_ENDPOINT_SOCKET=unix:///run/spiffe/api.sock   # or --svid-dir ./svid
     python examples/mcp_agent.py --authority authority.example.org:8081 \\
         --bundle bundle.pem --gateway https://gateway.example.org:8443/mcp/billing \\
+        --gateway-spiffe-id spiffe://example.org/gateway \\
         --server billing --tool get_invoice --arguments '{"invoice": "inv-42"}' \\
         --purpose "answer ticket 1234"
 
 Lists the tools the gateway shows this agent, calls one, prints its result and ends the task
 (its tokens are revoked). Tokens are never printed; the prompt travels as its digest only.
 Each option also reads an environment variable (AUTHORITY_SERVER, AUTHORITY_BUNDLE,
-MCP_GATEWAY_URL, ...).
+MCP_GATEWAY_URL, MCP_GATEWAY_SPIFFE_ID, ...). With --gateway-spiffe-id, a server at the URL
+whose certificate names another SPIFFE ID is refused at the TLS handshake, before anything is
+sent to it; without it, any workload of the trust domain could pose as the gateway.
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ def options() -> argparse.Namespace:
     parser.add_argument("--bundle", type=Path, default=env("AUTHORITY_BUNDLE"))
     parser.add_argument("--gateway", default=env("MCP_GATEWAY_URL"), help="the server's URL")
     parser.add_argument("--audience", default=env("MCP_GATEWAY_AUDIENCE", "mcp-gateway"))
+    parser.add_argument(
+        "--gateway-spiffe-id",
+        default=env("MCP_GATEWAY_SPIFFE_ID", ""),
+        help="the gateway's SPIFFE ID, checked at the TLS handshake (e.g. spiffe://td/gateway)",
+    )
     parser.add_argument("--workload-api", default=env("SPIFFE_ENDPOINT_SOCKET"))
     parser.add_argument("--svid-dir", type=Path, help="a saved SVID instead of the Workload API")
     parser.add_argument("--server", default=env("MCP_SERVER", "tools"))
@@ -77,13 +85,13 @@ async def main() -> int:
         svids(args),
         authority=args.authority,
         authority_bundle=read_trust_bundle(args.bundle),
-        gateways={args.server: Gateway(args.gateway, args.audience)},
+        gateways={args.server: Gateway(args.gateway, args.audience, args.gateway_spiffe_id)},
         model="example-agent",
     )
     async with client as tools:
-        listed = await tools.list_tools(args.server)
-        print("tools:", ", ".join(t.name for t in listed))
         try:
+            listed = await tools.list_tools(args.server)
+            print("tools:", ", ".join(t.name for t in listed))
             result = await tools.call_tool(
                 args.server,
                 args.tool,

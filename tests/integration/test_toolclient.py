@@ -56,6 +56,7 @@ from authority.toolclient import (
     ApprovalRefused,
     AuthorityRefused,
     Gateway,
+    GatewayIdentityMismatch,
     GatewayRefused,
     StaticSvids,
     ToolClient,
@@ -605,12 +606,43 @@ async def _until_refused(tools: ToolClient) -> None:
 
 async def test_through_the_gateway(tmp_path: Path) -> None:
     with gateway_stack.stack(tmp_path / "stack") as running:
+        # Expecting another SPIFFE ID than the gateway's (whose certificate chains to the
+        # bundle all the same): refused at the handshake, before any Exchange or request.
+        impostor_id = f"{gateway_stack.TD}/gateway-impostor"
+        wary_agent = f"{gateway_stack.TD}/agent/wary"
+        wary = ToolClient(
+            StaticSvids([_svid_of(await running.agent("wary"))]),
+            authority=running.served.address,
+            authority_bundle=running.bundle_path.read_bytes(),
+            gateways={
+                gateway_stack.SERVER: Gateway(running.url, gateway_stack.AUDIENCE, impostor_id)
+            },
+        )
+        async with wary:
+            for _ in range(2):  # and again on a new connection
+                with pytest.raises(GatewayIdentityMismatch) as mismatch:
+                    await wary.call_tool(
+                        gateway_stack.SERVER, "echo", {"text": "not for you"}, purpose=PURPOSE
+                    )
+                assert (mismatch.value.expected, mismatch.value.presented) == (
+                    impostor_id,
+                    gateway_stack.GATEWAY_ID,
+                )
+            with pytest.raises(GatewayIdentityMismatch):
+                await wary.list_tools(gateway_stack.SERVER)
+            assert wary.exchanges == 0  # no token was even asked for
+        assert running.tool_calls() == []
+
         folder = await running.agent("toolbot")
         client = ToolClient(
             StaticSvids([_svid_of(folder)]),
             authority=running.served.address,
             authority_bundle=running.bundle_path.read_bytes(),
-            gateways={gateway_stack.SERVER: Gateway(running.url, gateway_stack.AUDIENCE)},
+            gateways={
+                gateway_stack.SERVER: Gateway(
+                    running.url, gateway_stack.AUDIENCE, gateway_stack.GATEWAY_ID
+                )
+            },
         )
         async with client as tools:
             listed = {t.name for t in await tools.list_tools(gateway_stack.SERVER)}
@@ -643,6 +675,20 @@ async def test_through_the_gateway(tmp_path: Path) -> None:
                 "TOKEN_REVOKED",
             )
 
+        # The gateway audits the calls it sees (batched): once the right client's are in, none
+        # is the wary agent's, whose calls never reached it.
+        def audited() -> list[dict[str, Any]]:
+            out = running.served.cli("audit", "export").stdout
+            return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+        await wait_for(
+            lambda: any(r.get("kind") == "tool.call" for r in audited()), "the gateway's audit"
+        )
+        records = audited()
+        assert not [r for r in records if r.get("actor") == wary_agent]
+        assert wary_agent not in running.log()
+        assert "not for you" not in json.dumps([*records, *running.calls()])
+
 
 async def test_the_example_agent_calls_a_tool_through_the_gateway(tmp_path: Path) -> None:
     with gateway_stack.stack(tmp_path / "stack") as running:
@@ -667,17 +713,27 @@ async def test_the_example_agent_calls_a_tool_through_the_gateway(tmp_path: Path
             **os.environ,
             "AUTHORITY_BUNDLE": str(running.bundle_path),
             "MCP_GATEWAY_URL": running.url,
+            "MCP_GATEWAY_SPIFFE_ID": gateway_stack.GATEWAY_ID,
             "MCP_SERVER": gateway_stack.SERVER,
         }
-        done = await asyncio.to_thread(
-            subprocess.run,
-            command,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+
+        def run(**changes: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                command,
+                env={**env, **changes},
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+
+        impostor = f"{gateway_stack.TD}/gateway-impostor"
+        refused = await asyncio.to_thread(run, MCP_GATEWAY_SPIFFE_ID=impostor)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert f"presented {gateway_stack.GATEWAY_ID}, not {impostor}" in refused.stderr
+        assert running.tool_calls() == []
+
+        done = await asyncio.to_thread(run)
         assert done.returncode == 0, done.stderr
         assert "tools: " in done.stdout
         assert "echo" in done.stdout.split("\n")[0]

@@ -1,28 +1,44 @@
 """The agent library's parts without I/O: the token cache, the request reader that picks a
-call's token, the refusal parser, and the bearer hook over httpx2's mock transport."""
+call's token, the refusal parser, the bearer hook over httpx2's mock transport, and the check
+of the gateway's SPIFFE ID (over TLS handshakes in memory and on a socket pair)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import AsyncIterator
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import AsyncIterator, Sequence
 
 import httpx2
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from authority import toolcall
 from authority.client import FetchedX509Svid
 from authority.errors import InvalidArgument
+from authority.httpserve import client_context, load_chain_and_key
+from authority.keyvault import private_key_pem
 from authority.toolclient import (
     BearerForToolCalls,
     CallKey,
+    Gateway,
+    GatewayIdentityMismatch,
     GatewayRefused,
     IssuedToken,
+    StaticSvids,
     TokenCache,
+    ToolClient,
     _Armed,
+    certificate_spiffe_id,
+    check_gateway_identity,
     parse_refusal,
+    pin_server_spiffe_id,
     tool_call_of,
 )
+from tests.unit._pki import ec_key, make_ca, make_leaf
 
 NOW = dt.datetime(2026, 12, 7, 10, 0, tzinfo=dt.UTC)
 
@@ -237,3 +253,151 @@ async def test_no_svid_is_a_clear_error_not_a_hang() -> None:
     with pytest.raises(ConnectionError, match="said no"):
         await tools.call_tool("tools", "echo", {}, purpose="p")
     await tools.close()
+
+
+# --- the gateway's SPIFFE ID -----------------------------------------------------------------
+
+GATEWAY_ID = "spiffe://example.org/gateway"
+REAL_NOW = dt.datetime.now(dt.UTC)  # for real TLS handshakes
+CA = make_ca(not_before=REAL_NOW - dt.timedelta(hours=1), not_after=REAL_NOW + dt.timedelta(days=1))
+
+
+def der(uris: Sequence[str]) -> bytes:
+    return make_leaf(CA, ec_key().public_key(), uris=uris).public_bytes(Encoding.DER)
+
+
+def test_the_gateway_is_the_certificate_whose_only_uri_san_is_its_spiffe_id() -> None:
+    check_gateway_identity(der([GATEWAY_ID]), GATEWAY_ID)
+    for uris, presented in (
+        (["spiffe://example.org/agent/impostor"], "spiffe://example.org/agent/impostor"),
+        (["spiffe://example.org/gateway/"], "spiffe://example.org/gateway/"),
+        (["spiffe://EXAMPLE.org/gateway"], "spiffe://EXAMPLE.org/gateway"),
+        (["spiffe://other.org/gateway"], "spiffe://other.org/gateway"),
+        ([], ""),
+        ([GATEWAY_ID, "spiffe://example.org/x"], f"{GATEWAY_ID}, spiffe://example.org/x"),
+    ):
+        with pytest.raises(GatewayIdentityMismatch) as refused:
+            check_gateway_identity(der(uris), GATEWAY_ID)
+        assert (refused.value.expected, refused.value.presented) == (GATEWAY_ID, presented)
+        assert certificate_spiffe_id(der(uris)) == presented
+    with pytest.raises(GatewayIdentityMismatch, match="no SPIFFE ID"):
+        check_gateway_identity(None, GATEWAY_ID)
+    with pytest.raises(GatewayIdentityMismatch):
+        check_gateway_identity(b"not a certificate", GATEWAY_ID)
+
+
+def _pems(uri: str) -> tuple[bytes, bytes]:
+    key = ec_key()
+    leaf = make_leaf(
+        CA,
+        key.public_key(),
+        uris=[uri],
+        not_before=REAL_NOW - dt.timedelta(minutes=1),
+        not_after=REAL_NOW + dt.timedelta(hours=1),
+    )
+    return leaf.public_bytes(Encoding.PEM), private_key_pem(key)
+
+
+def _contexts(server_id: str, expected: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    bundle = CA[0].public_bytes(Encoding.PEM)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    load_chain_and_key(server, *_pems(server_id))
+    client = pin_server_spiffe_id(
+        client_context(*_pems("spiffe://example.org/agent/a"), bundle), expected
+    )
+    return client, server
+
+
+def _handshake_in_memory(
+    client_context_: ssl.SSLContext, server_context: ssl.SSLContext
+) -> tuple[ssl.SSLObject, ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
+    """A TLS handshake over memory BIOs (as anyio drives one); raises what the client's
+    ``do_handshake`` raises. The client's outgoing BIO and the server's incoming one are
+    returned, to carry application data."""
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    client = client_context_.wrap_bio(c_in, c_out)
+    server = server_context.wrap_bio(s_in, s_out, server_side=True)
+    client_done = server_done = False
+    for _ in range(10):
+        if not client_done:
+            try:
+                client.do_handshake()
+                client_done = True
+            except ssl.SSLWantReadError:
+                pass
+            s_in.write(c_out.read())
+        if not server_done:
+            try:
+                server.do_handshake()
+                server_done = True
+            except ssl.SSLWantReadError:
+                pass
+            c_in.write(s_out.read())
+        if client_done and server_done:
+            return client, server, c_out, s_in
+    raise AssertionError("the handshake did not finish")
+
+
+def test_a_pinned_context_refuses_another_server_inside_its_handshake() -> None:
+    client_ctx, server_ctx = _contexts(GATEWAY_ID, GATEWAY_ID)
+    assert type(client_ctx) is ssl.SSLContext  # anyio wraps it without a thread
+    client, server, client_out, server_in = _handshake_in_memory(client_ctx, server_ctx)
+    client.write(b"POST /mcp")
+    server_in.write(client_out.read())
+    assert server.read(64) == b"POST /mcp"
+
+    client_ctx, server_ctx = _contexts("spiffe://example.org/agent/impostor", GATEWAY_ID)
+    with pytest.raises(GatewayIdentityMismatch) as refused:
+        _handshake_in_memory(client_ctx, server_ctx)
+    assert refused.value.presented == "spiffe://example.org/agent/impostor"
+    # The same check on a blocking socket (wrap_socket): refused, the socket closed, and the
+    # server never reads a byte of application data.
+    client_ctx, server_ctx = _contexts("spiffe://example.org/agent/impostor", GATEWAY_ID)
+    near, far = socket.socketpair()
+    received: list[bytes] = []
+
+    def serve() -> None:
+        with server_ctx.wrap_socket(far, server_side=True) as tls:
+            try:
+                while chunk := tls.recv(1024):
+                    received.append(chunk)
+            except (OSError, ssl.SSLError):
+                pass
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        with pytest.raises(GatewayIdentityMismatch):
+            client_ctx.wrap_socket(near)
+        assert near.fileno() == -1
+    finally:
+        near.close()
+        thread.join(5)
+    assert received == []
+
+
+def test_an_unchecked_gateway_is_warned_about_once_and_a_spiffe_id_is_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with pytest.raises(ValueError, match="spiffe://"):
+        Gateway("https://gw/mcp/tools", spiffe_id="gateway")
+    with caplog.at_level(logging.WARNING, logger="authority.toolclient"):
+        ToolClient(
+            StaticSvids([]),
+            authority="127.0.0.1:1",
+            authority_bundle=b"-",
+            gateways={
+                "tools": "https://127.0.0.1:1/mcp/tools",
+                "billing": Gateway("https://127.0.0.1:1/mcp/billing", spiffe_id=GATEWAY_ID),
+            },
+        )
+        ToolClient(
+            StaticSvids([]),
+            authority="127.0.0.1:1",
+            authority_bundle=b"-",
+            gateways={"billing": Gateway("https://127.0.0.1:1/mcp/billing", spiffe_id=GATEWAY_ID)},
+        )
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "not checked for tools " in warnings[0] + " "
+    assert "billing" not in warnings[0]
