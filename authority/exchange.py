@@ -28,6 +28,7 @@ approval, or nothing at all for a denial.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -271,6 +272,90 @@ class ExchangeRequest:
         return ToolFact(call.server, call.tool, call.arguments, call.digest)
 
 
+TOOL_CALL_REFUSALS = frozenset(
+    {toolcall.BAD_TOOL_CALL, TOOL_CALL_MISMATCH, TOOL_CALL_REQUIRED, RESERVED_PARAMETER}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AskedToolCall:
+    """A tool call as the caller sent it: names and the arguments' JSON text, unchecked."""
+
+    server: str
+    tool: str
+    arguments_json: str | bytes = ""
+
+    def known(self) -> dict[str, str]:
+        """For a refusal's record: the names that are valid, the arguments' digest when they
+        parse; never the arguments themselves."""
+        out: dict[str, str] = {}
+        for name, value, check in (
+            ("server", self.server, toolcall.check_server),
+            ("tool", self.tool, toolcall.check_tool),
+        ):
+            with contextlib.suppress(InvalidArgument):
+                out[name] = check(value)
+        with contextlib.suppress(InvalidArgument):
+            out["arguments_sha256"] = toolcall.arguments_digest(
+                toolcall.parse_arguments(self.arguments_json)
+            )
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class AskedExchange:
+    """An Exchange as sent (the API's request), before anything is derived from its tool call.
+    ``ExchangeService.exchange`` derives the ``ExchangeRequest`` (``request``) and records a
+    refusal for a tool-call reason: there the caller is known."""
+
+    action: str
+    resource: str
+    purpose: str
+    audience: str
+    environment: str = ""
+    parameters: Mapping[str, str] = field(default_factory=dict)
+    ttl: dt.timedelta | None = None
+    task_id: str = ""
+    approval_id: str = ""
+    context: AuditContext = field(default_factory=AuditContext)
+    tool_call: AskedToolCall | None = None
+
+    def request(self) -> ExchangeRequest:
+        """The Exchange with its intent and audit context (a tool call's derived from it);
+        ``InvalidArgument`` when they are not valid."""
+        asked = self.tool_call
+        context = self.context
+        call = None
+        if asked is None:
+            intent = Intent(
+                action=self.action,
+                resource=self.resource,
+                purpose=self.purpose,
+                environment=self.environment,
+                parameters=dict(self.parameters),
+            )
+        else:
+            call = toolcall.ToolCall.from_json(asked.server, asked.tool, asked.arguments_json)
+            intent = tool_call_intent(
+                call,
+                action=self.action,
+                resource=self.resource,
+                purpose=self.purpose,
+                environment=self.environment,
+                parameters=dict(self.parameters),
+            )
+            context = tool_call_context(call, context)
+        return ExchangeRequest(
+            intent=intent,
+            audience=self.audience,
+            ttl=self.ttl,
+            task_id=self.task_id,
+            approval_id=self.approval_id,
+            context=context,
+            tool_call=call,
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class ExchangeOutcome:
     """A token, or a pending approval (``decision`` is None when an exchange only polled an
@@ -366,6 +451,85 @@ class ExchangeService:
         recent = [t for t in self._denials.get(principal, ()) if t >= cutoff]
         return min(100, RISK_PER_DENIAL * len(recent) + 10 * depth)
 
+    async def _refused(
+        self,
+        caller: Caller,
+        exc: InvalidArgument,
+        *,
+        subject: str,
+        task_id: str,
+        audience: str,
+        context: AuditContext,
+        details: Mapping[str, object],
+    ) -> None:
+        """Record an Exchange refused before any decision (nothing else is recorded: no
+        decision was made): the caller, the reason, the message cut, ``details``, the audience
+        and the audit context's digests and names (never a prompt)."""
+        cap = self._limits.max_refusal_field_chars
+        refused = AuditEvent(
+            "exchange.refused",
+            self._clock.now(),
+            actor=caller.spiffe_id.uri,
+            subject=subject,
+            task_id=task_id,
+            details={
+                "reason": exc.reason,
+                "message": bounded(exc.message, 2 * cap),
+                **details,
+                "audience": audience,
+                "context": context.as_details(),
+                "caller": {
+                    "identity_id": caller.identity.id,
+                    "svid_serial": format(caller.certificate.serial_number, "x"),
+                },
+            },
+        )
+        await self._store.append_audit([refused])
+        log.info(
+            "exchange refused: principal=%s resource=%s reason=%s",
+            caller.spiffe_id.uri,
+            bounded(subject, cap),
+            exc.reason,
+        )
+
+    async def _asked_request(
+        self, caller: Caller, asked: AskedExchange, audience: str, task_id: str
+    ) -> ExchangeRequest:
+        """The request derived from what was sent; one refused for its tool call (or for
+        asking what only a tool call may) is recorded."""
+        try:
+            return asked.request()
+        except InvalidArgument as exc:
+            if exc.reason not in TOOL_CALL_REFUSALS:
+                raise
+            cap = self._limits.max_refusal_field_chars
+            call = asked.tool_call.known() if asked.tool_call is not None else {}
+            if asked.tool_call is None:
+                subject = bounded(asked.resource, cap)
+            elif "server" in call and "tool" in call:
+                subject = toolcall.resource(call["server"], call["tool"])
+            else:
+                subject = ""
+            details: dict[str, object] = {
+                # what the caller named (not its purpose, parameters or arguments)
+                "asked": {
+                    "action": bounded(asked.action, cap),
+                    "resource": bounded(asked.resource, cap),
+                },
+            }
+            if asked.tool_call is not None:
+                details["tool_call"] = call
+            await self._refused(
+                caller,
+                exc,
+                subject=subject,
+                task_id=task_id,
+                audience=audience,
+                context=asked.context,
+                details=details,
+            )
+            raise
+
     async def _derived_intent(
         self, caller: Caller, request: ExchangeRequest, audience: str, task_id: str
     ) -> Intent:
@@ -377,31 +541,17 @@ class ExchangeService:
             cap = self._limits.max_refusal_field_chars  # the named environment is unbounded
             claimed = request.intent.as_claim()  # as the caller gave it, its environment cut
             claimed["environment"] = bounded(request.intent.environment, cap)
-            refused = AuditEvent(
-                "exchange.refused",
-                self._clock.now(),
-                actor=caller.spiffe_id.uri,
+            await self._refused(
+                caller,
+                exc,
                 subject=request.intent.resource,
                 task_id=task_id,
+                audience=audience,
+                context=request.context,
                 details={
-                    "reason": exc.reason,
-                    "message": bounded(exc.message, 2 * cap),
                     "intent": claimed,
                     "derived": {"environment": resource_environment(request.intent.resource)},
-                    "audience": audience,
-                    "context": request.context.as_details(),
-                    "caller": {
-                        "identity_id": caller.identity.id,
-                        "svid_serial": format(caller.certificate.serial_number, "x"),
-                    },
                 },
-            )
-            await self._store.append_audit([refused])
-            log.info(
-                "exchange refused: principal=%s resource=%s reason=%s",
-                caller.spiffe_id.uri,
-                request.intent.resource,
-                exc.reason,
             )
             raise
         return dataclasses.replace(request.intent, environment=environment)
@@ -495,16 +645,23 @@ class ExchangeService:
 
     # --- exchange ----------------------------------------------------------------------
 
-    async def exchange(self, caller: Caller, request: ExchangeRequest) -> ExchangeOutcome:
+    async def exchange(
+        self, caller: Caller, request: ExchangeRequest | AskedExchange
+    ) -> ExchangeOutcome:
+        """``request`` as sent (``AskedExchange``, the API's) or already derived."""
         started = time.perf_counter()
         try:
             return await self._exchange(caller, request)
         finally:
             _EXCHANGE.add(time.perf_counter() - started)
 
-    async def _exchange(self, caller: Caller, request: ExchangeRequest) -> ExchangeOutcome:
+    async def _exchange(
+        self, caller: Caller, request: ExchangeRequest | AskedExchange
+    ) -> ExchangeOutcome:
         audience = _check_audience(request.audience, self._limits)
         task_id = check_task_id(request.task_id) if request.task_id else f"task-{uuid.uuid4()}"
+        if isinstance(request, AskedExchange):
+            request = await self._asked_request(caller, request, audience, task_id)
         named_environment = request.intent.environment  # the caller's word, for the policy
         # The intent as decided and frozen into the token: with the resource's own environment.
         intent = await self._derived_intent(caller, request, audience, task_id)

@@ -8,18 +8,16 @@ from collections.abc import Iterator, Sequence
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from authority import toolcall
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority.audit import AuditRecord, Checkpoint
 from authority.bundle import TrustBundle, parse_jwks
 from authority.config import Limits
 from authority.errors import InvalidArgument
 from authority.exchange import (
+    AskedExchange,
+    AskedToolCall,
     AuditContext,
     ExchangeOutcome,
-    ExchangeRequest,
-    tool_call_context,
-    tool_call_intent,
 )
 from authority.ids import TrustDomain
 from authority.models import (
@@ -230,36 +228,26 @@ def intent_from_pb(msg: pb.Intent) -> Intent:
     )
 
 
-def tool_call_from_pb(msg: pb.ToolCall) -> toolcall.ToolCall:
-    """The call an Exchange asks a token for; INVALID_ARGUMENT (BAD_TOOL_CALL) when its names
-    or arguments are not valid."""
-    return toolcall.ToolCall.from_json(msg.server, msg.tool, msg.arguments_json)
-
-
-def exchange_request_from_pb(msg: pb.ExchangeRequest, limits: Limits) -> ExchangeRequest:
-    """An Exchange; with ``tool_call``, the intent and audit context derived from the call."""
-    context = audit_context_from_pb(msg.context)
-    call = tool_call_from_pb(msg.tool_call) if msg.HasField("tool_call") else None
-    if call is None:
-        intent = intent_from_pb(msg.intent)
-    else:
-        intent = tool_call_intent(
-            call,
-            action=msg.intent.action,
-            resource=msg.intent.resource,
-            purpose=msg.intent.purpose,
-            environment=msg.intent.environment,
-            parameters=dict(msg.intent.parameters),
-        )
-        context = tool_call_context(call, context)
-    return ExchangeRequest(
-        intent=intent,
+def exchange_request_from_pb(msg: pb.ExchangeRequest, limits: Limits) -> AskedExchange:
+    """An Exchange as sent: the service derives its intent and audit context from the tool call
+    (and records a refusal, knowing the caller)."""
+    call = msg.tool_call
+    return AskedExchange(
+        action=msg.intent.action,
+        resource=msg.intent.resource,
+        purpose=msg.intent.purpose,
+        environment=msg.intent.environment,
+        parameters=dict(msg.intent.parameters),
         audience=msg.audience,
         ttl=seconds(msg.ttl_seconds, limits),
         task_id=msg.task_id,
         approval_id=msg.approval_id,
-        context=context,
-        tool_call=call,
+        context=audit_context_from_pb(msg.context),
+        tool_call=(
+            AskedToolCall(call.server, call.tool, call.arguments_json)
+            if msg.HasField("tool_call")
+            else None
+        ),
     )
 
 

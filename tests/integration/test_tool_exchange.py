@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import io
 import json
 import time
 from collections.abc import AsyncIterator
@@ -233,6 +234,137 @@ async def test_the_intent_of_a_tool_call_comes_only_from_a_tool_call(
     for request, reason in cases:
         assert_status(await rpc_error(stub.Exchange(request)), invalid, reason)
     assert issued_tokens(authority.data_dir) == 0
+
+
+SECRET = "zebra-7f3c-not-for-the-audit"  # an argument value that must never be recorded
+
+
+def plain_request(
+    action: str, resource: str, *, task_id: str, **parameters: str
+) -> pb.ExchangeRequest:
+    return pb.ExchangeRequest(
+        intent=pb.Intent(action=action, resource=resource, purpose=PURPOSE, parameters=parameters),
+        audience=AUDIENCE,
+        task_id=task_id,
+        context=pb.AuditContext(prompt_sha256=PROMPT_SHA256, model="test-model"),
+    )
+
+
+def refused_cases() -> list[tuple[pb.ExchangeRequest, str, dict[str, str]]]:
+    """Exchanges refused before any decision for their tool call, each in a task of its own:
+    (request, reason, the tool_call details its record should hold)."""
+    call = {"note": SECRET, "amount": 10}
+    known = {"server": "billing", "tool": "refund", "arguments_sha256": digest(call)}
+    names = {"server": "billing", "tool": "refund"}
+    cases: list[tuple[pb.ExchangeRequest, str, dict[str, str]]] = []
+
+    def add(request: pb.ExchangeRequest, reason: str, details: dict[str, str]) -> None:
+        request.task_id = f"refused-{len(cases)}"
+        cases.append((request, reason, details))
+
+    add(tool_request("billing", "refund", call, action="read"), "TOOL_CALL_MISMATCH", known)
+    add(
+        tool_request("billing", "refund", call, resource="mcp/billing/get_invoice"),
+        "TOOL_CALL_MISMATCH",
+        known,
+    )
+    add(
+        tool_request(
+            "billing",
+            "refund",
+            call,
+            context=pb.AuditContext(prompt_sha256=PROMPT_SHA256, tool_name="other"),
+        ),
+        "TOOL_CALL_MISMATCH",
+        known,
+    )
+    add(
+        tool_request("billing", "refund", call, parameters={"mcp.arguments_sha256": "0" * 64}),
+        "RESERVED_PARAMETER",
+        known,
+    )
+    add(tool_request("billing", "refund", f'["{SECRET}"]'), "BAD_TOOL_CALL", names)
+    add(
+        tool_request("billing", "refund", f'{{"note": "{SECRET}", "note": 2}}'),
+        "BAD_TOOL_CALL",
+        names,
+    )
+    add(
+        tool_request("billing", "refund", f'{{"note": "{SECRET}", "n": NaN}}'),
+        "BAD_TOOL_CALL",
+        names,
+    )
+    add(tool_request("billing", "refund", f'{{"note": "{SECRET}"'), "BAD_TOOL_CALL", names)
+    add(
+        tool_request("Billing", "refund", call),
+        "BAD_TOOL_CALL",
+        {"tool": "refund", "arguments_sha256": digest(call)},
+    )
+    add(
+        tool_request("billing", "re fund", call),
+        "BAD_TOOL_CALL",
+        {"server": "billing", "arguments_sha256": digest(call)},
+    )
+    add(plain_request("tools.call", "mcp/billing/refund", task_id=""), "TOOL_CALL_REQUIRED", {})
+    add(plain_request("read", "mcp/billing/refund", task_id=""), "TOOL_CALL_REQUIRED", {})
+    add(
+        plain_request("read", "metrics/prod", task_id="", **{"mcp.x": SECRET}),
+        "RESERVED_PARAMETER",
+        {},
+    )
+    return cases
+
+
+async def test_an_exchange_refused_for_its_tool_call_is_recorded_once(
+    authority: Running, reporter: Agent
+) -> None:
+    cases = refused_cases()
+    for request, reason, _ in cases:
+        err = await refused(reporter, request)
+        assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, reason)
+    assert issued_tokens(authority.data_dir) == 0
+    assert count_rows(authority.data_dir, "audit", "kind = 'policy.decided'") == 0
+    assert count_rows(authority.data_dir, "audit", "kind = 'exchange.refused'") == len(cases)
+    for request, reason, tool_call in cases:
+        (record,) = await records_of(authority, request.task_id)
+        assert record.kind == "exchange.refused"
+        assert record.actor == REPORTER
+        details = record.details
+        assert details["reason"] == reason, request.task_id
+        assert details["message"]
+        assert details["audience"] == AUDIENCE
+        assert details["context"]["prompt_sha256"] == PROMPT_SHA256
+        assert details["caller"]["identity_id"]
+        if request.HasField("tool_call"):
+            assert details["tool_call"] == tool_call, request.task_id
+            if "server" in tool_call and "tool" in tool_call:
+                assert record.subject == "mcp/billing/refund"
+        else:
+            assert "tool_call" not in details
+            assert record.subject == request.intent.resource
+
+    # A tool call naming another environment than its resource's: one record, that reason.
+    other = tool_request("billing", "refund", {"amount": 10}, task_id="refused-environment")
+    other.intent.environment = "sandbox"
+    err = await refused(reporter, other)
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "ENVIRONMENT_MISMATCH")
+    (record,) = await records_of(authority, "refused-environment")
+    assert record.details["reason"] == "ENVIRONMENT_MISMATCH"
+    assert count_rows(authority.data_dir, "audit", "kind = 'exchange.refused'") == len(cases) + 1
+
+
+async def test_a_refused_tool_calls_arguments_never_reach_the_audit(
+    authority: Running, reporter: Agent
+) -> None:
+    for request, reason, _ in refused_cases():
+        assert_status(await refused(reporter, request), grpc.StatusCode.INVALID_ARGUMENT, reason)
+    exported = io.StringIO()
+    count = await audit_cli.export_to(authority.admin(), exported)
+    text = exported.getvalue()
+    assert count > 0
+    assert "exchange.refused" in text
+    assert SECRET not in text
+    assert SECRET[:12] not in text
 
 
 # --- approvals: bound to the arguments, one token ------------------------------------------------
