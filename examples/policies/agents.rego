@@ -63,8 +63,15 @@ forbids contains "metrics-read-only" if {
 # Requests the host rates as high risk.
 forbids contains "high-risk" if input.risk >= 80
 
-# Every request states its purpose.
-forbids contains "purpose-required" if input.requested.purpose == ""
+# Every request states its purpose. Not in tool discovery (a gateway's tools/list, decided
+# with input.tool.discovery true, no arguments and an empty purpose): a forbid over what the
+# caller says would hide every tool there.
+forbids contains "purpose-required" if {
+	input.requested.purpose == ""
+	not discovery
+}
+
+discovery if input.tool.discovery == true
 
 # Only metric reads may be delegated, and only one level deep.
 forbids contains "delegation-only-metric-reads" if {
