@@ -195,7 +195,7 @@ def check_webhook_url(url: str, *, allow_http: bool = False) -> str:
         raise InvalidArgument("a webhook url carries no user:password@ (use secret_file)")
     if any(c.isspace() or ord(c) < 0x21 for c in url) or parts.fragment:
         raise InvalidArgument("a webhook url has no spaces, control characters or #fragment")
-    if parts.scheme == "http" and not allow_http and not _loopback(host):
+    if parts.scheme == "http" and not allow_http and not is_loopback(host):
         raise InvalidArgument(
             f"webhook host {host!r}: http only to loopback (or set allow_http = true)"
         )
@@ -206,7 +206,8 @@ def check_webhook_url(url: str, *, allow_http: bool = False) -> str:
     return url
 
 
-def _loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback IP address (the webhook, console and metrics rules)."""
     if host == "localhost":
         return True
     try:
@@ -356,16 +357,8 @@ class Config:
 def check_metrics_listen(address: str, *, allow_remote: bool, key: str = "metrics_listen") -> None:
     """HOST:PORT on a loopback address (or localhost), unless ``allow_remote``: metrics carry
     no secrets but reveal counts (workloads, issuance, pending approvals)."""
-    import ipaddress
-
     host, _ = split_host_port(address)
-    if allow_remote or host == "localhost":
-        return
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if not allow_remote and not is_loopback(host):
         raise InvalidArgument(
             f"{key} {address!r} is not a loopback address: metrics reveal counts "
             "(metrics_allow_remote / --metrics-allow-remote exposes them)"

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from authority.binding import address_in_use, check_tcp_free
 from authority.ca import CertificateAuthority
 from authority.clock import Clock
-from authority.config import Config, split_host_port
+from authority.config import Config, is_loopback, split_host_port
 from authority.console.app import Console
 from authority.console.auth import ConsoleAuth
 from authority.console.links import SignInLinks
@@ -40,15 +40,6 @@ from authority.store import Store
 log = logging.getLogger(__name__)
 
 CONSOLE_SVID_TTL = dt.timedelta(hours=1)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_console_config(config: Config) -> None:
