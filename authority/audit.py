@@ -17,7 +17,7 @@ import datetime as dt
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -450,3 +450,65 @@ def verify_chain(
                 False, count, 0, checkpoint.seq, "it differs from the signed checkpoint", prev
             )
     return Verification(True, count, len(checkpoints), None, "", prev)
+
+
+# --- a task's trace: what `authority audit trace` and the console's task page show ------------
+
+TaskFetch = Callable[[list[str]], AsyncIterator[AuditRecord]]
+"""The records of these tasks, in chain order (from the Admin API, or the store)."""
+
+
+async def task_records(
+    task_id: str, fetch: TaskFetch, *, follow: bool = True, max_tasks: int | None = None
+) -> dict[int, AuditRecord]:
+    """The task's records by seq and, ``follow``ing ``child_task`` links, those of the tasks
+    delegated from it (at most ``max_tasks`` tasks in all, when given)."""
+    seen: set[str] = set()
+    pending = [task_id]
+    found: dict[int, AuditRecord] = {}
+    while pending and (max_tasks is None or len(seen) < max_tasks):
+        batch = [t for t in pending if t not in seen]
+        if max_tasks is not None:
+            batch = batch[: max_tasks - len(seen)]
+        seen.update(batch)
+        pending = []
+        if not batch:
+            break
+        async for record in fetch(batch):
+            found[record.seq] = record
+            child = record.details.get("child_task")
+            if follow and isinstance(child, str) and child and child not in seen:
+                pending.append(child)
+    return found
+
+
+def trace_surroundings(found: Mapping[int, AuditRecord]) -> Callable[[AuditRecord], bool] | None:
+    """Which other records belong to the trace of the task records ``found``, though they carry
+    no task id: the attestation behind each caller's SVID (linked by identity id from the
+    decisions) and revocations of its tokens by jti made before revocations carried their
+    task. None when there can be none (no decision, no token)."""
+    jtis = {
+        str(r.details.get("jti"))
+        for r in found.values()
+        if r.kind in ("task_token.issued", "task_token.delegated")
+    }
+    identities = {
+        str(caller.get("identity_id"))
+        for r in found.values()
+        if r.kind == "policy.decided" and isinstance(caller := r.details.get("caller"), dict)
+    }
+    if not jtis and not identities:
+        return None
+
+    def belongs(record: AuditRecord) -> bool:
+        if record.seq in found:
+            return False
+        if record.kind in ("attest.succeeded", "x509.issued"):
+            return record.details.get("identity_id") in identities
+        return (
+            record.kind == "revocation.created"
+            and record.details.get("kind") == "jti"
+            and record.subject in jtis
+        )
+
+    return belongs

@@ -13,7 +13,14 @@ import click
 
 from authority._pb import authority_v1_authority_pb2 as pb
 from authority.api.convert import AuditRecordAssembler, checkpoint_from_pb
-from authority.audit import AuditRecord, Checkpoint, Verification, verify_chain
+from authority.audit import (
+    AuditRecord,
+    Checkpoint,
+    Verification,
+    task_records,
+    trace_surroundings,
+    verify_chain,
+)
 from authority.bundle import parse_jwks
 from authority.client import AdminClient
 from authority.config import parse_duration
@@ -162,46 +169,13 @@ async def export_to(
 
 
 async def trace(client: AdminClient, task_id: str) -> list[AuditRecord]:
-    """The task's records and those of every task delegated from it, in chain order."""
-    seen: set[str] = set()
-    pending = [task_id]
-    found: dict[int, AuditRecord] = {}
-    while pending:
-        batch = [t for t in pending if t not in seen]
-        seen.update(batch)
-        pending = []
-        if not batch:
-            break
-        async for record in stream_records(client, task_ids=batch):
-            found[record.seq] = record
-            child = record.details.get("child_task")
-            if isinstance(child, str) and child and child not in seen:
-                pending.append(child)
-    # Records of the task's surroundings that carry no task id: the attestation behind each
-    # caller's SVID (linked by identity id from the decisions), and revocations of its tokens
-    # by jti made before revocations carried their task.
-    jtis = {
-        str(r.details.get("jti"))
-        for r in found.values()
-        if r.kind in ("task_token.issued", "task_token.delegated")
-    }
-    identities = {
-        str(caller.get("identity_id"))
-        for r in found.values()
-        if r.kind == "policy.decided" and isinstance(caller := r.details.get("caller"), dict)
-    }
-    if jtis or identities:
+    """The task's records and those of every task delegated from it, with the records of its
+    surroundings (``audit.trace_surroundings``), in chain order."""
+    found = await task_records(task_id, lambda batch: stream_records(client, task_ids=batch))
+    belongs = trace_surroundings(found)
+    if belongs is not None:
         async for record in stream_records(client):
-            if record.seq in found:
-                continue
-            if (
-                record.kind in ("attest.succeeded", "x509.issued")
-                and (record.details.get("identity_id") in identities)
-            ) or (
-                record.kind == "revocation.created"
-                and record.details.get("kind") == "jti"
-                and record.subject in jtis
-            ):
+            if belongs(record):
                 found[record.seq] = record
     return [found[seq] for seq in sorted(found)]
 

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from authority.audit import AuditRecord, Verification, verify_chain
+from authority.audit import (
+    AuditRecord,
+    Verification,
+    task_records,
+    trace_surroundings,
+    verify_chain,
+)
 from authority.bundle import parse_jwks
 from authority.exchange import ExchangeService
 from authority.models import Approval, HeldSvid
@@ -130,23 +136,14 @@ class ConsoleData:
             out.extend(page)
             after = page[-1].seq
 
+    async def _each(self, task_ids: list[str]) -> AsyncIterator[AuditRecord]:
+        for record in await self._pages(task_ids=task_ids):
+            yield record
+
     async def task_records(self, task_id: str, *, follow: bool = True) -> list[AuditRecord]:
         """The task's records (and, ``follow``ing, those of tasks delegated from it), in chain
         order."""
-        seen: set[str] = set()
-        pending = [task_id]
-        found: dict[int, AuditRecord] = {}
-        while pending and len(seen) < MAX_TRACE_TASKS:
-            batch = [t for t in pending if t not in seen][: MAX_TRACE_TASKS - len(seen)]
-            seen.update(batch)
-            pending = []
-            if not batch:
-                break
-            for record in await self._pages(task_ids=batch):
-                found[record.seq] = record
-                child = record.details.get("child_task")
-                if follow and isinstance(child, str) and child and child not in seen:
-                    pending.append(child)
+        found = await task_records(task_id, self._each, follow=follow, max_tasks=MAX_TRACE_TASKS)
         return [found[seq] for seq in sorted(found)]
 
     async def trace(self, task_id: str) -> tuple[list[AuditRecord], Verification]:
@@ -154,29 +151,11 @@ class ConsoleData:
         from it, the attestations behind its callers' SVIDs, revocations of its tokens by jti)
         and what ``authority audit verify`` says of the whole chain, from one read of it."""
         found = {r.seq: r for r in await self.task_records(task_id)}
-        jtis = {
-            str(r.details.get("jti"))
-            for r in found.values()
-            if r.kind in ("task_token.issued", "task_token.delegated")
-        }
-        identities = {
-            str(caller.get("identity_id"))
-            for r in found.values()
-            if r.kind == "policy.decided" and isinstance(caller := r.details.get("caller"), dict)
-        }
+        belongs = trace_surroundings(found)
         (anchor_seq, anchor_hash), _, checkpoints = await self.authority.audit_info()
         chain = await self._pages(after=anchor_seq - 1)
         for record in chain:
-            if record.seq in found:
-                continue
-            if (
-                record.kind in ("attest.succeeded", "x509.issued")
-                and record.details.get("identity_id") in identities
-            ) or (
-                record.kind == "revocation.created"
-                and record.details.get("kind") == "jti"
-                and record.subject in jtis
-            ):
+            if belongs is not None and belongs(record):
                 found[record.seq] = record
         verification = verify_chain(
             chain,
